@@ -1,0 +1,221 @@
+// The CPU backend: the reference implementation of every op, multithreaded, with SIMD inner loops
+// (AVX-512 or AVX2+F16C when the compiler targets them, plain C++ otherwise). fp32 activations,
+// fp32 accumulation, fp32 KV cache.
+#include "cpu-threadpool.h"
+#include "cpu-ops.h"
+
+#include "../../src/mq-backend.h"
+#include "../../src/mq-error.h"
+#include "../../src/mq-file.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace mq {
+
+static void split_range(int64_t n, int32_t ith, int32_t nth, int64_t & begin, int64_t & end) {
+    int64_t per = (n + nth - 1) / nth;
+    begin = std::min<int64_t>(n, per * ith);
+    end = std::min<int64_t>(n, begin + per);
+}
+
+class BackendCpu : public Backend {
+public:
+    explicit BackendCpu(int32_t n_threads) : pool_(n_threads) {}
+
+    std::string name() const override { return "cpu"; }
+
+    void * alloc(size_t bytes) override {
+        void * p = nullptr;
+        if (posix_memalign(&p, 64, std::max<size_t>(bytes, 64)) != 0) {
+            throw Error("out of memory allocating " + std::to_string(bytes) + " bytes");
+        }
+        return p;
+    }
+    void free(void * p) override { std::free(p); }
+    void upload(void * dst, const void * src, size_t bytes) override { memcpy(dst, src, bytes); }
+    void download(void * dst, const void * src, size_t bytes) override { memcpy(dst, src, bytes); }
+    void synchronize() override {}
+
+    void prepare_linear(Linear & lin) override {
+        if (lin.scheme == "f16") {
+            // weights are read straight from the mapping: nothing to prepare
+            lin.prepared = nullptr;
+            return;
+        }
+        throw Error("linear '" + lin.name + "': the CPU backend does not support scheme '" + lin.scheme + "'");
+    }
+    void release_linear(Linear &) override {}
+
+    void * upload_copy(const void * src, size_t bytes) override {
+        void * p = alloc(bytes);
+        memcpy(p, src, bytes);
+        return p;
+    }
+
+    void embed_f16(const void * table, const int32_t * ids, int32_t n, int32_t dim, float * out) override {
+        const uint16_t * t = (const uint16_t *) table;
+        for (int32_t i = 0; i < n; i++) {
+            cpu_f16_to_f32(t + (size_t) ids[i] * dim, out + (size_t) i * dim, dim);
+        }
+    }
+
+    void rmsnorm(const float * x, const float * w, int32_t n_rows, int32_t dim, float eps, float * out) override {
+        pool_.run([&](int32_t ith, int32_t nth) {
+            int64_t b, e;
+            split_range(n_rows, ith, nth, b, e);
+            for (int64_t r = b; r < e; r++) {
+                const float * xr = x + r * dim;
+                float * o = out + r * dim;
+                double ss = 0.0;
+                for (int32_t i = 0; i < dim; i++) {
+                    ss += (double) xr[i] * xr[i];
+                }
+                // y = x * w / sqrt(mean(x²) + eps)
+                float inv = 1.0f / std::sqrt((float) (ss / dim) + eps);
+                for (int32_t i = 0; i < dim; i++) {
+                    o[i] = xr[i] * inv * w[i];
+                }
+            }
+        });
+    }
+
+    void linear(const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) override {
+        if (lin.scheme != "f16") {
+            throw Error("linear '" + lin.name + "': scheme '" + lin.scheme + "' not supported by the CPU backend");
+        }
+        const uint16_t * w = lin.tensors[0]->as<uint16_t>();
+        const int64_t n = lin.n, k = lin.k;
+        // rows of W are split across threads in blocks so each thread streams its own weights once
+        const int64_t block = 16;
+        const int64_t n_blocks = (n + block - 1) / block;
+        pool_.run([&](int32_t ith, int32_t nth) {
+            int64_t b, e;
+            split_range(n_blocks, ith, nth, b, e);
+            if (b < e) {
+                cpu_gemm_f16(w, x, y, m, n, k, b * block, std::min(n, e * block), accumulate);
+            }
+        });
+    }
+
+    void rope(float * qkv, int32_t n_tokens, int32_t row_stride, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
+              const int32_t * pos, const RopeParams & rp) override {
+        const int32_t half = head_dim / 2;
+        std::vector<float> inv_freq(half);
+        for (int32_t i = 0; i < half; i++) {
+            inv_freq[i] = rope_inv_freq(i, head_dim, rp);
+        }
+        for (int32_t t = 0; t < n_tokens; t++) {
+            float * row = qkv + (size_t) t * row_stride;
+            for (int32_t i = 0; i < half; i++) {
+                float ang = (float) pos[t] * inv_freq[i];
+                float c = std::cos(ang), s = std::sin(ang);
+                for (int32_t h = 0; h < n_head + n_head_kv; h++) {
+                    float * v = row + (size_t) h * head_dim;
+                    float a = v[i], bb = v[i + half];
+                    // rotate_half: (a, b) -> (a cos - b sin, b cos + a sin)
+                    v[i] = a * c - bb * s;
+                    v[i + half] = bb * c + a * s;
+                }
+            }
+        }
+    }
+
+    void kv_store(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
+                  const int32_t * pos, void * k_cache, void * v_cache) override {
+        const int32_t kv_dim = s.n_head_kv * s.head_dim;
+        const int32_t q_dim = s.n_head * s.head_dim;
+        for (int32_t t = 0; t < n_tokens; t++) {
+            const float * row = qkv + (size_t) t * row_stride;
+            memcpy((float *) k_cache + (size_t) pos[t] * kv_dim, row + q_dim, kv_dim * sizeof(float));
+            memcpy((float *) v_cache + (size_t) pos[t] * kv_dim, row + q_dim + kv_dim, kv_dim * sizeof(float));
+        }
+    }
+
+    void attention(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
+                   const int32_t * pos, const void * k_cache, const void * v_cache, float * out) override {
+        const int32_t hd = s.head_dim, kv_dim = s.n_head_kv * hd, group = s.n_head / s.n_head_kv;
+        const float scale = 1.0f / std::sqrt((float) hd);
+        const float * kc = (const float *) k_cache;
+        const float * vc = (const float *) v_cache;
+        const int64_t n_work = (int64_t) n_tokens * s.n_head;
+        pool_.run([&](int32_t ith, int32_t nth) {
+            int64_t b, e;
+            split_range(n_work, ith, nth, b, e);
+            std::vector<float> scores;
+            std::vector<float> acc(hd);
+            for (int64_t w = b; w < e; w++) {
+                const int32_t t = (int32_t) (w / s.n_head), h = (int32_t) (w % s.n_head);
+                const int32_t kvh = h / group;
+                const int32_t n_kv = pos[t] + 1;
+                const float * q = qkv + (size_t) t * row_stride + (size_t) h * hd;
+                scores.resize(n_kv);
+                float mx = -INFINITY;
+                for (int32_t j = 0; j < n_kv; j++) {
+                    float d = cpu_dot_f32(q, kc + (size_t) j * kv_dim + (size_t) kvh * hd, hd) * scale;
+                    scores[j] = d;
+                    mx = std::max(mx, d);
+                }
+                float sum = 0.0f;
+                for (int32_t j = 0; j < n_kv; j++) {
+                    scores[j] = std::exp(scores[j] - mx);
+                    sum += scores[j];
+                }
+                std::fill(acc.begin(), acc.end(), 0.0f);
+                for (int32_t j = 0; j < n_kv; j++) {
+                    cpu_axpy_f32(scores[j], vc + (size_t) j * kv_dim + (size_t) kvh * hd, acc.data(), hd);
+                }
+                float * o = out + (size_t) t * s.n_head * hd + (size_t) h * hd;
+                const float inv = 1.0f / sum;
+                for (int32_t i = 0; i < hd; i++) {
+                    o[i] = acc[i] * inv;
+                }
+            }
+        });
+    }
+
+    void swiglu(const float * gu, int32_t m, int32_t n_ff, float * out) override {
+        for (int32_t r = 0; r < m; r++) {
+            const float * g = gu + (size_t) r * 2 * n_ff;
+            const float * u = g + n_ff;
+            float * o = out + (size_t) r * n_ff;
+            for (int32_t j = 0; j < n_ff; j++) {
+                // silu(g) * u = g / (1 + exp(-g)) * u
+                o[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
+            }
+        }
+    }
+
+    size_t kv_elem_size() const override { return sizeof(float); }
+
+private:
+    ThreadPool pool_;
+};
+
+float rope_inv_freq(int32_t i, int32_t head_dim, const RopeParams & rp) {
+    // theta^(-2i/d), with Llama-3 frequency scaling when configured
+    float f = 1.0f / std::pow(rp.theta, (2.0f * i) / head_dim);
+    if (rp.factor > 0.0f) {
+        const float pi = 3.14159265358979323846f;
+        const float low_wavelen = rp.original_max_pos / rp.low_freq_factor;
+        const float high_wavelen = rp.original_max_pos / rp.high_freq_factor;
+        const float wavelen = 2.0f * pi / f;
+        if (wavelen > low_wavelen) {
+            f = f / rp.factor;
+        } else if (wavelen >= high_wavelen) {
+            float smooth = (rp.original_max_pos / wavelen - rp.low_freq_factor) /
+                           (rp.high_freq_factor - rp.low_freq_factor);
+            f = (1.0f - smooth) * f / rp.factor + smooth * f;
+        }
+    }
+    return f;
+}
+
+std::unique_ptr<Backend> backend_cpu_create(int32_t n_threads) {
+    return std::unique_ptr<Backend>(new BackendCpu(n_threads));
+}
+
+}  // namespace mq

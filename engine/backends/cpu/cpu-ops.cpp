@@ -1,0 +1,149 @@
+// SIMD inner loops: AVX-512F, AVX2+F16C+FMA, or portable C++, chosen at compile time.
+#include "cpu-ops.h"
+
+#include <cstring>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+namespace mq {
+
+static inline float f16_to_f32_scalar(uint16_t h) {
+    const uint32_t sign = (uint32_t) (h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else {  // subnormal: renormalize
+            exp = 127 - 15 + 1;
+            while ((mant & 0x400) == 0) {
+                mant <<= 1;
+                exp--;
+            }
+            bits = sign | (exp << 23) | ((mant & 0x3FF) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7F800000 | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+void cpu_f16_to_f32(const uint16_t * x, float * y, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) {
+        _mm512_storeu_ps(y + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (x + i))));
+    }
+#elif defined(__F16C__)
+    for (; i + 8 <= n; i += 8) {
+        _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (x + i))));
+    }
+#endif
+    for (; i < n; i++) {
+        y[i] = f16_to_f32_scalar(x[i]);
+    }
+}
+
+float cpu_dot_f32(const float * a, const float * b, int64_t n) {
+    int64_t i = 0;
+    float s = 0.0f;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    }
+    s = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    }
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    lo = _mm_hadd_ps(lo, lo);
+    lo = _mm_hadd_ps(lo, lo);
+    s = _mm_cvtss_f32(lo);
+#endif
+    for (; i < n; i++) {
+        s += a[i] * b[i];
+    }
+    return s;
+}
+
+void cpu_axpy_f32(float a, const float * x, float * y, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    const __m512 va = _mm512_set1_ps(a);
+    for (; i + 16 <= n; i += 16) {
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    const __m256 va = _mm256_set1_ps(a);
+    for (; i + 8 <= n; i += 8) {
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    }
+#endif
+    for (; i < n; i++) {
+        y[i] += a * x[i];
+    }
+}
+
+// Tokens are processed four at a time so each weight row, converted to fp32 once, feeds four dot
+// products; decode (m = 1) streams every weight byte exactly once.
+void cpu_gemm_f16(const uint16_t * w, const float * x, float * y, int64_t m, int64_t n, int64_t k, int64_t n_begin,
+                  int64_t n_end, bool accumulate) {
+    float wrow[8192 + 16];
+    float * wbuf = k <= 8192 ? wrow : new float[k];
+    for (int64_t r = n_begin; r < n_end; r++) {
+        cpu_f16_to_f32(w + r * k, wbuf, k);
+        int64_t t = 0;
+        for (; t + 4 <= m; t += 4) {
+            const float * x0 = x + (t + 0) * k;
+            const float * x1 = x + (t + 1) * k;
+            const float * x2 = x + (t + 2) * k;
+            const float * x3 = x + (t + 3) * k;
+            float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+            int64_t i = 0;
+#if defined(__AVX512F__)
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
+                   a3 = _mm512_setzero_ps();
+            for (; i + 16 <= k; i += 16) {
+                const __m512 wv = _mm512_loadu_ps(wbuf + i);
+                a0 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x0 + i), a0);
+                a1 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x1 + i), a1);
+                a2 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x2 + i), a2);
+                a3 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x3 + i), a3);
+            }
+            s0 = _mm512_reduce_add_ps(a0);
+            s1 = _mm512_reduce_add_ps(a1);
+            s2 = _mm512_reduce_add_ps(a2);
+            s3 = _mm512_reduce_add_ps(a3);
+#endif
+            for (; i < k; i++) {
+                s0 += wbuf[i] * x0[i];
+                s1 += wbuf[i] * x1[i];
+                s2 += wbuf[i] * x2[i];
+                s3 += wbuf[i] * x3[i];
+            }
+            float * yr = y + t * n + r;
+            if (accumulate) {
+                yr[0] += s0, yr[n] += s1, yr[2 * n] += s2, yr[3 * n] += s3;
+            } else {
+                yr[0] = s0, yr[n] = s1, yr[2 * n] = s2, yr[3 * n] = s3;
+            }
+        }
+        for (; t < m; t++) {
+            const float s = cpu_dot_f32(wbuf, x + t * k, k);
+            y[t * n + r] = accumulate ? y[t * n + r] + s : s;
+        }
+    }
+    if (wbuf != wrow) {
+        delete[] wbuf;
+    }
+}
+
+}  // namespace mq

@@ -1,0 +1,86 @@
+// The backend interface: a small set of ops over device memory. The CPU backend is the reference; the
+// CUDA backend implements the same ops and tests/test_backend_ops.py compares them op by op.
+//
+// Memory: every pointer passed to an op is device memory obtained from alloc() (host memory for the CPU
+// backend). Positions are a device buffer of int32 so a captured decode step (CUDA graph) can be replayed
+// with new positions without re-recording.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace mq {
+
+struct TensorView;
+
+// One linear layer y[M, N] = x[M, K] · Wᵀ in some scheme; `tensors` are the file's views (host memory,
+// the mapping) in the order the scheme defines; `prepared` is what the backend made of them (device copy,
+// repacked layout), owned by the backend.
+struct Linear {
+    std::string name;    // file prefix, e.g. "blk.3.attn_qkv"
+    std::string scheme;  // "f16", ...
+    int64_t n = 0, k = 0;
+    std::vector<const TensorView *> tensors;
+    void * prepared = nullptr;
+};
+
+struct AttentionShape {
+    int32_t n_head, n_head_kv, head_dim;
+    int32_t n_ctx;  // rows allocated in each layer's K and V cache
+};
+
+struct RopeParams {
+    float theta;
+    // llama3 scaling (factor == 0: none)
+    float factor, low_freq_factor, high_freq_factor;
+    int32_t original_max_pos;
+};
+
+class Backend {
+public:
+    virtual ~Backend() = default;
+    virtual std::string name() const = 0;
+
+    virtual void * alloc(size_t bytes) = 0;
+    virtual void free(void * p) = 0;
+    virtual void upload(void * dst, const void * src, size_t bytes) = 0;
+    virtual void download(void * dst, const void * src, size_t bytes) = 0;
+    virtual void synchronize() = 0;
+
+    // make a linear ready (copy/repack); throws mq::Error for a scheme it does not know
+    virtual void prepare_linear(Linear & lin) = 0;
+    virtual void release_linear(Linear & lin) = 0;
+    // a device copy of a host array (norm weights, embeddings); free with free()
+    virtual void * upload_copy(const void * src, size_t bytes) = 0;
+
+    // out[i, :] = float(table[ids[i], :]) for an fp16 table [n_vocab, dim]
+    virtual void embed_f16(const void * table, const int32_t * ids, int32_t n, int32_t dim, float * out) = 0;
+    // out = x / sqrt(mean(x²) + eps) * w, row by row
+    virtual void rmsnorm(const float * x, const float * w, int32_t n_rows, int32_t dim, float eps, float * out) = 0;
+    // y = x · Wᵀ (accumulate: y += x · Wᵀ); x [M, K] fp32, y [M, N] fp32
+    virtual void linear(const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) = 0;
+    // rotate q and k in place (HF rotate_half layout); qkv rows are [q heads | k heads | v heads]
+    virtual void rope(float * qkv, int32_t n_tokens, int32_t row_stride, int32_t n_head, int32_t n_head_kv,
+                      int32_t head_dim, const int32_t * pos, const RopeParams & rp) = 0;
+    // write k and v of each token to the layer's caches at pos[i]
+    virtual void kv_store(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
+                          const int32_t * pos, void * k_cache, void * v_cache) = 0;
+    // causal attention of each token i over cache rows [0, pos[i]]; out [n_tokens, n_head*head_dim]
+    virtual void attention(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
+                           const int32_t * pos, const void * k_cache, const void * v_cache, float * out) = 0;
+    // out[m, j] = silu(gu[m, j]) * gu[m, n_ff + j]
+    virtual void swiglu(const float * gu, int32_t m, int32_t n_ff, float * out) = 0;
+
+    // bytes of one cache element
+    virtual size_t kv_elem_size() const = 0;
+};
+
+std::unique_ptr<Backend> backend_cpu_create(int32_t n_threads);
+// nullptr with a reason in `why` when the CUDA backend is not built in or no usable GPU is present
+std::unique_ptr<Backend> backend_cuda_create(int32_t device, std::string & why);
+bool backend_cuda_built();
+
+}  // namespace mq

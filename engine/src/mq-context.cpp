@@ -1,0 +1,208 @@
+#include "mq-context.h"
+
+#include "mq-error.h"
+#include "mq-vocab.h"
+
+#include <algorithm>
+#include <chrono>
+
+namespace mq {
+
+static double now_ms() {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+Context::Context(std::shared_ptr<const Model> model, const ContextParams & params)
+    : model_(std::move(model)), be_(model_->backend()) {
+    const Config & c = model_->config();
+    if (params.n_ctx < 0) {
+        throw ArgError("invalid n_ctx " + std::to_string(params.n_ctx) + ": must be > 0 (or 0 for the model's)");
+    }
+    if (params.n_batch < 1) {
+        throw ArgError("invalid n_batch " + std::to_string(params.n_batch) + ": must be >= 1");
+    }
+    n_ctx_ = params.n_ctx > 0 ? params.n_ctx : c.n_ctx_train;
+    n_batch_ = std::min(params.n_batch, n_ctx_);
+    const size_t kv_bytes = (size_t) n_ctx_ * c.kv_dim() * be_.kv_elem_size();
+    for (int32_t i = 0; i < c.n_layer; i++) {
+        k_cache_.push_back(be_.alloc(kv_bytes));
+        v_cache_.push_back(be_.alloc(kv_bytes));
+    }
+    const size_t B = (size_t) n_batch_;
+    x_ = (float *) be_.alloc(B * c.n_embd * sizeof(float));
+    h_ = (float *) be_.alloc(B * c.n_embd * sizeof(float));
+    qkv_ = (float *) be_.alloc(B * c.qkv_dim() * sizeof(float));
+    attn_ = (float *) be_.alloc(B * c.q_dim() * sizeof(float));
+    gu_ = (float *) be_.alloc(B * 2 * c.n_ff * sizeof(float));
+    act_ = (float *) be_.alloc(B * c.n_ff * sizeof(float));
+    logits_ = (float *) be_.alloc(B * c.n_vocab * sizeof(float));
+    ids_ = (int32_t *) be_.alloc(B * sizeof(int32_t));
+    pos_ = (int32_t *) be_.alloc(B * sizeof(int32_t));
+}
+
+Context::~Context() {
+    for (void * p : k_cache_) {
+        be_.free(p);
+    }
+    for (void * p : v_cache_) {
+        be_.free(p);
+    }
+    for (void * p : {(void *) x_, (void *) h_, (void *) qkv_, (void *) attn_, (void *) gu_, (void *) act_,
+                     (void *) logits_, (void *) ids_, (void *) pos_}) {
+        be_.free(p);
+    }
+}
+
+void Context::truncate(int32_t n) {
+    if (n < (int32_t) tokens_.size()) {
+        tokens_.resize(std::max(n, 0));
+    }
+}
+
+const std::vector<float> & Context::eval(const std::vector<int32_t> & tokens, bool all_logits) {
+    const Config & c = model_->config();
+    const int32_t n = (int32_t) tokens.size();
+    if (n == 0) {
+        throw ArgError("eval: no tokens");
+    }
+    for (int32_t id : tokens) {
+        if (id < 0 || id >= c.n_vocab) {
+            throw ArgError("token id " + std::to_string(id) + " is outside the vocabulary [0, " +
+                           std::to_string(c.n_vocab) + ")");
+        }
+    }
+    if ((int64_t) tokens_.size() + n > n_ctx_) {
+        throw ContextOverflow("context overflow: " + std::to_string(tokens_.size()) + " cached + " +
+                              std::to_string(n) + " new tokens exceed the context length of " +
+                              std::to_string(n_ctx_) + " (n_ctx)");
+    }
+    logits_host_.resize((size_t) (all_logits ? n : 1) * c.n_vocab);
+    for (int32_t done = 0; done < n; done += n_batch_) {
+        const int32_t m = std::min(n_batch_, n - done);
+        const bool last = done + m == n;
+        float * out = all_logits ? logits_host_.data() + (size_t) done * c.n_vocab : (last ? logits_host_.data() : nullptr);
+        forward_chunk(tokens.data() + done, m, (int32_t) tokens_.size(), all_logits, out);
+        tokens_.insert(tokens_.end(), tokens.begin() + done, tokens.begin() + done + m);
+    }
+    return logits_host_;
+}
+
+// One forward pass over m tokens at positions pos0..pos0+m-1 (docs/numerics.md: f16 path).
+void Context::forward_chunk(const int32_t * ids, int32_t m, int32_t pos0, bool all_logits, float * logits_out) {
+    const Model & M = *model_;
+    const Config & c = M.config();
+    std::vector<int32_t> pos(m);
+    for (int32_t i = 0; i < m; i++) {
+        pos[i] = pos0 + i;
+    }
+    be_.upload(ids_, ids, m * sizeof(int32_t));
+    be_.upload(pos_, pos.data(), m * sizeof(int32_t));
+    AttentionShape as{c.n_head, c.n_head_kv, c.head_dim, n_ctx_};
+
+    be_.embed_f16(M.token_embd, ids_, m, c.n_embd, x_);
+    for (int32_t l = 0; l < c.n_layer; l++) {
+        const LayerWeights & L = M.layers[l];
+        be_.rmsnorm(x_, (const float *) L.attn_norm, m, c.n_embd, c.rms_eps, h_);
+        be_.linear(L.attn_qkv, h_, m, qkv_, false);
+        be_.rope(qkv_, m, c.qkv_dim(), c.n_head, c.n_head_kv, c.head_dim, pos_, c.rope);
+        be_.kv_store(qkv_, m, c.qkv_dim(), as, pos_, k_cache_[l], v_cache_[l]);
+        be_.attention(qkv_, m, c.qkv_dim(), as, pos_, k_cache_[l], v_cache_[l], attn_);
+        be_.linear(L.attn_output, attn_, m, x_, true);  // residual: x += attn · Woᵀ
+        be_.rmsnorm(x_, (const float *) L.ffn_norm, m, c.n_embd, c.rms_eps, h_);
+        be_.linear(L.ffn_gate_up, h_, m, gu_, false);
+        be_.swiglu(gu_, m, c.n_ff, act_);
+        be_.linear(L.ffn_down, act_, m, x_, true);  // residual: x += act · Wdᵀ
+    }
+    if (!logits_out) {
+        return;
+    }
+    // logits only for the rows asked for: all of them, or the last one
+    const int32_t first = all_logits ? 0 : m - 1;
+    const int32_t rows = m - first;
+    be_.rmsnorm(x_ + (size_t) first * c.n_embd, (const float *) M.output_norm, rows, c.n_embd, c.rms_eps, h_);
+    be_.linear(M.output, h_, rows, logits_, false);
+    be_.download(logits_out, logits_, (size_t) rows * c.n_vocab * sizeof(float));
+}
+
+void GenerateParams::validate(int32_t n_vocab) const {
+    if (max_tokens < 0) {
+        throw ArgError("invalid max_tokens " + std::to_string(max_tokens) + ": must be >= 0");
+    }
+    sampling.validate();
+    for (const std::string & s : stop) {
+        if (s.empty()) {
+            throw ArgError("invalid stop string: empty");
+        }
+    }
+    for (int32_t id : stop_ids) {
+        if (id < 0 || id >= n_vocab) {
+            throw ArgError("invalid stop token id " + std::to_string(id) + ": outside [0, " +
+                           std::to_string(n_vocab) + ")");
+        }
+    }
+}
+
+Generator::Generator(Context & ctx, const std::vector<int32_t> & prompt, const GenerateParams & params)
+    : ctx_(ctx), params_(params), sampler_((params.validate(ctx.model().config().n_vocab), params.sampling)) {
+    if (prompt.empty()) {
+        throw ArgError("empty prompt: at least one token is needed");
+    }
+    const int64_t need = (int64_t) prompt.size() + params.max_tokens;
+    if (need > ctx.n_ctx()) {
+        throw ContextOverflow("context overflow: prompt of " + std::to_string(prompt.size()) + " tokens + max_tokens " +
+                              std::to_string(params.max_tokens) + " exceed the context length of " +
+                              std::to_string(ctx.n_ctx()) + " (raise n_ctx or shorten the prompt)");
+    }
+    // keep the longest cached prefix, but evaluate at least the last prompt token to get its logits
+    const std::vector<int32_t> & cached = ctx.tokens();
+    size_t keep = 0;
+    while (keep < cached.size() && keep + 1 < prompt.size() && cached[keep] == prompt[keep]) {
+        keep++;
+    }
+    ctx.truncate((int32_t) keep);
+    timings_.n_prompt = (int32_t) prompt.size();
+    timings_.n_cached = (int32_t) keep;
+    timings_.n_prefill = (int32_t) (prompt.size() - keep);
+    const double t0 = now_ms();
+    logits_ = ctx.eval(std::vector<int32_t>(prompt.begin() + keep, prompt.end()), false);
+    timings_.prefill_ms = now_ms() - t0;
+    stream_.reset(new StreamDecoder(ctx.model().vocab(), params.stop));
+    if (params.max_tokens == 0) {
+        finish_reason_ = "length";
+    }
+}
+
+Generator::~Generator() = default;
+
+bool Generator::next(std::string & text) {
+    if (!finish_reason_.empty()) {
+        return false;
+    }
+    const Vocab & vocab = ctx_.model().vocab();
+    const int32_t n_vocab = ctx_.model().config().n_vocab;
+    const int32_t id = sampler_.sample(logits_.data(), n_vocab, ctx_.tokens());
+    const bool is_stop_id = std::find(params_.stop_ids.begin(), params_.stop_ids.end(), id) != params_.stop_ids.end();
+    if ((!params_.ignore_eos && vocab.is_eot(id)) || is_stop_id) {
+        text += stream_->flush();
+        finish_reason_ = "stop";
+        return false;
+    }
+    out_.push_back(id);
+    text += stream_->push(id);
+    if (stream_->stopped()) {
+        finish_reason_ = "stop";
+        return false;
+    }
+    if ((int32_t) out_.size() >= params_.max_tokens) {
+        text += stream_->flush();
+        finish_reason_ = "length";
+        return false;
+    }
+    const double t0 = now_ms();
+    logits_ = ctx_.eval({id}, false);
+    timings_.decode_ms += now_ms() - t0;
+    timings_.n_decode++;
+    return true;
+}
+
+}  // namespace mq

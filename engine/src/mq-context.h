@@ -1,0 +1,91 @@
+// A conversation's state on a Model: the KV cache, the tokens it holds, scratch buffers; and
+// generation on top of it (prefill, then one decode step per token, sampling and streaming text).
+#pragma once
+
+#include "mq-model.h"
+#include "mq-sampling.h"
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace mq {
+
+class StreamDecoder;
+
+struct ContextParams {
+    int32_t n_ctx = 0;      // 0: the model's trained context length
+    int32_t n_batch = 256;  // tokens per forward pass during prefill (bounds scratch memory)
+};
+
+class Context {
+public:
+    Context(std::shared_ptr<const Model> model, const ContextParams & params);
+    ~Context();
+    Context(const Context &) = delete;
+    Context & operator=(const Context &) = delete;
+
+    const Model & model() const { return *model_; }
+    int32_t n_ctx() const { return n_ctx_; }
+    // tokens whose keys and values are in the cache, in order
+    const std::vector<int32_t> & tokens() const { return tokens_; }
+    // forget everything after the first n tokens (0: clear)
+    void truncate(int32_t n);
+
+    // appends `tokens` at the current position and returns the logits of the last one [n_vocab], or of
+    // every one [n, n_vocab] when all_logits; throws ContextOverflow past n_ctx
+    const std::vector<float> & eval(const std::vector<int32_t> & tokens, bool all_logits);
+
+private:
+    void forward_chunk(const int32_t * ids, int32_t n, int32_t pos0, bool all_logits, float * logits_out);
+
+    std::shared_ptr<const Model> model_;
+    Backend & be_;
+    int32_t n_ctx_, n_batch_;
+    std::vector<int32_t> tokens_;
+    std::vector<void *> k_cache_, v_cache_;
+    // scratch (device)
+    float *x_, *h_, *qkv_, *attn_, *gu_, *act_, *logits_;
+    int32_t *ids_, *pos_;
+    std::vector<float> logits_host_;
+};
+
+struct GenerateParams {
+    int32_t max_tokens = 128;
+    SamplingParams sampling;
+    std::vector<std::string> stop;    // stop strings (not included in the output)
+    std::vector<int32_t> stop_ids;    // extra stop token ids (the tokenizer's end-of-turn ids always stop)
+    bool ignore_eos = false;
+
+    void validate(int32_t n_vocab) const;
+};
+
+struct Timings {
+    int32_t n_prompt = 0, n_cached = 0, n_prefill = 0, n_decode = 0;
+    double prefill_ms = 0.0, decode_ms = 0.0;
+};
+
+// One generation: the constructor prefills (reusing the cached prefix of `prompt`), next() yields text.
+class Generator {
+public:
+    Generator(Context & ctx, const std::vector<int32_t> & prompt, const GenerateParams & params);
+    ~Generator();
+    // samples and decodes one token; appends newly completed UTF-8 text to `text`; false once finished
+    bool next(std::string & text);
+    // "stop" (end-of-turn token, stop id or stop string), "length" (max_tokens), "" while running
+    const std::string & finish_reason() const { return finish_reason_; }
+    const std::vector<int32_t> & output_tokens() const { return out_; }
+    const Timings & timings() const { return timings_; }
+
+private:
+    Context & ctx_;
+    GenerateParams params_;
+    Sampler sampler_;
+    std::unique_ptr<StreamDecoder> stream_;
+    std::vector<float> logits_;
+    std::vector<int32_t> out_;
+    std::string finish_reason_;
+    Timings timings_;
+};
+
+}  // namespace mq

@@ -1,0 +1,193 @@
+#include "mq-model.h"
+
+#include "mq-error.h"
+#include "mq-vocab.h"
+
+#include <thread>
+#include <unistd.h>
+
+namespace mq {
+
+int32_t default_thread_count() {
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    if (n < 1) {
+        n = (long) std::thread::hardware_concurrency();
+    }
+    return n < 1 ? 1 : (int32_t) n;
+}
+
+static int32_t config_int(const Json & j, const char * key, int64_t lo, int64_t hi) {
+    int64_t v = j.at(key).as_int(key);
+    if (v < lo || v > hi) {
+        throw Error(std::string("config: ") + key + " = " + std::to_string(v) + " is out of range [" +
+                    std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    }
+    return (int32_t) v;
+}
+
+Config Config::from_json(const Json & j) {
+    Config c;
+    c.architecture = j.at("architecture").as_string("config.architecture");
+    if (c.architecture != "llama") {
+        throw Error("unsupported architecture '" + c.architecture + "' (this engine runs 'llama')");
+    }
+    c.n_vocab = config_int(j, "vocab_size", 1, 1 << 24);
+    c.n_embd = config_int(j, "hidden_size", 1, 1 << 20);
+    c.n_ff = config_int(j, "intermediate_size", 1, 1 << 22);
+    c.n_layer = config_int(j, "num_hidden_layers", 1, 4096);
+    c.n_head = config_int(j, "num_attention_heads", 1, 4096);
+    c.n_head_kv = config_int(j, "num_key_value_heads", 1, 4096);
+    c.head_dim = config_int(j, "head_dim", 2, 1024);
+    c.n_ctx_train = config_int(j, "max_position_embeddings", 1, 1 << 24);
+    if (c.n_head % c.n_head_kv != 0) {
+        throw Error("config: num_attention_heads " + std::to_string(c.n_head) +
+                    " is not a multiple of num_key_value_heads " + std::to_string(c.n_head_kv));
+    }
+    if (c.head_dim % 2 != 0) {
+        throw Error("config: head_dim must be even for RoPE");
+    }
+    c.rms_eps = (float) j.at("rms_norm_eps").as_number("config.rms_norm_eps");
+    c.rope.theta = (float) j.at("rope_theta").as_number("config.rope_theta");
+    c.tied_embeddings = j.at("tie_word_embeddings").as_bool("config.tie_word_embeddings");
+    const Json & rs = j.get("rope_scaling");
+    c.rope.factor = 0.0f;
+    if (!rs.is_null()) {
+        std::string type = rs.get_string("rope_type", rs.get_string("type", ""));
+        if (type != "llama3") {
+            throw Error("config: unsupported rope_scaling type '" + type + "' (supported: llama3)");
+        }
+        c.rope.factor = (float) rs.at("factor").as_number("rope_scaling.factor");
+        c.rope.low_freq_factor = (float) rs.at("low_freq_factor").as_number("rope_scaling.low_freq_factor");
+        c.rope.high_freq_factor = (float) rs.at("high_freq_factor").as_number("rope_scaling.high_freq_factor");
+        c.rope.original_max_pos =
+            (int32_t) rs.at("original_max_position_embeddings").as_int("rope_scaling.original_max_position_embeddings");
+    }
+    return c;
+}
+
+static std::unique_ptr<Backend> backend_select(const std::string & device, int32_t n_threads) {
+    if (device == "cpu") {
+        return backend_cpu_create(n_threads);
+    }
+    int32_t index = 0;
+    const bool want_cuda = device.rfind("cuda", 0) == 0;
+    if (want_cuda && device.size() > 4) {
+        if (device[4] != ':' || device.size() == 5 || device.find_first_not_of("0123456789", 5) != std::string::npos) {
+            throw ArgError("invalid device '" + device + "': expected auto, cpu, cuda or cuda:N");
+        }
+        index = std::stoi(device.substr(5));
+    }
+    if (!want_cuda && device != "auto") {
+        throw ArgError("invalid device '" + device + "': expected auto, cpu, cuda or cuda:N");
+    }
+    std::string why;
+    std::unique_ptr<Backend> cuda = backend_cuda_create(index, why);
+    if (cuda) {
+        return cuda;
+    }
+    if (want_cuda) {
+        throw Error("device '" + device + "' requested but unavailable: " + why);
+    }
+    return backend_cpu_create(n_threads);
+}
+
+Model::Model(const std::string & path, const ModelParams & params) {
+    file_.reset(new File(path));
+    try {
+        if (!file_->metadata().count("config")) {
+            throw Error("metadata has no 'config' (a tokenizer-only file?)");
+        }
+        config_ = Config::from_json(file_->meta_json("config"));
+    } catch (const Error & e) {
+        throw Error("model file '" + path + "': " + e.what());
+    }
+    const Json & quant = file_->meta_json("quant");
+    quant_method_ = quant.get_string("method", "f16");
+    vocab_.reset(new Vocab(*file_));
+    if (vocab_->n_tokens() != config_.n_vocab) {
+        throw Error("model file '" + path + "': tokenizer has " + std::to_string(vocab_->n_tokens()) +
+                    " tokens but config.vocab_size is " + std::to_string(config_.n_vocab));
+    }
+    n_threads_ = params.n_threads > 0 ? params.n_threads : default_thread_count();
+    backend_ = backend_select(params.device, n_threads_);
+
+    const Config & c = config_;
+    const TensorView & emb = file_->tensor("token_embd.weight", DTYPE_F16, {c.n_vocab, c.n_embd});
+    void * emb_dev = backend_->upload_copy(emb.data, emb.nbytes);
+    owned_.push_back(emb_dev);
+    token_embd = emb_dev;
+    output_norm = load_norm("output_norm.weight");
+    layers.resize(c.n_layer);
+    for (int32_t i = 0; i < c.n_layer; i++) {
+        const std::string p = "blk." + std::to_string(i) + ".";
+        LayerWeights & L = layers[i];
+        L.attn_norm = load_norm(p + "attn_norm.weight");
+        L.ffn_norm = load_norm(p + "ffn_norm.weight");
+        load_linear(L.attn_qkv, p + "attn_qkv", c.qkv_dim(), c.n_embd, quant);
+        load_linear(L.attn_output, p + "attn_output", c.n_embd, c.q_dim(), quant);
+        load_linear(L.ffn_gate_up, p + "ffn_gate_up", 2 * (int64_t) c.n_ff, c.n_embd, quant);
+        load_linear(L.ffn_down, p + "ffn_down", c.n_embd, c.n_ff, quant);
+    }
+    if (c.tied_embeddings) {
+        if (file_->has("output.weight")) {
+            throw Error("model file '" + path + "': tie_word_embeddings is set but 'output.weight' is present");
+        }
+        output.name = "token_embd";
+        output.scheme = "f16";
+        output.n = c.n_vocab;
+        output.k = c.n_embd;
+        output.tensors = {&emb};
+        backend_->prepare_linear(output);
+    } else {
+        file_->tensor("output.weight", DTYPE_F16, {c.n_vocab, c.n_embd});
+        output.name = "output";
+        output.scheme = "f16";
+        output.n = c.n_vocab;
+        output.k = c.n_embd;
+        output.tensors = {&file_->tensor("output.weight")};
+        backend_->prepare_linear(output);
+    }
+}
+
+void * Model::load_norm(const std::string & name) {
+    const TensorView & t = file_->tensor(name, DTYPE_F32, {config_.n_embd});
+    void * p = backend_->upload_copy(t.data, t.nbytes);
+    owned_.push_back(p);
+    return p;
+}
+
+// the tensors each scheme stores for a linear [n, k] (docs/format.md)
+void Model::load_linear(Linear & lin, const std::string & name, int64_t n, int64_t k, const Json & quant) {
+    lin.name = name;
+    lin.n = n;
+    lin.k = k;
+    const Json & linears = quant.get("linears");
+    lin.scheme = linears.is_null() ? "f16" : linears.get_string(name, "");
+    if (lin.scheme.empty()) {
+        throw Error("model file '" + file_->path() + "': quant.linears has no scheme for '" + name + "'");
+    }
+    if (lin.scheme == "f16") {
+        lin.tensors = {&file_->tensor(name + ".weight", DTYPE_F16, {n, k})};
+    } else {
+        throw Error("model file '" + file_->path() + "': linear '" + name + "' uses scheme '" + lin.scheme +
+                    "', which this engine does not support");
+    }
+    backend_->prepare_linear(lin);
+}
+
+Model::~Model() {
+    if (!backend_) {
+        return;
+    }
+    for (auto & L : layers) {
+        for (Linear * lin : {&L.attn_qkv, &L.attn_output, &L.ffn_gate_up, &L.ffn_down}) {
+            backend_->release_linear(*lin);
+        }
+    }
+    backend_->release_linear(output);
+    for (void * p : owned_) {
+        backend_->free(p);
+    }
+}
+
+}  // namespace mq

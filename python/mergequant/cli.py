@@ -1,0 +1,232 @@
+"""The `mergequant` command line: convert, generate, chat, inspect, eval, bench.
+
+Run `mergequant COMMAND --help` for each command's options.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+EPILOG = """examples:
+  mergequant generate -p "The capital of France is" -n 32          # built-in SmolLM2, converted on first use
+  mergequant convert ./Llama-3.2-1B -o llama.mq                     # HF checkpoint directory -> f16 model file
+  mergequant convert model.gguf -o model.mq --method mergequant     # GGUF -> W4A4 static (MergeQuant)
+  mergequant chat llama.mq
+  mergequant eval llama.mq --ppl ../shared/data/eval/wiki.test.raw --ctx 512
+  mergequant inspect llama.mq
+"""
+
+
+def _add_model_args(p: argparse.ArgumentParser, optional: bool) -> None:
+    if optional:
+        p.add_argument("model", nargs="?", default=None,
+                       help="a .mq model file (default: the built-in SmolLM2-135M-Instruct, converted on first use)")
+    else:
+        p.add_argument("model", help="a .mq model file")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: one per core)")
+    p.add_argument("-c", "--ctx", type=int, default=None, help="context length in tokens (default: the model's)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    g.add_argument("--temp", "--temperature", dest="temperature", type=float, default=0.8,
+                   help="temperature; 0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0 = off (default 40)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 = off (default 0.95)")
+    g.add_argument("--min-p", type=float, default=0.05, help="drop tokens below min_p x the top probability (default 0.05)")
+    g.add_argument("--repeat-penalty", dest="repetition_penalty", type=float, default=1.0,
+                   help="penalty for tokens already in the sequence; 1 = off (default 1.0)")
+    g.add_argument("-s", "--seed", type=int, default=None, help="random seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _sampling(a: argparse.Namespace) -> dict:
+    return dict(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop)
+
+
+def _load(a: argparse.Namespace):
+    from .llm import LLM
+    return LLM(a.model, device=a.device, n_ctx=a.ctx, threads=a.threads)
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    from .convert.convert import convert
+    method_args = {}
+    for kv in a.opt or []:
+        if "=" not in kv:
+            raise SystemExit(f"--opt expects KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        method_args[k] = _parse_value(v)
+    t0 = time.time()
+    convert(a.src, a.output, scheme=a.scheme, method=a.method, progress=not a.quiet, **method_args)
+    size = os.path.getsize(a.output)
+    print(f"wrote {a.output} ({size / 1e6:.1f} MB) in {time.time() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _parse_value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    return v
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    llm = _load(a)
+    for piece in llm.stream(a.prompt, **_sampling(a)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if a.timings:
+        _print_timings(llm.last_timings)
+    return 0
+
+
+def _print_timings(t: dict) -> None:
+    pf = t["n_prefill"] / (t["prefill_ms"] / 1e3) if t["prefill_ms"] > 0 else float("nan")
+    dc = t["n_decode"] / (t["decode_ms"] / 1e3) if t["decode_ms"] > 0 else float("nan")
+    print(f"prefill: {t['n_prefill']} tokens, {pf:.1f} tok/s; decode: {t['n_decode']} tokens, {dc:.1f} tok/s",
+          file=sys.stderr)
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    llm = _load(a)
+    messages: list[dict] = []
+    if a.system:
+        messages.append({"role": "system", "content": a.system})
+    print("chat: /exit to quit, /clear to start over; Ctrl-C stops a reply", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line.strip() == "/exit":
+            return 0
+        if line.strip() == "/clear":
+            messages = messages[:1] if a.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for piece in llm.chat(messages, stream=True, **_sampling(a)):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        if a.timings:
+            _print_timings(llm.last_timings)
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from .convert.inspect import inspect_model
+    print(inspect_model(a.model))
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    if not a.ppl:
+        raise SystemExit("eval: nothing to do; give --ppl FILE")
+    from tqdm import tqdm
+    llm = _load(a)
+    with open(a.ppl, encoding="utf-8") as f:
+        text = f.read()
+    ids = llm.tokenize(text, add_special=False)
+    window = a.window or min(llm.n_ctx, 2048)
+    n_windows = len(ids) // window
+    if a.max_windows:
+        n_windows = min(n_windows, a.max_windows)
+    if n_windows == 0:
+        raise SystemExit(f"eval: {a.ppl} has {len(ids)} tokens, fewer than one window of {window}")
+    nll, count = 0.0, 0
+    for w in tqdm(range(n_windows), desc="perplexity", unit="window", disable=a.quiet):
+        lp = llm.token_logprobs(ids[w * window:(w + 1) * window])
+        nll -= float(lp.sum())
+        count += len(lp)
+    ppl = math.exp(nll / count)
+    print(f"perplexity {ppl:.4f} over {n_windows} windows of {window} tokens ({count} predictions), "
+          f"model {llm.path}, device {llm.device}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mergequant", description="Static 4-bit LLM inference: convert, run, evaluate.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("convert", help="convert a HF checkpoint or GGUF file into a .mq model file",
+                       description="Convert a Hugging Face Llama checkpoint directory or a GGUF file into one .mq "
+                                   "model file, quantizing with the chosen method.")
+    c.add_argument("src", help="HF checkpoint directory (config.json + *.safetensors) or a .gguf file")
+    c.add_argument("-o", "--output", required=True, help="output .mq file")
+    c.add_argument("--scheme", default="f16", help="linear scheme when no --method is given (default f16)")
+    c.add_argument("--method", default=None, help="quantization method (e.g. rtn-w4a16, rtn-w4a4-static, mergequant)")
+    c.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=cmd_convert)
+
+    g = sub.add_parser("generate", help="complete a prompt", description="Complete a prompt and stream the text.")
+    _add_model_args(g, optional=True)
+    g.add_argument("-p", "--prompt", required=True, help="the prompt text")
+    g.add_argument("--timings", action="store_true", help="print prefill and decode tokens/s")
+    _add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    ch = sub.add_parser("chat", help="interactive chat with the model's chat template",
+                        description="Chat in the terminal; /exit quits, /clear forgets the conversation.")
+    _add_model_args(ch, optional=True)
+    ch.add_argument("-sys", "--system", default=None, help="system message")
+    ch.add_argument("--timings", action="store_true", help="print prefill and decode tokens/s after each reply")
+    _add_sampling_args(ch)
+    ch.set_defaults(func=cmd_chat)
+
+    i = sub.add_parser("inspect", help="print a model file's metadata and tensor table")
+    i.add_argument("model", help="a .mq model file")
+    i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("eval", help="perplexity of a model on a text file",
+                       description="Perplexity over non-overlapping windows of the file's tokens (each window a fresh "
+                                   "context; every token after the first of a window is predicted).")
+    _add_model_args(e, optional=False)
+    e.add_argument("--ppl", metavar="FILE", help="text file (e.g. wiki.test.raw)")
+    e.add_argument("--window", type=int, default=None, help="window length in tokens (default min(n_ctx, 2048))")
+    e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not a.command:
+        parser.print_help()
+        return 2
+    from . import _engine
+    try:
+        return a.func(a)
+    except (FileNotFoundError, ValueError, _engine.EngineError) as e:
+        print(f"mergequant {a.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

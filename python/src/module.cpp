@@ -1,0 +1,208 @@
+// The nanobind extension `mergequant._engine`: a thin skin over the C++ engine. Long calls (load,
+// prefill, decode steps, scoring) release the GIL.
+#include "mq-context.h"
+#include "mq-error.h"
+#include "mq-model.h"
+#include "mq-vocab.h"
+
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <cmath>
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+void bind_tokenizer(nb::module_ & m);
+
+namespace {
+
+struct Session {
+    std::shared_ptr<mq::Model> model;
+    std::unique_ptr<mq::Context> ctx;
+    std::unique_ptr<mq::Generator> gen;
+};
+
+nb::dict timings_dict(const mq::Timings & t) {
+    nb::dict d;
+    d["n_prompt"] = t.n_prompt;
+    d["n_cached"] = t.n_cached;
+    d["n_prefill"] = t.n_prefill;
+    d["n_decode"] = t.n_decode;
+    d["prefill_ms"] = t.prefill_ms;
+    d["decode_ms"] = t.decode_ms;
+    return d;
+}
+
+}  // namespace
+
+NB_MODULE(_engine, m) {
+    m.doc() = "mergequant C++ engine";
+
+    nb::exception<mq::Error> error(m, "EngineError", PyExc_RuntimeError);
+    nb::exception<mq::ArgError>(m, "ArgumentError", PyExc_ValueError);
+    nb::exception<mq::ContextOverflow>(m, "ContextOverflowError", PyExc_ValueError);
+
+    m.def("cuda_built", &mq::backend_cuda_built, "whether this build contains the CUDA backend");
+    m.def("default_threads", &mq::default_thread_count);
+
+    nb::class_<mq::Model>(m, "Model")
+        .def("__init__",
+             [](mq::Model * self, const std::string & path, const std::string & device, int32_t n_threads) {
+                 mq::ModelParams p;
+                 p.device = device;
+                 p.n_threads = n_threads;
+                 nb::gil_scoped_release release;
+                 new (self) mq::Model(path, p);
+             },
+             "path"_a, "device"_a = "auto", "n_threads"_a = 0)
+        .def_prop_ro("backend", [](const mq::Model & md) { return md.backend().name(); })
+        .def_prop_ro("n_threads", &mq::Model::n_threads)
+        .def_prop_ro("n_vocab", [](const mq::Model & md) { return md.config().n_vocab; })
+        .def_prop_ro("n_ctx_train", [](const mq::Model & md) { return md.config().n_ctx_train; })
+        .def_prop_ro("n_layer", [](const mq::Model & md) { return md.config().n_layer; })
+        .def_prop_ro("quant_method", &mq::Model::quant_method)
+        .def_prop_ro("bos_id", [](const mq::Model & md) { return md.vocab().bos(); })
+        .def_prop_ro("eos_id", [](const mq::Model & md) { return md.vocab().eos(); })
+        .def_prop_ro("eot_ids", [](const mq::Model & md) { return md.vocab().eot_ids(); })
+        .def_prop_ro("chat_template", [](const mq::Model & md) { return md.vocab().chat_template(); })
+        .def("metadata", [](const mq::Model & md, const std::string & key) {
+            auto it = md.file().metadata().find(key);
+            return it == md.file().metadata().end() ? std::string() : it->second;
+        })
+        .def("tokenize",
+             [](const mq::Model & md, const std::string & text, bool add_special, bool special) {
+                 nb::gil_scoped_release release;
+                 return md.vocab().encode(text, add_special, special);
+             },
+             "text"_a, "add_special"_a = true, "special"_a = false)
+        .def("detokenize",
+             [](const mq::Model & md, const std::vector<int32_t> & ids, bool special) {
+                 for (int32_t id : ids) {
+                     if (id < 0 || id >= md.vocab().n_tokens()) {
+                         throw mq::ArgError("token id " + std::to_string(id) + " is outside the vocabulary [0, " +
+                                            std::to_string(md.vocab().n_tokens()) + ")");
+                     }
+                 }
+                 std::string s = md.vocab().decode(ids, special);
+                 return nb::bytes(s.data(), s.size());
+             },
+             "ids"_a, "special"_a = false);
+
+    nb::class_<Session>(m, "Session")
+        .def("__init__",
+             [](Session * self, std::shared_ptr<mq::Model> model, int32_t n_ctx, int32_t n_batch) {
+                 mq::ContextParams p;
+                 p.n_ctx = n_ctx;
+                 p.n_batch = n_batch;
+                 new (self) Session();
+                 self->model = model;
+                 nb::gil_scoped_release release;
+                 self->ctx.reset(new mq::Context(model, p));
+             },
+             "model"_a, "n_ctx"_a = 0, "n_batch"_a = 256)
+        .def_prop_ro("n_ctx", [](const Session & s) { return s.ctx->n_ctx(); })
+        .def_prop_ro("tokens", [](const Session & s) { return s.ctx->tokens(); })
+        .def("reset", [](Session & s) {
+            s.gen.reset();
+            s.ctx->truncate(0);
+        })
+        .def("start",
+             [](Session & s, const std::vector<int32_t> & prompt, int32_t max_tokens, float temperature, int32_t top_k,
+                float top_p, float min_p, float repetition_penalty, int64_t seed,
+                const std::vector<std::string> & stop, const std::vector<int32_t> & stop_ids, bool ignore_eos) {
+                 mq::GenerateParams g;
+                 g.max_tokens = max_tokens;
+                 g.sampling.temperature = temperature;
+                 g.sampling.top_k = top_k;
+                 g.sampling.top_p = top_p;
+                 g.sampling.min_p = min_p;
+                 g.sampling.repetition_penalty = repetition_penalty;
+                 g.sampling.seed = seed;
+                 g.stop = stop;
+                 g.stop_ids = stop_ids;
+                 g.ignore_eos = ignore_eos;
+                 s.gen.reset();
+                 nb::gil_scoped_release release;
+                 s.gen.reset(new mq::Generator(*s.ctx, prompt, g));
+             },
+             "prompt"_a, "max_tokens"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "repetition_penalty"_a,
+             "seed"_a, "stop"_a, "stop_ids"_a, "ignore_eos"_a = false,
+             "validate the settings and prefill the prompt (reusing the cached prefix)")
+        .def("next",
+             [](Session & s) -> std::optional<nb::bytes> {
+                 if (!s.gen) {
+                     throw mq::ArgError("next() before start()");
+                 }
+                 std::string text;
+                 bool more;
+                 {
+                     nb::gil_scoped_release release;
+                     more = s.gen->next(text);
+                 }
+                 if (!more && text.empty()) {
+                     return std::nullopt;
+                 }
+                 return nb::bytes(text.data(), text.size());
+             },
+             "one decode step: the newly completed UTF-8 bytes, or None when finished")
+        .def_prop_ro("finish_reason", [](const Session & s) { return s.gen ? s.gen->finish_reason() : std::string(); })
+        .def_prop_ro("output_tokens",
+                     [](const Session & s) { return s.gen ? s.gen->output_tokens() : std::vector<int32_t>(); })
+        .def_prop_ro("timings", [](const Session & s) { return timings_dict(s.gen ? s.gen->timings() : mq::Timings()); })
+        .def("logits",
+             [](Session & s, const std::vector<int32_t> & ids) {
+                 const int32_t nv = s.model->config().n_vocab;
+                 float * out = new float[nv];
+                 {
+                     nb::gil_scoped_release release;
+                     const std::vector<float> & l = s.ctx->eval(ids, false);
+                     std::copy(l.begin(), l.begin() + nv, out);
+                 }
+                 nb::capsule owner(out, [](void * p) noexcept { delete[] (float *) p; });
+                 return nb::ndarray<nb::numpy, float, nb::ndim<1>>(out, {(size_t) nv}, owner);
+             },
+             "ids"_a, "append ids to the cache and return the fp32 logits of the last one")
+        .def("token_logprobs",
+             [](Session & s, const std::vector<int32_t> & ids) {
+                 // log p(ids[i+1] | ids[..i]) for i < n-1, over a fresh context, in chunks of n_batch
+                 const int32_t n = (int32_t) ids.size();
+                 if (n < 2) {
+                     throw mq::ArgError("token_logprobs needs at least 2 tokens");
+                 }
+                 const int32_t nv = s.model->config().n_vocab;
+                 double * out = new double[n - 1];
+                 {
+                     nb::gil_scoped_release release;
+                     s.gen.reset();
+                     s.ctx->truncate(0);
+                     const int32_t chunk = 256;
+                     for (int32_t b = 0; b < n - 1; b += chunk) {
+                         const int32_t e = std::min(n - 1, b + chunk);
+                         std::vector<int32_t> part(ids.begin() + b, ids.begin() + e);
+                         const std::vector<float> & l = s.ctx->eval(part, true);
+                         for (int32_t i = b; i < e; i++) {
+                             const float * row = l.data() + (size_t) (i - b) * nv;
+                             double mx = row[0];
+                             for (int32_t j = 1; j < nv; j++) {
+                                 mx = std::max(mx, (double) row[j]);
+                             }
+                             double sum = 0.0;
+                             for (int32_t j = 0; j < nv; j++) {
+                                 sum += std::exp((double) row[j] - mx);
+                             }
+                             out[i] = (double) row[ids[i + 1]] - mx - std::log(sum);
+                         }
+                     }
+                 }
+                 nb::capsule owner(out, [](void * p) noexcept { delete[] (double *) p; });
+                 return nb::ndarray<nb::numpy, double, nb::ndim<1>>(out, {(size_t) (n - 1)}, owner);
+             },
+             "ids"_a);
+
+    bind_tokenizer(m);
+}
