@@ -168,15 +168,20 @@ Args parse_args(int argc, char ** argv) {
 }
 
 // generates one reply to `messages`, streaming it to stdout; returns the reply text
-std::string reply(mq::Context & ctx, const mq::ChatFormat & fmt, const std::vector<mq::ChatMessage> & messages,
+std::string reply(mq::Context & ctx, const mq::ChatTemplate & fmt, const std::vector<mq::ChatMessage> & messages,
                   const Args & a) {
     const mq::Vocab & vocab = ctx.model().vocab();
-    const std::string text = fmt.apply(messages, true);
+    const std::string bos = vocab.bos() >= 0 ? vocab.token_to_piece(vocab.bos(), true) : "";
+    const std::string eos = vocab.eos() >= 0 ? vocab.token_to_piece(vocab.eos(), true) : "";
+    const std::string text = mq::chat_template_apply(fmt, messages, true, bos, eos);
+    // the rendered text carries its own BOS where the format wants one
     std::vector<int32_t> prompt = vocab.encode(text, false, true);
     mq::GenerateParams gp;
     gp.max_tokens = a.n_predict;
     gp.sampling = a.sampling;
-    gp.stop = fmt.stop_strings();
+    if (fmt.format == mq::CHAT_FORMAT_PLAIN) {
+        gp.stop = {"\nuser:"};  // the plain format has no end-of-turn token: stop at the next turn
+    }
     // keep room for the reply: shrink it to what the context still holds
     const int32_t room = ctx.n_ctx() - (int32_t) prompt.size();
     if (room < 1) {
@@ -223,9 +228,10 @@ int main(int argc, char ** argv) {
         mq::ContextParams cp;
         cp.n_ctx = a.n_ctx;
         mq::Context ctx(model, cp);
-        mq::ChatFormat fmt(model->vocab().chat_template());
-        if (!fmt.warning().empty()) {
-            fprintf(stderr, "mergequant-chat: warning: %s\n", fmt.warning().c_str());
+        const mq::ChatTemplate fmt = mq::chat_template_detect(model->vocab().chat_template());
+        if (fmt.format == mq::CHAT_FORMAT_PLAIN) {
+            fprintf(stderr, "mergequant-chat: warning: the model's chat template is not one of the known formats "
+                            "(ChatML, Llama-2, Llama-3, Mistral, Zephyr): using a plain 'role: content' format\n");
         }
         struct sigaction sa;
         memset(&sa, 0, sizeof(sa));

@@ -1,6 +1,6 @@
 // The CPU backend: the reference implementation of every op, multithreaded, with SIMD inner loops
 // (AVX-512 or AVX2+F16C when the compiler targets them, plain C++ otherwise). fp32 activations,
-// fp32 accumulation, fp32 KV cache.
+// fp32 accumulation, fp16 KV cache (docs/numerics.md).
 #include "cpu-threadpool.h"
 #include "cpu-ops.h"
 
@@ -104,21 +104,22 @@ public:
     void rope(float * qkv, int32_t n_tokens, int32_t row_stride, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
               const int32_t * pos, const RopeParams & rp) override {
         const int32_t half = head_dim / 2;
-        std::vector<float> inv_freq(half);
+        std::vector<double> inv_freq(half);
         for (int32_t i = 0; i < half; i++) {
             inv_freq[i] = rope_inv_freq(i, head_dim, rp);
         }
         for (int32_t t = 0; t < n_tokens; t++) {
             float * row = qkv + (size_t) t * row_stride;
             for (int32_t i = 0; i < half; i++) {
-                float ang = (float) pos[t] * inv_freq[i];
-                float c = std::cos(ang), s = std::sin(ang);
+                // angle in float64 so long positions stay exact; cos/sin rounded to fp32
+                const double ang = (double) pos[t] * inv_freq[i];
+                const float c = (float) std::cos(ang), sn = (float) std::sin(ang);
                 for (int32_t h = 0; h < n_head + n_head_kv; h++) {
                     float * v = row + (size_t) h * head_dim;
-                    float a = v[i], bb = v[i + half];
+                    const float a = v[i], b = v[i + half];
                     // rotate_half: (a, b) -> (a cos - b sin, b cos + a sin)
-                    v[i] = a * c - bb * s;
-                    v[i + half] = bb * c + a * s;
+                    v[i] = a * c - b * sn;
+                    v[i + half] = b * c + a * sn;
                 }
             }
         }
@@ -126,36 +127,40 @@ public:
 
     void kv_store(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
                   const int32_t * pos, void * k_cache, void * v_cache) override {
+        // K/V cache <- fp16(k), fp16(v) (docs/numerics.md)
         const int32_t kv_dim = s.n_head_kv * s.head_dim;
         const int32_t q_dim = s.n_head * s.head_dim;
         for (int32_t t = 0; t < n_tokens; t++) {
             const float * row = qkv + (size_t) t * row_stride;
-            memcpy((float *) k_cache + (size_t) pos[t] * kv_dim, row + q_dim, kv_dim * sizeof(float));
-            memcpy((float *) v_cache + (size_t) pos[t] * kv_dim, row + q_dim + kv_dim, kv_dim * sizeof(float));
+            cpu_f32_to_f16(row + q_dim, (uint16_t *) k_cache + (size_t) pos[t] * kv_dim, kv_dim);
+            cpu_f32_to_f16(row + q_dim + kv_dim, (uint16_t *) v_cache + (size_t) pos[t] * kv_dim, kv_dim);
         }
     }
 
     void attention(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
                    const int32_t * pos, const void * k_cache, const void * v_cache, float * out) override {
+        // o = softmax(fp16(q) · Kᵀ / sqrt(hd)) · V over cache rows 0..pos, fp32 arithmetic on fp16 values
         const int32_t hd = s.head_dim, kv_dim = s.n_head_kv * hd, group = s.n_head / s.n_head_kv;
         const float scale = 1.0f / std::sqrt((float) hd);
-        const float * kc = (const float *) k_cache;
-        const float * vc = (const float *) v_cache;
+        const uint16_t * kc = (const uint16_t *) k_cache;
+        const uint16_t * vc = (const uint16_t *) v_cache;
         const int64_t n_work = (int64_t) n_tokens * s.n_head;
         pool_.run([&](int32_t ith, int32_t nth) {
             int64_t b, e;
             split_range(n_work, ith, nth, b, e);
-            std::vector<float> scores;
-            std::vector<float> acc(hd);
+            std::vector<float> scores, q(hd), row(hd), acc(hd);
+            std::vector<uint16_t> qh(hd);
             for (int64_t w = b; w < e; w++) {
                 const int32_t t = (int32_t) (w / s.n_head), h = (int32_t) (w % s.n_head);
                 const int32_t kvh = h / group;
                 const int32_t n_kv = pos[t] + 1;
-                const float * q = qkv + (size_t) t * row_stride + (size_t) h * hd;
+                cpu_f32_to_f16(qkv + (size_t) t * row_stride + (size_t) h * hd, qh.data(), hd);
+                cpu_f16_to_f32(qh.data(), q.data(), hd);
                 scores.resize(n_kv);
                 float mx = -INFINITY;
                 for (int32_t j = 0; j < n_kv; j++) {
-                    float d = cpu_dot_f32(q, kc + (size_t) j * kv_dim + (size_t) kvh * hd, hd) * scale;
+                    cpu_f16_to_f32(kc + (size_t) j * kv_dim + (size_t) kvh * hd, row.data(), hd);
+                    const float d = cpu_dot_f32(q.data(), row.data(), hd) * scale;
                     scores[j] = d;
                     mx = std::max(mx, d);
                 }
@@ -166,7 +171,8 @@ public:
                 }
                 std::fill(acc.begin(), acc.end(), 0.0f);
                 for (int32_t j = 0; j < n_kv; j++) {
-                    cpu_axpy_f32(scores[j], vc + (size_t) j * kv_dim + (size_t) kvh * hd, acc.data(), hd);
+                    cpu_f16_to_f32(vc + (size_t) j * kv_dim + (size_t) kvh * hd, row.data(), hd);
+                    cpu_axpy_f32(scores[j], row.data(), acc.data(), hd);
                 }
                 float * o = out + (size_t) t * s.n_head * hd + (size_t) h * hd;
                 const float inv = 1.0f / sum;
@@ -189,29 +195,24 @@ public:
         }
     }
 
-    size_t kv_elem_size() const override { return sizeof(float); }
+    size_t kv_elem_size() const override { return sizeof(uint16_t); }
 
 private:
     ThreadPool pool_;
 };
 
-float rope_inv_freq(int32_t i, int32_t head_dim, const RopeParams & rp) {
-    // theta^(-2i/d), with Llama-3 frequency scaling when configured
-    float f = 1.0f / std::pow(rp.theta, (2.0f * i) / head_dim);
-    if (rp.factor > 0.0f) {
-        const float pi = 3.14159265358979323846f;
-        const float low_wavelen = rp.original_max_pos / rp.low_freq_factor;
-        const float high_wavelen = rp.original_max_pos / rp.high_freq_factor;
-        const float wavelen = 2.0f * pi / f;
-        if (wavelen > low_wavelen) {
-            f = f / rp.factor;
-        } else if (wavelen >= high_wavelen) {
-            float smooth = (rp.original_max_pos / wavelen - rp.low_freq_factor) /
-                           (rp.high_freq_factor - rp.low_freq_factor);
-            f = (1.0f - smooth) * f / rp.factor + smooth * f;
-        }
+double rope_inv_freq(int32_t i, int32_t head_dim, const RopeParams & rp) {
+    // theta^(-2i/d) in float64, with Llama-3 frequency scaling when configured (docs/numerics.md)
+    const double f = std::pow((double) rp.theta, -(2.0 * i) / head_dim);
+    if (rp.factor <= 0.0f) {
+        return f;
     }
-    return f;
+    const double pi = 3.14159265358979323846;
+    const double wavelen = 2.0 * pi / f;
+    double smooth = ((double) rp.original_max_pos / wavelen - rp.low_freq_factor) /
+                    ((double) rp.high_freq_factor - rp.low_freq_factor);
+    smooth = std::min(1.0, std::max(0.0, smooth));
+    return (1.0 - smooth) * f / rp.factor + smooth * f;
 }
 
 std::unique_ptr<Backend> backend_cpu_create(int32_t n_threads) {

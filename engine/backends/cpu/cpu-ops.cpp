@@ -1,6 +1,7 @@
 // SIMD inner loops: AVX-512F, AVX2+F16C+FMA, or portable C++, chosen at compile time.
 #include "cpu-ops.h"
 
+#include <cmath>
 #include <cstring>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__) && defined(__FMA__))
@@ -46,6 +47,44 @@ void cpu_f16_to_f32(const uint16_t * x, float * y, int64_t n) {
 #endif
     for (; i < n; i++) {
         y[i] = f16_to_f32_scalar(x[i]);
+    }
+}
+
+static inline uint16_t f32_to_f16_scalar(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000;
+    const uint32_t absx = x & 0x7FFFFFFF;
+    if (absx >= 0x7F800000) {  // inf or nan
+        return (uint16_t) (sign | 0x7C00 | (absx > 0x7F800000 ? 0x200 : 0));
+    }
+    if (absx >= 0x477FF000) {  // rounds to >= 65520: overflow to inf
+        return (uint16_t) (sign | 0x7C00);
+    }
+    if (absx < 0x38800000) {  // subnormal or zero in fp16: scale into an integer, round half to even
+        float a;
+        memcpy(&a, &absx, 4);
+        return (uint16_t) (sign | (uint16_t) std::nearbyint(a * 16777216.0f));
+    }
+    // normal: drop 13 mantissa bits with round-half-to-even
+    uint32_t r = absx - 0x38000000;
+    r += 0x0FFF + ((r >> 13) & 1);
+    return (uint16_t) (sign | (r >> 13));
+}
+
+void cpu_f32_to_f16(const float * x, uint16_t * y, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) {
+        _mm256_storeu_si256((__m256i *) (y + i), _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    }
+#elif defined(__F16C__)
+    for (; i + 8 <= n; i += 8) {
+        _mm_storeu_si128((__m128i *) (y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    }
+#endif
+    for (; i < n; i++) {
+        y[i] = f32_to_f16_scalar(x[i]);
     }
 }
 

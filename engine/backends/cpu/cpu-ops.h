@@ -8,12 +8,14 @@ namespace mq {
 struct RopeParams;
 
 void cpu_f16_to_f32(const uint16_t * x, float * y, int64_t n);
+// round to nearest even
+void cpu_f32_to_f16(const float * x, uint16_t * y, int64_t n);
 float cpu_dot_f32(const float * a, const float * b, int64_t n);
 // y += a * x
 void cpu_axpy_f32(float a, const float * x, float * y, int64_t n);
 // y[m, n] (+)= sum_k x[m, k] * w[n, k] for rows n in [n_begin, n_end); w fp16 [N, K] row-major
 void cpu_gemm_f16(const uint16_t * w, const float * x, float * y, int64_t m, int64_t n, int64_t k, int64_t n_begin,
                   int64_t n_end, bool accumulate);
-float rope_inv_freq(int32_t i, int32_t head_dim, const RopeParams & rp);
+double rope_inv_freq(int32_t i, int32_t head_dim, const RopeParams & rp);
 
 }  // namespace mq
