@@ -1,0 +1,47 @@
+"""A readable dump of a .mq file: its metadata (config, quant recipe, tokenizer settings) and a table of
+its tensors with dtype, shape and size."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .mqfile import read_mq
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def inspect_model(path: str | Path) -> str:
+    mq = read_mq(path)
+    lines = [f"{mq.path}: format {mq.metadata['format']} v{mq.metadata['format_version']}"]
+    if mq.config is not None:
+        lines.append(f"config: {mq.config.to_json()}")
+    if mq.quant is not None:
+        schemes: dict[str, int] = {}
+        for s in mq.quant.get("linears", {}).values():
+            schemes[s] = schemes.get(s, 0) + 1
+        lines.append(f"quant: method {mq.quant.get('method')!r}, params {json.dumps(mq.quant.get('params', {}))}, "
+                     f"linears by scheme {schemes}")
+    if mq.tokenizer is not None:
+        tok = {k: v for k, v in mq.tokenizer.items() if k != "chat_template"}
+        has_template = mq.tokenizer.get("chat_template") is not None
+        lines.append(f"tokenizer: {json.dumps(tok)}, chat_template {'present' if has_template else 'absent'}")
+    # Natural order, so blk.2 comes before blk.10.
+    names = sorted(mq.names(), key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)])
+    width = max((len(n) for n in names), default=4)
+    lines.append(f"{len(names)} tensors:")
+    lines.append(f"  {'name':<{width}}  {'dtype':<5}  {'shape':<16}  bytes")
+    total = 0
+    for name in names:
+        nbytes = mq.nbytes(name)
+        total += nbytes
+        shape = "[" + ", ".join(str(s) for s in mq.shape(name)) + "]"
+        lines.append(f"  {name:<{width}}  {mq.dtype(name):<5}  {shape:<16}  {nbytes}")
+    lines.append(f"total tensor data: {total} bytes ({_size(total)}); file {_size(mq.path.stat().st_size)}")
+    return "\n".join(lines)
