@@ -64,7 +64,7 @@ public:
     }
 
     void rmsnorm(const float * x, const float * w, int32_t n_rows, int32_t dim, float eps, float * out) override {
-        pool_.run([&](int32_t ith, int32_t nth) {
+        run_rows(n_rows, [&](int32_t ith, int32_t nth) {
             int64_t b, e;
             split_range(n_rows, ith, nth, b, e);
             for (int64_t r = b; r < e; r++) {
@@ -198,6 +198,15 @@ public:
     size_t kv_elem_size() const override { return sizeof(uint16_t); }
 
 private:
+    // a job over rows; a single row is not worth waking the other threads for
+    void run_rows(int64_t n_rows, const std::function<void(int32_t, int32_t)> & fn) {
+        if (n_rows < 2) {
+            fn(0, 1);
+        } else {
+            pool_.run(fn);
+        }
+    }
+
     ThreadPool pool_;
 };
 
