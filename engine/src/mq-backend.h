@@ -16,14 +16,23 @@ namespace mq {
 
 struct TensorView;
 
-// One linear layer y[M, N] = x[M, K] · Wᵀ in some scheme; `tensors` are the file's views (host memory,
-// the mapping) in the order the scheme defines; `prepared` is what the backend made of them (device copy,
+// One linear layer y[M, N] = x[M, K] · Wᵀ in some scheme (docs/format.md, docs/numerics.md). The views
+// point into the file mapping (host memory); `prepared` is what the backend made of them (device copy,
 // repacked layout), owned by the backend.
 struct Linear {
     std::string name;    // file prefix, e.g. "blk.3.attn_qkv"
-    std::string scheme;  // "f16", ...
+    std::string scheme;  // "f16", "w4a16g", "w4a4d", "w4a4"
     int64_t n = 0, k = 0;
-    std::vector<const TensorView *> tensors;
+    int64_t kp = 0;    // 4-bit schemes: input slots (K padded to a multiple of 64, plus split channels)
+    int64_t group = 0; // w4a16g: group size along K
+    int64_t rank = 0;  // w4a4: rows of the low-rank branch (0: none)
+    std::vector<const TensorView *> tensors;  // f16: {weight}
+    const TensorView * qweight = nullptr;   // U8 [n, kp/2], two codes a byte, even k in the low nibble
+    const TensorView * scale = nullptr;     // F32 [n] (w4a4, w4a4d) or F16 [n, k/group] (w4a16g)
+    const TensorView * in_scale = nullptr;  // w4a4, norm-fed: F32 [k], norm weight with 1/step folded in
+    const TensorView * in_map = nullptr;    // w4a4: I32 [kp, 3] input slot -> (source channel, part, parts)
+    const TensorView * lora_a = nullptr;    // w4a4: F16 [rank, kp]
+    const TensorView * lora_b = nullptr;    // w4a4: F16 [n, rank]
     void * prepared = nullptr;
 };
 
@@ -60,7 +69,8 @@ public:
     virtual void embed_f16(const void * table, const int32_t * ids, int32_t n, int32_t dim, float * out) = 0;
     // out = x / sqrt(mean(x²) + eps) * w, row by row
     virtual void rmsnorm(const float * x, const float * w, int32_t n_rows, int32_t dim, float eps, float * out) = 0;
-    // y = x · Wᵀ (accumulate: y += x · Wᵀ); x [M, K] fp32, y [M, N] fp32
+    // y = x · Wᵀ (accumulate: y += x · Wᵀ); x [M, K] fp32, y [M, N] fp32; schemes with float inputs:
+    // f16, w4a16g, w4a4d (per-token dynamic quantization inside)
     virtual void linear(const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) = 0;
     // rotate q and k in place (HF rotate_half layout); qkv rows are [q heads | k heads | v heads]
     virtual void rope(float * qkv, int32_t n_tokens, int32_t row_stride, int32_t n_head, int32_t n_head_kv,
@@ -73,6 +83,19 @@ public:
                            const int32_t * pos, const void * k_cache, const void * v_cache, float * out) = 0;
     // out[m, j] = silu(gu[m, j]) * gu[m, n_ff + j]
     virtual void swiglu(const float * gu, int32_t m, int32_t n_ff, float * out) = 0;
+
+    // --- static W4A4 (docs/numerics.md): int4 codes, one per int8, flow between these ops ---------
+    // fused RMSNorm + static quantization into `consumer`'s input slots: z_j = (x_j * r) * in_scale[j]
+    virtual void rmsnorm_quant(const float * x, const Linear & consumer, int32_t m, int32_t dim, float eps,
+                               int8_t * out) = 0;
+    // codes = clamp(rint(x), -8, 7) for the k channels of each row, 0 up to consumer.kp
+    virtual void quantize_codes(const float * x, int32_t m, int32_t k, const Linear & consumer, int8_t * out) = 0;
+    // z_j = silu(g_j) * u_j into `consumer`'s input slots
+    virtual void swiglu_quant(const float * gu, const Linear & consumer, int32_t m, int32_t n_ff, int8_t * out) = 0;
+    // acc = a · qweightᵀ, exact int32 [m, n] (the integer core of linear_codes, exposed for tests)
+    virtual void int_gemm(const Linear & lin, const int8_t * a, int32_t m, int32_t * acc) = 0;
+    // y = float(a · qweightᵀ) * scale (+ low-rank branch); accumulate: y += ...
+    virtual void linear_codes(const Linear & lin, const int8_t * a, int32_t m, float * y, bool accumulate) = 0;
 
     // bytes of one cache element
     virtual size_t kv_elem_size() const = 0;

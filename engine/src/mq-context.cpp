@@ -37,6 +37,13 @@ Context::Context(std::shared_ptr<const Model> model, const ContextParams & param
     act_ = (float *) be_.alloc(B * c.n_ff * sizeof(float));
     logits_ = (float *) be_.alloc(B * c.n_vocab * sizeof(float));
     ids_ = (int32_t *) be_.alloc(B * sizeof(int32_t));
+    int64_t max_kp = 0;
+    for (const LayerWeights & L : model_->layers) {
+        for (const Linear * lin : {&L.attn_qkv, &L.attn_output, &L.ffn_gate_up, &L.ffn_down}) {
+            max_kp = std::max(max_kp, lin->kp);
+        }
+    }
+    codes_ = (int8_t *) be_.alloc(std::max<size_t>(1, B * (size_t) max_kp));
     pos_ = (int32_t *) be_.alloc(B * sizeof(int32_t));
 }
 
@@ -48,7 +55,7 @@ Context::~Context() {
         be_.free(p);
     }
     for (void * p : {(void *) x_, (void *) h_, (void *) qkv_, (void *) attn_, (void *) gu_, (void *) act_,
-                     (void *) logits_, (void *) ids_, (void *) pos_}) {
+                     (void *) logits_, (void *) ids_, (void *) pos_, (void *) codes_}) {
         be_.free(p);
     }
 }
@@ -102,6 +109,10 @@ void Context::forward_chunk(const int32_t * ids, int32_t m, int32_t pos0, bool a
     be_.embed_f16(M.token_embd, ids_, m, c.n_embd, x_);
     for (int32_t l = 0; l < c.n_layer; l++) {
         const LayerWeights & L = M.layers[l];
+        if (L.static_w4a4) {
+            forward_layer_w4a4(l, m, as);
+            continue;
+        }
         be_.rmsnorm(x_, (const float *) L.attn_norm, m, c.n_embd, c.rms_eps, h_);
         be_.linear(L.attn_qkv, h_, m, qkv_, false);
         be_.rope(qkv_, m, c.qkv_dim(), c.n_head, c.n_head_kv, c.head_dim, pos_, c.rope);
@@ -122,6 +133,37 @@ void Context::forward_chunk(const int32_t * ids, int32_t m, int32_t pos0, bool a
     be_.rmsnorm(x_ + (size_t) first * c.n_embd, (const float *) M.output_norm, rows, c.n_embd, c.rms_eps, h_);
     be_.linear(M.output, h_, rows, logits_, false);
     be_.download(logits_out, logits_, (size_t) rows * c.n_vocab * sizeof(float));
+}
+
+// A static W4A4 block (docs/numerics.md): int4 codes between the ops, floats only for q/k/v, gate/up
+// and the residual adds.
+void Context::forward_layer_w4a4(int32_t l, int32_t m, const AttentionShape & as) {
+    const Config & c = model_->config();
+    const LayerWeights & L = model_->layers[l];
+    be_.rmsnorm_quant(x_, L.attn_qkv, m, c.n_embd, c.rms_eps, codes_);
+    trace_codes(L.attn_qkv, m);
+    be_.linear_codes(L.attn_qkv, codes_, m, qkv_, false);
+    be_.rope(qkv_, m, c.qkv_dim(), c.n_head, c.n_head_kv, c.head_dim, pos_, c.rope);
+    be_.kv_store(qkv_, m, c.qkv_dim(), as, pos_, k_cache_[l], v_cache_[l]);
+    be_.attention(qkv_, m, c.qkv_dim(), as, pos_, k_cache_[l], v_cache_[l], attn_);
+    be_.quantize_codes(attn_, m, c.q_dim(), L.attn_output, codes_);
+    trace_codes(L.attn_output, m);
+    be_.linear_codes(L.attn_output, codes_, m, x_, true);
+    be_.rmsnorm_quant(x_, L.ffn_gate_up, m, c.n_embd, c.rms_eps, codes_);
+    trace_codes(L.ffn_gate_up, m);
+    be_.linear_codes(L.ffn_gate_up, codes_, m, gu_, false);
+    be_.swiglu_quant(gu_, L.ffn_down, m, c.n_ff, codes_);
+    trace_codes(L.ffn_down, m);
+    be_.linear_codes(L.ffn_down, codes_, m, x_, true);
+}
+
+void Context::trace_codes(const Linear & lin, int32_t m) {
+    if (!code_trace_) {
+        return;
+    }
+    std::vector<int8_t> host((size_t) m * lin.kp);
+    be_.download(host.data(), codes_, host.size());
+    code_trace_(lin.name, host, m, lin.kp);
 }
 
 void GenerateParams::validate(int32_t n_vocab) const {

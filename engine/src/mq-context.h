@@ -5,6 +5,7 @@
 #include "mq-model.h"
 #include "mq-sampling.h"
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -36,7 +37,14 @@ public:
     // every one [n, n_vocab] when all_logits; throws ContextOverflow past n_ctx
     const std::vector<float> & eval(const std::vector<int32_t> & tokens, bool all_logits);
 
+    // calls fn(linear name, codes [m, kp], m, kp) with the int4 input codes of every w4a4 linear as they
+    // are produced (tests compare them with the simulated engine); an empty function turns it off
+    using CodeTrace = std::function<void(const std::string &, const std::vector<int8_t> &, int32_t, int64_t)>;
+    void set_code_trace(CodeTrace fn) { code_trace_ = std::move(fn); }
+
 private:
+    void forward_layer_w4a4(int32_t l, int32_t m, const AttentionShape & as);
+    void trace_codes(const Linear & lin, int32_t m);
     void forward_chunk(const int32_t * ids, int32_t n, int32_t pos0, bool all_logits, float * logits_out);
 
     std::shared_ptr<const Model> model_;
@@ -47,6 +55,8 @@ private:
     // scratch (device)
     float *x_, *h_, *qkv_, *attn_, *gu_, *act_, *logits_;
     int32_t *ids_, *pos_;
+    int8_t * codes_;  // int4 codes between the ops of a static W4A4 block [n_batch, max kp]
+    CodeTrace code_trace_;
     std::vector<float> logits_host_;
 };
 

@@ -31,6 +31,14 @@ struct LayerWeights {
     void * attn_norm = nullptr;  // device fp32 [n_embd]
     void * ffn_norm = nullptr;
     Linear attn_qkv, attn_output, ffn_gate_up, ffn_down;
+    bool static_w4a4 = false;  // all four linears w4a4: integer codes between the ops
+};
+
+// where a w4a4 linear's input codes come from (which tensors it carries, docs/numerics.md)
+enum LinearInput {
+    LINEAR_INPUT_NORM,   // RMSNorm output: in_scale + in_map
+    LINEAR_INPUT_SLOTS,  // another op's step-unit values (SwiGLU): in_map
+    LINEAR_INPUT_CODES,  // attention output rounded directly: neither
 };
 
 struct ModelParams {
@@ -59,8 +67,11 @@ public:
     std::vector<LayerWeights> layers;
 
 private:
-    void load_linear(Linear & lin, const std::string & name, int64_t n, int64_t k, const Json & quant);
+    void load_linear(Linear & lin, const std::string & name, int64_t n, int64_t k, const Json & quant,
+                     LinearInput input);
     void * load_norm(const std::string & name);
+    void load_weights(const Json & quant);
+    void release();
 
     std::unique_ptr<File> file_;
     Config config_;

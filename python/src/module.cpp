@@ -13,6 +13,7 @@
 #include <nanobind/stl/vector.h>
 
 #include <cmath>
+#include <map>
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -36,6 +37,17 @@ nb::dict timings_dict(const mq::Timings & t) {
     d["prefill_ms"] = t.prefill_ms;
     d["decode_ms"] = t.decode_ms;
     return d;
+}
+
+const mq::Linear * find_linear(const mq::Model & md, const std::string & name) {
+    for (const mq::LayerWeights & L : md.layers) {
+        for (const mq::Linear * lin : {&L.attn_qkv, &L.attn_output, &L.ffn_gate_up, &L.ffn_down}) {
+            if (lin->name == name) {
+                return lin;
+            }
+        }
+    }
+    throw mq::ArgError("no linear named '" + name + "' (expected e.g. 'blk.0.attn_qkv')");
 }
 
 }  // namespace
@@ -91,7 +103,31 @@ NB_MODULE(_engine, m) {
                  std::string s = md.vocab().decode(ids, special);
                  return nb::bytes(s.data(), s.size());
              },
-             "ids"_a, "special"_a = false);
+             "ids"_a, "special"_a = false)
+        .def("int_gemm",
+             [](mq::Model & md, const std::string & name, nb::ndarray<const int8_t, nb::ndim<2>, nb::c_contig> a) {
+                 const mq::Linear * lin = find_linear(md, name);
+                 if ((int64_t) a.shape(1) != lin->kp) {
+                     throw mq::ArgError("int_gemm: codes have " + std::to_string(a.shape(1)) + " columns, linear '" +
+                                        name + "' takes " + std::to_string(lin->kp));
+                 }
+                 const int32_t m = (int32_t) a.shape(0);
+                 mq::Backend & be = md.backend();
+                 int32_t * out = new int32_t[(size_t) m * lin->n];
+                 {
+                     nb::gil_scoped_release release;
+                     void * a_dev = be.alloc(a.size());
+                     void * acc_dev = be.alloc((size_t) m * lin->n * sizeof(int32_t));
+                     be.upload(a_dev, a.data(), a.size());
+                     be.int_gemm(*lin, (const int8_t *) a_dev, m, (int32_t *) acc_dev);
+                     be.download(out, acc_dev, (size_t) m * lin->n * sizeof(int32_t));
+                     be.free(a_dev);
+                     be.free(acc_dev);
+                 }
+                 nb::capsule owner(out, [](void * p) noexcept { delete[] (int32_t *) p; });
+                 return nb::ndarray<nb::numpy, int32_t, nb::ndim<2>>(out, {(size_t) m, (size_t) lin->n}, owner);
+             },
+             "name"_a, "codes"_a, "the exact int32 GEMM of a 4-bit linear on int4 codes [m, kp] (for tests)");
 
     nb::class_<Session>(m, "Session")
         .def("__init__",
@@ -201,6 +237,41 @@ NB_MODULE(_engine, m) {
                  }
                  nb::capsule owner(out, [](void * p) noexcept { delete[] (double *) p; });
                  return nb::ndarray<nb::numpy, double, nb::ndim<1>>(out, {(size_t) (n - 1)}, owner);
+             },
+             "ids"_a)
+        .def("trace_codes",
+             [](Session & s, const std::vector<int32_t> & ids) {
+                 // the int4 input codes of every w4a4 linear while evaluating ids in a fresh context
+                 std::map<std::string, std::vector<int8_t>> codes;
+                 std::map<std::string, int64_t> widths;
+                 {
+                     nb::gil_scoped_release release;
+                     s.gen.reset();
+                     s.ctx->truncate(0);
+                     s.ctx->set_code_trace([&](const std::string & name, const std::vector<int8_t> & c, int32_t,
+                                               int64_t kp) {
+                         auto & v = codes[name];
+                         v.insert(v.end(), c.begin(), c.end());
+                         widths[name] = kp;
+                     });
+                     try {
+                         s.ctx->eval(ids, false);
+                     } catch (...) {
+                         s.ctx->set_code_trace(nullptr);
+                         throw;
+                     }
+                     s.ctx->set_code_trace(nullptr);
+                 }
+                 nb::dict out;
+                 for (auto & kv : codes) {
+                     const int64_t kp = widths[kv.first];
+                     int8_t * buf = new int8_t[kv.second.size()];
+                     std::copy(kv.second.begin(), kv.second.end(), buf);
+                     nb::capsule owner(buf, [](void * p) noexcept { delete[] (int8_t *) p; });
+                     out[kv.first.c_str()] = nb::ndarray<nb::numpy, int8_t, nb::ndim<2>>(
+                         buf, {kv.second.size() / (size_t) kp, (size_t) kp}, owner);
+                 }
+                 return out;
              },
              "ids"_a);
 

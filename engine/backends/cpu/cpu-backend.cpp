@@ -3,6 +3,7 @@
 // fp32 accumulation, fp16 KV cache (docs/numerics.md).
 #include "cpu-threadpool.h"
 #include "cpu-ops.h"
+#include "cpu-quant.h"
 
 #include "../../src/mq-backend.h"
 #include "../../src/mq-error.h"
@@ -40,15 +41,30 @@ public:
     void download(void * dst, const void * src, size_t bytes) override { memcpy(dst, src, bytes); }
     void synchronize() override {}
 
+    // the CPU reads every weight straight from the mapping; only the low-rank branch is widened to fp32
+    struct LoraF32 {
+        std::vector<float> a, b;  // [rank, kp], [n, rank]
+    };
+
     void prepare_linear(Linear & lin) override {
-        if (lin.scheme == "f16") {
-            // weights are read straight from the mapping: nothing to prepare
-            lin.prepared = nullptr;
-            return;
+        if (lin.scheme != "f16" && lin.scheme != "w4a16g" && lin.scheme != "w4a4d" && lin.scheme != "w4a4") {
+            throw Error("linear '" + lin.name + "': the CPU backend does not support scheme '" + lin.scheme + "'");
         }
-        throw Error("linear '" + lin.name + "': the CPU backend does not support scheme '" + lin.scheme + "'");
+        if (lin.rank > 0) {
+            LoraF32 * l = new LoraF32();
+            l->a.resize(lin.rank * lin.kp);
+            l->b.resize(lin.n * lin.rank);
+            cpu_f16_to_f32(lin.lora_a->as<uint16_t>(), l->a.data(), (int64_t) l->a.size());
+            cpu_f16_to_f32(lin.lora_b->as<uint16_t>(), l->b.data(), (int64_t) l->b.size());
+            lin.prepared = l;
+        }
     }
-    void release_linear(Linear &) override {}
+    void release_linear(Linear & lin) override {
+        if (lin.rank > 0) {
+            delete (LoraF32 *) lin.prepared;
+        }
+        lin.prepared = nullptr;
+    }
 
     void * upload_copy(const void * src, size_t bytes) override {
         void * p = alloc(bytes);
@@ -84,21 +100,102 @@ public:
     }
 
     void linear(const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) override {
-        if (lin.scheme != "f16") {
-            throw Error("linear '" + lin.name + "': scheme '" + lin.scheme + "' not supported by the CPU backend");
-        }
-        const uint16_t * w = lin.tensors[0]->as<uint16_t>();
         const int64_t n = lin.n, k = lin.k;
-        // rows of W are split across threads in blocks so each thread streams its own weights once
-        const int64_t block = 16;
-        const int64_t n_blocks = (n + block - 1) / block;
-        pool_.run([&](int32_t ith, int32_t nth) {
+        if (lin.scheme == "f16") {
+            const uint16_t * w = lin.tensors[0]->as<uint16_t>();
+            run_row_blocks(n, [&](int64_t r0, int64_t r1) { cpu_gemm_f16(w, x, y, m, n, k, r0, r1, accumulate); });
+        } else if (lin.scheme == "w4a16g") {
+            run_row_blocks(n, [&](int64_t r0, int64_t r1) {
+                cpu_gemm_w4a16g(lin.qweight->data, lin.scale->as<uint16_t>(), x, y, m, n, k, lin.group, r0, r1,
+                                accumulate);
+            });
+        } else if (lin.scheme == "w4a4d") {
+            // per-token dynamic quantization: a = clamp(rint(x * (7 / amax))), y = (acc * scale) * (amax / 7)
+            std::vector<int8_t> & codes = scratch_codes(m * lin.kp);
+            std::vector<float> step(m);
+            for (int32_t t = 0; t < m; t++) {
+                const float * xr = x + (size_t) t * k;
+                float amax = 0.0f;
+                for (int64_t i = 0; i < k; i++) {
+                    amax = std::max(amax, std::fabs(xr[i]));
+                }
+                std::vector<float> z(k, 0.0f);
+                if (amax > 0.0f) {
+                    const float inv = 7.0f / amax;
+                    for (int64_t i = 0; i < k; i++) {
+                        z[i] = xr[i] * inv;
+                    }
+                }
+                cpu_round_codes(z.data(), k, lin.kp, codes.data() + (size_t) t * lin.kp);
+                step[t] = amax / 7.0f;
+            }
+            int_gemm_epilogue(lin, codes.data(), m, y, accumulate, step.data());
+        } else {
+            throw Error("linear '" + lin.name + "': scheme '" + lin.scheme + "' takes integer codes, not floats");
+        }
+    }
+
+    void rmsnorm_quant(const float * x, const Linear & c, int32_t m, int32_t dim, float eps, int8_t * out) override {
+        const float * in_scale = c.in_scale->as<float>();
+        const int32_t * in_map = c.in_map->as<int32_t>();
+        run_rows(m, [&](int32_t ith, int32_t nth) {
             int64_t b, e;
-            split_range(n_blocks, ith, nth, b, e);
-            if (b < e) {
-                cpu_gemm_f16(w, x, y, m, n, k, b * block, std::min(n, e * block), accumulate);
+            split_range(m, ith, nth, b, e);
+            std::vector<float> z(dim);
+            for (int64_t r = b; r < e; r++) {
+                const float * xr = x + r * dim;
+                double ss = 0.0;
+                for (int32_t i = 0; i < dim; i++) {
+                    ss += (double) xr[i] * xr[i];
+                }
+                // z_j = (x_j * r) * in_scale_j, r = 1 / sqrt(mean(x²) + eps)
+                const float inv = 1.0f / std::sqrt((float) (ss / dim) + eps);
+                for (int32_t i = 0; i < dim; i++) {
+                    z[i] = (xr[i] * inv) * in_scale[i];
+                }
+                cpu_expand_slots(z.data(), in_map, c.kp, out + r * c.kp);
             }
         });
+    }
+
+    void quantize_codes(const float * x, int32_t m, int32_t k, const Linear & c, int8_t * out) override {
+        for (int32_t t = 0; t < m; t++) {
+            cpu_round_codes(x + (size_t) t * k, k, c.kp, out + (size_t) t * c.kp);
+        }
+    }
+
+    void swiglu_quant(const float * gu, const Linear & c, int32_t m, int32_t n_ff, int8_t * out) override {
+        const int32_t * in_map = c.in_map->as<int32_t>();
+        std::vector<float> z(n_ff);
+        for (int32_t t = 0; t < m; t++) {
+            const float * g = gu + (size_t) t * 2 * n_ff;
+            const float * u = g + n_ff;
+            for (int32_t j = 0; j < n_ff; j++) {
+                z[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
+            }
+            cpu_expand_slots(z.data(), in_map, c.kp, out + (size_t) t * c.kp);
+        }
+    }
+
+    void int_gemm(const Linear & lin, const int8_t * a, int32_t m, int32_t * acc) override {
+        if (lin.kp == 0) {
+            throw Error("linear '" + lin.name + "': scheme '" + lin.scheme + "' has no integer GEMM");
+        }
+        const int64_t h = lin.kp / 2;
+        std::vector<int8_t> even(m * h), odd(m * h);
+        std::vector<int32_t> sums(m);
+        CodesPrepared prep{even.data(), odd.data(), sums.data()};
+        cpu_codes_prepare(a, m, lin.kp, prep);
+        run_row_blocks(lin.n, [&](int64_t r0, int64_t r1) {
+            cpu_gemm_w4a4(lin.qweight->data, prep, m, lin.kp, lin.n, r0, r1, acc);
+        });
+    }
+
+    void linear_codes(const Linear & lin, const int8_t * a, int32_t m, float * y, bool accumulate) override {
+        if (lin.scheme != "w4a4") {
+            throw Error("linear '" + lin.name + "': scheme '" + lin.scheme + "' does not take integer codes");
+        }
+        int_gemm_epilogue(lin, a, m, y, accumulate, nullptr);
     }
 
     void rope(float * qkv, int32_t n_tokens, int32_t row_stride, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
@@ -198,6 +295,72 @@ public:
     size_t kv_elem_size() const override { return sizeof(uint16_t); }
 
 private:
+    // acc = a · qᵀ (int32, exact), then y = float(acc) * scale[n] (+ low-rank branch), times the token's
+    // dynamic step when `step` is given; accumulate adds to y
+    void int_gemm_epilogue(const Linear & lin, const int8_t * a, int32_t m, float * y, bool accumulate,
+                           const float * step) {
+        const int64_t n = lin.n, kp = lin.kp, h = kp / 2;
+        thread_local std::vector<int8_t> even, odd;
+        thread_local std::vector<int32_t> sums, acc;
+        even.resize(m * h);
+        odd.resize(m * h);
+        sums.resize(m);
+        acc.resize((size_t) m * n);
+        CodesPrepared prep{even.data(), odd.data(), sums.data()};
+        cpu_codes_prepare(a, m, kp, prep);
+        const float * scale = lin.scale->as<float>();
+        const LoraF32 * lora = lin.rank > 0 ? (const LoraF32 *) lin.prepared : nullptr;
+        std::vector<float> l;
+        if (lora) {
+            // l[t, i] = Σ_s A[i, s] · a[t, s]
+            l.resize((size_t) m * lin.rank);
+            std::vector<float> af(kp);
+            for (int32_t t = 0; t < m; t++) {
+                for (int64_t s = 0; s < kp; s++) {
+                    af[s] = a[t * kp + s];
+                }
+                for (int64_t i = 0; i < lin.rank; i++) {
+                    l[t * lin.rank + i] = cpu_dot_f32(lora->a.data() + i * kp, af.data(), kp);
+                }
+            }
+        }
+        // thread_local names inside the job would resolve to each worker's own copy: pass pointers
+        int32_t * accp = acc.data();
+        run_row_blocks(n, [&](int64_t r0, int64_t r1) {
+            cpu_gemm_w4a4(lin.qweight->data, prep, m, kp, n, r0, r1, accp);
+            for (int32_t t = 0; t < m; t++) {
+                for (int64_t r = r0; r < r1; r++) {
+                    float v = (float) accp[t * n + r] * scale[r];
+                    if (lora) {
+                        v += cpu_dot_f32(lora->b.data() + r * lin.rank, l.data() + t * lin.rank, lin.rank);
+                    }
+                    if (step) {
+                        v *= step[t];
+                    }
+                    y[t * n + r] = accumulate ? y[t * n + r] + v : v;
+                }
+            }
+        });
+    }
+
+    std::vector<int8_t> & scratch_codes(size_t n) {
+        thread_local std::vector<int8_t> codes;
+        codes.resize(n);
+        return codes;
+    }
+
+    // rows of a linear split across threads in blocks of 16, so each thread streams its own weights once
+    void run_row_blocks(int64_t n, const std::function<void(int64_t, int64_t)> & fn) {
+        const int64_t block = 16, n_blocks = (n + block - 1) / block;
+        pool_.run([&](int32_t ith, int32_t nth) {
+            int64_t b, e;
+            split_range(n_blocks, ith, nth, b, e);
+            if (b < e) {
+                fn(b * block, std::min(n, e * block));
+            }
+        });
+    }
+
     // a job over rows; a single row is not worth waking the other threads for
     void run_rows(int64_t n_rows, const std::function<void(int32_t, int32_t)> & fn) {
         if (n_rows < 2) {

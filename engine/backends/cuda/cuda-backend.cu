@@ -1,0 +1,176 @@
+// The CUDA backend: the ops of mq-backend.h on one GPU, every launch on the backend's own stream.
+// fp32 activations, fp16 KV cache (docs/numerics.md); weights uploaded once by prepare_linear. Each op
+// lives in its own op.cu with a header declaring its launcher; this file glues them to the interface.
+#include "attention.cuh"
+#include "cuda-common.cuh"
+#include "embed.cuh"
+#include "kv-store.cuh"
+#include "linear-f16.cuh"
+#include "rmsnorm.cuh"
+#include "rope.cuh"
+#include "swiglu.cuh"
+
+#include "../../src/mq-backend.h"
+#include "../../src/mq-file.h"
+#include "../cpu/cpu-ops.h"
+
+#include <cuda_runtime.h>
+
+#include <map>
+#include <tuple>
+#include <vector>
+
+namespace mq {
+
+class BackendCuda : public Backend {
+public:
+    explicit BackendCuda(int32_t device) : device_(device) {
+        cuda_check(cudaSetDevice(device), "cudaSetDevice");
+        cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    }
+    ~BackendCuda() override {
+        for (auto & kv : inv_freq_) cudaFree(kv.second);
+        if (scratch_) cudaFree(scratch_);
+        cudaStreamDestroy(stream_);
+    }
+
+    std::string name() const override { return "cuda"; }
+
+    void * alloc(size_t bytes) override {
+        void * p = nullptr;
+        const cudaError_t err = cudaMalloc(&p, std::max<size_t>(bytes, 256));
+        if (err != cudaSuccess) {
+            throw Error("CUDA: out of device memory allocating " + std::to_string(bytes) + " bytes (" +
+                        cudaGetErrorString(err) + ")");
+        }
+        return p;
+    }
+    void free(void * p) override { cuda_check(cudaFree(p), "cudaFree"); }
+    void upload(void * dst, const void * src, size_t bytes) override {
+        cuda_check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "upload (cudaMemcpyAsync)");
+        cuda_check(cudaStreamSynchronize(stream_), "upload (synchronize)");
+    }
+    void download(void * dst, const void * src, size_t bytes) override {
+        cuda_check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_), "download (cudaMemcpyAsync)");
+        cuda_check(cudaStreamSynchronize(stream_), "download (synchronize)");
+    }
+    void synchronize() override { cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
+
+    void prepare_linear(Linear & lin) override {
+        if (lin.scheme == "f16") {
+            if (lin.tensors.size() != 1 || lin.k % 8 != 0) {
+                throw Error("linear '" + lin.name + "': the CUDA f16 linear needs one weight tensor and K % 8 == 0 (K = " +
+                            std::to_string(lin.k) + ")");
+            }
+            lin.prepared = upload_copy(lin.tensors[0]->data, lin.tensors[0]->nbytes);
+            return;
+        }
+        throw Error("linear '" + lin.name + "': the CUDA backend does not support scheme '" + lin.scheme + "'");
+    }
+    void release_linear(Linear & lin) override {
+        if (lin.prepared) {
+            free(lin.prepared);
+            lin.prepared = nullptr;
+        }
+    }
+    void * upload_copy(const void * src, size_t bytes) override {
+        void * p = alloc(bytes);
+        upload(p, src, bytes);
+        return p;
+    }
+
+    void embed_f16(const void * table, const int32_t * ids, int32_t n, int32_t dim, float * out) override {
+        cuda_embed_f16(table, ids, n, dim, out, stream_);
+    }
+    void rmsnorm(const float * x, const float * w, int32_t n_rows, int32_t dim, float eps, float * out) override {
+        cuda_rmsnorm(x, w, n_rows, dim, eps, out, stream_);
+    }
+    void linear(const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) override {
+        if (lin.scheme != "f16" || !lin.prepared) {
+            throw Error("linear '" + lin.name + "': scheme '" + lin.scheme + "' not prepared for the CUDA backend");
+        }
+        void * scratch = scratch_for(cuda_linear_f16_scratch(m, lin.k));
+        cuda_linear_f16(lin.prepared, lin.n, lin.k, x, m, y, accumulate, scratch, stream_);
+    }
+    void rope(float * qkv, int32_t n_tokens, int32_t row_stride, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
+              const int32_t * pos, const RopeParams & rp) override {
+        cuda_rope(qkv, n_tokens, row_stride, n_head, n_head_kv, head_dim, pos, inv_freq_for(head_dim, rp), stream_);
+    }
+    void kv_store(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s, const int32_t * pos,
+                  void * k_cache, void * v_cache) override {
+        cuda_kv_store(qkv, n_tokens, row_stride, s.n_head * s.head_dim, s.n_head_kv * s.head_dim, pos, k_cache, v_cache,
+                      stream_);
+    }
+    void attention(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s, const int32_t * pos,
+                   const void * k_cache, const void * v_cache, float * out) override {
+        cuda_attention(qkv, n_tokens, row_stride, s.n_head, s.n_head_kv, s.head_dim, pos, k_cache, v_cache, out, stream_);
+    }
+    void swiglu(const float * gu, int32_t m, int32_t n_ff, float * out) override {
+        cuda_swiglu(gu, m, n_ff, out, stream_);
+    }
+
+    size_t kv_elem_size() const override { return 2; }  // fp16
+
+private:
+    // grows the scratch buffer (never inside a captured decode step: decode sizes need none)
+    void * scratch_for(size_t bytes) {
+        if (bytes == 0) return nullptr;
+        if (bytes > scratch_bytes_) {
+            synchronize();
+            if (scratch_) free(scratch_);
+            scratch_ = alloc(bytes);
+            scratch_bytes_ = bytes;
+        }
+        return scratch_;
+    }
+    // the float64 RoPE frequencies of the CPU backend (rope_inv_freq), uploaded once per configuration
+    const double * inv_freq_for(int32_t head_dim, const RopeParams & rp) {
+        const auto key = std::make_tuple(head_dim, rp.theta, rp.factor, rp.low_freq_factor, rp.high_freq_factor,
+                                         rp.original_max_pos);
+        auto it = inv_freq_.find(key);
+        if (it != inv_freq_.end()) return it->second;
+        std::vector<double> f(head_dim / 2);
+        for (int32_t i = 0; i < head_dim / 2; i++) f[i] = rope_inv_freq(i, head_dim, rp);
+        double * d = (double *) upload_copy(f.data(), f.size() * sizeof(double));
+        inv_freq_[key] = d;
+        return d;
+    }
+
+    int32_t device_;
+    cudaStream_t stream_ = nullptr;
+    void * scratch_ = nullptr;
+    size_t scratch_bytes_ = 0;
+    std::map<std::tuple<int32_t, float, float, float, float, int32_t>, double *> inv_freq_;
+};
+
+bool backend_cuda_built() { return true; }
+
+std::unique_ptr<Backend> backend_cuda_create(int32_t device, std::string & why) {
+    int count = 0;
+    cudaError_t err = cudaGetDeviceCount(&count);
+    if (err != cudaSuccess || count == 0) {
+        why = err != cudaSuccess ? std::string("no usable CUDA device (") + cudaGetErrorString(err) + ")"
+                                 : std::string("no CUDA device found");
+        cudaGetLastError();  // clear the sticky error of a failed query
+        return nullptr;
+    }
+    if (device < 0 || device >= count) {
+        why = "CUDA device " + std::to_string(device) + " does not exist (" + std::to_string(count) + " present)";
+        return nullptr;
+    }
+    cudaDeviceProp prop;
+    cuda_check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+    if (prop.major < 8) {
+        why = std::string("CUDA device ") + prop.name + " is sm_" + std::to_string(prop.major * 10 + prop.minor) +
+              "; the CUDA backend needs sm_80 or newer (mma.sync tensor-core kernels)";
+        return nullptr;
+    }
+    try {
+        return std::unique_ptr<Backend>(new BackendCuda(device));
+    } catch (const Error & e) {
+        why = e.what();
+        return nullptr;
+    }
+}
+
+}  // namespace mq

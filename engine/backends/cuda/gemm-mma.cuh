@@ -1,0 +1,129 @@
+// The tiled tensor-core GEMM shared by the linear ops for prefill (M > 8):
+//   y[m][n] = epilogue(Σ_k A[m][k]·B[n][k]),  A [M][K] activations, B [N][K] weights, row-major along K.
+// A 128x128 output tile per block of 8 warps (2 x 4, warp tile 64x32). K advances in chunks of 64 bytes
+// per row (128 int4 or 32 fp16 values) staged in shared memory by cp.async, 4 stages deep, zero-filled
+// past M, N and K; fragments are read with 16-byte shared loads (a quarter-warp reads 128 contiguous
+// bytes: no bank conflicts) and fed to the MMA as mma.cuh describes. Measured in bench/kernels/gemm.cu.
+#pragma once
+
+#include "mma.cuh"
+
+namespace mq {
+
+enum GemmEpilogue {
+    GEMM_STORE,       // y = v
+    GEMM_ACCUMULATE,  // y = y + v
+    GEMM_REQUANT4,    // y (packed int4 [M][N/2]) = clamp(rint(v), -8, 7)
+};
+
+constexpr int GEMM_BM = 128, GEMM_BN = 128, GEMM_STAGES = 4;
+constexpr int GEMM_SMEM = GEMM_STAGES * (GEMM_BM + GEMM_BN) * 64;
+
+// v = float(acc) · scale[n] (scale == nullptr: float(acc)), the one fp32 multiply of the epilogue
+template <class Fmt>
+__device__ __forceinline__ float gemm_value(typename Fmt::acc_t s, const float * scale, int n) {
+    float f;
+    if constexpr (Fmt::shift > 0) {
+        f = (float) (s >> Fmt::shift);
+    } else {
+        f = (float) s;
+    }
+    return scale ? f * scale[n] : f;
+}
+
+template <class Fmt>
+__global__ void __launch_bounds__(256) gemm_mma_kernel(const uint8_t * __restrict__ A, const uint8_t * __restrict__ B,
+                                                       const float * __restrict__ scale, void * __restrict__ y, int M,
+                                                       int N, int kb, int epilogue) {
+    constexpr int BM = GEMM_BM, ROWS = GEMM_BM + GEMM_BN, STAGES = GEMM_STAGES;
+    using acc_t = typename Fmt::acc_t;
+    extern __shared__ uint4 smem[];  // [STAGES][ROWS][4]
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int wm = warp >> 2, wn = warp & 3;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * GEMM_BN;
+    const int nk = (kb + 63) / 64;
+
+    // each thread copies 4 of a stage's 1024 16-byte pieces: piece tid + 256 i is row (tid + 256 i) / 4,
+    // bytes 16·(tid % 4) of the row's chunk
+    const uint8_t * src[4];
+    bool src_ok[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int row = (tid + 256 * i) >> 2;
+        const int gr = row < BM ? m0 + row : n0 + row - BM;
+        src_ok[i] = gr < (row < BM ? M : N);
+        src[i] = (row < BM ? A : B) + (size_t) (src_ok[i] ? gr : 0) * kb;
+    }
+    auto load = [&](int stage, int kt) {
+        const int koff = kt * 64 + 16 * (tid & 3);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const bool ok = src_ok[i] && koff < kb;
+            cp_async16(&smem[stage * ROWS * 4 + tid + 256 * i], src[i] + (ok ? koff : 0), ok ? 16 : 0);
+        }
+    };
+
+    acc_t c[4][4][4] = {};
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+        if (s < nk) load(s, s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < nk; kt++) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // stage kt has landed for all threads; nobody reads stage kt-1 any more
+        if (kt + STAGES - 1 < nk) load((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
+        cp_async_commit();
+
+        const uint4 * st = smem + (kt % STAGES) * ROWS * 4;
+        uint4 ra[4][2], rb[4];
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++) {
+            ra[mt][0] = st[(wm * 64 + mt * 16 + g) * 4 + t];
+            ra[mt][1] = st[(wm * 64 + mt * 16 + g + 8) * 4 + t];
+        }
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) rb[nt] = st[(BM + wn * 32 + nt * 8 + g) * 4 + t];
+#pragma unroll
+        for (int s = 0; s < Fmt::steps; s++) {
+            uint32_t af[4][4], bf[4][2];
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++) Fmt::a_frag(ra[mt][0], ra[mt][1], s, af[mt]);
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) Fmt::b_frag(rb[nt], s, bf[nt]);
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+                for (int nt = 0; nt < 4; nt++) Fmt::mma(c[mt][nt], af[mt], bf[nt]);
+        }
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int m = m0 + wm * 64 + mt * 16 + g + 8 * h, n = n0 + wn * 32 + nt * 8 + 2 * t;
+                if (m >= M || n >= N) continue;
+                const float v0 = gemm_value<Fmt>(c[mt][nt][2 * h], scale, n);
+                const bool has1 = n + 1 < N;
+                const float v1 = has1 ? gemm_value<Fmt>(c[mt][nt][2 * h + 1], scale, n + 1) : 0.0f;
+                if (epilogue == GEMM_REQUANT4) {
+                    const int q0 = max(-8, min(7, __float2int_rn(v0))), q1 = max(-8, min(7, __float2int_rn(v1)));
+                    ((uint8_t *) y)[(size_t) m * (N / 2) + n / 2] = (uint8_t) ((q0 & 15) | ((q1 & 15) << 4));
+                } else {
+                    float * yo = (float *) y + (size_t) m * N + n;
+                    if (epilogue == GEMM_ACCUMULATE) {
+                        yo[0] += v0;
+                        if (has1) yo[1] += v1;
+                    } else {
+                        yo[0] = v0;
+                        if (has1) yo[1] = v1;
+                    }
+                }
+            }
+}
+
+}  // namespace mq

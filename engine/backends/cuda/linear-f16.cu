@@ -1,0 +1,163 @@
+// The f16 linear: y = x · Wᵀ with fp16 W, fp32 x and fp32 accumulation on fp16 tensor cores.
+//
+// The tensor cores take fp16 operands, but docs/numerics.md defines the product on the fp32 x. So x is
+// split into x = hi + lo with hi = fp16(x), lo = fp16(x − hi) (together about 22 significant bits), and
+// y = hi·Wᵀ + lo·Wᵀ; each fp16 product is exact in fp32, so the result is the fp32 dot product up to
+// summation order.
+//  - decode (m <= 8): a GEMV where MMA rows g carry hi of token g and rows g + 8 its lo, so the split costs
+//    no extra MMA (those rows would be idle); the weights, the bytes that matter, are read once with
+//    16-byte streaming loads, 8 warps splitting K, 4 chunks per thread in flight (bench/kernels/gemv.cu).
+//  - prefill (m > 8): x is split into two fp16 matrices in the scratch buffer and the tiled GEMM
+//    (gemm-mma.cuh) runs twice, the second pass accumulating.
+#include "linear-f16.cuh"
+#include "cuda-common.cuh"
+#include "gemm-mma.cuh"
+
+#include <cuda_fp16.h>
+
+namespace mq {
+
+constexpr int GEMV_WARPS = 8, GEMV_U = 4, GEMV_NT = 2, GEMV_MAX_M = 8;
+
+__device__ __forceinline__ uint32_t pack_half2(__half a, __half b) {
+    return (uint32_t) __half_as_ushort(a) | ((uint32_t) __half_as_ushort(b) << 16);
+}
+
+// 8 fp32 values -> their fp16 hi and lo parts, each as 4 words of 2 halves (k order)
+__device__ __forceinline__ void split_hi_lo(const float4 & a, const float4 & b, uint4 & hi, uint4 & lo) {
+    const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    uint32_t h[4], l[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const __half h0 = __float2half_rn(v[2 * i]), h1 = __float2half_rn(v[2 * i + 1]);
+        h[i] = pack_half2(h0, h1);
+        l[i] = pack_half2(__float2half_rn(v[2 * i] - __half2float(h0)), __float2half_rn(v[2 * i + 1] - __half2float(h1)));
+    }
+    hi = make_uint4(h[0], h[1], h[2], h[3]);
+    lo = make_uint4(l[0], l[1], l[2], l[3]);
+}
+
+// Block: 8 warps, GEMV_NT tiles of 8 weight rows; warp w takes the 64-byte chunks w, w + 8, ... of K.
+template <int NT>
+static __global__ void __launch_bounds__(256, 1) gemv_f16_kernel(const float * __restrict__ x, const uint8_t * __restrict__ w,
+                                                                 float * __restrict__ y, int M, int N, int K,
+                                                                 int accumulate) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int kb = 2 * K;
+    // rows past M or N are read from a valid row and only feed outputs that are never written
+    const float * xr = x + (size_t) min(g, M - 1) * K;
+    const uint8_t * wp[NT];
+#pragma unroll
+    for (int i = 0; i < NT; i++) wp[i] = w + (size_t) min((blockIdx.x * NT + i) * 8 + g, N - 1) * kb;
+
+    float c[NT][4] = {};
+    const int nchunk = (kb + 63) / 64;
+    const uint4 z = make_uint4(0, 0, 0, 0);
+    for (int c0 = warp; c0 < nchunk; c0 += GEMV_WARPS * GEMV_U) {
+        // the batch's loads first (from clamped offsets, no branches), then the math
+        float4 xa[GEMV_U][2];
+        uint4 rb[GEMV_U][NT];
+#pragma unroll
+        for (int u = 0; u < GEMV_U; u++) {
+            const int o = min((c0 + u * GEMV_WARPS) * 64 + 16 * t, kb - 16);
+            const uint4 x0 = ld_cached(xr + o / 2), x1 = ld_cached(xr + o / 2 + 4);
+            xa[u][0] = make_float4(__uint_as_float(x0.x), __uint_as_float(x0.y), __uint_as_float(x0.z), __uint_as_float(x0.w));
+            xa[u][1] = make_float4(__uint_as_float(x1.x), __uint_as_float(x1.y), __uint_as_float(x1.z), __uint_as_float(x1.w));
+#pragma unroll
+            for (int i = 0; i < NT; i++) rb[u][i] = ld_stream(wp[i] + o);
+        }
+#pragma unroll
+        for (int u = 0; u < GEMV_U; u++) {
+            uint4 hi, lo;
+            split_hi_lo(xa[u][0], xa[u][1], hi, lo);
+            if ((c0 + u * GEMV_WARPS) * 64 + 16 * t >= kb) {  // past the end of K
+                hi = lo = z;
+            }
+#pragma unroll
+            for (int s = 0; s < FmtF16::steps; s++) {
+                uint32_t af[4];
+                FmtF16::a_frag(hi, lo, s, af);
+#pragma unroll
+                for (int i = 0; i < NT; i++) {
+                    uint32_t bf[2];
+                    FmtF16::b_frag(rb[u][i], s, bf);
+                    FmtF16::mma(c[i], af, bf);
+                }
+            }
+        }
+    }
+
+    __shared__ float red[GEMV_WARPS][NT][4][32];
+#pragma unroll
+    for (int i = 0; i < NT; i++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) red[warp][i][r][lane] = c[i][r];
+    __syncthreads();
+    // thread p: tile p / 32, the lane's pair of columns; y = Σ_warps hi-row + Σ_warps lo-row
+    const int p = threadIdx.x;
+    if (p >= NT * 32) return;
+    const int i = p >> 5, l = p & 31;
+    const int m = l >> 2, n = (blockIdx.x * NT + i) * 8 + 2 * (l & 3);
+    if (m >= M || n >= N) return;
+    float h0 = 0, h1 = 0, l0 = 0, l1 = 0;
+#pragma unroll
+    for (int v = 0; v < GEMV_WARPS; v++) {
+        h0 += red[v][i][0][l], h1 += red[v][i][1][l], l0 += red[v][i][2][l], l1 += red[v][i][3][l];
+    }
+    float * yo = y + (size_t) m * N + n;
+    if (accumulate) {
+        yo[0] += h0 + l0;
+        if (n + 1 < N) yo[1] += h1 + l1;
+    } else {
+        yo[0] = h0 + l0;
+        if (n + 1 < N) yo[1] = h1 + l1;
+    }
+}
+
+static __global__ void split_hi_lo_kernel(const float * __restrict__ x, int64_t total, __half * __restrict__ hi,
+                                          __half * __restrict__ lo) {
+    for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < total; i += (int64_t) gridDim.x * blockDim.x) {
+        const __half h = __float2half_rn(x[i]);
+        hi[i] = h;
+        lo[i] = __float2half_rn(x[i] - __half2float(h));
+    }
+}
+
+size_t cuda_linear_f16_scratch(int32_t m, int64_t k) {
+    return m <= GEMV_MAX_M ? 0 : (size_t) 2 * m * k * sizeof(__half);
+}
+
+void cuda_linear_f16(const void * w, int64_t n, int64_t k, const float * x, int32_t m, float * y, bool accumulate,
+                     void * scratch, cudaStream_t st) {
+    if (k % 8 != 0 || n <= 0 || k <= 0) {
+        throw Error("CUDA f16 linear: K = " + std::to_string(k) + " must be a positive multiple of 8, N = " +
+                    std::to_string(n) + " positive");
+    }
+    if (m <= 0) return;
+    if (m <= GEMV_MAX_M) {
+        gemv_f16_kernel<GEMV_NT><<<(unsigned) ceil_div(n, 8 * GEMV_NT), 256, 0, st>>>(x, (const uint8_t *) w, y, m, (int) n,
+                                                                                    (int) k, accumulate ? 1 : 0);
+        cuda_check_launch("gemv_f16_kernel");
+        return;
+    }
+    const int64_t total = (int64_t) m * k;
+    __half * hi = (__half *) scratch;
+    __half * lo = hi + total;
+    split_hi_lo_kernel<<<(unsigned) std::min<int64_t>(ceil_div(total, 256), 65535), 256, 0, st>>>(x, total, hi, lo);
+    cuda_check_launch("split_hi_lo_kernel");
+    static bool smem_set = false;  // one device per process is what the engine uses
+    if (!smem_set) {
+        cuda_check(cudaFuncSetAttribute(gemm_mma_kernel<FmtF16>, cudaFuncAttributeMaxDynamicSharedMemorySize, GEMM_SMEM),
+                   "cudaFuncSetAttribute(gemm_mma_kernel<f16>)");
+        smem_set = true;
+    }
+    const dim3 grid((unsigned) ceil_div(n, GEMM_BN), (unsigned) ceil_div(m, GEMM_BM));
+    gemm_mma_kernel<FmtF16><<<grid, 256, GEMM_SMEM, st>>>((const uint8_t *) hi, (const uint8_t *) w, nullptr, y, m, (int) n,
+                                                          (int) (2 * k), accumulate ? GEMM_ACCUMULATE : GEMM_STORE);
+    cuda_check_launch("gemm_mma_kernel<f16> (hi)");
+    gemm_mma_kernel<FmtF16><<<grid, 256, GEMM_SMEM, st>>>((const uint8_t *) lo, (const uint8_t *) w, nullptr, y, m, (int) n,
+                                                          (int) (2 * k), GEMM_ACCUMULATE);
+    cuda_check_launch("gemm_mma_kernel<f16> (lo)");
+}
+
+}  // namespace mq

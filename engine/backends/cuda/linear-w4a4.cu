@@ -1,0 +1,110 @@
+// The w4a4 linear on INT8 tensor cores: int4 codes of both operands are unpacked in registers to int8
+// lanes holding 16·x (mma.cuh, FmtI4), multiplied with mma.m16n8k32 s8, and the exact int32 sum (256
+// times the true one, shifted back) gets one fp32 multiply by scale[n]: bit-identical to the CPU and
+// numpy integer reference. Kernels measured in bench/kernels/gemv.cu (v2) and gemm.cu (v2):
+//  - decode (m <= 16): GEMV; a block of 8 warps owns 16 weight rows and the warps split K, each thread
+//    keeps 4 chunks x (2 weight + 2 activation) 16-byte loads in flight; partial sums meet in shared
+//    memory (integer sums: exact in any order);
+//  - prefill (m > 16): the tiled GEMM of gemm-mma.cuh.
+#include "linear-w4a4.cuh"
+#include "cuda-common.cuh"
+#include "gemm-mma.cuh"
+
+namespace mq {
+
+constexpr int W4_WARPS = 8, W4_U = 4, W4_NT = 2, W4_MAX_M = 16;
+
+static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t * __restrict__ a, const uint8_t * __restrict__ w,
+                                                                  const float * __restrict__ scale, float * __restrict__ y,
+                                                                  int M, int N, int kb, int accumulate) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    // rows past M or N are read from a valid row and only feed outputs that are never written
+    const uint8_t * ap0 = a + (size_t) min(g, M - 1) * kb;
+    const uint8_t * ap8 = a + (size_t) min(g + 8, M - 1) * kb;
+    const uint8_t * wp[W4_NT];
+#pragma unroll
+    for (int i = 0; i < W4_NT; i++) wp[i] = w + (size_t) min((blockIdx.x * W4_NT + i) * 8 + g, N - 1) * kb;
+
+    int32_t c[W4_NT][4] = {};
+    const int nchunk = (kb + 63) / 64;
+    const uint4 z = make_uint4(0, 0, 0, 0);
+    for (int c0 = warp; c0 < nchunk; c0 += W4_WARPS * W4_U) {
+        uint4 ra0[W4_U], ra8[W4_U], rb[W4_U][W4_NT];
+#pragma unroll
+        for (int u = 0; u < W4_U; u++) {  // the batch's loads first (clamped offsets, no branches)
+            const int o = min((c0 + u * W4_WARPS) * 64 + 16 * t, kb - 16);
+            ra0[u] = ld_cached(ap0 + o);
+            ra8[u] = ld_cached(ap8 + o);
+#pragma unroll
+            for (int i = 0; i < W4_NT; i++) rb[u][i] = ld_stream(wp[i] + o);
+        }
+#pragma unroll
+        for (int u = 0; u < W4_U; u++) {
+            if ((c0 + u * W4_WARPS) * 64 + 16 * t >= kb) {  // past the end of K
+                ra0[u] = ra8[u] = z;
+            }
+#pragma unroll
+            for (int s = 0; s < FmtI4::steps; s++) {
+                uint32_t af[4];
+                FmtI4::a_frag(ra0[u], ra8[u], s, af);
+#pragma unroll
+                for (int i = 0; i < W4_NT; i++) {
+                    uint32_t bf[2];
+                    FmtI4::b_frag(rb[u][i], s, bf);
+                    FmtI4::mma(c[i], af, bf);
+                }
+            }
+        }
+    }
+
+    __shared__ int32_t red[W4_WARPS][W4_NT][4][32];
+#pragma unroll
+    for (int i = 0; i < W4_NT; i++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) red[warp][i][r][lane] = c[i][r];
+    __syncthreads();
+    // thread p: tile p / 64, lane (p / 2) % 32, register pair p % 2 (row g or g + 8, columns 2t, 2t + 1)
+    const int p = threadIdx.x;
+    if (p >= W4_NT * 64) return;
+    const int i = p >> 6, l = (p >> 1) & 31, h = p & 1;
+    const int m = (l >> 2) + 8 * h, n = (blockIdx.x * W4_NT + i) * 8 + 2 * (l & 3);
+    if (m >= M || n >= N) return;
+    int32_t s0 = 0, s1 = 0;
+#pragma unroll
+    for (int v = 0; v < W4_WARPS; v++) s0 += red[v][i][2 * h][l], s1 += red[v][i][2 * h + 1][l];
+    float * yo = y + (size_t) m * N + n;
+    const float v0 = gemm_value<FmtI4>(s0, scale, n);
+    if (accumulate) yo[0] += v0; else yo[0] = v0;
+    if (n + 1 < N) {
+        const float v1 = gemm_value<FmtI4>(s1, scale, n + 1);
+        if (accumulate) yo[1] += v1; else yo[1] = v1;
+    }
+}
+
+void cuda_linear_w4a4(const void * qweight, const float * scale, int64_t n, int64_t kp, const void * a, int32_t m,
+                      float * y, bool accumulate, cudaStream_t st) {
+    if (kp % 64 != 0 || kp <= 0 || kp >= 131072 || n <= 0) {
+        throw Error("CUDA w4a4 linear: K = " + std::to_string(kp) + " must be a positive multiple of 64 below 131072 "
+                    "(int32 range of the 16x-scaled products), N = " + std::to_string(n) + " positive");
+    }
+    if (m <= 0) return;
+    const int kb = (int) (kp / 2);
+    if (m <= W4_MAX_M) {
+        gemv_w4a4_kernel<<<(unsigned) ceil_div(n, 8 * W4_NT), 256, 0, st>>>(
+            (const uint8_t *) a, (const uint8_t *) qweight, scale, y, m, (int) n, kb, accumulate ? 1 : 0);
+        cuda_check_launch("gemv_w4a4_kernel");
+        return;
+    }
+    static bool smem_set = false;
+    if (!smem_set) {
+        cuda_check(cudaFuncSetAttribute(gemm_mma_kernel<FmtI4>, cudaFuncAttributeMaxDynamicSharedMemorySize, GEMM_SMEM),
+                   "cudaFuncSetAttribute(gemm_mma_kernel<w4a4>)");
+        smem_set = true;
+    }
+    const dim3 grid((unsigned) ceil_div(n, GEMM_BN), (unsigned) ceil_div(m, GEMM_BM));
+    gemm_mma_kernel<FmtI4><<<grid, 256, GEMM_SMEM, st>>>((const uint8_t *) a, (const uint8_t *) qweight, scale, y, m,
+                                                         (int) n, kb, accumulate ? GEMM_ACCUMULATE : GEMM_STORE);
+    cuda_check_launch("gemm_mma_kernel<w4a4>");
+}
+
+}  // namespace mq

@@ -1,0 +1,34 @@
+// RMSNorm, one block per row. The sum of squares is taken in float64 as the CPU backend does, so both
+// round the same factor r = 1 / sqrt(Σx²/D + eps) to fp32; then out = (x * r) * w.
+#include "rmsnorm.cuh"
+#include "cuda-common.cuh"
+
+namespace mq {
+
+static __global__ void rmsnorm_kernel(const float * __restrict__ x, const float * __restrict__ w, int32_t dim, float eps,
+                                      float * __restrict__ out) {
+    const float * xr = x + (size_t) blockIdx.x * dim;
+    float * o = out + (size_t) blockIdx.x * dim;
+    double ss = 0.0;
+    for (int32_t i = threadIdx.x; i < dim; i += blockDim.x) ss += (double) xr[i] * xr[i];
+    for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+    __shared__ double part[32];
+    __shared__ float inv;
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double s = 0.0;
+        for (int i = 0; i < (int) (blockDim.x >> 5); i++) s += part[i];
+        inv = 1.0f / sqrtf((float) (s / dim) + eps);
+    }
+    __syncthreads();
+    for (int32_t i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * inv * w[i];
+}
+
+void cuda_rmsnorm(const float * x, const float * w, int32_t n_rows, int32_t dim, float eps, float * out, cudaStream_t st) {
+    if (n_rows <= 0) return;
+    rmsnorm_kernel<<<n_rows, 256, 0, st>>>(x, w, dim, eps, out);
+    cuda_check_launch("rmsnorm_kernel");
+}
+
+}  // namespace mq

@@ -1,0 +1,32 @@
+// RoPE (Hugging Face rotate_half layout): angle = pos · inv_freq_i in float64, cos and sin rounded to fp32,
+// x'[i] = x[i]·c − x[i + hd/2]·s, x'[i + hd/2] = x[i + hd/2]·c + x[i]·s (docs/numerics.md).
+#include "rope.cuh"
+#include "cuda-common.cuh"
+
+namespace mq {
+
+// block: one token; threads over (head, i < hd/2)
+static __global__ void rope_kernel(float * __restrict__ qkv, int32_t row_stride, int32_t n_heads, int32_t head_dim,
+                                   const int32_t * __restrict__ pos, const double * __restrict__ inv_freq) {
+    const int32_t half = head_dim / 2;
+    float * row = qkv + (size_t) blockIdx.x * row_stride;
+    const double p = (double) pos[blockIdx.x];
+    for (int32_t idx = threadIdx.x; idx < n_heads * half; idx += blockDim.x) {
+        const int32_t h = idx / half, i = idx % half;
+        const double ang = p * inv_freq[i];
+        const float c = (float) cos(ang), s = (float) sin(ang);
+        float * v = row + (size_t) h * head_dim;
+        const float a = v[i], b = v[i + half];
+        v[i] = a * c - b * s;
+        v[i + half] = b * c + a * s;
+    }
+}
+
+void cuda_rope(float * qkv, int32_t n_tokens, int32_t row_stride, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
+               const int32_t * pos, const double * inv_freq, cudaStream_t st) {
+    if (n_tokens <= 0) return;
+    rope_kernel<<<n_tokens, 256, 0, st>>>(qkv, row_stride, n_head + n_head_kv, head_dim, pos, inv_freq);
+    cuda_check_launch("rope_kernel");
+}
+
+}  // namespace mq

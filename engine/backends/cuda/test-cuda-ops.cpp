@@ -1,0 +1,311 @@
+// Compares every op of the CUDA backend with the CPU backend (the reference) on random inputs, then,
+// when model files are given, the logits of a prefill and of single-token decode steps on both backends.
+// Integer and copy results must match exactly; float results within the tolerances of docs/numerics.md.
+//
+//   test-cuda-ops [model.mq ...]        prints one line per check and "N passed, M failed"
+#include "../../src/mq-backend.h"
+#include "../../src/mq-context.h"
+#include "../../src/mq-error.h"
+#include "../../src/mq-file.h"
+#include "../../src/mq-model.h"
+#include "linear-w4a4.cuh"
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdio>
+#include <array>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace mq;
+
+static int g_pass = 0, g_fail = 0;
+static void report(const std::string & what, bool ok, const std::string & detail = "") {
+    (ok ? g_pass : g_fail)++;
+    printf("  %-60s %-24s %s\n", what.c_str(), detail.c_str(), ok ? "ok" : "FAILED");
+}
+
+static uint16_t f32_to_f16(float f) {  // round to nearest even, normal range only (test data)
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000, absx = x & 0x7FFFFFFF;
+    if (absx < 0x38800000) return (uint16_t) sign;
+    uint32_t r = absx - 0x38000000;
+    r += 0x0FFF + ((r >> 13) & 1);
+    return (uint16_t) (sign | (r >> 13));
+}
+
+struct Pair {  // the same buffer on both backends
+    Backend & cpu;
+    Backend & gpu;
+    void * c = nullptr;
+    void * g = nullptr;
+    size_t bytes;
+    Pair(Backend & cb, Backend & gb, const void * host, size_t n) : cpu(cb), gpu(gb), bytes(n) {
+        c = cpu.alloc(n);
+        g = gpu.alloc(n);
+        if (host) {
+            cpu.upload(c, host, n);
+            gpu.upload(g, host, n);
+        }
+    }
+    ~Pair() {
+        cpu.free(c);
+        gpu.free(g);
+    }
+    template <class T> std::vector<T> host_cpu() const {
+        std::vector<T> v(bytes / sizeof(T));
+        cpu.download(v.data(), c, bytes);
+        return v;
+    }
+    template <class T> std::vector<T> host_gpu() const {
+        std::vector<T> v(bytes / sizeof(T));
+        gpu.download(v.data(), g, bytes);
+        return v;
+    }
+};
+
+// ‖a − b‖ / ‖a‖, and whether every value is finite
+static double rel_err(const std::vector<float> & ref, const std::vector<float> & got, bool & finite) {
+    double num = 0, den = 0;
+    finite = true;
+    for (size_t i = 0; i < ref.size(); i++) {
+        finite &= std::isfinite(got[i]);
+        num += ((double) got[i] - ref[i]) * ((double) got[i] - ref[i]);
+        den += (double) ref[i] * ref[i];
+    }
+    return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+static void check_close(const std::string & what, const Pair & p, double tol) {
+    bool finite;
+    const double e = rel_err(p.host_cpu<float>(), p.host_gpu<float>(), finite);
+    char d[64];
+    snprintf(d, sizeof d, "rel.err %.2e", e);
+    report(what, finite && e <= tol, d);
+}
+
+static std::vector<float> randn(size_t n, std::mt19937 & rng, float sd = 1.0f) {
+    std::normal_distribution<float> nd(0.0f, sd);
+    std::vector<float> v(n);
+    for (auto & x : v) x = nd(rng);
+    return v;
+}
+
+static void test_ops(Backend & cpu, Backend & gpu) {
+    std::mt19937 rng(1234);
+    printf("ops, CPU vs CUDA:\n");
+    {  // embedding: exact
+        const int V = 1000, D = 576, n = 37;
+        std::vector<uint16_t> table(V * D);
+        for (auto & h : table) h = f32_to_f16(randn(1, rng)[0]);
+        std::vector<int32_t> ids(n);
+        for (auto & i : ids) i = (int32_t) (rng() % V);
+        Pair t(cpu, gpu, table.data(), table.size() * 2), id(cpu, gpu, ids.data(), n * 4), out(cpu, gpu, nullptr, n * D * 4);
+        cpu.embed_f16(t.c, (int32_t *) id.c, n, D, (float *) out.c);
+        gpu.embed_f16(t.g, (int32_t *) id.g, n, D, (float *) out.g);
+        report("embed_f16 n=37 D=576", out.host_cpu<float>() == out.host_gpu<float>(), "exact");
+    }
+    {  // rmsnorm
+        const int rows = 7, D = 576;
+        auto x = randn(rows * D, rng, 3.0f), w = randn(D, rng);
+        Pair px(cpu, gpu, x.data(), x.size() * 4), pw(cpu, gpu, w.data(), D * 4), out(cpu, gpu, nullptr, x.size() * 4);
+        cpu.rmsnorm((float *) px.c, (float *) pw.c, rows, D, 1e-5f, (float *) out.c);
+        gpu.rmsnorm((float *) px.g, (float *) pw.g, rows, D, 1e-5f, (float *) out.g);
+        check_close("rmsnorm rows=7 D=576", out, 1e-6);
+    }
+    {  // swiglu
+        const int m = 5, F = 1536;
+        auto gu = randn(m * 2 * F, rng, 2.0f);
+        Pair pg(cpu, gpu, gu.data(), gu.size() * 4), out(cpu, gpu, nullptr, m * F * 4);
+        cpu.swiglu((float *) pg.c, m, F, (float *) out.c);
+        gpu.swiglu((float *) pg.g, m, F, (float *) out.g);
+        check_close("swiglu m=5 F=1536", out, 1e-6);
+    }
+    // linear f16: decode (GEMV) and prefill (GEMM) sizes, shapes off the tiles, both accumulate modes
+    for (auto shape : std::vector<std::array<int, 2>>{{960, 576}, {200, 1544}, {3072, 576}, {576, 1536}}) {
+        const int N = shape[0], K = shape[1];
+        std::vector<uint16_t> w((size_t) N * K);
+        for (auto & h : w) h = f32_to_f16(randn(1, rng, 0.05f)[0]);
+        TensorView tv;
+        tv.name = "test.weight";
+        tv.dtype = DTYPE_F16;
+        tv.shape = {N, K};
+        tv.data = (const uint8_t *) w.data();
+        tv.nbytes = w.size() * 2;
+        Linear lc, lg;
+        lc.name = lg.name = "test";
+        lc.scheme = lg.scheme = "f16";
+        lc.n = lg.n = N;
+        lc.k = lg.k = K;
+        lc.tensors = lg.tensors = {&tv};
+        cpu.prepare_linear(lc);
+        gpu.prepare_linear(lg);
+        for (int m : {1, 3, 8, 9, 40, 300}) {
+            for (bool acc : {false, true}) {
+                auto x = randn((size_t) m * K, rng, 2.0f), y0 = randn((size_t) m * N, rng);
+                Pair px(cpu, gpu, x.data(), x.size() * 4), py(cpu, gpu, y0.data(), y0.size() * 4);
+                cpu.linear(lc, (float *) px.c, m, (float *) py.c, acc);
+                gpu.linear(lg, (float *) px.g, m, (float *) py.g, acc);
+                check_close("linear f16 N=" + std::to_string(N) + " K=" + std::to_string(K) + " m=" + std::to_string(m) +
+                                (acc ? " accumulate" : ""),
+                            py, 1e-5);
+            }
+        }
+        cpu.release_linear(lc);
+        gpu.release_linear(lg);
+    }
+    // rope, kv_store, attention: a prefill of T tokens then one decode token, GQA 4 heads / 2 kv heads,
+    // T > 256 so attention crosses its chunks; llama3 frequency scaling in the second round
+    for (int round = 0; round < 2; round++) {
+        const int H = 4, Hkv = 2, hd = round ? 128 : 64, T = round ? 300 : 40, n_ctx = 512;
+        const int stride = (H + 2 * Hkv) * hd;
+        RopeParams rp{10000.0f, 0.0f, 0.0f, 0.0f, 0};
+        if (round) rp = RopeParams{500000.0f, 8.0f, 1.0f, 4.0f, 8192};
+        AttentionShape as{H, Hkv, hd, n_ctx};
+        const size_t cache_bytes = (size_t) n_ctx * Hkv * hd * 2;
+        std::vector<uint8_t> zeros(cache_bytes, 0);
+        Pair kc(cpu, gpu, zeros.data(), cache_bytes), vc(cpu, gpu, zeros.data(), cache_bytes);
+        for (int step = 0; step < 2; step++) {
+            const int n = step == 0 ? T : 1, pos0 = step == 0 ? 0 : T;
+            auto qkv = randn((size_t) n * stride, rng);
+            std::vector<int32_t> pos(n);
+            for (int i = 0; i < n; i++) pos[i] = pos0 + i;
+            Pair pq(cpu, gpu, qkv.data(), qkv.size() * 4), pp(cpu, gpu, pos.data(), n * 4),
+                out(cpu, gpu, nullptr, (size_t) n * H * hd * 4);
+            const std::string tag = " hd=" + std::to_string(hd) + " n=" + std::to_string(n) + " pos0=" + std::to_string(pos0);
+            cpu.rope((float *) pq.c, n, stride, H, Hkv, hd, (int32_t *) pp.c, rp);
+            gpu.rope((float *) pq.g, n, stride, H, Hkv, hd, (int32_t *) pp.g, rp);
+            check_close("rope" + tag, pq, 1e-6);
+            // the attention inputs must be the same on both sides: continue from the CPU's rotated qkv
+            const auto rotated = pq.host_cpu<float>();
+            gpu.upload(pq.g, rotated.data(), rotated.size() * 4);
+            cpu.kv_store((float *) pq.c, n, stride, as, (int32_t *) pp.c, kc.c, vc.c);
+            gpu.kv_store((float *) pq.g, n, stride, as, (int32_t *) pp.g, kc.g, vc.g);
+            report("kv_store" + tag, kc.host_cpu<uint16_t>() == kc.host_gpu<uint16_t>() &&
+                                         vc.host_cpu<uint16_t>() == vc.host_gpu<uint16_t>(), "fp16 caches exact");
+            cpu.attention((float *) pq.c, n, stride, as, (int32_t *) pp.c, kc.c, vc.c, (float *) out.c);
+            gpu.attention((float *) pq.g, n, stride, as, (int32_t *) pp.g, kc.g, vc.g, (float *) out.g);
+            check_close("attention" + tag, out, 1e-5);
+        }
+    }
+}
+
+// The w4a4 linear launcher (not yet behind the Backend interface) against the integer reference:
+// float(Σ_k a·q) * scale[n] must be bit-identical.
+static void test_linear_w4a4() {
+    printf("w4a4 linear launcher vs integer reference:\n");
+    std::mt19937 rng(99);
+    auto nib = [](const std::vector<uint8_t> & v, size_t row_bytes, size_t r, size_t k) {
+        const int u = (v[r * row_bytes + k / 2] >> ((k & 1) * 4)) & 15;
+        return u >= 8 ? u - 16 : u;
+    };
+    for (auto shape : std::vector<std::array<int, 2>>{{960, 576}, {200, 1600}, {4096, 11008}}) {
+        const int N = shape[0], K = shape[1], kb = K / 2;
+        std::vector<uint8_t> q((size_t) N * kb);
+        for (auto & b : q) b = (uint8_t) rng();
+        std::vector<float> scale(N);
+        for (auto & f : scale) f = std::uniform_real_distribution<float>(1e-4f, 1e-2f)(rng);
+        void *dq, *ds, *da, *dy;
+        cudaMalloc(&dq, q.size());
+        cudaMalloc(&ds, N * 4);
+        cudaMemcpy(dq, q.data(), q.size(), cudaMemcpyHostToDevice);
+        cudaMemcpy(ds, scale.data(), N * 4, cudaMemcpyHostToDevice);
+        for (int m : {1, 5, 16, 17, 200}) {
+            if ((int64_t) m * N * K > 400000000) continue;  // keeps the CPU reference short
+            std::vector<uint8_t> a((size_t) m * kb);
+            for (auto & b : a) b = (uint8_t) rng();
+            std::vector<float> y0((size_t) m * N), ref((size_t) m * N), got((size_t) m * N);
+            for (auto & f : y0) f = std::normal_distribution<float>()(rng);
+            cudaMalloc(&da, a.size());
+            cudaMalloc(&dy, y0.size() * 4);
+            cudaMemcpy(da, a.data(), a.size(), cudaMemcpyHostToDevice);
+            for (bool acc : {false, true}) {
+                cudaMemcpy(dy, y0.data(), y0.size() * 4, cudaMemcpyHostToDevice);
+                cuda_linear_w4a4(dq, (const float *) ds, N, K, da, m, (float *) dy, acc, 0);
+                cudaMemcpy(got.data(), dy, got.size() * 4, cudaMemcpyDeviceToHost);
+                for (int r = 0; r < m; r++)
+                    for (int n = 0; n < N; n++) {
+                        int32_t s = 0;
+                        for (int k = 0; k < K; k++) s += nib(a, kb, r, k) * nib(q, kb, n, k);
+                        const float v = (float) s * scale[n];
+                        ref[(size_t) r * N + n] = acc ? y0[(size_t) r * N + n] + v : v;
+                    }
+                report("linear w4a4 N=" + std::to_string(N) + " K=" + std::to_string(K) + " m=" + std::to_string(m) +
+                           (acc ? " accumulate" : ""),
+                       memcmp(ref.data(), got.data(), ref.size() * 4) == 0, "bit-exact");
+            }
+            cudaFree(da);
+            cudaFree(dy);
+        }
+        cudaFree(dq);
+        cudaFree(ds);
+    }
+    const cudaError_t err = cudaDeviceSynchronize();
+    report("w4a4 launches without CUDA errors", err == cudaSuccess, cudaGetErrorString(err));
+}
+
+// logits of one model on both backends: a prefill (all logits), then single-token decode steps
+static void test_model(const std::string & path) {
+    printf("model %s, CPU vs CUDA:\n", path.c_str());
+    ModelParams pc, pg;
+    pc.device = "cpu";
+    pg.device = "cuda";
+    auto mc = std::make_shared<const Model>(path, pc);
+    auto mg = std::make_shared<const Model>(path, pg);
+    const int32_t V = mc->config().n_vocab;
+    std::mt19937 rng(7);
+    ContextParams cp;
+    cp.n_ctx = 512;
+    Context cc(mc, cp), cg(mg, cp);
+    auto compare = [&](const std::string & what, const std::vector<float> & a, const std::vector<float> & b) {
+        // max-abs difference over max-abs logit (docs/numerics.md), and the argmax of every row
+        double mx = 0, md = 0;
+        bool same_argmax = true;
+        for (size_t r = 0; r < a.size() / V; r++) {
+            size_t ia = 0, ib = 0;
+            for (size_t i = 0; i < (size_t) V; i++) {
+                const size_t j = r * V + i;
+                mx = std::max(mx, (double) std::fabs(a[j]));
+                md = std::max(md, (double) std::fabs(a[j] - b[j]));
+                if (a[j] > a[r * V + ia]) ia = i;
+                if (b[j] > b[r * V + ib]) ib = i;
+            }
+            same_argmax &= ia == ib;
+        }
+        char d[64];
+        snprintf(d, sizeof d, "max|diff|/max %.2e", md / mx);
+        report(what + (same_argmax ? "" : " (argmax differs)"), md / mx <= 1e-3, d);
+    };
+    std::vector<int32_t> prompt(300);
+    for (auto & t : prompt) t = (int32_t) (rng() % V);
+    compare("prefill 300 tokens, all logits", cc.eval(prompt, true), cg.eval(prompt, true));
+    for (int i = 0; i < 8; i++) {
+        const int32_t t = (int32_t) (rng() % V);
+        compare("decode step " + std::to_string(i + 1), cc.eval({t}, false), cg.eval({t}, false));
+    }
+}
+
+int main(int argc, char ** argv) {
+    try {
+        std::string why;
+        auto gpu = backend_cuda_create(0, why);
+        if (!gpu) {
+            printf("no CUDA backend: %s\n", why.c_str());
+            return 1;
+        }
+        auto cpu = backend_cpu_create(default_thread_count());
+        test_ops(*cpu, *gpu);
+        test_linear_w4a4();
+        for (int i = 1; i < argc; i++) test_model(argv[i]);
+    } catch (const std::exception & e) {
+        printf("error: %s\n", e.what());
+        g_fail++;
+    }
+    printf("\n%d passed, %d failed\n", g_pass, g_fail);
+    return g_fail ? 1 : 0;
+}
