@@ -1,11 +1,14 @@
 // The CUDA backend: the ops of mq-backend.h on one GPU, every launch on the backend's own stream.
-// fp32 activations, fp16 KV cache (docs/numerics.md); weights uploaded once by prepare_linear. Each op
+// fp32 activations, fp16 KV cache, int4 codes one per int8 between the static W4A4 ops (docs/numerics.md);
+// weights uploaded once by prepare_linear, in the file's layout. Each op
 // lives in its own op.cu with a header declaring its launcher; this file glues them to the interface.
 #include "attention.cuh"
 #include "cuda-common.cuh"
 #include "embed.cuh"
 #include "kv-store.cuh"
 #include "linear-f16.cuh"
+#include "linear-w4a4.cuh"
+#include "quantize.cuh"
 #include "rmsnorm.cuh"
 #include "rope.cuh"
 #include "swiglu.cuh"
@@ -56,7 +59,35 @@ public:
     }
     void synchronize() override { cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
 
+    // device copies of a w4a4 linear's tensors (absent ones stay nullptr)
+    struct W4A4 {
+        void * qweight = nullptr;
+        float * scale = nullptr;
+        float * in_scale = nullptr;
+        int32_t * in_map = nullptr;
+        void * lora_a = nullptr;
+        void * lora_b = nullptr;
+    };
+
     void prepare_linear(Linear & lin) override {
+        if (lin.scheme == "w4a4") {
+            if (!lin.qweight || !lin.scale || lin.kp % 64 != 0 || (lin.rank > 0 && (!lin.lora_a || !lin.lora_b))) {
+                throw Error("linear '" + lin.name + "': w4a4 needs qweight, scale (and lora_a/lora_b when rank > 0) "
+                            "and kp % 64 == 0 (kp = " + std::to_string(lin.kp) + ")");
+            }
+            W4A4 * p = new W4A4();
+            auto copy = [&](const TensorView * t) { return t ? upload_copy(t->data, t->nbytes) : nullptr; };
+            p->qweight = copy(lin.qweight);
+            p->scale = (float *) copy(lin.scale);
+            p->in_scale = (float *) copy(lin.in_scale);
+            p->in_map = (int32_t *) copy(lin.in_map);
+            if (lin.rank > 0) {
+                p->lora_a = copy(lin.lora_a);
+                p->lora_b = copy(lin.lora_b);
+            }
+            lin.prepared = p;
+            return;
+        }
         if (lin.scheme == "f16") {
             if (lin.tensors.size() != 1 || lin.k % 8 != 0) {
                 throw Error("linear '" + lin.name + "': the CUDA f16 linear needs one weight tensor and K % 8 == 0 (K = " +
@@ -65,13 +96,21 @@ public:
             lin.prepared = upload_copy(lin.tensors[0]->data, lin.tensors[0]->nbytes);
             return;
         }
-        throw Error("linear '" + lin.name + "': the CUDA backend does not support scheme '" + lin.scheme + "'");
+        throw Error("linear '" + lin.name + "': the CUDA backend does not support scheme '" + lin.scheme +
+                    "' yet (f16 and w4a4 are supported; use device='cpu')");
     }
     void release_linear(Linear & lin) override {
-        if (lin.prepared) {
+        if (!lin.prepared) return;
+        if (lin.scheme == "w4a4") {
+            W4A4 * p = (W4A4 *) lin.prepared;
+            for (void * d : {p->qweight, (void *) p->scale, (void *) p->in_scale, (void *) p->in_map, p->lora_a, p->lora_b}) {
+                if (d) free(d);
+            }
+            delete p;
+        } else {
             free(lin.prepared);
-            lin.prepared = nullptr;
         }
+        lin.prepared = nullptr;
     }
     void * upload_copy(const void * src, size_t bytes) override {
         void * p = alloc(bytes);
@@ -87,7 +126,8 @@ public:
     }
     void linear(const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) override {
         if (lin.scheme != "f16" || !lin.prepared) {
-            throw Error("linear '" + lin.name + "': scheme '" + lin.scheme + "' not prepared for the CUDA backend");
+            throw Error("linear '" + lin.name + "': scheme '" + lin.scheme + "' takes no float input on the CUDA backend "
+                        "(f16 does; w4a4 goes through linear_codes)");
         }
         void * scratch = scratch_for(cuda_linear_f16_scratch(m, lin.k));
         cuda_linear_f16(lin.prepared, lin.n, lin.k, x, m, y, accumulate, scratch, stream_);
@@ -109,9 +149,53 @@ public:
         cuda_swiglu(gu, m, n_ff, out, stream_);
     }
 
+    void rmsnorm_quant(const float * x, const Linear & c, int32_t m, int32_t dim, float eps, int8_t * out) override {
+        const W4A4 & p = w4a4_of(c);
+        if (!p.in_scale || !p.in_map) {
+            throw Error("linear '" + c.name + "': rmsnorm_quant needs the consumer's in_scale and in_map");
+        }
+        cuda_rmsnorm_quant(x, p.in_scale, p.in_map, m, dim, c.kp, eps, out, stream_);
+    }
+    void quantize_codes(const float * x, int32_t m, int32_t k, const Linear & c, int8_t * out) override {
+        cuda_quantize_codes(x, m, k, c.kp, out, stream_);
+    }
+    void swiglu_quant(const float * gu, const Linear & c, int32_t m, int32_t n_ff, int8_t * out) override {
+        const W4A4 & p = w4a4_of(c);
+        if (!p.in_map) throw Error("linear '" + c.name + "': swiglu_quant needs the consumer's in_map");
+        cuda_swiglu_quant(gu, p.in_map, m, n_ff, c.kp, out, stream_);
+    }
+    void int_gemm(const Linear & lin, const int8_t * a, int32_t m, int32_t * acc) override {
+        const W4A4 & p = w4a4_of(lin);
+        uint8_t * packed = (uint8_t *) scratch_for((size_t) m * lin.kp / 2);
+        cuda_pack_codes(a, m, lin.kp, packed, stream_);
+        cuda_int_gemm(p.qweight, lin.n, lin.kp, packed, m, acc, stream_);
+    }
+    // the GEMM reads packed codes: a pack pass (m·kp bytes, small next to the weights), then the GEMV/GEMM
+    // with the low-rank branch, when present, added in its epilogue
+    void linear_codes(const Linear & lin, const int8_t * a, int32_t m, float * y, bool accumulate) override {
+        const W4A4 & p = w4a4_of(lin);
+        const size_t packed_bytes = ((size_t) m * lin.kp / 2 + 255) / 256 * 256;
+        const size_t lora_bytes = lin.rank > 0 ? (size_t) m * (lin.rank + lin.n) * sizeof(float) : 0;
+        uint8_t * packed = (uint8_t *) scratch_for(packed_bytes + lora_bytes);
+        float * lora = nullptr;
+        if (lin.rank > 0) {
+            float * l = (float *) (packed + packed_bytes);
+            lora = l + (size_t) m * lin.rank;
+            cuda_lora(p.lora_a, p.lora_b, lin.rank, lin.n, lin.kp, a, m, l, lora, stream_);
+        }
+        cuda_pack_codes(a, m, lin.kp, packed, stream_);
+        cuda_linear_w4a4(p.qweight, p.scale, lora, lin.n, lin.kp, packed, m, y, accumulate, stream_);
+    }
+
     size_t kv_elem_size() const override { return 2; }  // fp16
 
 private:
+    const W4A4 & w4a4_of(const Linear & lin) const {
+        if (lin.scheme != "w4a4" || !lin.prepared) {
+            throw Error("linear '" + lin.name + "': scheme '" + lin.scheme + "' is not a prepared w4a4 linear");
+        }
+        return *(const W4A4 *) lin.prepared;
+    }
     // grows the scratch buffer (never inside a captured decode step: decode sizes need none)
     void * scratch_for(size_t bytes) {
         if (bytes == 0) return nullptr;

@@ -1,5 +1,6 @@
 // The tiled tensor-core GEMM shared by the linear ops for prefill (M > 8):
-//   y[m][n] = epilogue(Σ_k A[m][k]·B[n][k]),  A [M][K] activations, B [N][K] weights, row-major along K.
+//   y[m][n] = epilogue(float(Σ_k A[m][k]·B[n][k]) · scale[n] + add[m][n]), A [M][K] activations, B [N][K]
+//   weights, row-major along K; scale and add optional.
 // A 128x128 output tile per block of 8 warps (2 x 4, warp tile 64x32). K advances in chunks of 64 bytes
 // per row (128 int4 or 32 fp16 values) staged in shared memory by cp.async, 4 stages deep, zero-filled
 // past M, N and K; fragments are read with 16-byte shared loads (a quarter-warp reads 128 contiguous
@@ -33,8 +34,8 @@ __device__ __forceinline__ float gemm_value(typename Fmt::acc_t s, const float *
 
 template <class Fmt>
 __global__ void __launch_bounds__(256) gemm_mma_kernel(const uint8_t * __restrict__ A, const uint8_t * __restrict__ B,
-                                                       const float * __restrict__ scale, void * __restrict__ y, int M,
-                                                       int N, int kb, int epilogue) {
+                                                       const float * __restrict__ scale, const float * __restrict__ add,
+                                                       void * __restrict__ y, int M, int N, int kb, int epilogue) {
     constexpr int BM = GEMM_BM, ROWS = GEMM_BM + GEMM_BN, STAGES = GEMM_STAGES;
     using acc_t = typename Fmt::acc_t;
     extern __shared__ uint4 smem[];  // [STAGES][ROWS][4]
@@ -107,9 +108,13 @@ __global__ void __launch_bounds__(256) gemm_mma_kernel(const uint8_t * __restric
             for (int h = 0; h < 2; h++) {
                 const int m = m0 + wm * 64 + mt * 16 + g + 8 * h, n = n0 + wn * 32 + nt * 8 + 2 * t;
                 if (m >= M || n >= N) continue;
-                const float v0 = gemm_value<Fmt>(c[mt][nt][2 * h], scale, n);
                 const bool has1 = n + 1 < N;
-                const float v1 = has1 ? gemm_value<Fmt>(c[mt][nt][2 * h + 1], scale, n + 1) : 0.0f;
+                float v0 = gemm_value<Fmt>(c[mt][nt][2 * h], scale, n);
+                float v1 = has1 ? gemm_value<Fmt>(c[mt][nt][2 * h + 1], scale, n + 1) : 0.0f;
+                if (add) {  // v = float(acc) · scale + add (the low-rank branch), before accumulating
+                    v0 += add[(size_t) m * N + n];
+                    if (has1) v1 += add[(size_t) m * N + n + 1];
+                }
                 if (epilogue == GEMM_REQUANT4) {
                     const int q0 = max(-8, min(7, __float2int_rn(v0))), q1 = max(-8, min(7, __float2int_rn(v1)));
                     ((uint8_t *) y)[(size_t) m * (N / 2) + n / 2] = (uint8_t) ((q0 & 15) | ((q1 & 15) << 4));

@@ -15,7 +15,8 @@ namespace mq {
 constexpr int W4_WARPS = 8, W4_U = 4, W4_NT = 2, W4_MAX_M = 16;
 
 static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t * __restrict__ a, const uint8_t * __restrict__ w,
-                                                                  const float * __restrict__ scale, float * __restrict__ y,
+                                                                  const float * __restrict__ scale, const float * __restrict__ add,
+                                                                  float * __restrict__ y,
                                                                   int M, int N, int kb, int accumulate) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     // rows past M or N are read from a valid row and only feed outputs that are never written
@@ -73,16 +74,17 @@ static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t 
 #pragma unroll
     for (int v = 0; v < W4_WARPS; v++) s0 += red[v][i][2 * h][l], s1 += red[v][i][2 * h + 1][l];
     float * yo = y + (size_t) m * N + n;
-    const float v0 = gemm_value<FmtI4>(s0, scale, n);
+    const float * ad = add ? add + (size_t) m * N + n : nullptr;
+    const float v0 = gemm_value<FmtI4>(s0, scale, n) + (ad ? ad[0] : 0.0f);
     if (accumulate) yo[0] += v0; else yo[0] = v0;
     if (n + 1 < N) {
-        const float v1 = gemm_value<FmtI4>(s1, scale, n + 1);
+        const float v1 = gemm_value<FmtI4>(s1, scale, n + 1) + (ad ? ad[1] : 0.0f);
         if (accumulate) yo[1] += v1; else yo[1] = v1;
     }
 }
 
-void cuda_linear_w4a4(const void * qweight, const float * scale, int64_t n, int64_t kp, const void * a, int32_t m,
-                      float * y, bool accumulate, cudaStream_t st) {
+void cuda_linear_w4a4(const void * qweight, const float * scale, const float * add, int64_t n, int64_t kp, const void * a,
+                      int32_t m, float * y, bool accumulate, cudaStream_t st) {
     if (kp % 64 != 0 || kp <= 0 || kp >= 131072 || n <= 0) {
         throw Error("CUDA w4a4 linear: K = " + std::to_string(kp) + " must be a positive multiple of 64 below 131072 "
                     "(int32 range of the 16x-scaled products), N = " + std::to_string(n) + " positive");
@@ -91,7 +93,7 @@ void cuda_linear_w4a4(const void * qweight, const float * scale, int64_t n, int6
     const int kb = (int) (kp / 2);
     if (m <= W4_MAX_M) {
         gemv_w4a4_kernel<<<(unsigned) ceil_div(n, 8 * W4_NT), 256, 0, st>>>(
-            (const uint8_t *) a, (const uint8_t *) qweight, scale, y, m, (int) n, kb, accumulate ? 1 : 0);
+            (const uint8_t *) a, (const uint8_t *) qweight, scale, add, y, m, (int) n, kb, accumulate ? 1 : 0);
         cuda_check_launch("gemv_w4a4_kernel");
         return;
     }
@@ -102,8 +104,8 @@ void cuda_linear_w4a4(const void * qweight, const float * scale, int64_t n, int6
         smem_set = true;
     }
     const dim3 grid((unsigned) ceil_div(n, GEMM_BN), (unsigned) ceil_div(m, GEMM_BM));
-    gemm_mma_kernel<FmtI4><<<grid, 256, GEMM_SMEM, st>>>((const uint8_t *) a, (const uint8_t *) qweight, scale, y, m,
-                                                         (int) n, kb, accumulate ? GEMM_ACCUMULATE : GEMM_STORE);
+    gemm_mma_kernel<FmtI4><<<grid, 256, GEMM_SMEM, st>>>((const uint8_t *) a, (const uint8_t *) qweight, scale, add, y,
+                                                         m, (int) n, kb, accumulate ? GEMM_ACCUMULATE : GEMM_STORE);
     cuda_check_launch("gemm_mma_kernel<w4a4>");
 }
 

@@ -195,8 +195,100 @@ static void test_ops(Backend & cpu, Backend & gpu) {
     }
 }
 
-// The w4a4 linear launcher (not yet behind the Backend interface) against the integer reference:
-// float(Σ_k a·q) * scale[n] must be bit-identical.
+// The static W4A4 ops on a synthetic linear: in_map with split channels (parts 1..3) and padding slots,
+// a low-rank branch in the second round. Codes must agree >= 99.9% (exactly, here: same fp32 inputs and
+// the same formulas), int_gemm exactly, linear_codes bit for bit without the low-rank branch.
+static void test_w4a4_ops(Backend & cpu, Backend & gpu) {
+    printf("static w4a4 ops, CPU vs CUDA:\n");
+    std::mt19937 rng(4321);
+    for (int round = 0; round < 2; round++) {
+        const int D = 576, N = round ? 200 : 960, rank = round ? 8 : 0;
+        // slots: every channel once, 40 channels split in 2 or 3 parts, then padding to a multiple of 64
+        std::vector<int32_t> in_map;
+        for (int j = 0; j < D; j++) {
+            const int parts = j % 15 == 0 ? 2 + (j / 15) % 2 : 1;
+            for (int k = 0; k < parts; k++) in_map.insert(in_map.end(), {j, k, parts});
+        }
+        while (in_map.size() / 3 % 64 != 0) in_map.insert(in_map.end(), {-1, 0, 1});
+        const int kp = (int) in_map.size() / 3;
+        std::vector<uint8_t> q((size_t) N * kp / 2);
+        for (auto & b : q) b = (uint8_t) rng();
+        std::vector<float> scale(N), in_scale(D);
+        for (auto & f : scale) f = std::uniform_real_distribution<float>(1e-3f, 1e-2f)(rng);
+        for (auto & f : in_scale) f = std::uniform_real_distribution<float>(0.5f, 6.0f)(rng);
+        std::vector<uint16_t> la((size_t) rank * kp), lb((size_t) N * rank);
+        for (auto & h : la) h = f32_to_f16(randn(1, rng, 0.05f)[0]);
+        for (auto & h : lb) h = f32_to_f16(randn(1, rng, 0.05f)[0]);
+        auto view = [](const char * name, DType t, std::vector<int64_t> shape, const void * d, size_t bytes) {
+            TensorView v;
+            v.name = name, v.dtype = t, v.shape = shape, v.data = (const uint8_t *) d, v.nbytes = bytes;
+            return v;
+        };
+        TensorView tq = view("q", DTYPE_U8, {N, kp / 2}, q.data(), q.size()), ts = view("s", DTYPE_F32, {N}, scale.data(), N * 4),
+                   ti = view("i", DTYPE_F32, {D}, in_scale.data(), D * 4),
+                   tm = view("m", DTYPE_I32, {kp, 3}, in_map.data(), in_map.size() * 4),
+                   ta = view("a", DTYPE_F16, {rank, kp}, la.data(), la.size() * 2),
+                   tb = view("b", DTYPE_F16, {N, rank}, lb.data(), lb.size() * 2);
+        Linear lc, lg;
+        for (Linear * l : {&lc, &lg}) {
+            l->name = "test.w4a4", l->scheme = "w4a4", l->n = N, l->k = D, l->kp = kp, l->rank = rank;
+            l->qweight = &tq, l->scale = &ts, l->in_scale = &ti, l->in_map = &tm;
+            if (rank) l->lora_a = &ta, l->lora_b = &tb;
+        }
+        cpu.prepare_linear(lc);
+        gpu.prepare_linear(lg);
+        const std::string tag = " N=" + std::to_string(N) + " kp=" + std::to_string(kp) + " rank=" + std::to_string(rank);
+        auto same_codes = [&](const std::string & what, const Pair & p) {
+            const auto a = p.host_cpu<int8_t>(), b = p.host_gpu<int8_t>();
+            size_t same = 0;
+            for (size_t i = 0; i < a.size(); i++) same += a[i] == b[i];
+            char d[64];
+            snprintf(d, sizeof d, "%.4f%% identical", 100.0 * same / a.size());
+            report(what, same >= a.size() * 0.999, d);
+        };
+        for (int m : {1, 5, 40}) {
+            auto x = randn((size_t) m * D, rng, 2.0f);
+            Pair px(cpu, gpu, x.data(), x.size() * 4), codes(cpu, gpu, nullptr, (size_t) m * kp);
+            cpu.rmsnorm_quant((float *) px.c, lc, m, D, 1e-5f, (int8_t *) codes.c);
+            gpu.rmsnorm_quant((float *) px.g, lg, m, D, 1e-5f, (int8_t *) codes.g);
+            same_codes("rmsnorm_quant m=" + std::to_string(m) + tag, codes);
+            auto gu = randn((size_t) m * 2 * D, rng, 2.0f);
+            Pair pg(cpu, gpu, gu.data(), gu.size() * 4), codes2(cpu, gpu, nullptr, (size_t) m * kp);
+            cpu.swiglu_quant((float *) pg.c, lc, m, D, (int8_t *) codes2.c);
+            gpu.swiglu_quant((float *) pg.g, lg, m, D, (int8_t *) codes2.g);
+            same_codes("swiglu_quant m=" + std::to_string(m) + tag, codes2);
+            auto xo = randn((size_t) m * D, rng, 4.0f);
+            Pair po(cpu, gpu, xo.data(), xo.size() * 4), codes3(cpu, gpu, nullptr, (size_t) m * kp);
+            cpu.quantize_codes((float *) po.c, m, D, lc, (int8_t *) codes3.c);
+            gpu.quantize_codes((float *) po.g, m, D, lg, (int8_t *) codes3.g);
+            same_codes("quantize_codes m=" + std::to_string(m) + tag, codes3);
+            // from here on both sides use the CPU's codes
+            const auto a = codes.host_cpu<int8_t>();
+            gpu.upload(codes.g, a.data(), a.size());
+            Pair acc(cpu, gpu, nullptr, (size_t) m * N * 4);
+            cpu.int_gemm(lc, (int8_t *) codes.c, m, (int32_t *) acc.c);
+            gpu.int_gemm(lg, (int8_t *) codes.g, m, (int32_t *) acc.g);
+            report("int_gemm m=" + std::to_string(m) + tag, acc.host_cpu<int32_t>() == acc.host_gpu<int32_t>(), "exact");
+            for (bool accumulate : {false, true}) {
+                auto y0 = randn((size_t) m * N, rng);
+                Pair py(cpu, gpu, y0.data(), y0.size() * 4);
+                cpu.linear_codes(lc, (int8_t *) codes.c, m, (float *) py.c, accumulate);
+                gpu.linear_codes(lg, (int8_t *) codes.g, m, (float *) py.g, accumulate);
+                const std::string what = "linear_codes m=" + std::to_string(m) + tag + (accumulate ? " accumulate" : "");
+                if (rank == 0) {
+                    report(what, py.host_cpu<float>() == py.host_gpu<float>(), "bit-exact");
+                } else {
+                    check_close(what, py, 1e-6);
+                }
+            }
+        }
+        cpu.release_linear(lc);
+        gpu.release_linear(lg);
+    }
+}
+
+// The w4a4 linear launcher on its own, at sizes up to a Llama-2-7B down projection, against the integer
+// reference: float(Σ_k a·q) * scale[n] must be bit-identical.
 static void test_linear_w4a4() {
     printf("w4a4 linear launcher vs integer reference:\n");
     std::mt19937 rng(99);
@@ -226,7 +318,7 @@ static void test_linear_w4a4() {
             cudaMemcpy(da, a.data(), a.size(), cudaMemcpyHostToDevice);
             for (bool acc : {false, true}) {
                 cudaMemcpy(dy, y0.data(), y0.size() * 4, cudaMemcpyHostToDevice);
-                cuda_linear_w4a4(dq, (const float *) ds, N, K, da, m, (float *) dy, acc, 0);
+                cuda_linear_w4a4(dq, (const float *) ds, nullptr, N, K, da, m, (float *) dy, acc, 0);
                 cudaMemcpy(got.data(), dy, got.size() * 4, cudaMemcpyDeviceToHost);
                 for (int r = 0; r < m; r++)
                     for (int n = 0; n < N; n++) {
@@ -300,6 +392,7 @@ int main(int argc, char ** argv) {
         }
         auto cpu = backend_cpu_create(default_thread_count());
         test_ops(*cpu, *gpu);
+        test_w4a4_ops(*cpu, *gpu);
         test_linear_w4a4();
         for (int i = 1; i < argc; i++) test_model(argv[i]);
     } catch (const std::exception & e) {

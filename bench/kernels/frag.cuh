@@ -1,0 +1,109 @@
+// Operand formats of the lab's tensor-core kernels and how a 64-byte K chunk of a row becomes mma fragments.
+//
+// Every kernel reads rows of A (activations, [M][K]) and B (weights, [N][K]), both row-major along K, in
+// chunks of 64 bytes. In a warp, lane = 4·g + t (g = groupID 0..7, t = threadID_in_group 0..3, as in the
+// PTX ISA, section 9.7.14.5 "Matrix fragments for mma.m16n8k*"); thread t of a quad holds bytes [16t, 16t+16)
+// of its row's chunk as one uint4 = four 32-bit words w[0..3]. A thread holds the chunk of A rows g and g+8
+// (the two rows its A fragment covers) and of B row g (the column its B fragment covers).
+//
+// The MMA sums over k, so any permutation of k applied to both A and B gives the same dot products. Each
+// format assigns the words of the chunk to fragment registers with one fixed permutation for A and B, so
+// packed rows are used as stored, with no repacking and no shuffles:
+//
+//   FmtI4 (int4 codes, two per byte, low nibble = even k; 128 k per chunk; INT8 tensor cores, any sm_80+):
+//     mma.m16n8k32 .s8 (PTX 9.7.14.5.9): A regs a0..a3 hold (row g, k 4t..4t+3), (row g+8, k 4t..),
+//     (row g, k 16+4t..), (row g+8, k 16+4t..); B regs b0, b1 hold (k 4t.., col g), (k 16+4t.., col g).
+//     Step j (0..3) takes word w[j] (8 nibbles: k = 32t+8j .. 32t+8j+7) and splits it in-register:
+//       lo = (w << 4) & 0xF0F0F0F0  -> bytes 16·x of the even k,   hi = w & 0xF0F0F0F0 -> the odd k
+//     (a signed nibble in the high half of a byte reads as int8 16·x). lo feeds the "4t.." registers and
+//     hi the "16+4t.." ones, for A and B alike. Each product is 256·a·w: the int32 sum is exactly 256 times
+//     the true one (|16a·16w| <= 16384, exact for K < 131072), so acc >> 8 is exact.
+//   FmtI4Native (same bytes; mma.m16n8k64 .s4, PTX 9.7.14.5.10; native on sm_80/86/89, emulated on sm_90):
+//     A regs hold (row g, k 8t..8t+7), (row g+8, k 8t..), (row g, k 32+8t..), (row g+8, k 32+8t..), B regs
+//     (k 8t.., col g), (k 32+8t.., col g), element i of a register in bits 4i..4i+3. Step s (0, 1) gives
+//     w[2s] to the "8t.." registers and w[2s+1] to the "32+8t.." ones; no unpacking, acc is the true sum.
+//   FmtF16 (fp16, 32 k per chunk): mma.m16n8k16 .f16 -> .f32 (PTX 9.7.14.5.8): A regs hold (row g, k 2t,
+//     2t+1), (row g+8, k 2t..), (row g, k 8+2t..), (row g+8, k 8+2t..); B regs (k 2t.., col g),
+//     (k 8+2t.., col g). Step s (0, 1) gives w[2s] to the "2t.." registers and w[2s+1] to the "8+2t.." ones.
+//
+// The accumulator fragment is the same for all: c0, c1 = (row g, col 2t, 2t+1), c2, c3 = (row g+8, ...).
+#pragma once
+
+#include <cstdint>
+
+__device__ __forceinline__ uint32_t word(const uint4 & v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+struct FmtI4 {
+    using acc_t = int32_t;
+    static constexpr int k_per_chunk = 128;
+    static constexpr int steps = 4;
+    static constexpr int shift = 8;  // acc = 256 · sum
+    __device__ __forceinline__ static uint32_t lo(uint32_t w) { return (w << 4) & 0xF0F0F0F0u; }
+    __device__ __forceinline__ static uint32_t hi(uint32_t w) { return w & 0xF0F0F0F0u; }
+    __device__ __forceinline__ static void a_frag(const uint4 & r0, const uint4 & r8, int s, uint32_t a[4]) {
+        uint32_t w0 = word(r0, s), w8 = word(r8, s);
+        a[0] = lo(w0), a[1] = lo(w8), a[2] = hi(w0), a[3] = hi(w8);
+    }
+    __device__ __forceinline__ static void b_frag(const uint4 & r, int s, uint32_t b[2]) {
+        uint32_t w = word(r, s);
+        b[0] = lo(w), b[1] = hi(w);
+    }
+    __device__ __forceinline__ static void mma(int32_t c[4], const uint32_t a[4], const uint32_t b[2]) {
+        asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+};
+
+struct FmtI4Native {
+    using acc_t = int32_t;
+    static constexpr int k_per_chunk = 128;
+    static constexpr int steps = 2;
+    static constexpr int shift = 0;
+    __device__ __forceinline__ static void a_frag(const uint4 & r0, const uint4 & r8, int s, uint32_t a[4]) {
+        a[0] = word(r0, 2 * s), a[1] = word(r8, 2 * s), a[2] = word(r0, 2 * s + 1), a[3] = word(r8, 2 * s + 1);
+    }
+    __device__ __forceinline__ static void b_frag(const uint4 & r, int s, uint32_t b[2]) {
+        b[0] = word(r, 2 * s), b[1] = word(r, 2 * s + 1);
+    }
+    __device__ __forceinline__ static void mma(int32_t c[4], const uint32_t a[4], const uint32_t b[2]) {
+        asm volatile("mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+};
+
+struct FmtF16 {
+    using acc_t = float;
+    static constexpr int k_per_chunk = 32;
+    static constexpr int steps = 2;
+    static constexpr int shift = 0;
+    __device__ __forceinline__ static void a_frag(const uint4 & r0, const uint4 & r8, int s, uint32_t a[4]) {
+        a[0] = word(r0, 2 * s), a[1] = word(r8, 2 * s), a[2] = word(r0, 2 * s + 1), a[3] = word(r8, 2 * s + 1);
+    }
+    __device__ __forceinline__ static void b_frag(const uint4 & r, int s, uint32_t b[2]) {
+        b[0] = word(r, 2 * s), b[1] = word(r, 2 * s + 1);
+    }
+    __device__ __forceinline__ static void mma(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+};
+
+// 16-byte global loads: weights are read once per call (streamed past L1), activations are re-read by
+// every block (kept in L1). `volatile` keeps a batch of loads issued together, before the math that uses
+// them (without it the compiler sinks each load next to its first use, leaving few bytes in flight).
+__device__ __forceinline__ uint4 ld_stream(const void * p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ uint4 ld_cached(const void * p) {
+    uint4 v;
+    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}

@@ -1,0 +1,174 @@
+// Static W4A4 activation codes and the small integer helpers around the w4a4 GEMM.
+// Rounding: rint = round half to even (rintf), then clamp; NaN becomes 0, as in the CPU backend.
+// Splitting: a channel's code t on the m-times wider range goes to its parts k = 0..m-1 as
+// floordiv(t + k, m), which sum to t (docs/numerics.md).
+#include "quantize.cuh"
+#include "cuda-common.cuh"
+#include "mma.cuh"
+
+#include <cuda_fp16.h>
+
+namespace mq {
+
+__device__ __forceinline__ int32_t round_clamp(float x, int32_t lo, int32_t hi) {
+    const float r = rintf(x);
+    if (!(r >= (float) lo)) return r != r ? 0 : lo;
+    return r > (float) hi ? hi : (int32_t) r;
+}
+
+__device__ __forceinline__ int8_t slot_code(float z, int32_t part, int32_t parts) {
+    const int32_t t = round_clamp(z, -8 * parts, 7 * parts) + part;
+    return (int8_t) ((t >= 0 ? t : t - parts + 1) / parts);  // floordiv
+}
+
+static __global__ void rmsnorm_quant_kernel(const float * __restrict__ x, const float * __restrict__ in_scale,
+                                            const int32_t * __restrict__ in_map, int32_t dim, int64_t kp, float eps,
+                                            int8_t * __restrict__ out) {
+    const float * xr = x + (size_t) blockIdx.x * dim;
+    double ss = 0.0;  // float64 like the CPU backend, so both round the same r
+    for (int32_t i = threadIdx.x; i < dim; i += blockDim.x) ss += (double) xr[i] * xr[i];
+    for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+    __shared__ double part[32];
+    __shared__ float inv;
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double s = 0.0;
+        for (int i = 0; i < (int) (blockDim.x >> 5); i++) s += part[i];
+        inv = 1.0f / sqrtf((float) (s / dim) + eps);
+    }
+    __syncthreads();
+    int8_t * o = out + (size_t) blockIdx.x * kp;
+    for (int64_t s = threadIdx.x; s < kp; s += blockDim.x) {
+        const int32_t j = in_map[3 * s];
+        o[s] = j < 0 ? 0 : slot_code((xr[j] * inv) * in_scale[j], in_map[3 * s + 1], in_map[3 * s + 2]);
+    }
+}
+
+static __global__ void quantize_codes_kernel(const float * __restrict__ x, int32_t k, int64_t kp, int8_t * __restrict__ out) {
+    const float * xr = x + (size_t) blockIdx.x * k;
+    int8_t * o = out + (size_t) blockIdx.x * kp;
+    for (int64_t s = threadIdx.x; s < kp; s += blockDim.x) o[s] = s < k ? (int8_t) round_clamp(xr[s], -8, 7) : 0;
+}
+
+static __global__ void swiglu_quant_kernel(const float * __restrict__ gu, const int32_t * __restrict__ in_map, int32_t n_ff,
+                                           int64_t kp, int8_t * __restrict__ out) {
+    const float * g = gu + (size_t) blockIdx.x * 2 * n_ff;
+    int8_t * o = out + (size_t) blockIdx.x * kp;
+    for (int64_t s = threadIdx.x; s < kp; s += blockDim.x) {
+        const int32_t j = in_map[3 * s];
+        if (j < 0) {
+            o[s] = 0;
+            continue;
+        }
+        const float gj = g[j];
+        o[s] = slot_code(gj / (1.0f + expf(-gj)) * g[n_ff + j], in_map[3 * s + 1], in_map[3 * s + 2]);
+    }
+}
+
+static __global__ void pack_codes_kernel(const int8_t * __restrict__ codes, int64_t total_pairs, uint8_t * __restrict__ packed) {
+    for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < total_pairs; i += (int64_t) gridDim.x * blockDim.x) {
+        packed[i] = (uint8_t) ((codes[2 * i] & 15) | ((codes[2 * i + 1] & 15) << 4));
+    }
+}
+
+// one warp per weight row n; lanes over 16-byte chunks, dp4a on the unpacked 16·x lanes (exact)
+static __global__ void int_gemm_kernel(const uint8_t * __restrict__ w, int32_t N, int32_t kb, const uint8_t * __restrict__ a,
+                                       int32_t M, int32_t * __restrict__ acc) {
+    const int n = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (n >= N) return;
+    for (int32_t t = 0; t < M; t++) {
+        int32_t s = 0;
+        for (int32_t off = lane * 16; off < kb; off += 512) {
+            const uint4 q = *(const uint4 *) (w + (size_t) n * kb + off);
+            const uint4 p = *(const uint4 *) (a + (size_t) t * kb + off);
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                s = __dp4a((int) FmtI4::lo(mma_word(q, i)), (int) FmtI4::lo(mma_word(p, i)), s);
+                s = __dp4a((int) FmtI4::hi(mma_word(q, i)), (int) FmtI4::hi(mma_word(p, i)), s);
+            }
+        }
+        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        if (lane == 0) acc[(size_t) t * N + n] = s >> 8;
+    }
+}
+
+// block per (token, rank row): l = Σ_s float(A[i, s]) · a[s]
+static __global__ void lora_down_kernel(const __half * __restrict__ la, int64_t kp, const int8_t * __restrict__ codes,
+                                        int32_t rank, float * __restrict__ l) {
+    const int32_t t = blockIdx.x / rank, i = blockIdx.x % rank;
+    float s = 0.0f;
+    for (int64_t k = threadIdx.x; k < kp; k += blockDim.x) s += __half2float(la[i * kp + k]) * (float) codes[t * kp + k];
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    __shared__ float part[32];
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float r = 0.0f;
+        for (int w = 0; w < (int) (blockDim.x >> 5); w++) r += part[w];
+        l[blockIdx.x] = r;
+    }
+}
+
+// thread per (token, n): out = Σ_i float(B[n, i]) · l[t, i]
+static __global__ void lora_up_kernel(const __half * __restrict__ lb, int32_t rank, int64_t N, const float * __restrict__ l,
+                                      int64_t total, float * __restrict__ out) {
+    for (int64_t idx = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; idx < total; idx += (int64_t) gridDim.x * blockDim.x) {
+        const int64_t t = idx / N, n = idx % N;
+        float s = 0.0f;
+        for (int32_t i = 0; i < rank; i++) s += __half2float(lb[n * rank + i]) * l[t * rank + i];
+        out[idx] = s;
+    }
+}
+
+static unsigned grid_for(int64_t total) { return (unsigned) std::min<int64_t>(ceil_div(total, 256), 65535); }
+
+void cuda_rmsnorm_quant(const float * x, const float * in_scale, const int32_t * in_map, int32_t m, int32_t dim,
+                        int64_t kp, float eps, int8_t * out, cudaStream_t st) {
+    if (m <= 0) return;
+    rmsnorm_quant_kernel<<<m, 256, 0, st>>>(x, in_scale, in_map, dim, kp, eps, out);
+    cuda_check_launch("rmsnorm_quant_kernel");
+}
+
+void cuda_quantize_codes(const float * x, int32_t m, int32_t k, int64_t kp, int8_t * out, cudaStream_t st) {
+    if (m <= 0) return;
+    quantize_codes_kernel<<<m, 256, 0, st>>>(x, k, kp, out);
+    cuda_check_launch("quantize_codes_kernel");
+}
+
+void cuda_swiglu_quant(const float * gu, const int32_t * in_map, int32_t m, int32_t n_ff, int64_t kp, int8_t * out,
+                       cudaStream_t st) {
+    if (m <= 0) return;
+    swiglu_quant_kernel<<<m, 256, 0, st>>>(gu, in_map, n_ff, kp, out);
+    cuda_check_launch("swiglu_quant_kernel");
+}
+
+void cuda_pack_codes(const int8_t * codes, int32_t m, int64_t kp, uint8_t * packed, cudaStream_t st) {
+    const int64_t pairs = (int64_t) m * kp / 2;
+    if (pairs <= 0) return;
+    pack_codes_kernel<<<grid_for(pairs), 256, 0, st>>>(codes, pairs, packed);
+    cuda_check_launch("pack_codes_kernel");
+}
+
+void cuda_int_gemm(const void * qweight, int64_t n, int64_t kp, const uint8_t * a_packed, int32_t m, int32_t * acc,
+                   cudaStream_t st) {
+    if (kp % 64 != 0 || kp >= 131072) {
+        throw Error("CUDA int_gemm: K = " + std::to_string(kp) + " must be a multiple of 64 below 131072");
+    }
+    if (m <= 0 || n <= 0) return;
+    int_gemm_kernel<<<(unsigned) ceil_div(n * 32, 256), 256, 0, st>>>((const uint8_t *) qweight, (int32_t) n,
+                                                                       (int32_t) (kp / 2), a_packed, m, acc);
+    cuda_check_launch("int_gemm_kernel");
+}
+
+void cuda_lora(const void * lora_a, const void * lora_b, int64_t rank, int64_t n, int64_t kp, const int8_t * codes,
+               int32_t m, float * l_scratch, float * out, cudaStream_t st) {
+    if (m <= 0 || rank <= 0) return;
+    lora_down_kernel<<<(unsigned) (m * rank), 256, 0, st>>>((const __half *) lora_a, kp, codes, (int32_t) rank, l_scratch);
+    cuda_check_launch("lora_down_kernel");
+    lora_up_kernel<<<grid_for((int64_t) m * n), 256, 0, st>>>((const __half *) lora_b, (int32_t) rank, n, l_scratch,
+                                                             (int64_t) m * n, out);
+    cuda_check_launch("lora_up_kernel");
+}
+
+}  // namespace mq
