@@ -181,3 +181,16 @@ def test_chat_binary_bad_args(tiny_mq, args, match):
 def test_chat_binary_missing_model_arg():
     r = subprocess.run([chat_binary()], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "no model given" in r.stderr
+
+
+def test_cuda_requested_without_gpu(tiny_mq):
+    """device="cuda" on a machine without a usable GPU (or a build without CUDA) is a clear error;
+    device="auto" falls back to the CPU."""
+    from mergequant import _engine
+    try:
+        llm = LLM(tiny_mq, device="cuda")
+    except EngineError as e:
+        assert "device 'cuda' requested but unavailable" in str(e)
+        assert LLM(tiny_mq, device="auto").device == "cpu"
+    else:
+        assert _engine.cuda_built() and llm.device.startswith("cuda")

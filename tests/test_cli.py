@@ -113,3 +113,10 @@ def test_chat_binary_ctrl_c(smollm2_f16_mq):
     assert p.poll() is None  # still running
     out, err = p.communicate("/exit\n", timeout=60)
     assert p.returncode == 0, err
+
+
+def test_eval_kld_of_model_with_itself_is_zero(smollm2_f16_mq, shared_data):
+    r = mq("eval", str(smollm2_f16_mq), "--ppl", str(shared_data / "eval" / "wiki.test.raw"), "--window", "64",
+           "--max-windows", "1", "--kld", str(smollm2_f16_mq), "-q")
+    assert r.returncode == 0, r.stderr
+    assert "KL divergence" in r.stdout and "mean 0.000000" in r.stdout and "same top token 100.00%" in r.stdout

@@ -142,26 +142,46 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     if not a.ppl:
-        raise SystemExit("eval: nothing to do; give --ppl FILE")
+        raise SystemExit("eval: nothing to do; give --ppl FILE (and --kld BASE_MODEL for KL divergence)")
+    import numpy as np
     from tqdm import tqdm
+
+    from .llm import LLM
     llm = _load(a)
+    base = LLM(a.kld, device=a.device, n_ctx=a.ctx, threads=a.threads) if a.kld else None
     with open(a.ppl, encoding="utf-8") as f:
         text = f.read()
     ids = llm.tokenize(text, add_special=False)
     window = a.window or min(llm.n_ctx, 2048)
+    if base is not None:
+        window = min(window, base.n_ctx)
+        if base.tokenize(text[:2000], add_special=False) != llm.tokenize(text[:2000], add_special=False):
+            raise SystemExit("eval: --kld model tokenizes differently: compare models of the same tokenizer")
     n_windows = len(ids) // window
     if a.max_windows:
         n_windows = min(n_windows, a.max_windows)
     if n_windows == 0:
         raise SystemExit(f"eval: {a.ppl} has {len(ids)} tokens, fewer than one window of {window}")
-    nll, count = 0.0, 0
-    for w in tqdm(range(n_windows), desc="perplexity", unit="window", disable=a.quiet):
-        lp = llm.token_logprobs(ids[w * window:(w + 1) * window])
-        nll -= float(lp.sum())
-        count += len(lp)
+    nll, count, kld, same_top = 0.0, 0, 0.0, 0
+    for w in tqdm(range(n_windows), desc="evaluate", unit="window", disable=a.quiet):
+        win = ids[w * window:(w + 1) * window]
+        if base is None:
+            lp = llm.token_logprobs(win)
+            nll -= float(lp.sum())
+            count += len(lp)
+            continue
+        # KL(base || model) of every next-token distribution in the window: Σ p_base (log p_base - log p)
+        lq = llm.log_probs(win)[:-1]
+        lp = base.log_probs(win)[:-1]
+        nll -= float(lq[np.arange(len(lq)), win[1:]].sum())
+        kld += float((np.exp(lp) * (lp - lq)).sum())
+        same_top += int((lp.argmax(axis=1) == lq.argmax(axis=1)).sum())
+        count += len(lq)
     ppl = math.exp(nll / count)
     print(f"perplexity {ppl:.4f} over {n_windows} windows of {window} tokens ({count} predictions), "
           f"model {llm.path}, device {llm.device}")
+    if base is not None:
+        print(f"KL divergence vs {a.kld}: mean {kld / count:.6f} nats/token; same top token {same_top / count:.2%}")
     return 0
 
 
@@ -200,11 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", help="a .mq model file")
     i.set_defaults(func=cmd_inspect)
 
-    e = sub.add_parser("eval", help="perplexity of a model on a text file",
+    e = sub.add_parser("eval", help="perplexity (and KL divergence vs a base model) on a text file",
                        description="Perplexity over non-overlapping windows of the file's tokens (each window a fresh "
-                                   "context; every token after the first of a window is predicted).")
+                                   "context; every token after the first of a window is predicted); with --kld, "
+                                   "the KL divergence from a base model's distributions on the same windows.")
     _add_model_args(e, optional=False)
     e.add_argument("--ppl", metavar="FILE", help="text file (e.g. wiki.test.raw)")
+    e.add_argument("--kld", metavar="BASE_MODEL",
+                   help="also the mean KL divergence of MODEL's next-token distributions from BASE_MODEL's "
+                        "(e.g. the f16 conversion of the same checkpoint) on the same windows")
     e.add_argument("--window", type=int, default=None, help="window length in tokens (default min(n_ctx, 2048))")
     e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -171,6 +171,11 @@ class LLM:
         """log p(ids[i+1] | ids[:i+1]) for every i, in a fresh context (numpy float64 array)."""
         return self._session.token_logprobs(list(ids))
 
+    def log_probs(self, ids: Sequence[int]):
+        """Log-softmax of the next-token distribution after every token of `ids`, in a fresh context
+        (numpy float32 [len(ids), n_vocab])."""
+        return self._session.log_probs(list(ids))
+
     def logits(self, ids: Sequence[int]):
         """fp32 logits after `ids`, evaluated in a fresh context."""
         self._session.reset()

@@ -239,6 +239,49 @@ NB_MODULE(_engine, m) {
                  return nb::ndarray<nb::numpy, double, nb::ndim<1>>(out, {(size_t) (n - 1)}, owner);
              },
              "ids"_a)
+        .def("log_probs",
+             [](Session & s, const std::vector<int32_t> & ids) {
+                 // log-softmax of the logits after every token of ids, in a fresh context: [n, n_vocab]
+                 const int32_t n = (int32_t) ids.size();
+                 if (n < 1) {
+                     throw mq::ArgError("log_probs needs at least 1 token");
+                 }
+                 const int32_t nv = s.model->config().n_vocab;
+                 float * out = new float[(size_t) n * nv];
+                 try {
+                     nb::gil_scoped_release release;
+                     s.gen.reset();
+                     s.ctx->truncate(0);
+                     const int32_t chunk = 256;
+                     for (int32_t b = 0; b < n; b += chunk) {
+                         const int32_t e = std::min(n, b + chunk);
+                         const std::vector<float> & l =
+                             s.ctx->eval(std::vector<int32_t>(ids.begin() + b, ids.begin() + e), true);
+                         for (int32_t i = b; i < e; i++) {
+                             const float * row = l.data() + (size_t) (i - b) * nv;
+                             float * o = out + (size_t) i * nv;
+                             double mx = row[0];
+                             for (int32_t j = 1; j < nv; j++) {
+                                 mx = std::max(mx, (double) row[j]);
+                             }
+                             double sum = 0.0;
+                             for (int32_t j = 0; j < nv; j++) {
+                                 sum += std::exp((double) row[j] - mx);
+                             }
+                             const double lse = mx + std::log(sum);
+                             for (int32_t j = 0; j < nv; j++) {
+                                 o[j] = (float) ((double) row[j] - lse);
+                             }
+                         }
+                     }
+                 } catch (...) {
+                     delete[] out;
+                     throw;
+                 }
+                 nb::capsule owner(out, [](void * p) noexcept { delete[] (float *) p; });
+                 return nb::ndarray<nb::numpy, float, nb::ndim<2>>(out, {(size_t) n, (size_t) nv}, owner);
+             },
+             "ids"_a)
         .def("trace_codes",
              [](Session & s, const std::vector<int32_t> & ids) {
                  // the int4 input codes of every w4a4 linear while evaluating ids in a fresh context
