@@ -58,7 +58,12 @@ def _load(a: argparse.Namespace):
 
 def cmd_convert(a: argparse.Namespace) -> int:
     from .convert.convert import convert
-    method_args = {}
+    method_args = {k: v for k, v in (("no_clip", a.no_clip or None), ("no_split", a.no_split or None),
+                                      ("rank", a.rank), ("gptq", a.gptq or None), ("budget", a.budget),
+                                      ("calib", a.calib), ("calib_n", a.calib_n), ("calib_len", a.calib_len),
+                                      ("seed", a.seed)) if v is not None}
+    if method_args and not a.method:
+        raise SystemExit("convert: calibration and method options need --method")
     for kv in a.opt or []:
         if "=" not in kv:
             raise SystemExit(f"--opt expects KEY=VALUE, got {kv!r}")
@@ -196,8 +201,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="HF checkpoint directory (config.json + *.safetensors) or a .gguf file")
     c.add_argument("-o", "--output", required=True, help="output .mq file")
     c.add_argument("--scheme", default="f16", help="linear scheme when no --method is given (default f16)")
-    c.add_argument("--method", default=None, help="quantization method (e.g. rtn-w4a16, rtn-w4a4-static, mergequant)")
-    c.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
+    c.add_argument("--method", default=None,
+                   help="quantization method: mergequant (W4A4 static), rtn-w4a4-static, rtn-w4a4-dynamic, rtn-w4a16; "
+                        "none: plain --scheme")
+    m = c.add_argument_group("mergequant options (defaults: every component on)")
+    m.add_argument("--no-clip", action="store_true", help="no adaptive clipping of activation ranges / weight steps")
+    m.add_argument("--no-split", action="store_true", help="no dimensional reconstruction (channel splitting)")
+    m.add_argument("--rank", type=int, default=None, help="rank of the low-rank compensation; 0 = off")
+    m.add_argument("--gptq", action="store_true", help="GPTQ error compensation of the weights")
+    m.add_argument("--budget", type=float, default=None, help="channel-split budget as a share of K (default 0.03)")
+    cal = c.add_argument_group("calibration (static methods)")
+    cal.add_argument("--calib", default=None, help="calibration text file, or wikitext2 | c4 | wikitext2+c4 (default)")
+    cal.add_argument("--calib-n", type=int, default=None, help="calibration sequences")
+    cal.add_argument("--calib-len", type=int, default=None, help="tokens per calibration sequence")
+    cal.add_argument("--seed", type=int, default=None, help="calibration sampling seed")
+    c.add_argument("--opt", action="append", metavar="KEY=VALUE", help="any other method option (repeatable)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_convert)
 
