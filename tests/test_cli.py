@@ -25,7 +25,7 @@ def chat_binary() -> str:
     return exe
 
 
-@pytest.mark.parametrize("cmd", [[], ["convert"], ["generate"], ["chat"], ["inspect"], ["eval"]])
+@pytest.mark.parametrize("cmd", [[], ["convert"], ["generate"], ["chat"], ["inspect"], ["eval"], ["bench"]])
 def test_help(cmd):
     r = mq(*cmd, "--help")
     assert r.returncode == 0 and "usage: mergequant" in r.stdout
@@ -120,3 +120,9 @@ def test_eval_kld_of_model_with_itself_is_zero(smollm2_f16_mq, shared_data):
            "--max-windows", "1", "--kld", str(smollm2_f16_mq), "-q")
     assert r.returncode == 0, r.stderr
     assert "KL divergence" in r.stdout and "mean 0.000000" in r.stdout and "same top token 100.00%" in r.stdout
+
+
+def test_bench(smollm2_f16_mq):
+    r = mq("bench", str(smollm2_f16_mq), "-p", "32", "-n", "8", "-r", "1", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "prefill 32 tokens" in r.stdout and "decode" in r.stdout

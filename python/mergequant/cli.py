@@ -18,6 +18,7 @@ EPILOG = """examples:
   mergequant chat llama.mq
   mergequant eval llama.mq --ppl ../shared/data/eval/wiki.test.raw --ctx 512
   mergequant inspect llama.mq
+  mergequant bench llama.mq -p 512 -n 128
 """
 
 
@@ -190,6 +191,28 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    """Prefill and decode speed, llama-bench style: a prompt of random tokens, then greedy decode."""
+    import random
+    llm = _load(a)
+    rng = random.Random(0)
+    ids = [rng.randrange(llm.n_vocab) for _ in range(a.prompt)]
+    if a.prompt + a.gen > llm.n_ctx:
+        raise SystemExit(f"bench: {a.prompt} + {a.gen} tokens exceed the context of {llm.n_ctx}")
+    llm.generate(ids[:8], max_tokens=2, temperature=0.0)  # warm-up: page the weights in
+    rows = []
+    for _ in range(a.repeat):
+        llm._session.reset()
+        llm.generate(ids, max_tokens=a.gen, temperature=0.0, stop_token_ids=None)
+        rows.append(llm.last_timings)
+    pf = max(t["n_prefill"] / (t["prefill_ms"] / 1e3) for t in rows)
+    decoded = [t for t in rows if t["n_decode"]]
+    dc = max(t["n_decode"] / (t["decode_ms"] / 1e3) for t in decoded) if decoded else float("nan")
+    print(f"model {llm.path} on {llm.device} ({llm._model.n_threads} threads): "
+          f"prefill {a.prompt} tokens {pf:.1f} tok/s, decode {dc:.1f} tok/s (best of {a.repeat})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mergequant", description="Static 4-bit LLM inference: convert, run, evaluate.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
@@ -251,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="prefill and decode tokens/s of a model",
+                       description="Time the prefill of a prompt of random tokens and the greedy decode after it.")
+    _add_model_args(b, optional=True)
+    b.add_argument("-p", "--prompt", type=int, default=256, help="prompt tokens (default 256)")
+    b.add_argument("-n", "--gen", type=int, default=64, help="tokens to decode (default 64)")
+    b.add_argument("-r", "--repeat", type=int, default=2, help="runs; the best is reported (default 2)")
+    b.set_defaults(func=cmd_bench)
     return p
 
 
