@@ -7,9 +7,11 @@
 
 namespace mq {
 
-// how long a thread spins for the next event before it blocks (microseconds): long enough to cover
-// the gap between two ops of one decode step, short enough not to steal a shared core for long
+// how long an idle thread spins before it blocks (microseconds): long enough to cover the gap between
+// two ops of one decode step, short enough not to steal a shared core for long
 static constexpr int64_t SPIN_US = 200;
+// chunks per thread: small chunks keep the work a descheduled thread holds up small
+static constexpr int32_t CHUNKS_PER_THREAD = 4;
 
 static inline void cpu_relax() {
 #if defined(__x86_64__)
@@ -23,9 +25,10 @@ static int64_t now_us() {
         .count();
 }
 
-ThreadPool::ThreadPool(int32_t n_threads) : n_threads_(n_threads < 1 ? 1 : n_threads) {
+ThreadPool::ThreadPool(int32_t n_threads)
+    : n_threads_(n_threads < 1 ? 1 : n_threads), n_chunks_(n_threads_ * CHUNKS_PER_THREAD) {
     for (int32_t i = 1; i < n_threads_; i++) {
-        threads_.emplace_back([this, i] { worker(i); });
+        threads_.emplace_back([this] { worker(); });
     }
 }
 
@@ -33,11 +36,28 @@ ThreadPool::~ThreadPool() {
     {
         std::lock_guard<std::mutex> lock(mutex_);
         stop_.store(true);
-        generation_.fetch_add(1);
     }
     wake_.notify_all();
     for (auto & t : threads_) {
         t.join();
+    }
+}
+
+void ThreadPool::work_on(uint64_t gen) {
+    for (;;) {
+        uint64_t w = work_.load(std::memory_order_acquire);
+        if ((w >> 32) != gen || (int32_t) (w & 0xFFFFFFFFu) >= n_chunks_) {
+            return;  // another job by now, or nothing left to claim
+        }
+        if (!work_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel)) {
+            continue;
+        }
+        // a claimed chunk of job `gen` is not done yet, so the caller has not moved on: job_ is still ours
+        (*job_)((int32_t) (w & 0xFFFFFFFFu), n_chunks_);
+        if (done_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_chunks_) {
+            std::lock_guard<std::mutex> lock(mutex_);
+            finished_.notify_one();
+        }
     }
 }
 
@@ -46,51 +66,44 @@ void ThreadPool::run(const std::function<void(int32_t, int32_t)> & fn) {
         fn(0, 1);
         return;
     }
+    const uint64_t gen = (work_.load() >> 32) + 1;
     {
         std::lock_guard<std::mutex> lock(mutex_);
         job_ = &fn;
-        pending_.store(n_threads_ - 1);
-        generation_.fetch_add(1, std::memory_order_release);
+        done_.store(0);
+        work_.store(gen << 32, std::memory_order_release);
     }
     wake_.notify_all();
-    fn(0, n_threads_);
-    int64_t t0 = now_us();
-    while (pending_.load(std::memory_order_acquire) != 0) {
+    work_on(gen);
+    const int64_t t0 = now_us();
+    while (done_.load(std::memory_order_acquire) != n_chunks_) {
         if (now_us() - t0 > SPIN_US) {
             std::unique_lock<std::mutex> lock(mutex_);
-            done_.wait(lock, [this] { return pending_.load() == 0; });
+            finished_.wait(lock, [this] { return done_.load() == n_chunks_; });
             break;
         }
         cpu_relax();
     }
 }
 
-void ThreadPool::worker(int32_t ith) {
+void ThreadPool::worker() {
     uint64_t seen = 0;
     for (;;) {
-        int64_t t0 = now_us();
-        while (generation_.load(std::memory_order_acquire) == seen) {
+        const int64_t t0 = now_us();
+        uint64_t gen;
+        while ((gen = work_.load(std::memory_order_acquire) >> 32) == seen && !stop_.load()) {
             if (now_us() - t0 > SPIN_US) {
                 std::unique_lock<std::mutex> lock(mutex_);
-                wake_.wait(lock, [this, seen] { return generation_.load() != seen; });
+                wake_.wait(lock, [this, seen] { return (work_.load() >> 32) != seen || stop_.load(); });
                 break;
             }
             cpu_relax();
         }
-        const std::function<void(int32_t, int32_t)> * job;
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            seen = generation_.load();
-            if (stop_.load()) {
-                return;
-            }
-            job = job_;
+        if (stop_.load()) {
+            return;
         }
-        (*job)(ith, n_threads_);
-        if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-            std::lock_guard<std::mutex> lock(mutex_);
-            done_.notify_one();
-        }
+        seen = work_.load(std::memory_order_acquire) >> 32;
+        work_on(seen);
     }
 }
 
