@@ -1,5 +1,6 @@
 """The CUDA backend against the CPU backend through the Python API: logits of a prompt and greedy
-generations on the tiny random model and on the default model (SmolLM2-135M, f16). Skipped where the
+generations on the tiny random model (every scheme the converter emits) and on the default model
+(SmolLM2-135M, f16 and the mergequant method); decode with and without the CUDA graph. Skipped where the
 extension has no CUDA backend or no GPU is present. Op-level checks: engine/backends/cuda/test-cuda-ops.cpp."""
 from __future__ import annotations
 
@@ -33,6 +34,23 @@ def tiny_mq(tiny_hf_checkpoint, tmp_path_factory):
     return convert(ck.path, tmp_path_factory.mktemp("tiny_cuda") / "tiny-f16.mq", progress=False)
 
 
+@pytest.fixture(scope="module", params=["w4a16g", "w4a4d"])
+def tiny_4bit_mq(request, tiny_hf_checkpoint, tmp_path_factory):
+    from mergequant.convert import convert
+
+    ck = tiny_hf_checkpoint(hidden_size=256, intermediate_size=704, max_position_embeddings=1024)
+    out = tmp_path_factory.mktemp("tiny_cuda") / f"tiny-{request.param}.mq"
+    return convert(ck.path, out, scheme=request.param, progress=False)
+
+
+@pytest.fixture(scope="module")
+def smollm2_mergequant_mq(smollm2_gguf_path, tmp_path_factory):
+    from mergequant.convert import convert
+
+    out = tmp_path_factory.mktemp("smollm2_mq") / "smollm2-mergequant.mq"
+    return convert(smollm2_gguf_path, out, method="mergequant", calib_n=4, calib_len=128, progress=False)
+
+
 def test_tiny_logits_match_cpu(tiny_mq):
     gpu = _cuda_llm(tiny_mq)
     cpu = LLM(tiny_mq, device="cpu")
@@ -51,3 +69,37 @@ def test_default_model_logits_and_greedy_match_cpu(smollm2_f16_mq, prompt):
     a = cpu.generate(prompt, max_tokens=32, temperature=0.0)
     b = gpu.generate(prompt, max_tokens=32, temperature=0.0)
     assert a == b
+
+
+def test_tiny_4bit_logits_and_greedy_match_cpu(tiny_4bit_mq):
+    gpu = _cuda_llm(tiny_4bit_mq)
+    cpu = LLM(tiny_4bit_mq, device="cpu")
+    rng = np.random.default_rng(1)
+    for n in (1, 9, 300):
+        ids = rng.integers(0, cpu.n_vocab, n).tolist()
+        assert _max_rel(np.asarray(cpu.logits(ids)), np.asarray(gpu.logits(ids))) <= 1e-3
+    ids = rng.integers(0, cpu.n_vocab, 12).tolist()
+    assert cpu.generate(ids, max_tokens=24, temperature=0.0) == gpu.generate(ids, max_tokens=24, temperature=0.0)
+
+
+def test_decode_graph_matches_op_by_op(tiny_mq, monkeypatch):
+    # the decode step replays a CUDA graph from its second call on; MERGEQUANT_CUDA_GRAPHS=0 (read when the
+    # model's backend is made) launches every op instead: the generations must be the same token for token
+    graph = _cuda_llm(tiny_mq)
+    monkeypatch.setenv("MERGEQUANT_CUDA_GRAPHS", "0")
+    plain = _cuda_llm(tiny_mq)
+    rng = np.random.default_rng(2)
+    for n in (3, 300):
+        prompt = rng.integers(0, graph.n_vocab, n).tolist()
+        a = graph.generate(prompt, max_tokens=40, temperature=0.0)
+        b = plain.generate(prompt, max_tokens=40, temperature=0.0)
+        assert a == b
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_default_model_mergequant_greedy_matches_cpu(smollm2_mergequant_mq, prompt):
+    gpu = _cuda_llm(smollm2_mergequant_mq)
+    cpu = LLM(smollm2_mergequant_mq, device="cpu")
+    ids = cpu.tokenize(prompt)
+    assert _max_rel(np.asarray(cpu.logits(ids)), np.asarray(gpu.logits(ids))) <= 1e-3
+    assert cpu.generate(prompt, max_tokens=32, temperature=0.0) == gpu.generate(prompt, max_tokens=32, temperature=0.0)

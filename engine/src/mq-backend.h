@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -99,6 +100,18 @@ public:
 
     // bytes of one cache element
     virtual size_t kv_elem_size() const = 0;
+
+    // --- whole-step replay (the decode step) ----------------------------------------------------------
+    // Runs the ops that record() issues. A backend may capture them on a first call for `key` and replay
+    // that capture on later calls with the same key instead of calling record() again: record() must then
+    // issue the same ops on the same buffers every time, with everything that varies (ids, positions)
+    // read from device memory. The default runs record() each time.
+    virtual void run_step(const void * key, const std::function<void()> & record) {
+        (void) key;
+        record();
+    }
+    // drops what run_step kept for `key` (its owner is going away)
+    virtual void forget_step(const void * key) { (void) key; }
 };
 
 std::unique_ptr<Backend> backend_cpu_create(int32_t n_threads);

@@ -48,6 +48,7 @@ Context::Context(std::shared_ptr<const Model> model, const ContextParams & param
 }
 
 Context::~Context() {
+    be_.forget_step(this);
     for (void * p : k_cache_) {
         be_.free(p);
     }
@@ -96,8 +97,7 @@ const std::vector<float> & Context::eval(const std::vector<int32_t> & tokens, bo
 
 // One forward pass over m tokens at positions pos0..pos0+m-1 (docs/numerics.md: f16 path).
 void Context::forward_chunk(const int32_t * ids, int32_t m, int32_t pos0, bool all_logits, float * logits_out) {
-    const Model & M = *model_;
-    const Config & c = M.config();
+    const Config & c = model_->config();
     std::vector<int32_t> pos(m);
     for (int32_t i = 0; i < m; i++) {
         pos[i] = pos0 + i;
@@ -105,7 +105,28 @@ void Context::forward_chunk(const int32_t * ids, int32_t m, int32_t pos0, bool a
     be_.upload(ids_, ids, m * sizeof(int32_t));
     be_.upload(pos_, pos.data(), m * sizeof(int32_t));
     AttentionShape as{c.n_head, c.n_head_kv, c.head_dim, n_ctx_};
+    // logits only for the rows asked for: all of them, or the last one
+    const int32_t first = all_logits ? 0 : m - 1;
+    const int32_t rows = m - first;
+    auto ops = [&]() { forward_ops(m, as, logits_out ? first : -1, rows); };
+    // a decode step issues the same ops on the same buffers every time (the token id and position are
+    // read from ids_/pos_ on the device), so the backend may capture it once and replay it; a code trace
+    // downloads between the ops, which a capture cannot hold
+    if (m == 1 && logits_out && !code_trace_) {
+        be_.run_step(this, ops);
+    } else {
+        ops();
+    }
+    if (logits_out) {
+        be_.download(logits_out, logits_, (size_t) rows * c.n_vocab * sizeof(float));
+    }
+}
 
+// The ops of one forward pass over m tokens whose ids and positions are in ids_/pos_; the final norm and
+// lm_head for rows [first, first + rows) when first >= 0.
+void Context::forward_ops(int32_t m, const AttentionShape & as, int32_t first, int32_t rows) {
+    const Model & M = *model_;
+    const Config & c = M.config();
     be_.embed_f16(M.token_embd, ids_, m, c.n_embd, x_);
     for (int32_t l = 0; l < c.n_layer; l++) {
         const LayerWeights & L = M.layers[l];
@@ -124,15 +145,11 @@ void Context::forward_chunk(const int32_t * ids, int32_t m, int32_t pos0, bool a
         be_.swiglu(gu_, m, c.n_ff, act_);
         be_.linear(L.ffn_down, act_, m, x_, true);  // residual: x += act · Wdᵀ
     }
-    if (!logits_out) {
+    if (first < 0) {
         return;
     }
-    // logits only for the rows asked for: all of them, or the last one
-    const int32_t first = all_logits ? 0 : m - 1;
-    const int32_t rows = m - first;
     be_.rmsnorm(x_ + (size_t) first * c.n_embd, (const float *) M.output_norm, rows, c.n_embd, c.rms_eps, h_);
     be_.linear(M.output, h_, rows, logits_, false);
-    be_.download(logits_out, logits_, (size_t) rows * c.n_vocab * sizeof(float));
 }
 
 // A static W4A4 block (docs/numerics.md): int4 codes between the ops, floats only for q/k/v, gate/up

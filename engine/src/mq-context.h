@@ -46,6 +46,7 @@ private:
     void forward_layer_w4a4(int32_t l, int32_t m, const AttentionShape & as);
     void trace_codes(const Linear & lin, int32_t m);
     void forward_chunk(const int32_t * ids, int32_t n, int32_t pos0, bool all_logits, float * logits_out);
+    void forward_ops(int32_t m, const AttentionShape & as, int32_t first, int32_t rows);
 
     std::shared_ptr<const Model> model_;
     Backend & be_;

@@ -2,11 +2,14 @@
 // fp32 activations, fp16 KV cache, int4 codes one per int8 between the static W4A4 ops (docs/numerics.md);
 // weights uploaded once by prepare_linear, in the file's layout. Each op
 // lives in its own op.cu with a header declaring its launcher; this file glues them to the interface.
+// Decode steps are captured in a CUDA graph per context and replayed (run_step); MERGEQUANT_CUDA_GRAPHS=0
+// turns that off (every step launched op by op), for comparisons.
 #include "attention.cuh"
 #include "cuda-common.cuh"
 #include "embed.cuh"
 #include "kv-store.cuh"
 #include "linear-f16.cuh"
+#include "linear-w4a16g.cuh"
 #include "linear-w4a4.cuh"
 #include "quantize.cuh"
 #include "rmsnorm.cuh"
@@ -19,6 +22,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <tuple>
 #include <vector>
@@ -30,8 +35,11 @@ public:
     explicit BackendCuda(int32_t device) : device_(device) {
         cuda_check(cudaSetDevice(device), "cudaSetDevice");
         cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+        const char * env = std::getenv("MERGEQUANT_CUDA_GRAPHS");
+        graphs_ = !(env && std::strcmp(env, "0") == 0);
     }
     ~BackendCuda() override {
+        for (auto & kv : steps_) if (kv.second.exec) cudaGraphExecDestroy(kv.second.exec);
         for (auto & kv : inv_freq_) cudaFree(kv.second);
         if (scratch_) cudaFree(scratch_);
         cudaStreamDestroy(stream_);
@@ -59,7 +67,8 @@ public:
     }
     void synchronize() override { cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
 
-    // device copies of a w4a4 linear's tensors (absent ones stay nullptr)
+    // device copies of a 4-bit linear's tensors (absent ones stay nullptr): w4a4 has them all, w4a4d
+    // qweight and scale, w4a16g qweight and its fp16 group scales in `scale`
     struct W4A4 {
         void * qweight = nullptr;
         float * scale = nullptr;
@@ -70,13 +79,27 @@ public:
     };
 
     void prepare_linear(Linear & lin) override {
+        auto copy = [&](const TensorView * t) { return t ? upload_copy(t->data, t->nbytes) : nullptr; };
+        if (lin.scheme == "w4a16g" || lin.scheme == "w4a4d") {
+            const bool g = lin.scheme == "w4a16g";
+            if (!lin.qweight || !lin.scale || (g ? lin.k % 64 != 0 || lin.group % 64 != 0 : lin.kp % 64 != 0)) {
+                throw Error("linear '" + lin.name + "': " + lin.scheme + " needs qweight, scale and " +
+                            (g ? "K and the group size multiples of 64 (K = " + std::to_string(lin.k) + ", group = " +
+                                     std::to_string(lin.group) + ")"
+                               : "kp % 64 == 0 (kp = " + std::to_string(lin.kp) + ")"));
+            }
+            W4A4 * p = new W4A4();
+            p->qweight = copy(lin.qweight);
+            p->scale = (float *) copy(lin.scale);
+            lin.prepared = p;
+            return;
+        }
         if (lin.scheme == "w4a4") {
             if (!lin.qweight || !lin.scale || lin.kp % 64 != 0 || (lin.rank > 0 && (!lin.lora_a || !lin.lora_b))) {
                 throw Error("linear '" + lin.name + "': w4a4 needs qweight, scale (and lora_a/lora_b when rank > 0) "
                             "and kp % 64 == 0 (kp = " + std::to_string(lin.kp) + ")");
             }
             W4A4 * p = new W4A4();
-            auto copy = [&](const TensorView * t) { return t ? upload_copy(t->data, t->nbytes) : nullptr; };
             p->qweight = copy(lin.qweight);
             p->scale = (float *) copy(lin.scale);
             p->in_scale = (float *) copy(lin.in_scale);
@@ -97,11 +120,11 @@ public:
             return;
         }
         throw Error("linear '" + lin.name + "': the CUDA backend does not support scheme '" + lin.scheme +
-                    "' yet (f16 and w4a4 are supported; use device='cpu')");
+                    "' (f16, w4a16g, w4a4d and w4a4 are supported)");
     }
     void release_linear(Linear & lin) override {
         if (!lin.prepared) return;
-        if (lin.scheme == "w4a4") {
+        if (lin.scheme != "f16") {
             W4A4 * p = (W4A4 *) lin.prepared;
             for (void * d : {p->qweight, (void *) p->scale, (void *) p->in_scale, (void *) p->in_map, p->lora_a, p->lora_b}) {
                 if (d) free(d);
@@ -125,12 +148,27 @@ public:
         cuda_rmsnorm(x, w, n_rows, dim, eps, out, stream_);
     }
     void linear(const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) override {
-        if (lin.scheme != "f16" || !lin.prepared) {
-            throw Error("linear '" + lin.name + "': scheme '" + lin.scheme + "' takes no float input on the CUDA backend "
-                        "(f16 does; w4a4 goes through linear_codes)");
+        if (!lin.prepared) throw Error("linear '" + lin.name + "' was not prepared on the CUDA backend");
+        if (lin.scheme == "f16") {
+            void * scratch = scratch_for(cuda_linear_f16_scratch(m, lin.k));
+            cuda_linear_f16(lin.prepared, lin.n, lin.k, x, m, y, accumulate, scratch, stream_);
+        } else if (lin.scheme == "w4a16g") {
+            const W4A4 & p = *(const W4A4 *) lin.prepared;
+            void * scratch = scratch_for(cuda_linear_w4a16g_scratch(m, lin.n, lin.k));
+            cuda_linear_w4a16g(p.qweight, p.scale, lin.n, lin.k, lin.group, x, m, y, accumulate, scratch, stream_);
+        } else if (lin.scheme == "w4a4d") {
+            // per-token codes and steps, then the w4a4 GEMV/GEMM with the step in its epilogue:
+            // y = (float(acc) · scale[n]) · step[t]
+            const W4A4 & p = *(const W4A4 *) lin.prepared;
+            const size_t packed_bytes = ((size_t) m * lin.kp / 2 + 255) / 256 * 256;
+            uint8_t * packed = (uint8_t *) scratch_for(packed_bytes + (size_t) m * sizeof(float));
+            float * step = (float *) (packed + packed_bytes);
+            cuda_quantize_dynamic(x, m, (int32_t) lin.k, lin.kp, packed, step, stream_);
+            cuda_linear_w4a4(p.qweight, p.scale, nullptr, step, lin.n, lin.kp, packed, m, y, accumulate, stream_);
+        } else {
+            throw Error("linear '" + lin.name + "': scheme '" + lin.scheme + "' takes integer codes, not floats "
+                        "(it goes through linear_codes)");
         }
-        void * scratch = scratch_for(cuda_linear_f16_scratch(m, lin.k));
-        cuda_linear_f16(lin.prepared, lin.n, lin.k, x, m, y, accumulate, scratch, stream_);
     }
     void rope(float * qkv, int32_t n_tokens, int32_t row_stride, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
               const int32_t * pos, const RopeParams & rp) override {
@@ -184,10 +222,53 @@ public:
             cuda_lora(p.lora_a, p.lora_b, lin.rank, lin.n, lin.kp, a, m, l, lora, stream_);
         }
         cuda_pack_codes(a, m, lin.kp, packed, stream_);
-        cuda_linear_w4a4(p.qweight, p.scale, lora, lin.n, lin.kp, packed, m, y, accumulate, stream_);
+        cuda_linear_w4a4(p.qweight, p.scale, lora, nullptr, lin.n, lin.kp, packed, m, y, accumulate, stream_);
     }
 
     size_t kv_elem_size() const override { return 2; }  // fp16
+
+    // First call per key: run the ops eagerly, so one-time work (scratch growth, kernel attributes) happens
+    // outside a capture. Second call: capture them into a graph and launch it. Later calls: launch it. The
+    // graph holds the buffer pointers of the capture, so it is dropped when the scratch buffer moves.
+    void run_step(const void * key, const std::function<void()> & record) override {
+        if (!graphs_) {
+            record();
+            return;
+        }
+        Step & s = steps_[key];
+        if (!s.exec && !s.seen) {
+            s.seen = true;
+            record();
+            return;
+        }
+        if (!s.exec) {
+            cuda_check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+            capturing_ = true;
+            try {
+                record();
+            } catch (...) {
+                capturing_ = false;
+                cudaGraph_t g = nullptr;
+                cudaStreamEndCapture(stream_, &g);
+                if (g) cudaGraphDestroy(g);
+                cudaGetLastError();  // the failed capture's error is the one thrown
+                throw;
+            }
+            capturing_ = false;
+            cudaGraph_t g = nullptr;
+            cuda_check(cudaStreamEndCapture(stream_, &g), "cudaStreamEndCapture (decode step)");
+            const cudaError_t err = cudaGraphInstantiate(&s.exec, g, 0);
+            cudaGraphDestroy(g);
+            cuda_check(err, "cudaGraphInstantiate (decode step)");
+        }
+        cuda_check(cudaGraphLaunch(s.exec, stream_), "cudaGraphLaunch (decode step)");
+    }
+    void forget_step(const void * key) override {
+        auto it = steps_.find(key);
+        if (it == steps_.end()) return;
+        if (it->second.exec) cudaGraphExecDestroy(it->second.exec);
+        steps_.erase(it);
+    }
 
 private:
     const W4A4 & w4a4_of(const Linear & lin) const {
@@ -196,11 +277,20 @@ private:
         }
         return *(const W4A4 *) lin.prepared;
     }
-    // grows the scratch buffer (never inside a captured decode step: decode sizes need none)
+    // grows the scratch buffer; captured steps that point into the old one are dropped (and captured
+    // again at their next call)
     void * scratch_for(size_t bytes) {
         if (bytes == 0) return nullptr;
         if (bytes > scratch_bytes_) {
+            if (capturing_) {
+                throw Error("CUDA: the scratch buffer would grow inside a captured decode step (" +
+                            std::to_string(bytes) + " bytes asked, " + std::to_string(scratch_bytes_) + " held)");
+            }
             synchronize();
+            for (auto & kv : steps_) {
+                if (kv.second.exec) cudaGraphExecDestroy(kv.second.exec);
+                kv.second.exec = nullptr;
+            }
             if (scratch_) free(scratch_);
             scratch_ = alloc(bytes);
             scratch_bytes_ = bytes;
@@ -220,8 +310,14 @@ private:
         return d;
     }
 
+    struct Step {
+        bool seen = false;  // run eagerly once
+        cudaGraphExec_t exec = nullptr;
+    };
     int32_t device_;
     cudaStream_t stream_ = nullptr;
+    bool graphs_ = true, capturing_ = false;
+    std::map<const void *, Step> steps_;
     void * scratch_ = nullptr;
     size_t scratch_bytes_ = 0;
     std::map<std::tuple<int32_t, float, float, float, float, int32_t>, double *> inv_freq_;

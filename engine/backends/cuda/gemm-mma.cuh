@@ -1,6 +1,6 @@
 // The tiled tensor-core GEMM shared by the linear ops for prefill (M > 8):
-//   y[m][n] = epilogue(float(Σ_k A[m][k]·B[n][k]) · scale[n] + add[m][n]), A [M][K] activations, B [N][K]
-//   weights, row-major along K; scale and add optional.
+//   y[m][n] = epilogue((float(Σ_k A[m][k]·B[n][k]) · scale[n] + add[m][n]) · row_scale[m]), A [M][K]
+//   activations, B [N][K] weights, row-major along K; scale, add and row_scale optional.
 // A 128x128 output tile per block of 8 warps (2 x 4, warp tile 64x32). K advances in chunks of 64 bytes
 // per row (128 int4 or 32 fp16 values) staged in shared memory by cp.async, 4 stages deep, zero-filled
 // past M, N and K; fragments are read with 16-byte shared loads (a quarter-warp reads 128 contiguous
@@ -35,7 +35,8 @@ __device__ __forceinline__ float gemm_value(typename Fmt::acc_t s, const float *
 template <class Fmt>
 __global__ void __launch_bounds__(256) gemm_mma_kernel(const uint8_t * __restrict__ A, const uint8_t * __restrict__ B,
                                                        const float * __restrict__ scale, const float * __restrict__ add,
-                                                       void * __restrict__ y, int M, int N, int kb, int epilogue) {
+                                                       const float * __restrict__ row_scale, void * __restrict__ y, int M,
+                                                       int N, int kb, int epilogue) {
     constexpr int BM = GEMM_BM, ROWS = GEMM_BM + GEMM_BN, STAGES = GEMM_STAGES;
     using acc_t = typename Fmt::acc_t;
     extern __shared__ uint4 smem[];  // [STAGES][ROWS][4]
@@ -114,6 +115,10 @@ __global__ void __launch_bounds__(256) gemm_mma_kernel(const uint8_t * __restric
                 if (add) {  // v = float(acc) · scale + add (the low-rank branch), before accumulating
                     v0 += add[(size_t) m * N + n];
                     if (has1) v1 += add[(size_t) m * N + n + 1];
+                }
+                if (row_scale) {  // per-token dynamic step (w4a4d): v = (float(acc) · scale) · step[m], rounded
+                    v0 = __fmul_rn(v0, row_scale[m]);  // before the accumulate (no fused multiply-add), as on the CPU
+                    v1 = __fmul_rn(v1, row_scale[m]);
                 }
                 if (epilogue == GEMM_REQUANT4) {
                     const int q0 = max(-8, min(7, __float2int_rn(v0))), q1 = max(-8, min(7, __float2int_rn(v1)));

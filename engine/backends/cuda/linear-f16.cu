@@ -152,10 +152,10 @@ void cuda_linear_f16(const void * w, int64_t n, int64_t k, const float * x, int3
         smem_set = true;
     }
     const dim3 grid((unsigned) ceil_div(n, GEMM_BN), (unsigned) ceil_div(m, GEMM_BM));
-    gemm_mma_kernel<FmtF16><<<grid, 256, GEMM_SMEM, st>>>((const uint8_t *) hi, (const uint8_t *) w, nullptr, nullptr, y, m, (int) n,
+    gemm_mma_kernel<FmtF16><<<grid, 256, GEMM_SMEM, st>>>((const uint8_t *) hi, (const uint8_t *) w, nullptr, nullptr, nullptr, y, m, (int) n,
                                                           (int) (2 * k), accumulate ? GEMM_ACCUMULATE : GEMM_STORE);
     cuda_check_launch("gemm_mma_kernel<f16> (hi)");
-    gemm_mma_kernel<FmtF16><<<grid, 256, GEMM_SMEM, st>>>((const uint8_t *) lo, (const uint8_t *) w, nullptr, nullptr, y, m, (int) n,
+    gemm_mma_kernel<FmtF16><<<grid, 256, GEMM_SMEM, st>>>((const uint8_t *) lo, (const uint8_t *) w, nullptr, nullptr, nullptr, y, m, (int) n,
                                                           (int) (2 * k), GEMM_ACCUMULATE);
     cuda_check_launch("gemm_mma_kernel<f16> (lo)");
 }

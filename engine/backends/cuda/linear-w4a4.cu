@@ -16,7 +16,7 @@ constexpr int W4_WARPS = 8, W4_U = 4, W4_NT = 2, W4_MAX_M = 16;
 
 static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t * __restrict__ a, const uint8_t * __restrict__ w,
                                                                   const float * __restrict__ scale, const float * __restrict__ add,
-                                                                  float * __restrict__ y,
+                                                                  const float * __restrict__ row_scale, float * __restrict__ y,
                                                                   int M, int N, int kb, int accumulate) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     // rows past M or N are read from a valid row and only feed outputs that are never written
@@ -75,16 +75,19 @@ static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t 
     for (int v = 0; v < W4_WARPS; v++) s0 += red[v][i][2 * h][l], s1 += red[v][i][2 * h + 1][l];
     float * yo = y + (size_t) m * N + n;
     const float * ad = add ? add + (size_t) m * N + n : nullptr;
-    const float v0 = gemm_value<FmtI4>(s0, scale, n) + (ad ? ad[0] : 0.0f);
+    // v·1.0f is exact: no effect without a row scale; __fmul_rn rounds the product before the accumulate (no
+    // fused multiply-add), as the CPU backend does
+    const float rs = row_scale ? row_scale[m] : 1.0f;
+    const float v0 = __fmul_rn(gemm_value<FmtI4>(s0, scale, n) + (ad ? ad[0] : 0.0f), rs);
     if (accumulate) yo[0] += v0; else yo[0] = v0;
     if (n + 1 < N) {
-        const float v1 = gemm_value<FmtI4>(s1, scale, n + 1) + (ad ? ad[1] : 0.0f);
+        const float v1 = __fmul_rn(gemm_value<FmtI4>(s1, scale, n + 1) + (ad ? ad[1] : 0.0f), rs);
         if (accumulate) yo[1] += v1; else yo[1] = v1;
     }
 }
 
-void cuda_linear_w4a4(const void * qweight, const float * scale, const float * add, int64_t n, int64_t kp, const void * a,
-                      int32_t m, float * y, bool accumulate, cudaStream_t st) {
+void cuda_linear_w4a4(const void * qweight, const float * scale, const float * add, const float * row_scale, int64_t n,
+                      int64_t kp, const void * a, int32_t m, float * y, bool accumulate, cudaStream_t st) {
     if (kp % 64 != 0 || kp <= 0 || kp >= 131072 || n <= 0) {
         throw Error("CUDA w4a4 linear: K = " + std::to_string(kp) + " must be a positive multiple of 64 below 131072 "
                     "(int32 range of the 16x-scaled products), N = " + std::to_string(n) + " positive");
@@ -93,7 +96,7 @@ void cuda_linear_w4a4(const void * qweight, const float * scale, const float * a
     const int kb = (int) (kp / 2);
     if (m <= W4_MAX_M) {
         gemv_w4a4_kernel<<<(unsigned) ceil_div(n, 8 * W4_NT), 256, 0, st>>>(
-            (const uint8_t *) a, (const uint8_t *) qweight, scale, add, y, m, (int) n, kb, accumulate ? 1 : 0);
+            (const uint8_t *) a, (const uint8_t *) qweight, scale, add, row_scale, y, m, (int) n, kb, accumulate ? 1 : 0);
         cuda_check_launch("gemv_w4a4_kernel");
         return;
     }
@@ -104,7 +107,7 @@ void cuda_linear_w4a4(const void * qweight, const float * scale, const float * a
         smem_set = true;
     }
     const dim3 grid((unsigned) ceil_div(n, GEMM_BN), (unsigned) ceil_div(m, GEMM_BM));
-    gemm_mma_kernel<FmtI4><<<grid, 256, GEMM_SMEM, st>>>((const uint8_t *) a, (const uint8_t *) qweight, scale, add, y,
+    gemm_mma_kernel<FmtI4><<<grid, 256, GEMM_SMEM, st>>>((const uint8_t *) a, (const uint8_t *) qweight, scale, add, row_scale, y,
                                                          m, (int) n, kb, accumulate ? GEMM_ACCUMULATE : GEMM_STORE);
     cuda_check_launch("gemm_mma_kernel<w4a4>");
 }

@@ -66,6 +66,35 @@ static __global__ void swiglu_quant_kernel(const float * __restrict__ gu, const 
     }
 }
 
+// w4a4d: one block per row. amax = max_k |x[k]|; a = clamp(rint(x · (7 / amax))) straight into packed int4
+// (the GEMM's operand), step = amax / 7 (both fp32 divisions, as the CPU backend); amax = 0 gives a = 0.
+static __global__ void quantize_dynamic_kernel(const float * __restrict__ x, int32_t k, int64_t kp,
+                                               uint8_t * __restrict__ packed, float * __restrict__ step) {
+    const float * xr = x + (size_t) blockIdx.x * k;
+    float amax = 0.0f;
+    for (int32_t i = threadIdx.x; i < k; i += blockDim.x) amax = fmaxf(amax, fabsf(xr[i]));
+    for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    __shared__ float part[32];
+    __shared__ float amax_row;
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = amax;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float a = 0.0f;
+        for (int i = 0; i < (int) (blockDim.x >> 5); i++) a = fmaxf(a, part[i]);
+        amax_row = a;
+        step[blockIdx.x] = a / 7.0f;
+    }
+    __syncthreads();
+    const float a = amax_row, inv = a > 0.0f ? 7.0f / a : 0.0f;
+    uint8_t * o = packed + (size_t) blockIdx.x * (kp / 2);
+    for (int64_t i = threadIdx.x; i < kp / 2; i += blockDim.x) {
+        const int64_t k0 = 2 * i;
+        const int32_t c0 = k0 < k ? round_clamp(xr[k0] * inv, -8, 7) : 0;
+        const int32_t c1 = k0 + 1 < k ? round_clamp(xr[k0 + 1] * inv, -8, 7) : 0;
+        o[i] = (uint8_t) ((c0 & 15) | ((c1 & 15) << 4));
+    }
+}
+
 static __global__ void pack_codes_kernel(const int8_t * __restrict__ codes, int64_t total_pairs, uint8_t * __restrict__ packed) {
     for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < total_pairs; i += (int64_t) gridDim.x * blockDim.x) {
         packed[i] = (uint8_t) ((codes[2 * i] & 15) | ((codes[2 * i + 1] & 15) << 4));
@@ -141,6 +170,13 @@ void cuda_swiglu_quant(const float * gu, const int32_t * in_map, int32_t m, int3
     if (m <= 0) return;
     swiglu_quant_kernel<<<m, 256, 0, st>>>(gu, in_map, n_ff, kp, out);
     cuda_check_launch("swiglu_quant_kernel");
+}
+
+void cuda_quantize_dynamic(const float * x, int32_t m, int32_t k, int64_t kp, uint8_t * packed, float * step,
+                           cudaStream_t st) {
+    if (m <= 0) return;
+    quantize_dynamic_kernel<<<m, 256, 0, st>>>(x, k, kp, packed, step);
+    cuda_check_launch("quantize_dynamic_kernel");
 }
 
 void cuda_pack_codes(const int8_t * codes, int32_t m, int64_t kp, uint8_t * packed, cudaStream_t st) {

@@ -12,6 +12,10 @@ void cuda_quantize_codes(const float * x, int32_t m, int32_t k, int64_t kp, int8
 // z_j = silu(g_j) · u_j of rows [gate | up] (n_ff each), expanded into slots
 void cuda_swiglu_quant(const float * gu, const int32_t * in_map, int32_t m, int32_t n_ff, int64_t kp, int8_t * out,
                        cudaStream_t st);
+// w4a4d per-token dynamic quantization: step[t] = amax_t / 7, codes clamp(rint(x · (7 / amax_t)), -8, 7) for the
+// k channels (0 up to kp; all 0 when amax_t = 0), written packed [m, kp/2] like cuda_pack_codes
+void cuda_quantize_dynamic(const float * x, int32_t m, int32_t k, int64_t kp, uint8_t * packed, float * step,
+                           cudaStream_t st);
 // int8 codes [m, kp] -> packed int4 [m, kp/2], even k in the low nibble (the GEMM's operand layout)
 void cuda_pack_codes(const int8_t * codes, int32_t m, int64_t kp, uint8_t * packed, cudaStream_t st);
 // acc[t, n] = Σ_k a[t, k] · q[n, k], exact int32; a packed like q

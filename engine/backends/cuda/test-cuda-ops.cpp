@@ -12,8 +12,10 @@
 
 #include <cuda_runtime.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <array>
 #include <cstring>
 #include <memory>
@@ -195,6 +197,67 @@ static void test_ops(Backend & cpu, Backend & gpu) {
     }
 }
 
+// The 4-bit schemes with float inputs, w4a16g (fp16 group scales, groups of 64 and 128) and w4a4d
+// (per-token dynamic int4 codes, K not a multiple of 64 so the padding slots are used), at decode (GEMV)
+// and prefill (GEMM) sizes, both accumulate modes. Random packed codes and scales.
+static void test_linear_4bit(Backend & cpu, Backend & gpu) {
+    printf("linear w4a16g / w4a4d, CPU vs CUDA:\n");
+    std::mt19937 rng(555);
+    struct Case {
+        const char * scheme;
+        int n, k;
+    };
+    for (const Case & cs : {Case{"w4a16g", 960, 576}, Case{"w4a16g", 200, 1536}, Case{"w4a16g", 3072, 1024},
+                            Case{"w4a4d", 960, 576}, Case{"w4a4d", 200, 1000}, Case{"w4a4d", 4096, 11008}}) {
+        const bool g16 = std::string(cs.scheme) == "w4a16g";
+        const int N = cs.n, K = cs.k, kp = g16 ? K : (K + 63) / 64 * 64, group = K % 128 == 0 ? 128 : 64;
+        std::vector<uint8_t> q((size_t) N * kp / 2);
+        for (auto & b : q) b = (uint8_t) rng();
+        if (!g16) {  // padding slots hold code 0
+            for (int r = 0; r < N; r++)
+                for (int s = K; s < kp; s += 2) q[(size_t) r * kp / 2 + s / 2] = 0;
+        }
+        std::vector<uint16_t> s16((size_t) N * (K / group));
+        for (auto & h : s16) h = f32_to_f16(std::uniform_real_distribution<float>(1e-3f, 2e-2f)(rng));
+        std::vector<float> s32(N);
+        for (auto & f : s32) f = std::uniform_real_distribution<float>(1e-3f, 2e-2f)(rng);
+        TensorView tq, ts;
+        tq.name = "test.qweight", tq.dtype = DTYPE_U8, tq.shape = {N, kp / 2}, tq.data = q.data(), tq.nbytes = q.size();
+        ts.name = "test.scale";
+        if (g16) {
+            ts.dtype = DTYPE_F16, ts.shape = {N, K / group}, ts.data = (const uint8_t *) s16.data(), ts.nbytes = s16.size() * 2;
+        } else {
+            ts.dtype = DTYPE_F32, ts.shape = {N}, ts.data = (const uint8_t *) s32.data(), ts.nbytes = s32.size() * 4;
+        }
+        Linear lc, lg;
+        for (Linear * l : {&lc, &lg}) {
+            l->name = "test", l->scheme = cs.scheme, l->n = N, l->k = K, l->kp = kp, l->group = g16 ? group : 0;
+            l->qweight = &tq, l->scale = &ts;
+        }
+        cpu.prepare_linear(lc);
+        gpu.prepare_linear(lg);
+        for (int m : {1, 3, 8, 9, 40, 300}) {
+            if ((int64_t) m * N * K > 2000000000LL) continue;  // keeps the CPU reference short
+            for (bool acc : {false, true}) {
+                auto x = randn((size_t) m * K, rng, 2.0f), y0 = randn((size_t) m * N, rng);
+                Pair px(cpu, gpu, x.data(), x.size() * 4), py(cpu, gpu, y0.data(), y0.size() * 4);
+                cpu.linear(lc, (float *) px.c, m, (float *) py.c, acc);
+                gpu.linear(lg, (float *) px.g, m, (float *) py.g, acc);
+                const std::string what = std::string("linear ") + cs.scheme + " N=" + std::to_string(N) + " K=" +
+                                         std::to_string(K) + (g16 ? " g=" + std::to_string(group) : "") + " m=" +
+                                         std::to_string(m) + (acc ? " accumulate" : "");
+                if (!g16 && !acc) {  // same codes, exact GEMM, the same fp32 multiplies
+                    report(what, py.host_cpu<float>() == py.host_gpu<float>(), "bit-exact");
+                } else {
+                    check_close(what, py, 1e-5);
+                }
+            }
+        }
+        cpu.release_linear(lc);
+        gpu.release_linear(lg);
+    }
+}
+
 // The static W4A4 ops on a synthetic linear: in_map with split channels (parts 1..3) and padding slots,
 // a low-rank branch in the second round. Codes must agree >= 99.9% (exactly, here: same fp32 inputs and
 // the same formulas), int_gemm exactly, linear_codes bit for bit without the low-rank branch.
@@ -318,7 +381,7 @@ static void test_linear_w4a4() {
             cudaMemcpy(da, a.data(), a.size(), cudaMemcpyHostToDevice);
             for (bool acc : {false, true}) {
                 cudaMemcpy(dy, y0.data(), y0.size() * 4, cudaMemcpyHostToDevice);
-                cuda_linear_w4a4(dq, (const float *) ds, nullptr, N, K, da, m, (float *) dy, acc, 0);
+                cuda_linear_w4a4(dq, (const float *) ds, nullptr, nullptr, N, K, da, m, (float *) dy, acc, 0);
                 cudaMemcpy(got.data(), dy, got.size() * 4, cudaMemcpyDeviceToHost);
                 for (int r = 0; r < m; r++)
                     for (int n = 0; n < N; n++) {
@@ -376,10 +439,31 @@ static void test_model(const std::string & path) {
     std::vector<int32_t> prompt(300);
     for (auto & t : prompt) t = (int32_t) (rng() % V);
     compare("prefill 300 tokens, all logits", cc.eval(prompt, true), cg.eval(prompt, true));
+    std::vector<int32_t> steps(64);
+    for (auto & t : steps) t = (int32_t) (rng() % V);
+    std::vector<std::vector<float>> graph_logits;
     for (int i = 0; i < 8; i++) {
-        const int32_t t = (int32_t) (rng() % V);
-        compare("decode step " + std::to_string(i + 1), cc.eval({t}, false), cg.eval({t}, false));
+        graph_logits.push_back(cg.eval({steps[i]}, false));
+        compare("decode step " + std::to_string(i + 1), cc.eval({steps[i]}, false), graph_logits.back());
     }
+    // the same steps launched op by op (decode steps of cg replay a CUDA graph from the second on): the
+    // logits must be identical, and the graph's time per step is reported against the op-by-op one
+    setenv("MERGEQUANT_CUDA_GRAPHS", "0", 1);
+    auto mn = std::make_shared<const Model>(path, pg);
+    unsetenv("MERGEQUANT_CUDA_GRAPHS");
+    Context cn(mn, cp);
+    cn.eval(prompt, false);
+    bool same = true;
+    for (int i = 0; i < 8; i++) same &= cn.eval({steps[i]}, false) == graph_logits[i];
+    report("decode logits with and without the CUDA graph", same, "bit-identical");
+    double ms[2];
+    for (int variant = 0; variant < 2; variant++) {
+        Context & c = variant ? cn : cg;
+        const auto t0 = std::chrono::steady_clock::now();
+        for (int i = 8; i < 64; i++) c.eval({steps[i]}, false);
+        ms[variant] = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / 56;
+    }
+    printf("  decode step: %.3f ms with the CUDA graph, %.3f ms op by op (%.2fx)\n", ms[0], ms[1], ms[1] / ms[0]);
 }
 
 int main(int argc, char ** argv) {
@@ -393,6 +477,7 @@ int main(int argc, char ** argv) {
         auto cpu = backend_cpu_create(default_thread_count());
         test_ops(*cpu, *gpu);
         test_w4a4_ops(*cpu, *gpu);
+        test_linear_4bit(*cpu, *gpu);
         test_linear_w4a4();
         for (int i = 1; i < argc; i++) test_model(argv[i]);
     } catch (const std::exception & e) {
