@@ -87,7 +87,8 @@ def _w4a4_layout(n: int, k: int) -> Layout:
     return {"qweight": (np.dtype(np.uint8), (n, pad_k(k) // 2)), "scale": (np.dtype(np.float32), (n,))}
 
 
-def _w4a4_pack(w: np.ndarray, scale: np.ndarray | None = None, codes: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def _w4a4_pack(w: np.ndarray, scale: np.ndarray | None = None,
+               codes: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per-row codes of W (RTN on `scale`, absmax/7 by default), or given `codes`; K padded with zeros."""
     from .quant.int4 import pack_int4, pad_columns, quant_rows
 

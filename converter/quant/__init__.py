@@ -1,0 +1,34 @@
+"""Quantization methods, selectable by name (convert(..., method=name)) and recorded in the file's quant
+recipe. Each is `method(checkpoint, scheme=None, quant=dict, **args)` yielding each layer's `blk.{i}.*`
+tensors in order (see convert.py)."""
+from .mergequant import mergequant, rtn_w4a4_static
+from .rtn import rtn_w4a4_dynamic, rtn_w4a16
+from .simulate import Metrics, SimModel, evaluate
+
+METHODS = {
+    "rtn-w4a16": rtn_w4a16,
+    "rtn-w4a4-dynamic": rtn_w4a4_dynamic,
+    "rtn-w4a4-static": rtn_w4a4_static,
+    "mergequant": mergequant,
+}
+
+__all__ = ["METHODS", "Metrics", "SimModel", "evaluate"]
+
+
+def quantize(ck, method: str | None, progress: bool = False, **args) -> SimModel:  # ck: loaders.Checkpoint
+    """Run a method (None: plain f16) in memory and return the simulated model of the file it would write."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from ..convert import plain_blocks
+
+    quant = {"method": method or "f16", "params": {}, "linears": {}}
+    blocks = plain_blocks(ck, "f16", quant) if method is None else METHODS[method](ck, quant=quant, **args)
+    tensors = {}
+    for block in tqdm(blocks, total=ck.config.num_hidden_layers, desc=method or "f16", disable=not progress):
+        tensors |= block
+    tensors["token_embd.weight"] = ck.get("model.embed_tokens.weight").astype(np.float16)
+    tensors["output_norm.weight"] = ck.get("model.norm.weight")
+    if not ck.config.tie_word_embeddings:
+        tensors["output.weight"] = ck.get("lm_head.weight").astype(np.float16)
+    return SimModel(ck.config, tensors, quant)

@@ -1,0 +1,46 @@
+"""Adaptive clipping: the static range c_j of each activation channel and the step δ_n of each weight
+row, chosen by searching a grid of clip ratios of the absolute maximum (METHODS.md §1)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .int4 import QMAX, QMIN
+
+ACT_RATIOS = np.linspace(1.0, 0.2, 33, dtype=np.float32)     # step 0.025
+WEIGHT_RATIOS = np.linspace(1.0, 0.5, 11, dtype=np.float32)   # step 0.05
+
+
+def fake_quant(x: np.ndarray, c: np.ndarray, parts: np.ndarray | int = 1) -> np.ndarray:
+    """x quantized on a static range c per channel with `parts` int4 slots:
+    Δ = c / (7·m), x̂ = clamp(rint(x/Δ), -8m, 7m)·Δ."""
+    step = np.where(c > 0, c, 1).astype(np.float32) / (QMAX * np.asarray(parts, np.float32))
+    m = np.asarray(parts, np.float32)
+    return np.clip(np.rint(x / step), QMIN * m, QMAX * m) * step
+
+
+def search_act_clip(x: np.ndarray, amax: np.ndarray, parts: np.ndarray, power: float) -> np.ndarray:
+    """Per channel j, the ratio p of amax_j minimizing Σ_t |x̂_tj − x_tj|^power over the rows of x [M, K]."""
+    best = np.full(x.shape[1], np.inf)
+    ratio = np.ones(x.shape[1], np.float32)
+    for p in ACT_RATIOS:
+        e = np.abs(fake_quant(x, p * amax, parts) - x)
+        err = (e * e if power == 2 else e ** np.float32(power)).sum(axis=0, dtype=np.float64)
+        better = err < best
+        best[better], ratio[better] = err[better], p
+    return ratio
+
+
+def search_weight_scale(w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+    """Per row n, δ_n = p·max|W[n]|/7 with p minimizing Σ_k h_k (W[n,k] − δ_n·clamp(rint(W[n,k]/δ_n)))²,
+    h = `importance` (the diagonal of the input Gram matrix XᵀX), or uniform when None."""
+    absmax = np.abs(w).max(axis=1)
+    h = np.ones(w.shape[1], np.float32) if importance is None else importance.astype(np.float32)
+    best = np.full(w.shape[0], np.inf)
+    scale = absmax / QMAX
+    for p in WEIGHT_RATIOS:
+        s = np.where(absmax > 0, p * absmax / QMAX, 1).astype(np.float32)
+        e = w - np.clip(np.rint(w / s[:, None]), QMIN, QMAX) * s[:, None]
+        err = (e * e) @ h
+        better = err < best
+        best[better], scale[better] = err[better], s[better]
+    return np.where(absmax > 0, scale, 0).astype(np.float32)

@@ -1,0 +1,250 @@
+"""MergeQuant (METHODS.md §1): W4A4 with static per-channel activation steps migrated into the producers
+(quantization step migration, QSM), so every linear is an int4×int4 GEMM with a per-row epilogue:
+- q/k/v and gate/up inputs: 1/Δ folded into the RMSNorm weight (`in_scale` = γ/Δ);
+- o_proj input: v_proj rows divided by Δᵒ (tied across the query heads of a KV group), attention emits
+  codes directly; down_proj input: up_proj rows divided by Δᵈ, SwiGLU emits codes directly;
+- W̃ = W·diag(Δ) quantized per output row.
+On top: adaptive clipping (clip.py), channel splitting (split.py), low-rank compensation (lowrank.py) or
+GPTQ (gptq.py). With every switch off this is the plain static RTN baseline (`rtn-w4a4-static`).
+Layers are calibrated in sequence on the stream of the already-quantized layers (calibrate.py)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from ..config import LlamaConfig
+from ..loaders import Checkpoint
+from ..reference import rope_cos_sin, silu
+from ..schemes import pack_linear
+from .calibrate import CalibrationSpec, calibration_tokens, run_sequential
+from .clip import fake_quant, search_act_clip, search_weight_scale
+from .gptq import gptq_codes
+from .int4 import QMAX, pad_columns, pad_k, quant_rows, round_codes
+from .lowrank import fit_lowrank
+from .rtn import check_scheme
+from .simulate import SimBlock, attend, expand_slots, load_block, rms_factor, split_qkv
+from .split import allocate_parts, build_in_map, expand_columns, extra_slots
+
+
+@dataclass(frozen=True)
+class Options:
+    clip: bool = True          # adaptive clipping of activation ranges and weight-row steps
+    split: bool = True         # channel splitting into the K padding plus `budget`·K slots
+    budget: float = 0.03
+    rank: int = 16             # low-rank compensation rank (0: off)
+    gptq: bool = False         # GPTQ codes instead of round-to-nearest
+    gptq_target: str = "ls"    # "w": the folded weight; "ls": least-squares fit of X·Wᵀ on the int4 inputs
+    clip_power: float = 2.4    # per-channel clip objective Σ|x̂ − x|^p (then p = 2; the layer error decides)
+    clip_sample: int = 2048    # tokens the clip searches look at (plus every sequence's first token)
+    damp: float = 0.01
+
+
+@dataclass
+class InputQuant:
+    """How one linear's input is quantized: per source channel the step Δ and parts m; the slot map."""
+    step: np.ndarray      # [K] fp32
+    in_map: np.ndarray    # [Kp, 3] int32
+
+    @property
+    def kp(self) -> int:
+        return self.in_map.shape[0]
+
+    def codes(self, x: np.ndarray) -> np.ndarray:
+        return expand_slots(x / self.step, self.in_map)
+
+
+@dataclass
+class LinearQuant:
+    codes: np.ndarray             # int8 [N, Kp]
+    scale: np.ndarray             # fp32 [N]
+    lora: tuple[np.ndarray, np.ndarray] | None  # fp16-exact A [r, Kp], B [N, r]
+    y: np.ndarray                 # the quantized linear's output on the calibration inputs [M, N]
+
+    def fold_rows(self, rows: slice, divisor: np.ndarray) -> None:
+        """Divide output rows by a step folded downstream (v rows by Δᵒ, up rows by Δᵈ); exact."""
+        self.scale[rows] /= divisor
+        self.y[:, rows] /= divisor
+        if self.lora is not None:
+            b = self.lora[1].copy()
+            b[rows] /= divisor[:, None]
+            self.lora = (self.lora[0], b.astype(np.float16).astype(np.float32))
+
+    def tensors(self, prefix: str, quant: dict[str, Any]) -> dict[str, np.ndarray]:
+        out = pack_linear(prefix, self.codes.astype(np.float32), "w4a4", quant, scale=self.scale, codes=self.codes)
+        if self.lora is not None:
+            out[prefix + ".lora_a"] = self.lora[0].astype(np.float16)
+            out[prefix + ".lora_b"] = self.lora[1].astype(np.float16)
+        return out
+
+
+def sample_rows(m: int, seq_len: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Every sequence's first token (attention sinks carry the outlier values) plus random rows."""
+    first = np.arange(0, m, seq_len)
+    rest = rng.choice(m, size=min(count, m), replace=False)
+    return np.unique(np.concatenate([first, rest]))
+
+
+def layer_error(x: np.ndarray, w: np.ndarray, c: np.ndarray, parts: np.ndarray) -> float:
+    """‖x·Wᵀ − x̂·Ŵᵀ‖² with x̂ the static int4 activations on ranges c and Ŵ the per-row RTN of the
+    folded weight W·diag(Δ), mapped back (Ŵ = Q(W·Δ)/Δ)."""
+    step = np.where(c > 0, c, 1) / (QMAX * parts)
+    q, s = quant_rows(w * step)
+    w_hat = q * s[:, None] / step
+    e = x @ w.T - fake_quant(x, c, parts) @ w_hat.T
+    return float(np.sum(e * e, dtype=np.float64))
+
+
+def choose_ranges(xs: np.ndarray, w: np.ndarray, parts: np.ndarray, opts: Options,
+                  tie: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Static ranges c [K] on the sample xs: absmax, or (clip) the per-channel searches with the
+    |·|^2.4 and the squared objective; the layer-output error picks among them."""
+    amax = tie(np.abs(xs).max(axis=0))
+    if not opts.clip:
+        return amax
+    candidates = [amax] + [tie(search_act_clip(xs, amax, parts, p) * amax) for p in (opts.clip_power, 2.0)]
+    errors = [layer_error(xs, w, c, parts) for c in candidates]
+    return candidates[int(np.argmin(errors))]
+
+
+def quantize_input(x: np.ndarray, w: np.ndarray, rows: np.ndarray, opts: Options, splittable: bool,
+                   tie: Callable[[np.ndarray], np.ndarray] = lambda c: c) -> InputQuant:
+    """Static quantization of an input x [M, K] (fp, from the quantized stream) consumed by W [N, K]."""
+    k = x.shape[1]
+    xs = x[rows]
+    parts = np.ones(k, np.int64)
+    c = choose_ranges(xs, w, parts, opts, tie)
+    if splittable and opts.split:
+        parts = allocate_parts(c, np.sum(w * w, axis=0), extra_slots(k, opts.budget))
+        c = choose_ranges(xs, w, parts, opts, tie)
+        kp = pad_k(k + extra_slots(k, opts.budget))
+    else:
+        kp = pad_k(k)
+    c = np.maximum(c, 1e-6 * max(float(c.max()), 1e-30)).astype(np.float32)
+    return InputQuant((c / (QMAX * parts)).astype(np.float32), build_in_map(parts, kp))
+
+
+def tie_kv_groups(c: np.ndarray, config: LlamaConfig) -> np.ndarray:
+    """Per attention-output channel (head h, dim d) → the max over the query heads sharing h's kv head."""
+    h_kv, hd = config.num_key_value_heads, config.head_dim
+    group = config.num_attention_heads // h_kv
+    return np.repeat(c.reshape(h_kv, group, hd).max(axis=1), group, axis=0).reshape(-1)
+
+
+def v_row_steps(step_o: np.ndarray, config: LlamaConfig) -> np.ndarray:
+    """The tied o_proj input steps [H·hd] as one divisor per v row (kv head g, dim d) [Hkv·hd]."""
+    h_kv, hd = config.num_key_value_heads, config.head_dim
+    return step_o.reshape(h_kv, -1, hd)[:, 0].reshape(-1)
+
+
+def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant | np.ndarray,
+                    opts: Options) -> LinearQuant:
+    """Weights of one linear given its int4 input codes a [M, Kp] and fp input x [M, K]: W̃ = W·diag(Δ)
+    in slot layout, per-row steps, RTN or GPTQ codes, then the low-rank branch on the residual."""
+    if isinstance(inp, InputQuant):
+        w_t = expand_columns(w * inp.step, inp.in_map)
+    else:  # a step vector for an unsplit input (o_proj): columns scaled, K padded
+        w_t = pad_columns(w * inp, a.shape[1])
+    y = x @ w.T
+    gram = a.T @ a  # exact: integer entries below 2^24
+    lam = opts.damp * max(float(np.mean(np.diag(gram))), 1e-8)
+    if opts.gptq and opts.gptq_target == "ls":
+        w_t = np.linalg.solve(gram.astype(np.float64) + lam * np.eye(len(gram)),
+                              (a.T @ y).astype(np.float64)).T.astype(np.float32)
+    scale = search_weight_scale(w_t, np.diag(gram)) if opts.clip else np.abs(w_t).max(axis=1) / QMAX
+    codes = gptq_codes(w_t, gram, scale, damp=opts.damp) if opts.gptq else quant_rows(w_t, scale)[0]
+    y_q = (a @ codes.T.astype(np.float32)) * scale
+    lora = None
+    if opts.rank > 0:
+        la, lb = fit_lowrank(gram, a.T @ (y - y_q), opts.rank, opts.damp)
+        lora = (la.astype(np.float16).astype(np.float32), lb.astype(np.float16).astype(np.float32))
+        y_q += (a @ lora[0].T) @ lora[1].T
+    return LinearQuant(codes, scale.astype(np.float32), lora, y_q)
+
+
+def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: LlamaConfig, opts: Options,
+                   quant: dict[str, Any], rng: np.random.Generator) -> tuple[dict[str, np.ndarray], SimBlock]:
+    """One block on its input stream h [B, T, D] → its file tensors and the SimBlock executing them."""
+    b, t, d = h.shape
+    p = f"blk.{i}."
+    hd, h_q, h_kv, f = config.head_dim, config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
+    eps = config.rms_norm_eps
+    rows = sample_rows(b * t, t, opts.clip_sample, rng)
+    flat = lambda v: v.reshape(b * t, -1)  # noqa: E731
+
+    # attention: q/k/v input (norm output), Δ folded into the norm weight
+    g1 = fused[p + "attn_norm.weight"]
+    x1 = flat(h * rms_factor(h, eps) * g1)
+    in_qkv = quantize_input(x1, fused[p + "attn_qkv"], rows, opts, splittable=True)
+    a1 = in_qkv.codes(x1)
+    qkv = quantize_linear(a1, x1, fused[p + "attn_qkv"], in_qkv, opts)
+    del a1, x1
+    q, k, v = split_qkv(qkv.y.reshape(b, t, -1), config)
+    cos_sin = rope_cos_sin(config, np.arange(t))
+    o = flat(attend(q, k, v, config, *cos_sin))
+    del q, k, v
+
+    # o_proj input: one step per (kv head, dim) since v rows carry it (query heads of a group share v)
+    tie = lambda c: tie_kv_groups(c, config)  # noqa: E731
+    step_o = quantize_input(o, fused[p + "attn_output"], rows, opts, splittable=False, tie=tie).step
+    a_o = pad_columns(round_codes(o / step_o), pad_k(o.shape[1]))
+    out = quantize_linear(a_o, o, fused[p + "attn_output"], step_o, opts)
+    qkv.fold_rows(slice((h_q + h_kv) * hd, None), v_row_steps(step_o, config))
+    h_mid = h + out.y.reshape(b, t, d)
+    del a_o, o
+
+    # MLP: gate/up input (norm output), then the SwiGLU output feeding down_proj
+    g2 = fused[p + "ffn_norm.weight"]
+    x2 = flat(h_mid * rms_factor(h_mid, eps) * g2)
+    in_gu = quantize_input(x2, fused[p + "ffn_gate_up"], rows, opts, splittable=True)
+    a2 = in_gu.codes(x2)
+    gate_up = quantize_linear(a2, x2, fused[p + "ffn_gate_up"], in_gu, opts)
+    del a2, x2
+    m = silu(gate_up.y[:, :f]) * gate_up.y[:, f:]
+    in_down = quantize_input(m, fused[p + "ffn_down"], rows, opts, splittable=True)
+    a3 = in_down.codes(m)
+    down = quantize_linear(a3, m, fused[p + "ffn_down"], in_down, opts)
+    gate_up.fold_rows(slice(f, None), in_down.step)
+    del a3, m
+
+    tensors = {p + "attn_norm.weight": g1.astype(np.float32), p + "ffn_norm.weight": g2.astype(np.float32)}
+    tensors |= qkv.tensors(p + "attn_qkv", quant) | out.tensors(p + "attn_output", quant)
+    tensors |= gate_up.tensors(p + "ffn_gate_up", quant) | down.tensors(p + "ffn_down", quant)
+    tensors |= {p + "attn_qkv.in_scale": (g1 / in_qkv.step).astype(np.float32),
+                p + "attn_qkv.in_map": in_qkv.in_map,
+                p + "ffn_gate_up.in_scale": (g2 / in_gu.step).astype(np.float32),
+                p + "ffn_gate_up.in_map": in_gu.in_map, p + "ffn_down.in_map": in_down.in_map}
+    return tensors, load_block(config, tensors.get, quant["linears"], i)
+
+
+def w4a4_static(ck: Checkpoint, quant: dict[str, Any], opts: Options, calib: CalibrationSpec
+                ) -> Iterator[dict[str, np.ndarray]]:
+    quant["params"] = {"options": asdict(opts), "calibration": asdict(calib)}
+    ids = calibration_tokens(calib)
+    rng = np.random.default_rng(calib.seed)
+    return run_sequential(ck, ids, lambda i, h, fused: quantize_layer(i, h, fused, ck.config, opts, quant, rng))
+
+
+def mergequant(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] | None = None, *,
+               no_clip: bool = False, no_split: bool = False, rank: int = Options.rank, gptq: bool = False,
+               gptq_target: str = Options.gptq_target, budget: float = Options.budget,
+               calib: str = "wikitext2+c4", calib_n: int = CalibrationSpec.n, calib_len: int = CalibrationSpec.length,
+               seed: int = 0, tokenizer: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """The `mergequant` method; switches: no_clip, no_split, rank=0 (no low-rank branch), gptq."""
+    check_scheme("mergequant", "w4a4", scheme)
+    opts = Options(clip=not no_clip, split=not no_split, budget=budget, rank=rank, gptq=gptq, gptq_target=gptq_target)
+    return w4a4_static(ck, {} if quant is None else quant, opts,
+                       CalibrationSpec(calib, calib_n, calib_len, seed, tokenizer))
+
+
+def rtn_w4a4_static(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] | None = None, *,
+                    calib: str = "wikitext2+c4", calib_n: int = CalibrationSpec.n,
+                    calib_len: int = CalibrationSpec.length, seed: int = 0, tokenizer: str | None = None
+                    ) -> Iterator[dict[str, np.ndarray]]:
+    """Plain static W4A4: calibrated absmax steps migrated (QSM), RTN weights; the floor MergeQuant lifts."""
+    check_scheme("rtn-w4a4-static", "w4a4", scheme)
+    opts = Options(clip=False, split=False, rank=0, gptq=False)
+    return w4a4_static(ck, {} if quant is None else quant, opts,
+                       CalibrationSpec(calib, calib_n, calib_len, seed, tokenizer))

@@ -1,0 +1,34 @@
+"""Round-to-nearest baselines that need no calibration: weight-only group-wise int4 (`rtn-w4a16`, scheme
+w4a16g) and W4A4 with per-token dynamic activations (`rtn-w4a4-dynamic`, scheme w4a4d)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ..convert import plain_blocks
+from ..loaders import Checkpoint
+
+
+def check_scheme(method: str, own: str, scheme: str | None) -> None:
+    """A method writes its own scheme; `scheme` may repeat it (or be convert's default, f16)."""
+    if scheme not in (None, "f16", own):
+        raise ValueError(f"method {method!r} writes scheme {own!r}; got scheme={scheme!r}")
+
+
+def rtn_w4a16(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] | None = None
+              ) -> Iterator[dict[str, np.ndarray]]:
+    check_scheme("rtn-w4a16", "w4a16g", scheme)
+    quant = {} if quant is None else quant
+    quant["params"] = {"weights": "int4 symmetric, fp16 scale per group of 128 along K (64 where K % 128 != 0)"}
+    return plain_blocks(ck, "w4a16g", quant)
+
+
+def rtn_w4a4_dynamic(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] | None = None
+                     ) -> Iterator[dict[str, np.ndarray]]:
+    check_scheme("rtn-w4a4-dynamic", "w4a4d", scheme)
+    quant = {} if quant is None else quant
+    quant["params"] = {"weights": "int4 symmetric per row (absmax/7)",
+                       "activations": "int4 symmetric per token, dynamic (absmax/7)"}
+    return plain_blocks(ck, "w4a4d", quant)

@@ -1,0 +1,285 @@
+"""The simulated engine: executes a quantized model in numpy with exactly the integer semantics of
+docs/numerics.md. It reads the packed tensors of a .mq file (or the dict a method produced), so it is
+the oracle for the C++ backends and the fast path for accuracy experiments.
+
+Integer GEMMs run as fp32 BLAS on the codes: every partial sum is an integer below 2^24, hence exact."""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..config import LlamaConfig
+from ..mqfile import read_mq
+from ..reference import rope, rope_cos_sin, silu
+from .int4 import QMAX, QMIN, pad_columns, round_codes, unpack_int4
+
+LINEARS = ("attn_qkv", "attn_output", "ffn_gate_up", "ffn_down")
+INT_SCHEMES = ("w4a4", "w4a4d")
+
+
+def rms_factor(h: np.ndarray, eps: float) -> np.ndarray:
+    """r = 1 / sqrt(Σ h² / D + eps) per row, fp32, shape [..., 1]."""
+    return (1 / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + np.float32(eps))).astype(np.float32)
+
+
+def fp16_round(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).astype(np.float32)
+
+
+def expand_slots(z: np.ndarray, in_map: np.ndarray) -> np.ndarray:
+    """Values z [M, K] in step units → int4 input slots [M, Kp] (fp32 holding integers):
+    t = clamp(rint(z_j), -8m, 7m), slot = floor((t + k) / m) for in_map rows (j, k, m); j = -1 gives 0.
+    floor of the fp32 quotient is exact: a non-integer (t+k)/m lies ≥ 1/m away from any integer."""
+    src, part, parts = (in_map[:, c] for c in range(3))
+    live = src >= 0
+    m = parts[live].astype(np.float32)
+    t = round_codes(z[:, src[live]], QMIN * m, QMAX * m)
+    out = np.zeros((z.shape[0], in_map.shape[0]), np.float32)
+    out[:, live] = np.floor((t + part[live].astype(np.float32)) / m)
+    return out
+
+
+@dataclass
+class SimLinear:
+    """One linear of any scheme. `w` is the fp32 weight (f16, w4a16g dequantized exactly: int × fp16 fits
+    fp32) or the int8 codes [N, Kp] (w4a4, w4a4d)."""
+    scheme: str
+    w: np.ndarray
+    scale: np.ndarray | None = None
+    in_scale: np.ndarray | None = None
+    in_map: np.ndarray | None = None
+    lora_a: np.ndarray | None = None
+    lora_b: np.ndarray | None = None
+
+    @classmethod
+    def from_tensors(cls, scheme: str, get: Callable[[str], np.ndarray | None]) -> SimLinear:
+        f32 = lambda s: None if get(s) is None else np.asarray(get(s), np.float32)  # noqa: E731
+        if scheme == "f16":
+            return cls(scheme, f32("weight"))
+        codes = unpack_int4(np.asarray(get("qweight")))
+        if scheme == "w4a16g":
+            s = f32("scale")
+            g = codes.shape[1] // s.shape[1]
+            return cls(scheme, codes.astype(np.float32) * np.repeat(s, g, axis=1))
+        if scheme not in INT_SCHEMES:
+            raise ValueError(f"simulator: unknown linear scheme {scheme!r}")
+        in_map = get("in_map")
+        return cls(scheme, codes, f32("scale"), f32("in_scale"),
+                   None if in_map is None else np.asarray(in_map, np.int64), f32("lora_a"), f32("lora_b"))
+
+    @property
+    def kp(self) -> int:
+        return self.w.shape[1]
+
+    def int_gemm(self, a: np.ndarray) -> np.ndarray:
+        """acc = a · qᵀ on int4 codes; fp32 holding exact int32 values."""
+        return a @ self.w.astype(np.float32).T
+
+    def epilogue(self, acc: np.ndarray, a: np.ndarray) -> np.ndarray:
+        """y = float(acc) · scale[n] (+ (a · Aᵀ) · Bᵀ)."""
+        y = acc * self.scale
+        if self.lora_a is not None:
+            y += (a @ self.lora_a.T) @ self.lora_b.T
+        return y
+
+    def __call__(self, x: np.ndarray, record: dict[str, np.ndarray] | None = None, name: str = "") -> np.ndarray:
+        """A float-input linear (f16, w4a16g, w4a4d) on x [M, K]."""
+        if self.scheme in ("f16", "w4a16g"):
+            return x @ self.w.T
+        if self.scheme != "w4a4d":
+            raise ValueError(f"{name}: scheme {self.scheme!r} takes integer inputs, not floats")
+        amax = np.abs(x).max(axis=1, keepdims=True)
+        safe = np.where(amax > 0, amax, 1).astype(np.float32)
+        a = pad_columns(round_codes(x * (np.float32(QMAX) / safe)), self.kp)
+        acc = self.int_gemm(a)
+        if record is not None:
+            record[name], record[name + ".in"] = acc.astype(np.int32), a.astype(np.int8)
+        return (acc * self.scale) * (amax / np.float32(QMAX))
+
+    def run_codes(self, a: np.ndarray, record: dict[str, np.ndarray] | None, name: str) -> np.ndarray:
+        acc = self.int_gemm(a)
+        if record is not None:
+            record[name], record[name + ".in"] = acc.astype(np.int32), a.astype(np.int8)
+        return self.epilogue(acc, a)
+
+
+@dataclass
+class SimBlock:
+    attn_norm: np.ndarray
+    ffn_norm: np.ndarray
+    qkv: SimLinear
+    o: SimLinear
+    gate_up: SimLinear
+    down: SimLinear
+
+    @property
+    def static(self) -> bool:
+        return self.qkv.scheme == "w4a4"
+
+
+def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 256) -> np.ndarray:
+    """q [T, H, hd], k/v [T, Hkv, hd] at positions 0..T-1 → [T, H·hd]; softmax((q·k)·(1/sqrt(hd))) over
+    keys ≤ the query position, then p·v. Per kv head, its query heads stacked, in query blocks that read
+    only the keys up to the block's end (the causal half is skipped)."""
+    t, h, hd = q.shape
+    g = h // k.shape[1]
+    out = np.empty((h, t, hd), np.float32)
+    qh = np.ascontiguousarray(q.transpose(1, 0, 2)) * np.float32(1 / np.sqrt(hd))
+    kh, vh = np.ascontiguousarray(k.transpose(1, 0, 2)), np.ascontiguousarray(v.transpose(1, 0, 2))
+    for i0 in range(0, t, block):
+        i1 = min(i0 + block, t)
+        mask = np.triu(np.full((i1 - i0, i1), -np.inf, np.float32), i0 + 1)
+        for j in range(k.shape[1]):
+            s = qh[j * g:(j + 1) * g, i0:i1] @ kh[j, :i1].T      # [G, block, i1]
+            s += mask
+            s -= s.max(axis=-1, keepdims=True)
+            s[s < -80] = -np.inf  # exp would give fp32 denormals (slow on x86); they are < e^-80 anyway
+            np.exp(s, out=s)
+            s /= s.sum(axis=-1, keepdims=True)
+            out[j * g:(j + 1) * g, i0:i1] = s @ vh[j, :i1]
+    return out.transpose(1, 0, 2).reshape(t, h * hd)
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, config: LlamaConfig,
+           cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """q [B, T, H·hd], k/v [B, T, Hkv·hd] (pre-RoPE) → attention output [B, T, H·hd] in fp32, with RoPE
+    and the fp16 rounding of q and of the K/V cache."""
+    b, t, _ = q.shape
+    h, hkv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    out = np.empty((b, t, h * hd), np.float32)
+    for i in range(b):
+        qi = fp16_round(rope(q[i].reshape(t, h, hd), cos, sin))
+        ki = fp16_round(rope(k[i].reshape(t, hkv, hd), cos, sin))
+        out[i] = causal_attention(qi, ki, fp16_round(v[i].reshape(t, hkv, hd)))
+    return out
+
+
+def split_qkv(y: np.ndarray, config: LlamaConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    nq = config.num_attention_heads * config.head_dim
+    nkv = config.num_key_value_heads * config.head_dim
+    return y[..., :nq], y[..., nq:nq + nkv], y[..., nq + nkv:]
+
+
+def block_forward(h: np.ndarray, blk: SimBlock, config: LlamaConfig, cos: np.ndarray, sin: np.ndarray,
+                  record: dict[str, np.ndarray] | None = None, prefix: str = "") -> np.ndarray:
+    """One block on the residual stream h [B, T, D] (B independent sequences at positions 0..T-1)."""
+    b, t, d = h.shape
+    eps = config.rms_norm_eps
+    flat = lambda x: x.reshape(b * t, -1)  # noqa: E731
+    if blk.static:
+        z = flat(h * rms_factor(h, eps) * blk.qkv.in_scale)
+        y = blk.qkv.run_codes(expand_slots(z, blk.qkv.in_map), record, prefix + "attn_qkv")
+    else:
+        y = blk.qkv(flat(h * rms_factor(h, eps) * blk.attn_norm), record, prefix + "attn_qkv")
+    q, k, v = split_qkv(y.reshape(b, t, -1), config)
+    o = flat(attend(q, k, v, config, cos, sin))
+    if blk.static:
+        out = blk.o.run_codes(pad_columns(round_codes(o), blk.o.kp), record, prefix + "attn_output")
+    else:
+        out = blk.o(o, record, prefix + "attn_output")
+    h = h + out.reshape(b, t, d)
+    if blk.static:
+        z = flat(h * rms_factor(h, eps) * blk.gate_up.in_scale)
+        y = blk.gate_up.run_codes(expand_slots(z, blk.gate_up.in_map), record, prefix + "ffn_gate_up")
+    else:
+        y = blk.gate_up(flat(h * rms_factor(h, eps) * blk.ffn_norm), record, prefix + "ffn_gate_up")
+    f = config.intermediate_size
+    m = silu(y[:, :f]) * y[:, f:]
+    if blk.static:
+        out = blk.down.run_codes(expand_slots(m, blk.down.in_map), record, prefix + "ffn_down")
+    else:
+        out = blk.down(m, record, prefix + "ffn_down")
+    return h + out.reshape(b, t, d)
+
+
+def load_block(config: LlamaConfig, get: Callable[[str], np.ndarray | None], linears: Mapping[str, str],
+               i: int) -> SimBlock:
+    p = f"blk.{i}."
+    lin = {n: SimLinear.from_tensors(linears[p + n], lambda s, n=n: get(f"{p}{n}.{s}")) for n in LINEARS}
+    schemes = {linears[p + n] for n in LINEARS}
+    if "w4a4" in schemes and len(schemes) > 1:
+        raise ValueError(f"block {i}: w4a4 must cover all four linears, got {sorted(schemes)}")
+    f32 = lambda s: np.asarray(get(p + s), np.float32)  # noqa: E731
+    return SimBlock(f32("attn_norm.weight"), f32("ffn_norm.weight"), lin["attn_qkv"], lin["attn_output"],
+                    lin["ffn_gate_up"], lin["ffn_down"])
+
+
+class SimModel:
+    """A quantized model in simulation. `tensors` maps .mq names to arrays; `quant` is the file's quant
+    recipe (its `linears` gives each linear's scheme)."""
+
+    def __init__(self, config: LlamaConfig, tensors: Mapping[str, np.ndarray], quant: Mapping[str, Any]) -> None:
+        self.config = config
+        self.quant = dict(quant)
+        get = lambda name: tensors[name] if name in tensors else None  # noqa: E731
+        self.embed = np.asarray(tensors["token_embd.weight"], np.float16)
+        head = self.embed if config.tie_word_embeddings else tensors["output.weight"]
+        self.lm_head = np.asarray(head, np.float32)
+        self.norm = np.asarray(tensors["output_norm.weight"], np.float32)
+        self.blocks = [load_block(config, get, quant["linears"], i) for i in range(config.num_hidden_layers)]
+
+    @classmethod
+    def from_mq(cls, path: str | Path) -> SimModel:
+        mq = read_mq(path)
+        if mq.config is None or mq.quant is None:
+            raise ValueError(f"{path}: a tokenizer-only .mq file has no model to simulate")
+        return cls(mq.config, {n: mq.tensor(n) for n in mq.names() if not n.startswith("tokenizer.")}, mq.quant)
+
+    def forward(self, ids: np.ndarray, record: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """Logits [T, V] (or [B, T, V] for ids [B, T]) of fresh sequences at positions 0..T-1. With
+        `record`, every linear's int32 accumulators (`blk.{i}.attn_qkv` …) and int4 input codes
+        (`… .in`) are stored in it, flattened to [B·T, ·]."""
+        ids = np.asarray(ids, np.int64)
+        batch = ids.reshape(-1, ids.shape[-1])
+        t = batch.shape[1]
+        cos, sin = rope_cos_sin(self.config, np.arange(t))
+        h = self.embed[batch].astype(np.float32)
+        for i, blk in enumerate(self.blocks):
+            h = block_forward(h, blk, self.config, cos, sin, record, f"blk.{i}.")
+        x = h * rms_factor(h, self.config.rms_norm_eps) * self.norm
+        logits = x @ self.lm_head.T
+        return logits.reshape(*ids.shape, -1)
+
+
+class Metrics(NamedTuple):
+    ppl: float
+    kl: float       # mean KL(P_ref ‖ P_model) per predicted token, nats
+    tokens: int
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_z = np.log(np.exp(shifted).sum(axis=-1, keepdims=True, dtype=np.float64))
+    return (shifted - log_z).astype(np.float32)
+
+
+def evaluate(models: Mapping[str, SimModel], reference: SimModel, ids: np.ndarray, window: int,
+             n_windows: int, progress: bool = True) -> dict[str, Metrics]:
+    """Perplexity and KL divergence against `reference` on the first `n_windows` non-overlapping windows
+    of `window` tokens, each a fresh context; tokens 1..W-1 of each window are predicted. The reference's
+    own metrics are returned under 'reference' (its KL is 0)."""
+    from tqdm import tqdm
+
+    ids = np.asarray(ids, np.int64)
+    if len(ids) < window * n_windows:
+        raise ValueError(f"evaluate: {len(ids)} tokens are fewer than {n_windows} windows of {window}")
+    names = ["reference", *models]
+    nll = dict.fromkeys(names, 0.0)
+    kl = dict.fromkeys(names, 0.0)
+    for w in tqdm(range(n_windows), desc="evaluate", unit="window", disable=not progress):
+        chunk = ids[w * window:(w + 1) * window]
+        target = chunk[1:]
+        rows = np.arange(window - 1)
+        ref = log_softmax(reference.forward(chunk)[:-1])
+        nll["reference"] -= float(ref[rows, target].sum(dtype=np.float64))
+        p_ref = np.exp(ref)
+        for name, model in models.items():
+            lp = log_softmax(model.forward(chunk)[:-1])
+            nll[name] -= float(lp[rows, target].sum(dtype=np.float64))
+            kl[name] += float((p_ref * (ref - lp)).sum(dtype=np.float64))
+    count = n_windows * (window - 1)
+    return {n: Metrics(float(np.exp(nll[n] / count)), kl[n] / count, count) for n in names}

@@ -1,0 +1,148 @@
+"""Quantization transforms are exact before rounding; the fitting pieces (clipping, low-rank, GPTQ) do
+what they claim on planted data; MergeQuant beats plain static W4A4 on a tiny model; a converted file
+simulates exactly like the in-memory result."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mergequant.convert import convert
+from mergequant.convert.convert import fused_layer
+from mergequant.convert.loaders import load_checkpoint
+from mergequant.convert.quant import quantize
+from mergequant.convert.quant.clip import ACT_RATIOS, fake_quant, search_act_clip
+from mergequant.convert.quant.gptq import gptq_codes
+from mergequant.convert.quant.int4 import quant_rows
+from mergequant.convert.quant.lowrank import fit_lowrank
+from mergequant.convert.quant.mergequant import tie_kv_groups, v_row_steps
+from mergequant.convert.quant.simulate import SimModel, log_softmax
+from mergequant.convert.quant.split import allocate_parts, build_in_map, expand_columns
+from mergequant.convert.reference import attention, block_forward, layer_tensors, rope, rope_cos_sin, silu
+
+TINY = dict(hidden_size=96, intermediate_size=160, num_attention_heads=3, num_key_value_heads=1)
+
+
+WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this be "
+         "river city music year first game team war state school album film river north song church").split()
+
+
+def random_text(seed: int, n_words: int) -> str:
+    """Text-like byte statistics for the tiny byte-level tokenizer (calibration and evaluation differ)."""
+    rng = np.random.default_rng(seed)
+    return " ".join(rng.choice(WORDS, n_words)).capitalize() + "."
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_hf_checkpoint, tmp_path_factory):
+    ck = tiny_hf_checkpoint(**TINY)
+    text = tmp_path_factory.mktemp("calib") / "calib.txt"
+    text.write_text(random_text(0, 2000))
+    calib = dict(calib=str(text), tokenizer=str(ck.path / "tokenizer.json"), calib_n=16, calib_len=64)
+    return ck, load_checkpoint(ck.path), calib
+
+
+def test_folds_and_splits_leave_fp32_block_unchanged(tiny):
+    """The static W4A4 block of docs/numerics.md with its rint/clamp removed, built from the folded
+    tensors (γ/Δ, W·diag(Δ) in slot layout, v rows / Δᵒ, up rows / Δᵈ), equals the fp32 block."""
+    _, ck, _ = tiny
+    c = ck.config
+    rng = np.random.default_rng(0)
+    d, f, hd = c.hidden_size, c.intermediate_size, c.head_dim
+    nq, nkv = c.num_attention_heads * hd, c.num_key_value_heads * hd
+    fused = fused_layer(ck, 0)
+    x = rng.standard_normal((20, d)).astype(np.float32) * 3
+
+    def site(w, k):  # random ranges, split parts from the allocator, slot map with padding
+        ranges = rng.uniform(0.5, 8, k).astype(np.float32)
+        parts = allocate_parts(ranges, np.sum(w * w, axis=0), extra=13)
+        in_map = build_in_map(parts, k + 13 + 7)
+        step = ranges / (7 * parts)
+        return step, in_map, expand_columns(w * step, in_map)
+
+    def slots(z, in_map):  # floor((t + k)/m) without rounding: each part carries z/m
+        out = np.zeros((len(z), len(in_map)), np.float32)
+        live = in_map[:, 0] >= 0
+        out[:, live] = z[:, in_map[live, 0]] / in_map[live, 2]
+        return out
+
+    g1, g2 = fused["blk.0.attn_norm.weight"], fused["blk.0.ffn_norm.weight"]
+    step1, map1, w_qkv = site(fused["blk.0.attn_qkv"], d)
+    step_o = tie_kv_groups(rng.uniform(0.5, 4, nq).astype(np.float32), c)
+    w_qkv[nq + nkv:] /= v_row_steps(step_o, c)[:, None]
+    step2, map2, w_gu = site(fused["blk.0.ffn_gate_up"], d)
+    step3, map3, w_down = site(fused["blk.0.ffn_down"], f)
+    w_gu[f:] /= step3[:, None]
+
+    r = lambda h: 1 / np.sqrt(np.mean(h * h, axis=1, keepdims=True) + c.rms_norm_eps)  # noqa: E731
+    y = slots(x * r(x) * (g1 / step1), map1) @ w_qkv.T
+    cos, sin = rope_cos_sin(c, np.arange(len(x)))
+    q = rope(y[:, :nq].reshape(len(x), -1, hd), cos, sin)
+    k = rope(y[:, nq:nq + nkv].reshape(len(x), -1, hd), cos, sin)
+    o = attention(q, k, y[:, nq + nkv:].reshape(len(x), -1, hd), 0)  # already o / Δᵒ
+    h = x + o @ (fused["blk.0.attn_output"] * step_o).T
+    y = slots(h * r(h) * (g2 / step2), map2) @ w_gu.T
+    out = h + slots(silu(y[:, :f]) * y[:, f:], map3) @ w_down.T
+    ref = block_forward(x, layer_tensors(ck.tensors, 0), c)
+    assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-5
+
+
+def test_clip_search_finds_the_grid_minimum_on_heavy_tails():
+    rng = np.random.default_rng(1)
+    x = rng.standard_t(3, size=(4000, 8)).astype(np.float32)
+    amax = np.abs(x).max(axis=0)
+    ratio = search_act_clip(x, amax, np.ones(8), 2.4)
+    for j in range(8):  # brute force, channel by channel
+        errs = {p: np.sum(np.abs(fake_quant(x[:, j], p * amax[j]) - x[:, j]) ** 2.4) for p in ACT_RATIOS}
+        assert errs[ratio[j]] <= min(errs.values()) * (1 + 1e-5)
+        assert errs[ratio[j]] < 0.5 * errs[1.0]
+
+
+def test_lowrank_recovers_planted_map():
+    rng = np.random.default_rng(2)
+    a = np.rint(rng.standard_normal((3000, 64)) * 3).astype(np.float32)
+    planted = (rng.standard_normal((64, 4)) @ rng.standard_normal((4, 40))).astype(np.float32)
+    resid = a @ planted + 0.01 * rng.standard_normal((3000, 40)).astype(np.float32)
+    la, lb = fit_lowrank(a.T @ a, a.T @ resid, rank=4, damp=1e-5)
+    assert la.shape == (4, 64) and lb.shape == (40, 4)
+    assert np.linalg.norm(resid - a @ la.T @ lb.T) < 0.01 * np.linalg.norm(resid)
+
+
+def test_gptq_beats_rtn_on_correlated_inputs():
+    rng = np.random.default_rng(3)
+    a = np.rint(rng.standard_normal((2000, 8)) @ rng.standard_normal((8, 96)) * 0.8).astype(np.float32)
+    w = rng.standard_normal((32, 96)).astype(np.float32)
+    q_rtn, scale = quant_rows(w)
+    q_gptq = gptq_codes(w, a.T @ a, scale)
+    err = lambda q: np.linalg.norm(a @ w.T - (a @ q.T.astype(np.float32)) * scale)  # noqa: E731
+    assert q_gptq.min() >= -8 and q_gptq.max() <= 7
+    assert err(q_gptq) < 0.7 * err(q_rtn)
+
+
+def kl_to_f16(model: SimModel, f16: SimModel, ids: np.ndarray) -> float:
+    ref, lp = log_softmax(f16.forward(ids)), log_softmax(model.forward(ids))
+    return float(np.mean(np.sum(np.exp(ref) * (ref - lp), axis=-1)))
+
+
+def test_mergequant_beats_plain_static(tiny):
+    _, ck, calib = tiny
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(calib["tokenizer"])
+    ids = np.asarray(tok.encode(random_text(1, 400), add_special_tokens=False).ids[:4 * 64]).reshape(4, 64)
+    f16 = quantize(ck, None)
+    plain = kl_to_f16(quantize(ck, "rtn-w4a4-static", **calib), f16, ids)
+    full = quantize(ck, "mergequant", **calib)
+    assert kl_to_f16(full, f16, ids) < 0.7 * plain
+    assert full.quant["params"]["options"]["rank"] > 0
+    off = quantize(ck, "mergequant", no_clip=True, no_split=True, rank=0, gptq=True, **calib)
+    opts = off.quant["params"]["options"]
+    assert (opts["clip"], opts["split"], opts["rank"], opts["gptq"]) == (False, False, 0, True)
+    assert off.blocks[0].qkv.lora_a is None and off.blocks[0].qkv.in_map[:, 2].max() == 1
+
+
+def test_converted_file_simulates_like_memory(tiny, tmp_path):
+    ck_files, ck, calib = tiny
+    out = convert(ck_files.path, tmp_path / "tiny-mq.mq", method="mergequant", progress=False, **calib)
+    ids = np.arange(5, 40)
+    from_file = SimModel.from_mq(out)
+    assert from_file.quant["method"] == "mergequant"
+    assert np.array_equal(from_file.forward(ids), quantize(ck, "mergequant", **calib).forward(ids))
