@@ -19,7 +19,7 @@ from typing import Any
 
 from mergequant.convert.loaders import load_checkpoint
 from mergequant.convert.quant import evaluate, quantize
-from mergequant.convert.quant.calibrate import CalibrationSpec, shared_data_dir, tokenize_file
+from mergequant.convert.quant.calibrate import CalibrationSpec, checkpoint_tokenizer, shared_data_dir, tokenize_file
 
 # row key → (label, method, method args); the mergequant rows add one component at a time
 ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
@@ -91,7 +91,7 @@ def main() -> None:
         raise SystemExit(f"unknown rows {sorted(unknown)}; known: {', '.join(ROWS)}")
 
     ck = load_checkpoint(args.model)
-    ids = tokenize_file(shared_data_dir() / "eval" / "wiki.test.raw")
+    ids = tokenize_file(shared_data_dir() / "eval" / "wiki.test.raw", checkpoint_tokenizer(ck))
     args.calib_n = args.calib_n or CalibrationSpec.n
     args.calib_len = args.calib_len or CalibrationSpec.length
     calib = {"calib_n": args.calib_n, "calib_len": args.calib_len}

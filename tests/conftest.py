@@ -259,6 +259,11 @@ def smollm2_f16_mq(smollm2_gguf_path: Path, tmp_path_factory: pytest.TempPathFac
     return convert(smollm2_gguf_path, tmp_path_factory.mktemp("smollm2") / "smollm2-f16.mq", progress=False)
 
 
+# library code (calibration) and subprocesses find the shared data through the same variable
+if "MERGEQUANT_SHARED" not in os.environ and (Path(__file__).resolve().parents[2] / "shared").is_dir():
+    os.environ["MERGEQUANT_SHARED"] = str(Path(__file__).resolve().parents[2] / "shared")
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     env = os.environ.get("MERGEQUANT_SHARED")

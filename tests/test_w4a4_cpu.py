@@ -86,8 +86,7 @@ def test_greedy_32_tokens_identical(engine, sim, prompt):
 
 @pytest.fixture(scope="module")
 def tiny_ck(tiny_hf_checkpoint):
-    # the calibration text is tokenized with the SmolLM2 tokenizer: give the tiny model its vocabulary size
-    return tiny_hf_checkpoint(vocab_size=49152)
+    return tiny_hf_checkpoint()
 
 
 @pytest.mark.parametrize("method", ["rtn-w4a16", "rtn-w4a4-dynamic", "rtn-w4a4-static", "mergequant"])

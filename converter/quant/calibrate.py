@@ -19,28 +19,52 @@ from .simulate import SimBlock, block_forward
 # name → files under shared/data/eval (the WikiText-2 validation split and the C4 sample, never test text)
 BUILTIN_SETS = {"wikitext2": ("wikitext2_valid_tokens.txt",), "c4": ("c4_sample.txt",),
                 "wikitext2+c4": ("wikitext2_valid_tokens.txt", "c4_sample.txt")}
-DEFAULT_TOKENIZER = "tokenizers/smollm2/tokenizer.json"
 
 
 def shared_data_dir() -> Path:
-    """$MERGEQUANT_SHARED, else the checkout's sibling shared/data."""
+    """The shared data folder holding eval/ (and tokenizers/): $MERGEQUANT_SHARED/data when set, else
+    shared/data beside the working directory or beside the source checkout."""
     env = os.environ.get("MERGEQUANT_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+    if env:
+        return Path(env) / "data"
+    here = Path(__file__).resolve()
+    for base in (Path.cwd(), Path.cwd().parent, here.parents[2].parent):
+        if (base / "shared" / "data" / "eval").is_dir():
+            return base / "shared" / "data"
+    raise FileNotFoundError("calibration data (shared/data/eval) not found: pass a text file as the calibration "
+                            "source (--calib FILE) or set MERGEQUANT_SHARED to the shared folder")
 
 
-def load_tokenizer(path: str | Path | None = None):  # -> tokenizers.Tokenizer
+def checkpoint_tokenizer(ck: Checkpoint) -> Callable[[str], list[int]]:
+    """The checkpoint's own tokenizer, as the engine runs it (C++), so calibration sees exactly the ids the
+    model will: exported into a tokenizer-only model file and loaded through the extension."""
+    import tempfile
+
+    from mergequant._engine import Tokenizer
+
+    from ..mqfile import write_mq
+    from ..tokenizer import export_tokenizer
+
+    meta, tensors = export_tokenizer(ck)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "tokenizer.mq"
+        write_mq(path, None, None, meta, tensors)
+        tok = Tokenizer(str(path))
+    return lambda text: tok.encode(text, add_special=False)
+
+
+def load_tokenizer(path: str | Path):  # -> tokenizers.Tokenizer
     from tokenizers import Tokenizer
 
-    path = Path(path) if path else shared_data_dir() / DEFAULT_TOKENIZER
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer {path} not found (set MERGEQUANT_SHARED to the shared data dir)")
+        raise FileNotFoundError(f"tokenizer {path} not found")
     return Tokenizer.from_file(str(path))
 
 
-def tokenize_file(path: Path, tokenizer_path: str | Path | None = None) -> np.ndarray:
+def tokenize_file(path: Path, tokenize: Callable[[str], list[int]]) -> np.ndarray:
     """The whole text of a file as one token stream (no special tokens added)."""
-    tok = load_tokenizer(tokenizer_path)
-    return np.asarray(tok.encode(path.read_text(encoding="utf-8"), add_special_tokens=False).ids, np.int64)
+    return np.asarray(tokenize(path.read_text(encoding="utf-8")), np.int64)
 
 
 @dataclass(frozen=True)
@@ -49,11 +73,17 @@ class CalibrationSpec:
     n: int = 32                    # sequences
     length: int = 512              # tokens per sequence
     seed: int = 0
-    tokenizer: str | None = None   # tokenizer.json; default: the shared smollm2 one
+    tokenizer: str | None = None   # a tokenizer.json to use instead of the checkpoint's own tokenizer
 
 
-def calibration_tokens(spec: CalibrationSpec) -> np.ndarray:
-    """[n, length] token ids: windows at seeded random offsets, split evenly over the source files."""
+def calibration_tokens(spec: CalibrationSpec, ck: Checkpoint) -> np.ndarray:
+    """[n, length] token ids: windows at seeded random offsets, split evenly over the source files,
+    tokenized with the checkpoint's own tokenizer (or spec.tokenizer)."""
+    if spec.tokenizer:
+        hf = load_tokenizer(spec.tokenizer)
+        tokenize = lambda text: hf.encode(text, add_special_tokens=False).ids  # noqa: E731
+    else:
+        tokenize = checkpoint_tokenizer(ck)
     files = ([shared_data_dir() / "eval" / f for f in BUILTIN_SETS[spec.source]]
              if spec.source in BUILTIN_SETS else [Path(spec.source)])
     rng = np.random.default_rng(spec.seed)
@@ -61,7 +91,7 @@ def calibration_tokens(spec: CalibrationSpec) -> np.ndarray:
     for i, path in enumerate(files):
         if not path.is_file():
             raise FileNotFoundError(f"calibration text {path} not found")
-        stream = tokenize_file(path, spec.tokenizer)
+        stream = tokenize_file(path, tokenize)
         count = spec.n // len(files) + (i < spec.n % len(files))
         if len(stream) < spec.length + 1:
             raise ValueError(f"calibration text {path} has {len(stream)} tokens, fewer than length={spec.length}")

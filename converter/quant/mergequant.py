@@ -222,7 +222,7 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
 def w4a4_static(ck: Checkpoint, quant: dict[str, Any], opts: Options, calib: CalibrationSpec
                 ) -> Iterator[dict[str, np.ndarray]]:
     quant["params"] = {"options": asdict(opts), "calibration": asdict(calib)}
-    ids = calibration_tokens(calib)
+    ids = calibration_tokens(calib, ck)
     rng = np.random.default_rng(calib.seed)
     return run_sequential(ck, ids, lambda i, h, fused: quantize_layer(i, h, fused, ck.config, opts, quant, rng))
 
