@@ -140,10 +140,33 @@ def decode_weight_bytes(path: Path) -> int:
     return sum(f.nbytes(n) for n in f.names() if not n.startswith("tokenizer.") and n != "token_embd.weight")
 
 
-def bench_engine(path: Path, n_vocab_tok: int, rng: np.random.Generator) -> dict:
+def profile_decode(llm: LLM, prompt: list[int], n: int = 32, top: int = 12) -> None:
+    """Device time per decode token by kernel (CUPTI through torch.profiler; graph-launched kernels are
+    recorded too): the prompt is cached first, so the profiled call runs one-token steps only."""
+    from torch.profiler import ProfilerActivity, profile
+
+    llm.generate(prompt, max_tokens=1, temperature=0.0)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        llm.generate(prompt, max_tokens=n, temperature=0.0)
+    steps = llm.last_timings["n_decode"] + 1
+    ev = [(e.key, e.count, getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0))
+          for e in prof.key_averages()]
+    ev = sorted((e for e in ev if e[2] > 0), key=lambda e: -e[2])
+    total = sum(e[2] for e in ev)
+    print(f"  decode profile: {total / steps:.0f} us of kernels per token over {steps} steps", flush=True)
+    for name, count, us in ev[:top]:
+        print(f"    {us / steps:8.1f} us/token  {count / steps:5.1f} calls/token  {name[:90]}", flush=True)
+
+
+def bench_engine(path: Path, n_vocab_tok: int, rng: np.random.Generator, profile: bool = False) -> dict:
     llm = LLM(str(path), device="cuda", n_ctx=4096)
     ids = lambda n: rng.integers(3, n_vocab_tok, n).tolist()  # noqa: E731  (fresh prompts: no cached prefix)
     llm.generate(ids(64), max_tokens=16, temperature=0.0)  # warm-up: module load, first capture
+    if profile:
+        try:
+            profile_decode(llm, ids(PROMPT))
+        except Exception as e:  # the profiler is a diagnostic: the benchmark goes on without it
+            print(f"  decode profile failed: {e}", flush=True)
     decode = []
     for _ in range(2):
         llm.generate(ids(PROMPT), max_tokens=DECODE, temperature=0.0)
@@ -238,6 +261,7 @@ def main() -> int:
     ap.add_argument("--schemes", default="f16,w4a16g,w4a4")
     ap.add_argument("--workdir", default=None, help="where the random-weight files go (default: a temp dir)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--profile", action="store_true", help="print each engine model's device time per decode token by kernel")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
@@ -266,14 +290,14 @@ def main() -> int:
             del keep
             gc.collect()
             torch.cuda.empty_cache()
-        r = bench_engine(path, min(n_tok, c.vocab_size), rng)
+        r = bench_engine(path, min(n_tok, c.vocab_size), rng, args.profile)
         rows.append({"model": "Llama-2-7B shape", "engine": "mergequant CUDA", "scheme": scheme,
                      "weight_bytes": wbytes, **r})
         print(rows[-1], flush=True)
         path.unlink()
     for spec in args.extra:
         p, label = spec.split("=", 1)
-        r = bench_engine(Path(p), read_mq(p).config.vocab_size, rng)
+        r = bench_engine(Path(p), read_mq(p).config.vocab_size, rng, args.profile)
         rows.append({"model": label, "engine": "mergequant CUDA", "scheme": label.split()[-1],
                      "weight_bytes": decode_weight_bytes(Path(p)), **r})
         print(rows[-1], flush=True)

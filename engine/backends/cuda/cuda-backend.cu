@@ -42,6 +42,7 @@ public:
         for (auto & kv : steps_) if (kv.second.exec) cudaGraphExecDestroy(kv.second.exec);
         for (auto & kv : inv_freq_) cudaFree(kv.second);
         if (scratch_) cudaFree(scratch_);
+        if (att_ws_) cudaFree(att_ws_);
         cudaStreamDestroy(stream_);
     }
 
@@ -164,7 +165,7 @@ public:
             uint8_t * packed = (uint8_t *) scratch_for(packed_bytes + (size_t) m * sizeof(float));
             float * step = (float *) (packed + packed_bytes);
             cuda_quantize_dynamic(x, m, (int32_t) lin.k, lin.kp, packed, step, stream_);
-            cuda_linear_w4a4(p.qweight, p.scale, nullptr, step, lin.n, lin.kp, packed, m, y, accumulate, stream_);
+            cuda_linear_w4a4(p.qweight, p.scale, nullptr, step, lin.n, lin.kp, packed, false, m, y, accumulate, stream_);
         } else {
             throw Error("linear '" + lin.name + "': scheme '" + lin.scheme + "' takes integer codes, not floats "
                         "(it goes through linear_codes)");
@@ -181,7 +182,9 @@ public:
     }
     void attention(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s, const int32_t * pos,
                    const void * k_cache, const void * v_cache, float * out) override {
-        cuda_attention(qkv, n_tokens, row_stride, s.n_head, s.n_head_kv, s.head_dim, pos, k_cache, v_cache, out, stream_);
+        void * ws = attention_workspace_for(cuda_attention_workspace(n_tokens, s.n_head, s.head_dim, s.n_ctx));
+        cuda_attention(qkv, n_tokens, row_stride, s.n_head, s.n_head_kv, s.head_dim, s.n_ctx, pos, k_cache, v_cache, ws,
+                       out, stream_);
     }
     void swiglu(const float * gu, int32_t m, int32_t n_ff, float * out) override {
         cuda_swiglu(gu, m, n_ff, out, stream_);
@@ -208,11 +211,12 @@ public:
         cuda_pack_codes(a, m, lin.kp, packed, stream_);
         cuda_int_gemm(p.qweight, lin.n, lin.kp, packed, m, acc, stream_);
     }
-    // the GEMM reads packed codes: a pack pass (m·kp bytes, small next to the weights), then the GEMV/GEMM
-    // with the low-rank branch, when present, added in its epilogue
+    // the GEMV (decode) reads the int8 codes as they are; the GEMM reads packed codes, made by a pack pass
+    // (m·kp bytes, small next to the weights); the low-rank branch, when present, is added in the epilogue
     void linear_codes(const Linear & lin, const int8_t * a, int32_t m, float * y, bool accumulate) override {
         const W4A4 & p = w4a4_of(lin);
-        const size_t packed_bytes = ((size_t) m * lin.kp / 2 + 255) / 256 * 256;
+        const bool codes8 = m <= W4A4_GEMV_MAX_M;
+        const size_t packed_bytes = codes8 ? 0 : ((size_t) m * lin.kp / 2 + 255) / 256 * 256;
         const size_t lora_bytes = lin.rank > 0 ? (size_t) m * (lin.rank + lin.n) * sizeof(float) : 0;
         uint8_t * packed = (uint8_t *) scratch_for(packed_bytes + lora_bytes);
         float * lora = nullptr;
@@ -221,8 +225,9 @@ public:
             lora = l + (size_t) m * lin.rank;
             cuda_lora(p.lora_a, p.lora_b, lin.rank, lin.n, lin.kp, a, m, l, lora, stream_);
         }
-        cuda_pack_codes(a, m, lin.kp, packed, stream_);
-        cuda_linear_w4a4(p.qweight, p.scale, lora, nullptr, lin.n, lin.kp, packed, m, y, accumulate, stream_);
+        if (!codes8) cuda_pack_codes(a, m, lin.kp, packed, stream_);
+        cuda_linear_w4a4(p.qweight, p.scale, lora, nullptr, lin.n, lin.kp, codes8 ? (const void *) a : packed, codes8, m, y,
+                         accumulate, stream_);
     }
 
     size_t kv_elem_size() const override { return 2; }  // fp16
@@ -277,25 +282,33 @@ private:
         }
         return *(const W4A4 *) lin.prepared;
     }
-    // grows the scratch buffer; captured steps that point into the old one are dropped (and captured
-    // again at their next call)
-    void * scratch_for(size_t bytes) {
+    // grows a device buffer (the scratch buffer, the attention workspace); captured steps that point into
+    // the old one are dropped (and captured again at their next call). zero: fill the new buffer with zeros.
+    void * grow(void *& buf, size_t & held, size_t bytes, bool zero, const char * what) {
         if (bytes == 0) return nullptr;
-        if (bytes > scratch_bytes_) {
+        if (bytes > held) {
             if (capturing_) {
-                throw Error("CUDA: the scratch buffer would grow inside a captured decode step (" +
-                            std::to_string(bytes) + " bytes asked, " + std::to_string(scratch_bytes_) + " held)");
+                throw Error(std::string("CUDA: the ") + what + " would grow inside a captured decode step (" +
+                            std::to_string(bytes) + " bytes asked, " + std::to_string(held) + " held)");
             }
             synchronize();
             for (auto & kv : steps_) {
                 if (kv.second.exec) cudaGraphExecDestroy(kv.second.exec);
                 kv.second.exec = nullptr;
             }
-            if (scratch_) free(scratch_);
-            scratch_ = alloc(bytes);
-            scratch_bytes_ = bytes;
+            if (buf) free(buf);
+            buf = alloc(bytes);
+            held = bytes;
+            if (zero) {
+                cuda_check(cudaMemsetAsync(buf, 0, bytes, stream_), "cudaMemsetAsync (attention workspace)");
+            }
         }
-        return scratch_;
+        return buf;
+    }
+    void * scratch_for(size_t bytes) { return grow(scratch_, scratch_bytes_, bytes, false, "scratch buffer"); }
+    // the split attention's tickets must start at zero (its kernels leave them so)
+    void * attention_workspace_for(size_t bytes) {
+        return grow(att_ws_, att_ws_bytes_, bytes, true, "attention workspace");
     }
     // the float64 RoPE frequencies of the CPU backend (rope_inv_freq), uploaded once per configuration
     const double * inv_freq_for(int32_t head_dim, const RopeParams & rp) {
@@ -320,6 +333,8 @@ private:
     std::map<const void *, Step> steps_;
     void * scratch_ = nullptr;
     size_t scratch_bytes_ = 0;
+    void * att_ws_ = nullptr;
+    size_t att_ws_bytes_ = 0;
     std::map<std::tuple<int32_t, float, float, float, float, int32_t>, double *> inv_freq_;
 };
 

@@ -1,4 +1,4 @@
-// Embedding lookup: one block per token, fp16 row -> fp32 (exact).
+// Embedding lookup: fp16 row -> fp32 (exact); grid (element blocks, tokens), a thread per element.
 #include "embed.cuh"
 #include "cuda-common.cuh"
 
@@ -8,14 +8,15 @@ namespace mq {
 
 static __global__ void embed_f16_kernel(const __half * __restrict__ table, const int32_t * __restrict__ ids,
                                         int32_t dim, float * __restrict__ out) {
-    const __half * row = table + (size_t) ids[blockIdx.x] * dim;
-    float * o = out + (size_t) blockIdx.x * dim;
-    for (int32_t i = threadIdx.x; i < dim; i += blockDim.x) o[i] = __half2float(row[i]);
+    const __half * row = table + (size_t) ids[blockIdx.y] * dim;
+    float * o = out + (size_t) blockIdx.y * dim;
+    const int32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < dim) o[i] = __half2float(row[i]);
 }
 
 void cuda_embed_f16(const void * table, const int32_t * ids, int32_t n, int32_t dim, float * out, cudaStream_t st) {
     if (n <= 0) return;
-    embed_f16_kernel<<<n, 256, 0, st>>>((const __half *) table, ids, dim, out);
+    embed_f16_kernel<<<dim3((unsigned) ceil_div(dim, 256), n), 256, 0, st>>>((const __half *) table, ids, dim, out);
     cuda_check_launch("embed_f16_kernel");
 }
 

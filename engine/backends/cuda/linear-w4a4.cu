@@ -4,7 +4,9 @@
 // numpy integer reference. Kernels measured in bench/kernels/gemv.cu (v2) and gemm.cu (v2):
 //  - decode (m <= 16): GEMV; a block of 8 warps owns 16 weight rows and the warps split K, each thread
 //    keeps 4 chunks x (2 weight + 2 activation) 16-byte loads in flight; partial sums meet in shared
-//    memory (integer sums: exact in any order);
+//    memory (integer sums: exact in any order). It also takes the activations as int8 codes, one per
+//    byte (the static W4A4 ops' output), and packs them in registers: a decode step then needs no pack
+//    pass (one launch fewer per linear; the activations are a few KB next to MBs of weights);
 //  - prefill (m > 16): the tiled GEMM of gemm-mma.cuh.
 #include "linear-w4a4.cuh"
 #include "cuda-common.cuh"
@@ -12,16 +14,28 @@
 
 namespace mq {
 
-constexpr int W4_WARPS = 8, W4_U = 4, W4_NT = 2, W4_MAX_M = 16;
+constexpr int W4_WARPS = 8, W4_U = 4, W4_NT = 2, W4_MAX_M = W4A4_GEMV_MAX_M;
 
+// 32 int4 codes one per byte (k order) -> the 16 packed bytes of the file's layout (even k in the low nibble)
+__device__ __forceinline__ uint4 pack_codes32(const uint4 & x0, const uint4 & x1) {
+    auto pack8 = [](uint32_t lo, uint32_t hi) {  // bytes k .. k+7 -> 8 nibbles
+        const uint32_t even = __byte_perm(lo, hi, 0x6420), odd = __byte_perm(lo, hi, 0x7531);
+        return (even & 0x0F0F0F0Fu) | ((odd & 0x0F0F0F0Fu) << 4);
+    };
+    return make_uint4(pack8(x0.x, x0.y), pack8(x0.z, x0.w), pack8(x1.x, x1.y), pack8(x1.z, x1.w));
+}
+
+// CODES8: a holds int8 codes [M][2·kb] instead of packed int4 [M][kb]
+template <bool CODES8>
 static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t * __restrict__ a, const uint8_t * __restrict__ w,
                                                                   const float * __restrict__ scale, const float * __restrict__ add,
                                                                   const float * __restrict__ row_scale, float * __restrict__ y,
                                                                   int M, int N, int kb, int accumulate) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     // rows past M or N are read from a valid row and only feed outputs that are never written
-    const uint8_t * ap0 = a + (size_t) min(g, M - 1) * kb;
-    const uint8_t * ap8 = a + (size_t) min(g + 8, M - 1) * kb;
+    const size_t a_row = CODES8 ? 2 * (size_t) kb : (size_t) kb;
+    const uint8_t * ap0 = a + (size_t) min(g, M - 1) * a_row;
+    const uint8_t * ap8 = a + (size_t) min(g + 8, M - 1) * a_row;
     const uint8_t * wp[W4_NT];
 #pragma unroll
     for (int i = 0; i < W4_NT; i++) wp[i] = w + (size_t) min((blockIdx.x * W4_NT + i) * 8 + g, N - 1) * kb;
@@ -34,8 +48,13 @@ static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t 
 #pragma unroll
         for (int u = 0; u < W4_U; u++) {  // the batch's loads first (clamped offsets, no branches)
             const int o = min((c0 + u * W4_WARPS) * 64 + 16 * t, kb - 16);
-            ra0[u] = ld_cached(ap0 + o);
-            ra8[u] = ld_cached(ap8 + o);
+            if constexpr (CODES8) {
+                ra0[u] = pack_codes32(ld_cached(ap0 + 2 * o), ld_cached(ap0 + 2 * o + 16));
+                ra8[u] = pack_codes32(ld_cached(ap8 + 2 * o), ld_cached(ap8 + 2 * o + 16));
+            } else {
+                ra0[u] = ld_cached(ap0 + o);
+                ra8[u] = ld_cached(ap8 + o);
+            }
 #pragma unroll
             for (int i = 0; i < W4_NT; i++) rb[u][i] = ld_stream(wp[i] + o);
         }
@@ -87,7 +106,7 @@ static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t 
 }
 
 void cuda_linear_w4a4(const void * qweight, const float * scale, const float * add, const float * row_scale, int64_t n,
-                      int64_t kp, const void * a, int32_t m, float * y, bool accumulate, cudaStream_t st) {
+                      int64_t kp, const void * a, bool codes8, int32_t m, float * y, bool accumulate, cudaStream_t st) {
     if (kp % 64 != 0 || kp <= 0 || kp >= 131072 || n <= 0) {
         throw Error("CUDA w4a4 linear: K = " + std::to_string(kp) + " must be a positive multiple of 64 below 131072 "
                     "(int32 range of the 16x-scaled products), N = " + std::to_string(n) + " positive");
@@ -95,10 +114,15 @@ void cuda_linear_w4a4(const void * qweight, const float * scale, const float * a
     if (m <= 0) return;
     const int kb = (int) (kp / 2);
     if (m <= W4_MAX_M) {
-        gemv_w4a4_kernel<<<(unsigned) ceil_div(n, 8 * W4_NT), 256, 0, st>>>(
-            (const uint8_t *) a, (const uint8_t *) qweight, scale, add, row_scale, y, m, (int) n, kb, accumulate ? 1 : 0);
+        auto kernel = codes8 ? gemv_w4a4_kernel<true> : gemv_w4a4_kernel<false>;
+        kernel<<<(unsigned) ceil_div(n, 8 * W4_NT), 256, 0, st>>>((const uint8_t *) a, (const uint8_t *) qweight, scale, add,
+                                                                  row_scale, y, m, (int) n, kb, accumulate ? 1 : 0);
         cuda_check_launch("gemv_w4a4_kernel");
         return;
+    }
+    if (codes8) {
+        throw Error("CUDA w4a4 linear: int8 codes are taken at m <= " + std::to_string(W4_MAX_M) + " only (m = " +
+                    std::to_string(m) + "); pack them first");
     }
     static bool smem_set = false;
     if (!smem_set) {

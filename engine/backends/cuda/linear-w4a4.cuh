@@ -5,7 +5,9 @@ namespace mq {
 // y[m, n] (+)= (float(acc[m, n]) * scale[n] (+ add[m, n] when add != nullptr)) (* row_scale[m] when row_scale !=
 // nullptr: the per-token step of w4a4d), acc = Σ_k a[m, k] · q[n, k] exact in int32 (docs/numerics.md, schemes
 // w4a4 and w4a4d). a: packed int4 codes [m, kp/2], qweight: packed int4 [n, kp/2], both as in the model file
-// (two per byte, even k in the low nibble); kp % 64 == 0; scale, y fp32.
+// (two per byte, even k in the low nibble); kp % 64 == 0; scale, y fp32. codes8: a holds int8 codes [m, kp]
+// instead (one per byte), taken for m <= W4A4_GEMV_MAX_M only.
+constexpr int32_t W4A4_GEMV_MAX_M = 16;
 void cuda_linear_w4a4(const void * qweight, const float * scale, const float * add, const float * row_scale, int64_t n,
-                      int64_t kp, const void * a, int32_t m, float * y, bool accumulate, cudaStream_t st);
+                      int64_t kp, const void * a, bool codes8, int32_t m, float * y, bool accumulate, cudaStream_t st);
 }

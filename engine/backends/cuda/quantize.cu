@@ -21,12 +21,27 @@ __device__ __forceinline__ int8_t slot_code(float z, int32_t part, int32_t parts
     return (int8_t) ((t >= 0 ? t : t - parts + 1) / parts);  // floordiv
 }
 
+// The code producers run on a grid (slot blocks of Q_SLOTS, rows): one block per row would leave a decode
+// step's 4096-11008 slots to a single SM. Each block of rmsnorm_quant recomputes its row's sum of squares
+// (D floats, cached), in the same order, so every block rounds the same r.
+constexpr int Q_SLOTS = 1024, Q_PER = Q_SLOTS / 256;  // launched with 256 threads
+
 static __global__ void rmsnorm_quant_kernel(const float * __restrict__ x, const float * __restrict__ in_scale,
                                             const int32_t * __restrict__ in_map, int32_t dim, int64_t kp, float eps,
                                             int8_t * __restrict__ out) {
-    const float * xr = x + (size_t) blockIdx.x * dim;
+    const float * xr = x + (size_t) blockIdx.y * dim;
     double ss = 0.0;  // float64 like the CPU backend, so both round the same r
-    for (int32_t i = threadIdx.x; i < dim; i += blockDim.x) ss += (double) xr[i] * xr[i];
+    for (int32_t i0 = 0; i0 < dim; i0 += 8 * blockDim.x) {
+        // 8 loads issued before their math: a decode step is latency-bound here (GPU issue is in order)
+        float v[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const int32_t i = i0 + u * blockDim.x + threadIdx.x;
+            v[u] = i < dim ? xr[i] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; u++) ss += (double) v[u] * v[u];
+    }
     for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
     __shared__ double part[32];
     __shared__ float inv;
@@ -38,31 +53,58 @@ static __global__ void rmsnorm_quant_kernel(const float * __restrict__ x, const 
         inv = 1.0f / sqrtf((float) (s / dim) + eps);
     }
     __syncthreads();
-    int8_t * o = out + (size_t) blockIdx.x * kp;
-    for (int64_t s = threadIdx.x; s < kp; s += blockDim.x) {
-        const int32_t j = in_map[3 * s];
-        o[s] = j < 0 ? 0 : slot_code((xr[j] * inv) * in_scale[j], in_map[3 * s + 1], in_map[3 * s + 2]);
+    int8_t * o = out + (size_t) blockIdx.y * kp;
+    // a thread's Q_SLOTS / 256 slots: the map, then the gathered inputs, then the codes, each batch of
+    // loads issued together (the maps come from device memory every step)
+    const int64_t s0 = (int64_t) blockIdx.x * Q_SLOTS + threadIdx.x;
+    int32_t jm[Q_PER], km[Q_PER], pm[Q_PER];
+    float z[Q_PER];
+#pragma unroll
+    for (int u = 0; u < Q_PER; u++) {
+        const int64_t s = s0 + u * 256;
+        jm[u] = s < kp ? in_map[3 * s] : -1, km[u] = s < kp ? in_map[3 * s + 1] : 0, pm[u] = s < kp ? in_map[3 * s + 2] : 1;
+    }
+#pragma unroll
+    for (int u = 0; u < Q_PER; u++) z[u] = jm[u] < 0 ? 0.0f : (xr[jm[u]] * inv) * in_scale[jm[u]];
+#pragma unroll
+    for (int u = 0; u < Q_PER; u++) {
+        const int64_t s = s0 + u * 256;
+        if (s < kp) o[s] = jm[u] < 0 ? 0 : slot_code(z[u], km[u], pm[u]);
     }
 }
 
 static __global__ void quantize_codes_kernel(const float * __restrict__ x, int32_t k, int64_t kp, int8_t * __restrict__ out) {
-    const float * xr = x + (size_t) blockIdx.x * k;
-    int8_t * o = out + (size_t) blockIdx.x * kp;
-    for (int64_t s = threadIdx.x; s < kp; s += blockDim.x) o[s] = s < k ? (int8_t) round_clamp(xr[s], -8, 7) : 0;
+    const float * xr = x + (size_t) blockIdx.y * k;
+    int8_t * o = out + (size_t) blockIdx.y * kp;
+    const int64_t s0 = (int64_t) blockIdx.x * Q_SLOTS + threadIdx.x;
+    float v[Q_PER];
+#pragma unroll
+    for (int u = 0; u < Q_PER; u++) v[u] = s0 + u * 256 < k ? xr[s0 + u * 256] : 0.0f;
+#pragma unroll
+    for (int u = 0; u < Q_PER; u++) {
+        const int64_t s = s0 + u * 256;
+        if (s < kp) o[s] = s < k ? (int8_t) round_clamp(v[u], -8, 7) : 0;
+    }
 }
 
 static __global__ void swiglu_quant_kernel(const float * __restrict__ gu, const int32_t * __restrict__ in_map, int32_t n_ff,
                                            int64_t kp, int8_t * __restrict__ out) {
-    const float * g = gu + (size_t) blockIdx.x * 2 * n_ff;
-    int8_t * o = out + (size_t) blockIdx.x * kp;
-    for (int64_t s = threadIdx.x; s < kp; s += blockDim.x) {
-        const int32_t j = in_map[3 * s];
-        if (j < 0) {
-            o[s] = 0;
-            continue;
-        }
-        const float gj = g[j];
-        o[s] = slot_code(gj / (1.0f + expf(-gj)) * g[n_ff + j], in_map[3 * s + 1], in_map[3 * s + 2]);
+    const float * g = gu + (size_t) blockIdx.y * 2 * n_ff;
+    int8_t * o = out + (size_t) blockIdx.y * kp;
+    const int64_t s0 = (int64_t) blockIdx.x * Q_SLOTS + threadIdx.x;
+    int32_t jm[Q_PER], km[Q_PER], pm[Q_PER];
+    float gv[Q_PER], uv[Q_PER];
+#pragma unroll
+    for (int u = 0; u < Q_PER; u++) {
+        const int64_t s = s0 + u * 256;
+        jm[u] = s < kp ? in_map[3 * s] : -1, km[u] = s < kp ? in_map[3 * s + 1] : 0, pm[u] = s < kp ? in_map[3 * s + 2] : 1;
+    }
+#pragma unroll
+    for (int u = 0; u < Q_PER; u++) gv[u] = jm[u] < 0 ? 0.0f : g[jm[u]], uv[u] = jm[u] < 0 ? 0.0f : g[n_ff + jm[u]];
+#pragma unroll
+    for (int u = 0; u < Q_PER; u++) {
+        const int64_t s = s0 + u * 256;
+        if (s < kp) o[s] = jm[u] < 0 ? 0 : slot_code(gv[u] / (1.0f + expf(-gv[u])) * uv[u], km[u], pm[u]);
     }
 }
 
@@ -155,20 +197,20 @@ static unsigned grid_for(int64_t total) { return (unsigned) std::min<int64_t>(ce
 void cuda_rmsnorm_quant(const float * x, const float * in_scale, const int32_t * in_map, int32_t m, int32_t dim,
                         int64_t kp, float eps, int8_t * out, cudaStream_t st) {
     if (m <= 0) return;
-    rmsnorm_quant_kernel<<<m, 256, 0, st>>>(x, in_scale, in_map, dim, kp, eps, out);
+    rmsnorm_quant_kernel<<<dim3((unsigned) ceil_div(kp, Q_SLOTS), m), 256, 0, st>>>(x, in_scale, in_map, dim, kp, eps, out);
     cuda_check_launch("rmsnorm_quant_kernel");
 }
 
 void cuda_quantize_codes(const float * x, int32_t m, int32_t k, int64_t kp, int8_t * out, cudaStream_t st) {
     if (m <= 0) return;
-    quantize_codes_kernel<<<m, 256, 0, st>>>(x, k, kp, out);
+    quantize_codes_kernel<<<dim3((unsigned) ceil_div(kp, Q_SLOTS), m), 256, 0, st>>>(x, k, kp, out);
     cuda_check_launch("quantize_codes_kernel");
 }
 
 void cuda_swiglu_quant(const float * gu, const int32_t * in_map, int32_t m, int32_t n_ff, int64_t kp, int8_t * out,
                        cudaStream_t st) {
     if (m <= 0) return;
-    swiglu_quant_kernel<<<m, 256, 0, st>>>(gu, in_map, n_ff, kp, out);
+    swiglu_quant_kernel<<<dim3((unsigned) ceil_div(kp, Q_SLOTS), m), 256, 0, st>>>(gu, in_map, n_ff, kp, out);
     cuda_check_launch("swiglu_quant_kernel");
 }
 

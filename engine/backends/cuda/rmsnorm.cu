@@ -10,7 +10,17 @@ static __global__ void rmsnorm_kernel(const float * __restrict__ x, const float 
     const float * xr = x + (size_t) blockIdx.x * dim;
     float * o = out + (size_t) blockIdx.x * dim;
     double ss = 0.0;
-    for (int32_t i = threadIdx.x; i < dim; i += blockDim.x) ss += (double) xr[i] * xr[i];
+    for (int32_t i0 = 0; i0 < dim; i0 += 8 * blockDim.x) {
+        // 8 loads issued before their math: a decode step is latency-bound here (GPU issue is in order)
+        float v[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const int32_t i = i0 + u * blockDim.x + threadIdx.x;
+            v[u] = i < dim ? xr[i] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; u++) ss += (double) v[u] * v[u];
+    }
     for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
     __shared__ double part[32];
     __shared__ float inv;
@@ -22,7 +32,19 @@ static __global__ void rmsnorm_kernel(const float * __restrict__ x, const float 
         inv = 1.0f / sqrtf((float) (s / dim) + eps);
     }
     __syncthreads();
-    for (int32_t i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * inv * w[i];
+    for (int32_t i0 = 0; i0 < dim; i0 += 8 * blockDim.x) {
+        float v[8], g[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const int32_t i = i0 + u * blockDim.x + threadIdx.x;
+            v[u] = i < dim ? xr[i] : 0.0f, g[u] = i < dim ? w[i] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const int32_t i = i0 + u * blockDim.x + threadIdx.x;
+            if (i < dim) o[i] = v[u] * inv * g[u];
+        }
+    }
 }
 
 void cuda_rmsnorm(const float * x, const float * w, int32_t n_rows, int32_t dim, float eps, float * out, cudaStream_t st) {

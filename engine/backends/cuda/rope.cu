@@ -5,13 +5,14 @@
 
 namespace mq {
 
-// block: one token; threads over (head, i < hd/2)
+// grid (pair blocks, tokens); a thread per (head, i < hd/2): a decode step spreads over many SMs
+// (the float64 cos/sin are the costly part)
 static __global__ void rope_kernel(float * __restrict__ qkv, int32_t row_stride, int32_t n_heads, int32_t head_dim,
                                    const int32_t * __restrict__ pos, const double * __restrict__ inv_freq) {
     const int32_t half = head_dim / 2;
-    float * row = qkv + (size_t) blockIdx.x * row_stride;
-    const double p = (double) pos[blockIdx.x];
-    for (int32_t idx = threadIdx.x; idx < n_heads * half; idx += blockDim.x) {
+    float * row = qkv + (size_t) blockIdx.y * row_stride;
+    const double p = (double) pos[blockIdx.y];
+    for (int32_t idx = blockIdx.x * blockDim.x + threadIdx.x; idx < n_heads * half; idx += gridDim.x * blockDim.x) {
         const int32_t h = idx / half, i = idx % half;
         const double ang = p * inv_freq[i];
         const float c = (float) cos(ang), s = (float) sin(ang);
@@ -25,7 +26,8 @@ static __global__ void rope_kernel(float * __restrict__ qkv, int32_t row_stride,
 void cuda_rope(float * qkv, int32_t n_tokens, int32_t row_stride, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
                const int32_t * pos, const double * inv_freq, cudaStream_t st) {
     if (n_tokens <= 0) return;
-    rope_kernel<<<n_tokens, 256, 0, st>>>(qkv, row_stride, n_head + n_head_kv, head_dim, pos, inv_freq);
+    const int32_t pairs = (n_head + n_head_kv) * (head_dim / 2);
+    rope_kernel<<<dim3((unsigned) ceil_div(pairs, 256), n_tokens), 256, 0, st>>>(qkv, row_stride, n_head + n_head_kv, head_dim, pos, inv_freq);
     cuda_check_launch("rope_kernel");
 }
 
