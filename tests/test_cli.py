@@ -126,3 +126,11 @@ def test_bench(smollm2_f16_mq):
     r = mq("bench", str(smollm2_f16_mq), "-p", "32", "-n", "8", "-r", "1", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert "prefill 32 tokens" in r.stdout and "decode" in r.stdout
+
+
+def test_chat_cli(smollm2_f16_mq):
+    r = subprocess.run([sys.executable, "-m", "mergequant.cli", "chat", str(smollm2_f16_mq), "-n", "8", "--temp", "0",
+                        "--device", "cpu"], input="Hello!\n/clear\nHi\n/exit\n", capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("> ") >= 3
