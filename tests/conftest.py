@@ -272,3 +272,11 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data directory {path} is absent (set MERGEQUANT_SHARED)")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_mergequant_mq(smollm2_gguf_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model converted with `mergequant` on a small calibration set (4 x 128 tokens, for speed)."""
+    from mergequant.convert.convert import convert
+    out = tmp_path_factory.mktemp("smollm2_mq") / "smollm2-mergequant.mq"
+    return convert(smollm2_gguf_path, out, method="mergequant", progress=False, calib_n=4, calib_len=128)

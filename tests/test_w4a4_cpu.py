@@ -13,23 +13,16 @@ from mergequant.convert.quant import SimModel
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):",
            "Water boils at a temperature of", "The three primary colors are"]
-CALIB = dict(calib_n=4, calib_len=128)
 
 
 @pytest.fixture(scope="module")
-def smollm2_mergequant(smollm2_gguf_path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("w4a4") / "smollm2-mergequant.mq"
-    return convert(smollm2_gguf_path, out, method="mergequant", progress=False, **CALIB)
+def engine(smollm2_mergequant_mq):
+    return LLM(smollm2_mergequant_mq, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def engine(smollm2_mergequant):
-    return LLM(smollm2_mergequant, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def sim(smollm2_mergequant):
-    return SimModel.from_mq(smollm2_mergequant)
+def sim(smollm2_mergequant_mq):
+    return SimModel.from_mq(smollm2_mergequant_mq)
 
 
 def rel(a: np.ndarray, b: np.ndarray) -> float:

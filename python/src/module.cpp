@@ -60,6 +60,11 @@ NB_MODULE(_engine, m) {
     nb::exception<mq::ContextOverflow>(m, "ContextOverflowError", PyExc_ValueError);
 
     m.def("cuda_built", &mq::backend_cuda_built, "whether this build contains the CUDA backend");
+    m.def("cuda_unavailable_reason", []() {
+        std::string why;
+        std::unique_ptr<mq::Backend> be = mq::backend_cuda_create(0, why);
+        return be ? std::string() : why;
+    }, "empty when a usable CUDA GPU is present, else why not");
     m.def("default_threads", &mq::default_thread_count);
 
     nb::class_<mq::Model>(m, "Model")
