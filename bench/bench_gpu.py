@@ -261,6 +261,7 @@ def main() -> int:
     ap.add_argument("--schemes", default="f16,w4a16g,w4a4")
     ap.add_argument("--workdir", default=None, help="where the random-weight files go (default: a temp dir)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch fp16 baseline")
     ap.add_argument("--profile", action="store_true", help="print each engine model's device time per decode token by kernel")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -278,7 +279,7 @@ def main() -> int:
     c = LLAMA2_7B
     for scheme in args.schemes.split(","):
         t0 = time.time()
-        keep = {} if scheme == "f16" else None
+        keep = {} if scheme == "f16" and not args.no_torch else None
         path = build_model(work / f"llama2-7b-{scheme}.mq", scheme, c, tok_meta, tok_tensors, keep)
         wbytes = decode_weight_bytes(path)
         print(f"{scheme}: wrote {path.stat().st_size / 1e9:.1f} GB in {time.time() - t0:.0f} s", flush=True)

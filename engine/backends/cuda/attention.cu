@@ -62,6 +62,8 @@ static __global__ void __launch_bounds__(ATT_THREADS) attention_split_kernel(
     const float * __restrict__ qkv, int32_t row_stride, int32_t n_head, int32_t n_head_kv, int32_t hd,
     const int32_t * __restrict__ pos, const __half * __restrict__ kc, const __half * __restrict__ vc,
     float * __restrict__ part, uint32_t * __restrict__ tickets, float * __restrict__ out) {
+    pdl_trigger();
+    pdl_wait();  // launched with PDL: the inputs come from the kernel before
     __shared__ float q[ATT_MAX_HD];
     __shared__ float p[ATT_THREADS];
     __shared__ float red[ATT_THREADS / 32];
@@ -230,6 +232,7 @@ static __global__ void __launch_bounds__(ATT_THREADS) attention_prefill_kernel(
     const float * __restrict__ qkv, int32_t row_stride, int32_t n_tokens, int32_t n_head, int32_t n_head_kv,
     const int32_t * __restrict__ pos, const __half * __restrict__ kc, const __half * __restrict__ vc,
     float * __restrict__ out) {
+    pdl_trigger();
     constexpr int LD = HD + 8, KSTEPS = HD / 16, NT_S = ATT_BK / 8, NT_O = HD / 8;
     constexpr int TILE = ATT_BK * LD;  // halves
     extern __shared__ __align__(16) __half sm[];  // [stage][K tile, V tile]
@@ -432,10 +435,9 @@ void cuda_attention(const float * qkv, int32_t n_tokens, int32_t row_stride, int
     if (ns > 1 && !workspace) throw Error("CUDA attention: the split kernel needs its workspace");
     uint32_t * tickets = (uint32_t *) workspace;
     float * part = ns > 1 ? (float *) (tickets + ATT_TICKETS) : nullptr;
-    attention_split_kernel<<<dim3(ns, n_head, n_tokens), ATT_THREADS, 0, st>>>(
-        qkv, row_stride, n_head, n_head_kv, head_dim, pos, (const __half *) k_cache, (const __half *) v_cache, part,
-        tickets, out);
-    cuda_check_launch("attention_split_kernel");
+    launch_pdl(attention_split_kernel, dim3(ns, n_head, n_tokens), dim3(ATT_THREADS), 0, st, "attention_split_kernel",
+               qkv, row_stride, n_head, n_head_kv, head_dim, pos, (const __half *) k_cache, (const __half *) v_cache,
+               part, tickets, out);
 }
 
 }  // namespace mq

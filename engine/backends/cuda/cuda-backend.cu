@@ -30,6 +30,19 @@
 
 namespace mq {
 
+int cuda_pdl_mode() {
+    static const int mode = [] {
+        int dev = 0, major = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 9) {
+            return 0;
+        }
+        const char * env = std::getenv("MERGEQUANT_CUDA_PDL");
+        return env && *env ? std::max(0, std::min(2, std::atoi(env))) : 2;
+    }();
+    return mode;
+}
+
 class BackendCuda : public Backend {
 public:
     explicit BackendCuda(int32_t device) : device_(device) {

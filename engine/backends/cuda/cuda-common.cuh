@@ -23,4 +23,46 @@ inline void cuda_check_launch(const char * kernel) {
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Programmatic dependent launch (sm_90+; no-ops elsewhere and for kernels launched without the attribute).
+// The decode path's kernels are launched with it (launch_pdl) and call pdl_trigger() first: that only lets
+// the next kernel's blocks be scheduled early (once every block of this grid has started). Each one then
+// calls pdl_wait(), which returns once the kernel before has completed and its writes are visible (and so,
+// transitively, every earlier kernel's), before it reads any input or writes anything. The small ops wait
+// at once: that hides their launch latency. The GEMVs first prefetch their weights (written by no kernel)
+// into L2, so the weight stream starts while the kernel before still runs.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void prefetch_l2(const void * p) {
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+}
+
+// PDL mode, read once: MERGEQUANT_CUDA_PDL = 0 (plain launches), 1 (PDL, no prefetch), 2 (PDL and L2 weight
+// prefetch; the default on sm_90+ devices; devices below sm_90 always get 0)
+int cuda_pdl_mode();
+
+// launch with the programmatic-stream-serialization attribute when cuda_pdl_mode() > 0
+template <typename... KArgs, typename... Args>
+void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t st, const char * what,
+                Args... args) {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cfg.attrs = attr;
+    cfg.numAttrs = cuda_pdl_mode() > 0 ? 1 : 0;
+    cuda_check(cudaLaunchKernelEx(&cfg, kernel, (KArgs) args...), what);
+}
+
 }  // namespace mq

@@ -13,6 +13,8 @@
 #include "cuda-common.cuh"
 #include "gemm-mma.cuh"
 
+#include <cstdlib>
+
 #include <cuda_fp16.h>
 
 namespace mq {
@@ -38,10 +40,11 @@ __device__ __forceinline__ void split_hi_lo(const float4 & a, const float4 & b, 
 }
 
 // Block: 8 warps, GEMV_NT tiles of 8 weight rows; warp w takes the 64-byte chunks w, w + 8, ... of K.
-template <int NT>
+template <int NT, int U>
 static __global__ void __launch_bounds__(256, 1) gemv_f16_kernel(const float * __restrict__ x, const uint8_t * __restrict__ w,
                                                                  float * __restrict__ y, int M, int N, int K,
-                                                                 int accumulate) {
+                                                                 int accumulate, int prefetch) {
+    pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int kb = 2 * K;
     // rows past M or N are read from a valid row and only feed outputs that are never written
@@ -50,15 +53,24 @@ static __global__ void __launch_bounds__(256, 1) gemv_f16_kernel(const float * _
 #pragma unroll
     for (int i = 0; i < NT; i++) wp[i] = w + (size_t) min((blockIdx.x * NT + i) * 8 + g, N - 1) * kb;
 
+    if (prefetch) {  // the first batch's weight lines (8·NT rows x up to 2 KB)
+        for (int q = threadIdx.x; q < NT * 8 * 16; q += blockDim.x) {
+            const int r = q >> 4, o = (q & 15) * 128;
+            const int n = min((int) blockIdx.x * NT * 8 + r, N - 1);
+            if (o < min(kb, GEMV_WARPS * U * 64)) prefetch_l2(w + (size_t) n * kb + o);
+        }
+    }
+    pdl_wait();  // x and y are written by earlier kernels
+
     float c[NT][4] = {};
     const int nchunk = (kb + 63) / 64;
     const uint4 z = make_uint4(0, 0, 0, 0);
-    for (int c0 = warp; c0 < nchunk; c0 += GEMV_WARPS * GEMV_U) {
+    for (int c0 = warp; c0 < nchunk; c0 += GEMV_WARPS * U) {
         // the batch's loads first (from clamped offsets, no branches), then the math
-        float4 xa[GEMV_U][2];
-        uint4 rb[GEMV_U][NT];
+        float4 xa[U][2];
+        uint4 rb[U][NT];
 #pragma unroll
-        for (int u = 0; u < GEMV_U; u++) {
+        for (int u = 0; u < U; u++) {
             const int o = min((c0 + u * GEMV_WARPS) * 64 + 16 * t, kb - 16);
             const uint4 x0 = ld_cached(xr + o / 2), x1 = ld_cached(xr + o / 2 + 4);
             xa[u][0] = make_float4(__uint_as_float(x0.x), __uint_as_float(x0.y), __uint_as_float(x0.z), __uint_as_float(x0.w));
@@ -67,7 +79,7 @@ static __global__ void __launch_bounds__(256, 1) gemv_f16_kernel(const float * _
             for (int i = 0; i < NT; i++) rb[u][i] = ld_stream(wp[i] + o);
         }
 #pragma unroll
-        for (int u = 0; u < GEMV_U; u++) {
+        for (int u = 0; u < U; u++) {
             uint4 hi, lo;
             split_hi_lo(xa[u][0], xa[u][1], hi, lo);
             if ((c0 + u * GEMV_WARPS) * 64 + 16 * t >= kb) {  // past the end of K
@@ -135,9 +147,13 @@ void cuda_linear_f16(const void * w, int64_t n, int64_t k, const float * x, int3
     }
     if (m <= 0) return;
     if (m <= GEMV_MAX_M) {
-        gemv_f16_kernel<GEMV_NT><<<(unsigned) ceil_div(n, 8 * GEMV_NT), 256, 0, st>>>(x, (const uint8_t *) w, y, m, (int) n,
-                                                                                    (int) k, accumulate ? 1 : 0);
-        cuda_check_launch("gemv_f16_kernel");
+        static const int u = [] {  // MERGEQUANT_F16_GEMV = U, chunks in flight per warp (tuning knob)
+            const char * env = std::getenv("MERGEQUANT_F16_GEMV");
+            return env && std::atoi(env) == 2 ? 2 : GEMV_U;
+        }();
+        launch_pdl(u == 2 ? gemv_f16_kernel<GEMV_NT, 2> : gemv_f16_kernel<GEMV_NT, GEMV_U>,
+                   dim3((unsigned) ceil_div(n, 8 * GEMV_NT)), dim3(256), 0, st, "gemv_f16_kernel", x,
+                   (const uint8_t *) w, y, m, (int) n, (int) k, accumulate ? 1 : 0, cuda_pdl_mode() == 2 ? 1 : 0);
         return;
     }
     const int64_t total = (int64_t) m * k;

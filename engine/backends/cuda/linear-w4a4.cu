@@ -3,18 +3,22 @@
 // times the true one, shifted back) gets one fp32 multiply by scale[n]: bit-identical to the CPU and
 // numpy integer reference. Kernels measured in bench/kernels/gemv.cu (v2) and gemm.cu (v2):
 //  - decode (m <= 16): GEMV; a block of 8 warps owns 16 weight rows and the warps split K, each thread
-//    keeps 4 chunks x (2 weight + 2 activation) 16-byte loads in flight; partial sums meet in shared
-//    memory (integer sums: exact in any order). It also takes the activations as int8 codes, one per
-//    byte (the static W4A4 ops' output), and packs them in registers: a decode step then needs no pack
-//    pass (one launch fewer per linear; the activations are a few KB next to MBs of weights);
+//    keeps 2 chunks x (2 weight + 1-2 activation) 16-byte loads in flight (68 registers: 3 blocks per
+//    SM); partial sums meet in shared memory (integer sums: exact in any order). Launched with PDL
+//    (cuda-common.cuh): the blocks prefetch their first weights into L2 while the kernel before runs.
+//    It also takes the activations as int8 codes, one per byte (the static W4A4 ops' output), and packs
+//    them in registers: a decode step then needs no pack pass (one launch fewer per linear; the
+//    activations are a few KB next to MBs of weights);
 //  - prefill (m > 16): the tiled GEMM of gemm-mma.cuh.
 #include "linear-w4a4.cuh"
 #include "cuda-common.cuh"
 #include "gemm-mma.cuh"
 
+#include <cstdlib>
+
 namespace mq {
 
-constexpr int W4_WARPS = 8, W4_U = 4, W4_NT = 2, W4_MAX_M = W4A4_GEMV_MAX_M;
+constexpr int W4_WARPS = 8, W4_MAX_M = W4A4_GEMV_MAX_M;
 
 // 32 int4 codes one per byte (k order) -> the 16 packed bytes of the file's layout (even k in the low nibble)
 __device__ __forceinline__ uint4 pack_codes32(const uint4 & x0, const uint4 & x1) {
@@ -25,41 +29,54 @@ __device__ __forceinline__ uint4 pack_codes32(const uint4 & x0, const uint4 & x1
     return make_uint4(pack8(x0.x, x0.y), pack8(x0.z, x0.w), pack8(x1.x, x1.y), pack8(x1.z, x1.w));
 }
 
-// CODES8: a holds int8 codes [M][2·kb] instead of packed int4 [M][kb]
-template <bool CODES8>
+// CODES8: a holds int8 codes [M][2·kb] instead of packed int4 [M][kb]; NT tiles of 8 weight rows per block, U
+// chunks per warp in flight; HI8: M > 8 (else the A rows g + 8 are never written: row g's registers stand in)
+template <bool CODES8, int NT, int U, bool HI8>
 static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t * __restrict__ a, const uint8_t * __restrict__ w,
                                                                   const float * __restrict__ scale, const float * __restrict__ add,
                                                                   const float * __restrict__ row_scale, float * __restrict__ y,
-                                                                  int M, int N, int kb, int accumulate) {
+                                                                  int M, int N, int kb, int accumulate, int prefetch) {
+    pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     // rows past M or N are read from a valid row and only feed outputs that are never written
     const size_t a_row = CODES8 ? 2 * (size_t) kb : (size_t) kb;
     const uint8_t * ap0 = a + (size_t) min(g, M - 1) * a_row;
     const uint8_t * ap8 = a + (size_t) min(g + 8, M - 1) * a_row;
-    const uint8_t * wp[W4_NT];
+    const uint8_t * wp[NT];
 #pragma unroll
-    for (int i = 0; i < W4_NT; i++) wp[i] = w + (size_t) min((blockIdx.x * W4_NT + i) * 8 + g, N - 1) * kb;
+    for (int i = 0; i < NT; i++) wp[i] = w + (size_t) min((blockIdx.x * NT + i) * 8 + g, N - 1) * kb;
 
-    int32_t c[W4_NT][4] = {};
+    if (prefetch) {  // the first batch's weight lines (8·NT rows x up to W4_WARPS·U·64 bytes)
+        constexpr int LINES = W4_WARPS * U * 64 / 128;
+        for (int q = threadIdx.x; q < NT * 8 * LINES; q += blockDim.x) {
+            const int r = q / LINES, o = (q % LINES) * 128;
+            const int n = min((int) blockIdx.x * NT * 8 + r, N - 1);
+            if (o < kb) prefetch_l2(w + (size_t) n * kb + o);
+        }
+    }
+    pdl_wait();  // the activations and y are written by earlier kernels
+
+    int32_t c[NT][4] = {};
     const int nchunk = (kb + 63) / 64;
     const uint4 z = make_uint4(0, 0, 0, 0);
-    for (int c0 = warp; c0 < nchunk; c0 += W4_WARPS * W4_U) {
-        uint4 ra0[W4_U], ra8[W4_U], rb[W4_U][W4_NT];
+    for (int c0 = warp; c0 < nchunk; c0 += W4_WARPS * U) {
+        uint4 ra0[U], ra8[U], rb[U][NT];
 #pragma unroll
-        for (int u = 0; u < W4_U; u++) {  // the batch's loads first (clamped offsets, no branches)
+        for (int u = 0; u < U; u++) {  // the batch's loads first (clamped offsets, no branches)
             const int o = min((c0 + u * W4_WARPS) * 64 + 16 * t, kb - 16);
             if constexpr (CODES8) {
                 ra0[u] = pack_codes32(ld_cached(ap0 + 2 * o), ld_cached(ap0 + 2 * o + 16));
-                ra8[u] = pack_codes32(ld_cached(ap8 + 2 * o), ld_cached(ap8 + 2 * o + 16));
+                if constexpr (HI8) ra8[u] = pack_codes32(ld_cached(ap8 + 2 * o), ld_cached(ap8 + 2 * o + 16));
             } else {
                 ra0[u] = ld_cached(ap0 + o);
-                ra8[u] = ld_cached(ap8 + o);
+                if constexpr (HI8) ra8[u] = ld_cached(ap8 + o);
             }
+            if constexpr (!HI8) ra8[u] = ra0[u];
 #pragma unroll
-            for (int i = 0; i < W4_NT; i++) rb[u][i] = ld_stream(wp[i] + o);
+            for (int i = 0; i < NT; i++) rb[u][i] = ld_stream(wp[i] + o);
         }
 #pragma unroll
-        for (int u = 0; u < W4_U; u++) {
+        for (int u = 0; u < U; u++) {
             if ((c0 + u * W4_WARPS) * 64 + 16 * t >= kb) {  // past the end of K
                 ra0[u] = ra8[u] = z;
             }
@@ -68,7 +85,7 @@ static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t 
                 uint32_t af[4];
                 FmtI4::a_frag(ra0[u], ra8[u], s, af);
 #pragma unroll
-                for (int i = 0; i < W4_NT; i++) {
+                for (int i = 0; i < NT; i++) {
                     uint32_t bf[2];
                     FmtI4::b_frag(rb[u][i], s, bf);
                     FmtI4::mma(c[i], af, bf);
@@ -77,17 +94,17 @@ static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t 
         }
     }
 
-    __shared__ int32_t red[W4_WARPS][W4_NT][4][32];
+    __shared__ int32_t red[W4_WARPS][NT][4][32];
 #pragma unroll
-    for (int i = 0; i < W4_NT; i++)
+    for (int i = 0; i < NT; i++)
 #pragma unroll
         for (int r = 0; r < 4; r++) red[warp][i][r][lane] = c[i][r];
     __syncthreads();
     // thread p: tile p / 64, lane (p / 2) % 32, register pair p % 2 (row g or g + 8, columns 2t, 2t + 1)
     const int p = threadIdx.x;
-    if (p >= W4_NT * 64) return;
+    if (p >= NT * 64) return;
     const int i = p >> 6, l = (p >> 1) & 31, h = p & 1;
-    const int m = (l >> 2) + 8 * h, n = (blockIdx.x * W4_NT + i) * 8 + 2 * (l & 3);
+    const int m = (l >> 2) + 8 * h, n = (blockIdx.x * NT + i) * 8 + 2 * (l & 3);
     if (m >= M || n >= N) return;
     int32_t s0 = 0, s1 = 0;
 #pragma unroll
@@ -105,6 +122,39 @@ static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t 
     }
 }
 
+using gemv_fn = void (*)(const uint8_t *, const uint8_t *, const float *, const float *, const float *, float *, int,
+                         int, int, int, int);
+template <int NT, int U> static gemv_fn gemv_pick(bool codes8, bool hi8) {
+    return codes8 ? (hi8 ? gemv_w4a4_kernel<true, NT, U, true> : gemv_w4a4_kernel<true, NT, U, false>)
+                  : (hi8 ? gemv_w4a4_kernel<false, NT, U, true> : gemv_w4a4_kernel<false, NT, U, false>);
+}
+
+// the GEMV's shape, MERGEQUANT_W4A4_GEMV = NTxU (a tuning knob). Llama-2-7B w4a4 decode on the H100 (PDL on):
+// 22 (default) 414 tok/s, 12 410, 42 400, 14 394, 44 388, 24 381 (the old shape), 13 378, 28 328, 18 321: the
+// fewer registers, the more blocks per SM (U = 2: 68 registers, 3 blocks of 256 threads) and the better the stream
+// (bench/RESULTS.md)
+static int gemv_variant() {
+    static const int v = [] {
+        const char * env = std::getenv("MERGEQUANT_W4A4_GEMV");
+        return env && *env ? std::atoi(env) : 22;
+    }();
+    return v;
+}
+
+template <typename... Args>
+static void launch_gemv(bool codes8, bool hi8, unsigned n, cudaStream_t st, Args... args) {
+    gemv_fn f;
+    int nt;
+    switch (gemv_variant()) {
+        case 14: f = gemv_pick<1, 4>(codes8, hi8), nt = 1; break;
+        case 12: f = gemv_pick<1, 2>(codes8, hi8), nt = 1; break;
+        case 22: f = gemv_pick<2, 2>(codes8, hi8), nt = 2; break;
+        case 24: f = gemv_pick<2, 4>(codes8, hi8), nt = 2; break;
+        default: f = gemv_pick<2, 2>(codes8, hi8), nt = 2; break;
+    }
+    launch_pdl(f, dim3((unsigned) ceil_div(n, 8 * nt)), dim3(256), 0, st, "gemv_w4a4_kernel", args...);
+}
+
 void cuda_linear_w4a4(const void * qweight, const float * scale, const float * add, const float * row_scale, int64_t n,
                       int64_t kp, const void * a, bool codes8, int32_t m, float * y, bool accumulate, cudaStream_t st) {
     if (kp % 64 != 0 || kp <= 0 || kp >= 131072 || n <= 0) {
@@ -114,10 +164,8 @@ void cuda_linear_w4a4(const void * qweight, const float * scale, const float * a
     if (m <= 0) return;
     const int kb = (int) (kp / 2);
     if (m <= W4_MAX_M) {
-        auto kernel = codes8 ? gemv_w4a4_kernel<true> : gemv_w4a4_kernel<false>;
-        kernel<<<(unsigned) ceil_div(n, 8 * W4_NT), 256, 0, st>>>((const uint8_t *) a, (const uint8_t *) qweight, scale, add,
-                                                                  row_scale, y, m, (int) n, kb, accumulate ? 1 : 0);
-        cuda_check_launch("gemv_w4a4_kernel");
+        launch_gemv(codes8, m > 8, (unsigned) n, st, (const uint8_t *) a, (const uint8_t *) qweight, scale, add,
+                    row_scale, y, m, (int) n, kb, accumulate ? 1 : 0, cuda_pdl_mode() == 2 ? 1 : 0);
         return;
     }
     if (codes8) {

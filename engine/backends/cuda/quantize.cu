@@ -29,6 +29,8 @@ constexpr int Q_SLOTS = 1024, Q_PER = Q_SLOTS / 256;  // launched with 256 threa
 static __global__ void rmsnorm_quant_kernel(const float * __restrict__ x, const float * __restrict__ in_scale,
                                             const int32_t * __restrict__ in_map, int32_t dim, int64_t kp, float eps,
                                             int8_t * __restrict__ out) {
+    pdl_trigger();
+    pdl_wait();  // launched with PDL: the inputs come from the kernel before
     const float * xr = x + (size_t) blockIdx.y * dim;
     double ss = 0.0;  // float64 like the CPU backend, so both round the same r
     for (int32_t i0 = 0; i0 < dim; i0 += 8 * blockDim.x) {
@@ -74,6 +76,8 @@ static __global__ void rmsnorm_quant_kernel(const float * __restrict__ x, const 
 }
 
 static __global__ void quantize_codes_kernel(const float * __restrict__ x, int32_t k, int64_t kp, int8_t * __restrict__ out) {
+    pdl_trigger();
+    pdl_wait();  // launched with PDL: the inputs come from the kernel before
     const float * xr = x + (size_t) blockIdx.y * k;
     int8_t * o = out + (size_t) blockIdx.y * kp;
     const int64_t s0 = (int64_t) blockIdx.x * Q_SLOTS + threadIdx.x;
@@ -89,6 +93,8 @@ static __global__ void quantize_codes_kernel(const float * __restrict__ x, int32
 
 static __global__ void swiglu_quant_kernel(const float * __restrict__ gu, const int32_t * __restrict__ in_map, int32_t n_ff,
                                            int64_t kp, int8_t * __restrict__ out) {
+    pdl_trigger();
+    pdl_wait();  // launched with PDL: the inputs come from the kernel before
     const float * g = gu + (size_t) blockIdx.y * 2 * n_ff;
     int8_t * o = out + (size_t) blockIdx.y * kp;
     const int64_t s0 = (int64_t) blockIdx.x * Q_SLOTS + threadIdx.x;
@@ -112,6 +118,7 @@ static __global__ void swiglu_quant_kernel(const float * __restrict__ gu, const 
 // (the GEMM's operand), step = amax / 7 (both fp32 divisions, as the CPU backend); amax = 0 gives a = 0.
 static __global__ void quantize_dynamic_kernel(const float * __restrict__ x, int32_t k, int64_t kp,
                                                uint8_t * __restrict__ packed, float * __restrict__ step) {
+    pdl_trigger();
     const float * xr = x + (size_t) blockIdx.x * k;
     float amax = 0.0f;
     for (int32_t i = threadIdx.x; i < k; i += blockDim.x) amax = fmaxf(amax, fabsf(xr[i]));
@@ -138,6 +145,7 @@ static __global__ void quantize_dynamic_kernel(const float * __restrict__ x, int
 }
 
 static __global__ void pack_codes_kernel(const int8_t * __restrict__ codes, int64_t total_pairs, uint8_t * __restrict__ packed) {
+    pdl_trigger();
     for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < total_pairs; i += (int64_t) gridDim.x * blockDim.x) {
         packed[i] = (uint8_t) ((codes[2 * i] & 15) | ((codes[2 * i + 1] & 15) << 4));
     }
@@ -146,6 +154,7 @@ static __global__ void pack_codes_kernel(const int8_t * __restrict__ codes, int6
 // one warp per weight row n; lanes over 16-byte chunks, dp4a on the unpacked 16·x lanes (exact)
 static __global__ void int_gemm_kernel(const uint8_t * __restrict__ w, int32_t N, int32_t kb, const uint8_t * __restrict__ a,
                                        int32_t M, int32_t * __restrict__ acc) {
+    pdl_trigger();
     const int n = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     if (n >= N) return;
     for (int32_t t = 0; t < M; t++) {
@@ -167,6 +176,8 @@ static __global__ void int_gemm_kernel(const uint8_t * __restrict__ w, int32_t N
 // block per (token, rank row): l = Σ_s float(A[i, s]) · a[s]
 static __global__ void lora_down_kernel(const __half * __restrict__ la, int64_t kp, const int8_t * __restrict__ codes,
                                         int32_t rank, float * __restrict__ l) {
+    pdl_trigger();
+    pdl_wait();  // launched with PDL: the inputs come from the kernel before
     const int32_t t = blockIdx.x / rank, i = blockIdx.x % rank;
     float s = 0.0f;
     for (int64_t k = threadIdx.x; k < kp; k += blockDim.x) s += __half2float(la[i * kp + k]) * (float) codes[t * kp + k];
@@ -184,6 +195,8 @@ static __global__ void lora_down_kernel(const __half * __restrict__ la, int64_t 
 // thread per (token, n): out = Σ_i float(B[n, i]) · l[t, i]
 static __global__ void lora_up_kernel(const __half * __restrict__ lb, int32_t rank, int64_t N, const float * __restrict__ l,
                                       int64_t total, float * __restrict__ out) {
+    pdl_trigger();
+    pdl_wait();  // launched with PDL: the inputs come from the kernel before
     for (int64_t idx = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; idx < total; idx += (int64_t) gridDim.x * blockDim.x) {
         const int64_t t = idx / N, n = idx % N;
         float s = 0.0f;
@@ -197,21 +210,21 @@ static unsigned grid_for(int64_t total) { return (unsigned) std::min<int64_t>(ce
 void cuda_rmsnorm_quant(const float * x, const float * in_scale, const int32_t * in_map, int32_t m, int32_t dim,
                         int64_t kp, float eps, int8_t * out, cudaStream_t st) {
     if (m <= 0) return;
-    rmsnorm_quant_kernel<<<dim3((unsigned) ceil_div(kp, Q_SLOTS), m), 256, 0, st>>>(x, in_scale, in_map, dim, kp, eps, out);
-    cuda_check_launch("rmsnorm_quant_kernel");
+    launch_pdl(rmsnorm_quant_kernel, dim3((unsigned) ceil_div(kp, Q_SLOTS), m), dim3(256), 0, st,
+               "rmsnorm_quant_kernel", x, in_scale, in_map, dim, kp, eps, out);
 }
 
 void cuda_quantize_codes(const float * x, int32_t m, int32_t k, int64_t kp, int8_t * out, cudaStream_t st) {
     if (m <= 0) return;
-    quantize_codes_kernel<<<dim3((unsigned) ceil_div(kp, Q_SLOTS), m), 256, 0, st>>>(x, k, kp, out);
-    cuda_check_launch("quantize_codes_kernel");
+    launch_pdl(quantize_codes_kernel, dim3((unsigned) ceil_div(kp, Q_SLOTS), m), dim3(256), 0, st,
+               "quantize_codes_kernel", x, k, kp, out);
 }
 
 void cuda_swiglu_quant(const float * gu, const int32_t * in_map, int32_t m, int32_t n_ff, int64_t kp, int8_t * out,
                        cudaStream_t st) {
     if (m <= 0) return;
-    swiglu_quant_kernel<<<dim3((unsigned) ceil_div(kp, Q_SLOTS), m), 256, 0, st>>>(gu, in_map, n_ff, kp, out);
-    cuda_check_launch("swiglu_quant_kernel");
+    launch_pdl(swiglu_quant_kernel, dim3((unsigned) ceil_div(kp, Q_SLOTS), m), dim3(256), 0, st, "swiglu_quant_kernel",
+               gu, in_map, n_ff, kp, out);
 }
 
 void cuda_quantize_dynamic(const float * x, int32_t m, int32_t k, int64_t kp, uint8_t * packed, float * step,
@@ -242,11 +255,10 @@ void cuda_int_gemm(const void * qweight, int64_t n, int64_t kp, const uint8_t * 
 void cuda_lora(const void * lora_a, const void * lora_b, int64_t rank, int64_t n, int64_t kp, const int8_t * codes,
                int32_t m, float * l_scratch, float * out, cudaStream_t st) {
     if (m <= 0 || rank <= 0) return;
-    lora_down_kernel<<<(unsigned) (m * rank), 256, 0, st>>>((const __half *) lora_a, kp, codes, (int32_t) rank, l_scratch);
-    cuda_check_launch("lora_down_kernel");
-    lora_up_kernel<<<grid_for((int64_t) m * n), 256, 0, st>>>((const __half *) lora_b, (int32_t) rank, n, l_scratch,
-                                                             (int64_t) m * n, out);
-    cuda_check_launch("lora_up_kernel");
+    launch_pdl(lora_down_kernel, dim3((unsigned) (m * rank)), dim3(256), 0, st, "lora_down_kernel",
+               (const __half *) lora_a, kp, codes, (int32_t) rank, l_scratch);
+    launch_pdl(lora_up_kernel, dim3(grid_for((int64_t) m * n)), dim3(256), 0, st, "lora_up_kernel",
+               (const __half *) lora_b, (int32_t) rank, n, l_scratch, (int64_t) m * n, out);
 }
 
 }  // namespace mq

@@ -7,6 +7,8 @@ namespace mq {
 
 static __global__ void rmsnorm_kernel(const float * __restrict__ x, const float * __restrict__ w, int32_t dim, float eps,
                                       float * __restrict__ out) {
+    pdl_trigger();
+    pdl_wait();  // launched with PDL: the inputs come from the kernel before
     const float * xr = x + (size_t) blockIdx.x * dim;
     float * o = out + (size_t) blockIdx.x * dim;
     double ss = 0.0;
@@ -49,8 +51,7 @@ static __global__ void rmsnorm_kernel(const float * __restrict__ x, const float 
 
 void cuda_rmsnorm(const float * x, const float * w, int32_t n_rows, int32_t dim, float eps, float * out, cudaStream_t st) {
     if (n_rows <= 0) return;
-    rmsnorm_kernel<<<n_rows, 256, 0, st>>>(x, w, dim, eps, out);
-    cuda_check_launch("rmsnorm_kernel");
+    launch_pdl(rmsnorm_kernel, dim3(n_rows), dim3(256), 0, st, "rmsnorm_kernel", x, w, dim, eps, out);
 }
 
 }  // namespace mq

@@ -9,6 +9,8 @@ namespace mq {
 // (the float64 cos/sin are the costly part)
 static __global__ void rope_kernel(float * __restrict__ qkv, int32_t row_stride, int32_t n_heads, int32_t head_dim,
                                    const int32_t * __restrict__ pos, const double * __restrict__ inv_freq) {
+    pdl_trigger();
+    pdl_wait();  // launched with PDL: the inputs come from the kernel before
     const int32_t half = head_dim / 2;
     float * row = qkv + (size_t) blockIdx.y * row_stride;
     const double p = (double) pos[blockIdx.y];
@@ -27,8 +29,8 @@ void cuda_rope(float * qkv, int32_t n_tokens, int32_t row_stride, int32_t n_head
                const int32_t * pos, const double * inv_freq, cudaStream_t st) {
     if (n_tokens <= 0) return;
     const int32_t pairs = (n_head + n_head_kv) * (head_dim / 2);
-    rope_kernel<<<dim3((unsigned) ceil_div(pairs, 256), n_tokens), 256, 0, st>>>(qkv, row_stride, n_head + n_head_kv, head_dim, pos, inv_freq);
-    cuda_check_launch("rope_kernel");
+    launch_pdl(rope_kernel, dim3((unsigned) ceil_div(pairs, 256), n_tokens), dim3(256), 0, st, "rope_kernel", qkv,
+               row_stride, n_head + n_head_kv, head_dim, pos, inv_freq);
 }
 
 }  // namespace mq
