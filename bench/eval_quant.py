@@ -2,8 +2,10 @@
 semantics of docs/numerics.md): perplexity and KL divergence against the f16 model on the same windows,
 and each method's conversion time. Writes (or replaces) its section of bench/RESULTS.md.
 
-    python bench/eval_quant.py                       # SmolLM2-135M-Instruct, 8 windows × 512
-    python bench/eval_quant.py --window 2048 --windows 4 --rows full,gptq
+    python bench/eval_quant.py                       # SmolLM2-135M-Instruct, 8 × 512 and 4 × 2048 tokens
+    python bench/eval_quant.py --eval 512x2 --rows static,full --calib-n 8 --calib-len 256 --no-write
+
+Run with OPENBLAS_NUM_THREADS=1 on a shared machine: small BLAS calls stall waiting for a busy core.
 """
 from __future__ import annotations
 
@@ -29,10 +31,13 @@ ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
     "clip": ("MergeQuant: + adaptive clipping", "mergequant", {"no_split": True, "rank": 0}),
     "split": ("MergeQuant: + dimensional reconstruction", "mergequant", {"rank": 0}),
     "full": ("MergeQuant: + low-rank compensation (default)", "mergequant", {}),
-    "gptq": ("MergeQuant, GPTQ instead of low-rank", "mergequant", {"rank": 0, "gptq": True}),
-    "gptq-w": ("MergeQuant, GPTQ on the folded weight (not LS)", "mergequant",
-               {"rank": 0, "gptq": True, "gptq_target": "w"}),
+    "gptq": ("MergeQuant: GPTQ instead of low-rank", "mergequant", {"rank": 0, "gptq": True}),
+    "gptq-ls": ("MergeQuant: GPTQ on the least-squares target, no low-rank", "mergequant",
+                {"rank": 0, "gptq": True, "gptq_target": "ls"}),
+    "gptq+lr": ("MergeQuant: GPTQ, then low-rank on its residual", "mergequant", {"gptq": True}),
+    "rank32": ("MergeQuant: low-rank rank 32", "mergequant", {"rank": 32}),
 }
+DEFAULT_ROWS = "w4a16,dynamic,static,clip,split,full,gptq"
 CALIBRATED = ("rtn-w4a4-static", "mergequant")
 BEGIN, END = "<!-- eval_quant:begin -->", "<!-- eval_quant:end -->"
 
@@ -44,24 +49,24 @@ def default_model() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def markdown(results: dict[str, Any], args: argparse.Namespace, times: dict[str, float]) -> str:
-    ref = results["reference"]
+def markdown(results: dict[str, dict[str, Any]], args: argparse.Namespace, times: dict[str, float]) -> str:
+    heads = " | ".join(f"PPL {s} | ×f16 | KL {s}" for s in results)
     lines = [
         f"## W4A4 accuracy and ablation: {args.model.name} ({date.today()})", "",
-        f"Command: `python bench/eval_quant.py --window {args.window} --windows {args.windows} "
+        f"Command: `OPENBLAS_NUM_THREADS=1 python bench/eval_quant.py --eval {args.eval} --rows {','.join(args.rows)} "
         f"--calib-n {args.calib_n} --calib-len {args.calib_len}`  ",
-        f"Text: WikiText-2 test raw, the first {args.windows} non-overlapping windows of {args.window} tokens "
-        f"({ref.tokens} predicted tokens), each a fresh context. Calibration: {args.calib_n} × {args.calib_len} "
-        "tokens from the WikiText-2 validation split and the C4 sample (seed 0). Engine: the numpy simulated "
-        "engine (docs/numerics.md), f16 = the f16 file. KL = mean KL(P_f16 ‖ P_quant) per token, nats. "
-        f"Time: conversion in memory on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-        "shared with other jobs.", "",
-        "| method | PPL | ×f16 | KL | convert (s) |", "|---|---|---|---|---|",
-        f"| f16 | {ref.ppl:.2f} | 1.00 | 0 | |",
+        "Text: WikiText-2 test raw; `W×L` = the first W non-overlapping windows of L tokens, each a fresh "
+        f"context. Calibration: {args.calib_n} × {args.calib_len} tokens from the WikiText-2 validation split "
+        "and the C4 sample (seed 0). Engine: the numpy simulated engine (docs/numerics.md); f16 = the f16 "
+        "file. KL = mean KL(P_f16 ‖ P_quant) per predicted token, nats. Convert: in-memory conversion time, "
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}) shared with other jobs.", "",
+        f"| method | {heads} | convert (s) |", "|---|" + "---|" * (3 * len(results) + 1),
+        "| f16 | " + " | ".join(f"{r['reference'].ppl:.2f} | 1.00 | 0" for r in results.values()) + " | |",
     ]
     for key in args.rows:
-        m = results[key]
-        lines.append(f"| {ROWS[key][0]} | {m.ppl:.2f} | {m.ppl / ref.ppl:.2f} | {m.kl:.3f} | {times[key]:.0f} |")
+        cells = " | ".join(f"{r[key].ppl:.2f} | {r[key].ppl / r['reference'].ppl:.2f} | {r[key].kl:.3f}"
+                           for r in results.values())
+        lines.append(f"| {ROWS[key][0]} | {cells} | {times[key]:.0f} |")
     return "\n".join([BEGIN, *lines, END]) + "\n"
 
 
@@ -76,11 +81,10 @@ def write_section(path: Path, section: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="HF directory or GGUF (default: SmolLM2-135M)")
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--eval", default="8x512,4x2048", help="comma-separated WINDOWSxLENGTH settings")
     ap.add_argument("--calib-n", type=int, default=None, help="calibration sequences (default: the method's)")
     ap.add_argument("--calib-len", type=int, default=None, help="tokens per calibration sequence")
-    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    ap.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated subset of {','.join(ROWS)}")
     ap.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     ap.add_argument("--no-write", action="store_true", help="print the table only")
     args = ap.parse_args()
@@ -103,7 +107,10 @@ def main() -> None:
         models[key] = quantize(ck, method, progress=True, **margs, **(calib if method in CALIBRATED else {}))
         times[key] = time.perf_counter() - t0
         print(f"{label}: converted in {times[key]:.0f} s", flush=True)
-    results = evaluate(models, f16, ids, args.window, args.windows)
+    results = {}
+    for setting in args.eval.split(","):
+        n_windows, window = (int(v) for v in setting.split("x"))
+        results[setting] = evaluate(models, f16, ids, window, n_windows)
     section = markdown(results, args, times)
     print(section)
     if not args.no_write:

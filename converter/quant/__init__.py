@@ -1,6 +1,15 @@
 """Quantization methods, selectable by name (convert(..., method=name)) and recorded in the file's quant
 recipe. Each is `method(checkpoint, scheme=None, quant=dict, **args)` yielding each layer's `blk.{i}.*`
-tensors in order (see convert.py)."""
+tensors in order (see convert.py). `quantize` runs one in memory and returns its simulated model."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from ..convert import plain_blocks
+from ..loaders import Checkpoint
 from .mergequant import mergequant, rtn_w4a4_static
 from .rtn import rtn_w4a4_dynamic, rtn_w4a16
 from .simulate import Metrics, SimModel, evaluate
@@ -12,19 +21,13 @@ METHODS = {
     "mergequant": mergequant,
 }
 
-__all__ = ["METHODS", "Metrics", "SimModel", "evaluate"]
 
-
-def quantize(ck, method: str | None, progress: bool = False, **args) -> SimModel:  # ck: loaders.Checkpoint
-    """Run a method (None: plain f16) in memory and return the simulated model of the file it would write."""
-    import numpy as np
-    from tqdm import tqdm
-
-    from ..convert import plain_blocks
-
-    quant = {"method": method or "f16", "params": {}, "linears": {}}
+def quantize(ck: Checkpoint, method: str | None, progress: bool = False, **args: Any) -> SimModel:
+    """The simulated model of the file `convert(src, out, method=method, **args)` would write (None: f16),
+    built in memory."""
+    quant: dict[str, Any] = {"method": method or "f16", "params": {}, "linears": {}}
     blocks = plain_blocks(ck, "f16", quant) if method is None else METHODS[method](ck, quant=quant, **args)
-    tensors = {}
+    tensors: dict[str, np.ndarray] = {}
     for block in tqdm(blocks, total=ck.config.num_hidden_layers, desc=method or "f16", disable=not progress):
         tensors |= block
     tensors["token_embd.weight"] = ck.get("model.embed_tokens.weight").astype(np.float16)
@@ -32,3 +35,6 @@ def quantize(ck, method: str | None, progress: bool = False, **args) -> SimModel
     if not ck.config.tie_word_embeddings:
         tensors["output.weight"] = ck.get("lm_head.weight").astype(np.float16)
     return SimModel(ck.config, tensors, quant)
+
+
+__all__ = ["METHODS", "Metrics", "SimModel", "evaluate", "quantize"]

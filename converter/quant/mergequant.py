@@ -36,7 +36,7 @@ class Options:
     budget: float = 0.03
     rank: int = 16             # low-rank compensation rank (0: off)
     gptq: bool = False         # GPTQ codes instead of round-to-nearest
-    gptq_target: str = "ls"    # "w": the folded weight; "ls": least-squares fit of X·Wᵀ on the int4 inputs
+    gptq_target: str = "w"     # "w": the folded weight W̃; "ls": least-squares fit of X·Wᵀ on the int4 inputs
     clip_power: float = 2.4    # per-channel clip objective Σ|x̂ − x|^p (then p = 2; the layer error decides)
     clip_sample: int = 2048    # tokens the clip searches look at (plus every sequence's first token)
     damp: float = 0.01
