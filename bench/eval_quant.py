@@ -3,7 +3,7 @@ semantics of docs/numerics.md): perplexity and KL divergence against the f16 mod
 and each method's conversion time. Writes (or replaces) its section of bench/RESULTS.md.
 
     python bench/eval_quant.py                       # SmolLM2-135M-Instruct, 8 × 512 and 4 × 2048 tokens
-    python bench/eval_quant.py --eval 512x2 --rows static,full --calib-n 8 --calib-len 256 --no-write
+    python bench/eval_quant.py --eval 2x512 --rows static,full --calib-n 8 --calib-len 256 --no-write
 
 Run with OPENBLAS_NUM_THREADS=1 on a shared machine: small BLAS calls stall waiting for a busy core.
 """
@@ -28,16 +28,16 @@ ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
     "w4a16": ("RTN W4A16 (group 128, 64 where K needs)", "rtn-w4a16", {}),
     "dynamic": ("RTN W4A4, per-token dynamic activations", "rtn-w4a4-dynamic", {}),
     "static": ("RTN W4A4 static = MergeQuant migration only", "rtn-w4a4-static", {}),
-    "clip": ("MergeQuant: + adaptive clipping", "mergequant", {"no_split": True, "rank": 0}),
-    "split": ("MergeQuant: + dimensional reconstruction", "mergequant", {"rank": 0}),
-    "full": ("MergeQuant: + low-rank compensation (default)", "mergequant", {}),
-    "gptq": ("MergeQuant: GPTQ instead of low-rank", "mergequant", {"rank": 0, "gptq": True}),
+    "clip": ("MergeQuant: + adaptive clipping", "mergequant", {"no_split": True, "rank": 0, "gptq": False}),
+    "split": ("MergeQuant: + dimensional reconstruction", "mergequant", {"rank": 0, "gptq": False}),
+    "lowrank": ("MergeQuant: + low-rank compensation (RTN weights)", "mergequant", {"gptq": False}),
+    "gptq": ("MergeQuant: GPTQ instead of low-rank", "mergequant", {"rank": 0}),
+    "full": ("MergeQuant: GPTQ + low-rank on its residual (default)", "mergequant", {}),
     "gptq-ls": ("MergeQuant: GPTQ on the least-squares target, no low-rank", "mergequant",
-                {"rank": 0, "gptq": True, "gptq_target": "ls"}),
-    "gptq+lr": ("MergeQuant: GPTQ, then low-rank on its residual", "mergequant", {"gptq": True}),
-    "rank32": ("MergeQuant: low-rank rank 32", "mergequant", {"rank": 32}),
+                {"rank": 0, "gptq_target": "ls"}),
+    "rank32": ("MergeQuant: default with rank 32", "mergequant", {"rank": 32}),
 }
-DEFAULT_ROWS = "w4a16,dynamic,static,clip,split,full,gptq"
+DEFAULT_ROWS = "w4a16,dynamic,static,clip,split,lowrank,gptq,full"
 CALIBRATED = ("rtn-w4a4-static", "mergequant")
 BEGIN, END = "<!-- eval_quant:begin -->", "<!-- eval_quant:end -->"
 

@@ -145,4 +145,12 @@ def test_converted_file_simulates_like_memory(tiny, tmp_path):
     ids = np.arange(5, 40)
     from_file = SimModel.from_mq(out)
     assert from_file.quant["method"] == "mergequant"
-    assert np.array_equal(from_file.forward(ids), quantize(ck, "mergequant", **calib).forward(ids))
+    rec_file: dict[str, np.ndarray] = {}
+    rec_mem: dict[str, np.ndarray] = {}
+    logits_file = from_file.forward(ids, rec_file)
+    logits_mem = quantize(ck, "mergequant", **calib).forward(ids, rec_mem)
+    assert rec_file.keys() == rec_mem.keys()
+    for name in rec_file:  # integer codes and accumulators are identical
+        assert np.array_equal(rec_file[name], rec_mem[name]), name
+    # float GEMMs (low-rank branch, lm_head) may sum in another order for another memory alignment
+    assert np.abs(logits_file - logits_mem).max() < 1e-5 * np.abs(logits_mem).max()

@@ -4,9 +4,10 @@
 - o_proj input: v_proj rows divided by Δᵒ (tied across the query heads of a KV group), attention emits
   codes directly; down_proj input: up_proj rows divided by Δᵈ, SwiGLU emits codes directly;
 - W̃ = W·diag(Δ) quantized per output row.
-On top: adaptive clipping (clip.py), channel splitting (split.py), low-rank compensation (lowrank.py) or
-GPTQ (gptq.py). With every switch off this is the plain static RTN baseline (`rtn-w4a4-static`).
-Layers are calibrated in sequence on the stream of the already-quantized layers (calibrate.py)."""
+On top: adaptive clipping (clip.py), channel splitting (split.py), GPTQ weights (gptq.py) and a low-rank
+compensation branch fitted to what remains (lowrank.py). With every switch off this is the plain static
+RTN baseline (`rtn-w4a4-static`). Layers are calibrated in sequence on the stream of the already-quantized
+layers (calibrate.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -35,7 +36,7 @@ class Options:
     split: bool = True         # channel splitting into the K padding plus `budget`·K slots
     budget: float = 0.03
     rank: int = 16             # low-rank compensation rank (0: off)
-    gptq: bool = False         # GPTQ codes instead of round-to-nearest
+    gptq: bool = True          # GPTQ codes instead of RTN (the low-rank branch then fits what GPTQ leaves)
     gptq_target: str = "w"     # "w": the folded weight W̃; "ls": least-squares fit of X·Wᵀ on the int4 inputs
     clip_power: float = 2.4    # per-channel clip objective Σ|x̂ − x|^p (then p = 2; the layer error decides)
     clip_sample: int = 2048    # tokens the clip searches look at (plus every sequence's first token)
@@ -228,11 +229,12 @@ def w4a4_static(ck: Checkpoint, quant: dict[str, Any], opts: Options, calib: Cal
 
 
 def mergequant(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] | None = None, *,
-               no_clip: bool = False, no_split: bool = False, rank: int = Options.rank, gptq: bool = False,
+               no_clip: bool = False, no_split: bool = False, rank: int = Options.rank, gptq: bool = Options.gptq,
                gptq_target: str = Options.gptq_target, budget: float = Options.budget,
                calib: str = "wikitext2+c4", calib_n: int = CalibrationSpec.n, calib_len: int = CalibrationSpec.length,
                seed: int = 0, tokenizer: str | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """The `mergequant` method; switches: no_clip, no_split, rank=0 (no low-rank branch), gptq."""
+    """The `mergequant` method; switches: no_clip, no_split, rank=0 (no low-rank branch), gptq=False (RTN
+    weights)."""
     check_scheme("mergequant", "w4a4", scheme)
     opts = Options(clip=not no_clip, split=not no_split, budget=budget, rank=rank, gptq=gptq, gptq_target=gptq_target)
     return w4a4_static(ck, {} if quant is None else quant, opts,

@@ -60,7 +60,7 @@ def _load(a: argparse.Namespace):
 def cmd_convert(a: argparse.Namespace) -> int:
     from .convert.convert import convert
     method_args = {k: v for k, v in (("no_clip", a.no_clip or None), ("no_split", a.no_split or None),
-                                      ("rank", a.rank), ("gptq", a.gptq or None), ("budget", a.budget),
+                                      ("rank", a.rank), ("gptq", False if a.no_gptq else None), ("budget", a.budget),
                                       ("calib", a.calib), ("calib_n", a.calib_n), ("calib_len", a.calib_len),
                                       ("seed", a.seed)) if v is not None}
     if method_args and not a.method:
@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-clip", action="store_true", help="no adaptive clipping of activation ranges / weight steps")
     m.add_argument("--no-split", action="store_true", help="no dimensional reconstruction (channel splitting)")
     m.add_argument("--rank", type=int, default=None, help="rank of the low-rank compensation; 0 = off")
-    m.add_argument("--gptq", action="store_true", help="GPTQ error compensation of the weights")
+    m.add_argument("--no-gptq", action="store_true",
+                   help="round-to-nearest weight codes instead of GPTQ (the low-rank branch then fits RTN's error)")
     m.add_argument("--budget", type=float, default=None, help="channel-split budget as a share of K (default 0.03)")
     cal = c.add_argument_group("calibration (static methods)")
     cal.add_argument("--calib", default=None, help="calibration text file, or wikitext2 | c4 | wikitext2+c4 (default)")
