@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <map>
+#include <memory>
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -37,6 +38,30 @@ nb::dict timings_dict(const mq::Timings & t) {
     d["prefill_ms"] = t.prefill_ms;
     d["decode_ms"] = t.decode_ms;
     return d;
+}
+
+// Evaluates ids[0..n) in a fresh context, in chunks, and calls fn(i, logits after ids[i], log-sum-exp of them).
+template <typename F> void eval_positions(Session & s, const std::vector<int32_t> & ids, int32_t n, F fn) {
+    const int32_t nv = s.model->config().n_vocab;
+    const int32_t chunk = 256;
+    s.gen.reset();
+    s.ctx->truncate(0);
+    for (int32_t b = 0; b < n; b += chunk) {
+        const int32_t e = std::min(n, b + chunk);
+        const std::vector<float> & l = s.ctx->eval(std::vector<int32_t>(ids.begin() + b, ids.begin() + e), true);
+        for (int32_t i = b; i < e; i++) {
+            const float * row = l.data() + (size_t) (i - b) * nv;
+            double mx = row[0];
+            for (int32_t j = 1; j < nv; j++) {
+                mx = std::max(mx, (double) row[j]);
+            }
+            double sum = 0.0;
+            for (int32_t j = 0; j < nv; j++) {
+                sum += std::exp((double) row[j] - mx);
+            }
+            fn(i, row, mx + std::log(sum));
+        }
+    }
 }
 
 const mq::Linear * find_linear(const mq::Model & md, const std::string & name) {
@@ -210,81 +235,42 @@ NB_MODULE(_engine, m) {
              "ids"_a, "append ids to the cache and return the fp32 logits of the last one")
         .def("token_logprobs",
              [](Session & s, const std::vector<int32_t> & ids) {
-                 // log p(ids[i+1] | ids[..i]) for i < n-1, over a fresh context, in chunks of n_batch
+                 // log p(ids[i+1] | ids[..i]) for i < n-1
                  const int32_t n = (int32_t) ids.size();
                  if (n < 2) {
                      throw mq::ArgError("token_logprobs needs at least 2 tokens");
                  }
-                 const int32_t nv = s.model->config().n_vocab;
-                 double * out = new double[n - 1];
+                 std::unique_ptr<double[]> out(new double[n - 1]);
                  {
                      nb::gil_scoped_release release;
-                     s.gen.reset();
-                     s.ctx->truncate(0);
-                     const int32_t chunk = 256;
-                     for (int32_t b = 0; b < n - 1; b += chunk) {
-                         const int32_t e = std::min(n - 1, b + chunk);
-                         std::vector<int32_t> part(ids.begin() + b, ids.begin() + e);
-                         const std::vector<float> & l = s.ctx->eval(part, true);
-                         for (int32_t i = b; i < e; i++) {
-                             const float * row = l.data() + (size_t) (i - b) * nv;
-                             double mx = row[0];
-                             for (int32_t j = 1; j < nv; j++) {
-                                 mx = std::max(mx, (double) row[j]);
-                             }
-                             double sum = 0.0;
-                             for (int32_t j = 0; j < nv; j++) {
-                                 sum += std::exp((double) row[j] - mx);
-                             }
-                             out[i] = (double) row[ids[i + 1]] - mx - std::log(sum);
-                         }
-                     }
+                     eval_positions(s, ids, n - 1, [&](int32_t i, const float * row, double lse) {
+                         out[i] = (double) row[ids[i + 1]] - lse;
+                     });
                  }
-                 nb::capsule owner(out, [](void * p) noexcept { delete[] (double *) p; });
-                 return nb::ndarray<nb::numpy, double, nb::ndim<1>>(out, {(size_t) (n - 1)}, owner);
+                 nb::capsule owner(out.get(), [](void * p) noexcept { delete[] (double *) p; });
+                 return nb::ndarray<nb::numpy, double, nb::ndim<1>>(out.release(), {(size_t) (n - 1)}, owner);
              },
              "ids"_a)
         .def("log_probs",
              [](Session & s, const std::vector<int32_t> & ids) {
-                 // log-softmax of the logits after every token of ids, in a fresh context: [n, n_vocab]
+                 // log-softmax of the logits after every token of ids: [n, n_vocab]
                  const int32_t n = (int32_t) ids.size();
                  if (n < 1) {
                      throw mq::ArgError("log_probs needs at least 1 token");
                  }
                  const int32_t nv = s.model->config().n_vocab;
-                 float * out = new float[(size_t) n * nv];
-                 try {
+                 std::unique_ptr<float[]> out(new float[(size_t) n * nv]);
+                 {
                      nb::gil_scoped_release release;
-                     s.gen.reset();
-                     s.ctx->truncate(0);
-                     const int32_t chunk = 256;
-                     for (int32_t b = 0; b < n; b += chunk) {
-                         const int32_t e = std::min(n, b + chunk);
-                         const std::vector<float> & l =
-                             s.ctx->eval(std::vector<int32_t>(ids.begin() + b, ids.begin() + e), true);
-                         for (int32_t i = b; i < e; i++) {
-                             const float * row = l.data() + (size_t) (i - b) * nv;
-                             float * o = out + (size_t) i * nv;
-                             double mx = row[0];
-                             for (int32_t j = 1; j < nv; j++) {
-                                 mx = std::max(mx, (double) row[j]);
-                             }
-                             double sum = 0.0;
-                             for (int32_t j = 0; j < nv; j++) {
-                                 sum += std::exp((double) row[j] - mx);
-                             }
-                             const double lse = mx + std::log(sum);
-                             for (int32_t j = 0; j < nv; j++) {
-                                 o[j] = (float) ((double) row[j] - lse);
-                             }
+                     eval_positions(s, ids, n, [&](int32_t i, const float * row, double lse) {
+                         float * o = out.get() + (size_t) i * nv;
+                         for (int32_t j = 0; j < nv; j++) {
+                             o[j] = (float) ((double) row[j] - lse);
                          }
-                     }
-                 } catch (...) {
-                     delete[] out;
-                     throw;
+                     });
                  }
-                 nb::capsule owner(out, [](void * p) noexcept { delete[] (float *) p; });
-                 return nb::ndarray<nb::numpy, float, nb::ndim<2>>(out, {(size_t) n, (size_t) nv}, owner);
+                 nb::capsule owner(out.get(), [](void * p) noexcept { delete[] (float *) p; });
+                 return nb::ndarray<nb::numpy, float, nb::ndim<2>>(out.release(), {(size_t) n, (size_t) nv}, owner);
              },
              "ids"_a)
         .def("trace_codes",

@@ -23,6 +23,20 @@ static void split_range(int64_t n, int32_t ith, int32_t nth, int64_t & begin, in
     end = std::min<int64_t>(n, begin + per);
 }
 
+// r = 1 / sqrt(mean(x²) + eps), the RMSNorm factor of one row (sum of squares in float64)
+static float rms_factor(const float * x, int32_t dim, float eps) {
+    double ss = 0.0;
+    for (int32_t i = 0; i < dim; i++) {
+        ss += (double) x[i] * x[i];
+    }
+    return 1.0f / std::sqrt((float) (ss / dim) + eps);
+}
+
+// silu(g) = g / (1 + exp(-g))
+static inline float silu(float g) {
+    return g / (1.0f + std::exp(-g));
+}
+
 class BackendCpu : public Backend {
 public:
     explicit BackendCpu(int32_t n_threads) : pool_(n_threads) {}
@@ -86,12 +100,8 @@ public:
             for (int64_t r = b; r < e; r++) {
                 const float * xr = x + r * dim;
                 float * o = out + r * dim;
-                double ss = 0.0;
-                for (int32_t i = 0; i < dim; i++) {
-                    ss += (double) xr[i] * xr[i];
-                }
-                // y = x * w / sqrt(mean(x²) + eps)
-                float inv = 1.0f / std::sqrt((float) (ss / dim) + eps);
+                // y = (x * r) * w
+                const float inv = rms_factor(xr, dim, eps);
                 for (int32_t i = 0; i < dim; i++) {
                     o[i] = xr[i] * inv * w[i];
                 }
@@ -112,14 +122,14 @@ public:
         } else if (lin.scheme == "w4a4d") {
             // per-token dynamic quantization: a = clamp(rint(x * (7 / amax))), y = (acc * scale) * (amax / 7)
             std::vector<int8_t> & codes = scratch_codes(m * lin.kp);
-            std::vector<float> step(m);
+            std::vector<float> step(m), z(k);
             for (int32_t t = 0; t < m; t++) {
                 const float * xr = x + (size_t) t * k;
                 float amax = 0.0f;
                 for (int64_t i = 0; i < k; i++) {
                     amax = std::max(amax, std::fabs(xr[i]));
                 }
-                std::vector<float> z(k, 0.0f);
+                std::fill(z.begin(), z.end(), 0.0f);
                 if (amax > 0.0f) {
                     const float inv = 7.0f / amax;
                     for (int64_t i = 0; i < k; i++) {
@@ -144,12 +154,8 @@ public:
             std::vector<float> z(dim);
             for (int64_t r = b; r < e; r++) {
                 const float * xr = x + r * dim;
-                double ss = 0.0;
-                for (int32_t i = 0; i < dim; i++) {
-                    ss += (double) xr[i] * xr[i];
-                }
-                // z_j = (x_j * r) * in_scale_j, r = 1 / sqrt(mean(x²) + eps)
-                const float inv = 1.0f / std::sqrt((float) (ss / dim) + eps);
+                // z_j = (x_j * r) * in_scale_j
+                const float inv = rms_factor(xr, dim, eps);
                 for (int32_t i = 0; i < dim; i++) {
                     z[i] = (xr[i] * inv) * in_scale[i];
                 }
@@ -171,7 +177,7 @@ public:
             const float * g = gu + (size_t) t * 2 * n_ff;
             const float * u = g + n_ff;
             for (int32_t j = 0; j < n_ff; j++) {
-                z[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
+                z[j] = silu(g[j]) * u[j];
             }
             cpu_expand_slots(z.data(), in_map, c.kp, out + (size_t) t * c.kp);
         }
@@ -287,7 +293,7 @@ public:
             float * o = out + (size_t) r * n_ff;
             for (int32_t j = 0; j < n_ff; j++) {
                 // silu(g) * u = g / (1 + exp(-g)) * u
-                o[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
+                o[j] = silu(g[j]) * u[j];
             }
         }
     }
