@@ -65,4 +65,33 @@ void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cu
     cuda_check(cudaLaunchKernelEx(&cfg, kernel, (KArgs) args...), what);
 }
 
+// r = 1 / sqrt(Σ x² / dim + eps) of one row, shared by the whole block (blockDim a multiple of 32, ≤ 1024).
+// The sum runs in float64, as on the CPU backend, so both round the same fp32 r.
+__device__ __forceinline__ float block_rms_factor(const float * __restrict__ xr, int32_t dim, float eps) {
+    double ss = 0.0;
+    for (int32_t i0 = 0; i0 < dim; i0 += 8 * blockDim.x) {
+        // 8 loads issued before their math: a decode step is latency-bound here (GPU issue is in order)
+        float v[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const int32_t i = i0 + u * blockDim.x + threadIdx.x;
+            v[u] = i < dim ? xr[i] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; u++) ss += (double) v[u] * v[u];
+    }
+    for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+    __shared__ double part[32];
+    __shared__ float inv;
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double s = 0.0;
+        for (int i = 0; i < (int) (blockDim.x >> 5); i++) s += part[i];
+        inv = 1.0f / sqrtf((float) (s / dim) + eps);
+    }
+    __syncthreads();
+    return inv;
+}
+
 }  // namespace mq

@@ -32,29 +32,7 @@ static __global__ void rmsnorm_quant_kernel(const float * __restrict__ x, const 
     pdl_trigger();
     pdl_wait();  // launched with PDL: the inputs come from the kernel before
     const float * xr = x + (size_t) blockIdx.y * dim;
-    double ss = 0.0;  // float64 like the CPU backend, so both round the same r
-    for (int32_t i0 = 0; i0 < dim; i0 += 8 * blockDim.x) {
-        // 8 loads issued before their math: a decode step is latency-bound here (GPU issue is in order)
-        float v[8];
-#pragma unroll
-        for (int u = 0; u < 8; u++) {
-            const int32_t i = i0 + u * blockDim.x + threadIdx.x;
-            v[u] = i < dim ? xr[i] : 0.0f;
-        }
-#pragma unroll
-        for (int u = 0; u < 8; u++) ss += (double) v[u] * v[u];
-    }
-    for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
-    __shared__ double part[32];
-    __shared__ float inv;
-    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double s = 0.0;
-        for (int i = 0; i < (int) (blockDim.x >> 5); i++) s += part[i];
-        inv = 1.0f / sqrtf((float) (s / dim) + eps);
-    }
-    __syncthreads();
+    const float inv = block_rms_factor(xr, dim, eps);  // float64 sum like the CPU backend: the same r
     int8_t * o = out + (size_t) blockIdx.y * kp;
     // a thread's Q_SLOTS / 256 slots: the map, then the gathered inputs, then the codes, each batch of
     // loads issued together (the maps come from device memory every step)
