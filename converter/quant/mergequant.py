@@ -18,7 +18,7 @@ import numpy as np
 
 from ..config import LlamaConfig
 from ..loaders import Checkpoint
-from ..reference import rope_cos_sin, silu
+from ..reference import rope_cos_sin
 from ..schemes import pack_linear
 from .calibrate import CalibrationSpec, calibration_tokens, run_sequential
 from .clip import fake_quant, search_act_clip, search_weight_scale
@@ -26,7 +26,7 @@ from .gptq import gptq_codes
 from .int4 import QMAX, pad_columns, pad_k, quant_rows, round_codes
 from .lowrank import fit_lowrank
 from .rtn import check_scheme
-from .simulate import SimBlock, attend, expand_slots, load_block, rms_factor, split_qkv
+from .simulate import SimBlock, attend, expand_slots, load_block, lora_branch, rms_factor, split_qkv, swiglu
 from .split import allocate_parts, build_in_map, expand_columns, extra_slots
 
 
@@ -161,7 +161,7 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
     if opts.rank > 0:
         la, lb = fit_lowrank(gram, a.T @ (y - y_q), opts.rank, opts.damp)
         lora = (la.astype(np.float16).astype(np.float32), lb.astype(np.float16).astype(np.float32))
-        y_q += (a @ lora[0].T) @ lora[1].T
+        y_q += lora_branch(a, *lora)
     return LinearQuant(codes, scale.astype(np.float32), lora, y_q)
 
 
@@ -203,7 +203,7 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
     a2 = in_gu.codes(x2)
     gate_up = quantize_linear(a2, x2, fused[p + "ffn_gate_up"], in_gu, opts)
     del a2, x2
-    m = silu(gate_up.y[:, :f]) * gate_up.y[:, f:]
+    m = swiglu(gate_up.y[:, :f], gate_up.y[:, f:])
     in_down = quantize_input(m, fused[p + "ffn_down"], rows, opts, splittable=True)
     a3 = in_down.codes(m)
     down = quantize_linear(a3, m, fused[p + "ffn_down"], in_down, opts)

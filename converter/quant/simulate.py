@@ -14,7 +14,7 @@ import numpy as np
 
 from ..config import LlamaConfig
 from ..mqfile import read_mq
-from ..reference import rope, rope_cos_sin, silu
+from ..reference import rope, rope_cos_sin
 from .int4 import QMAX, QMIN, pad_columns, round_codes, unpack_int4
 
 LINEARS = ("attn_qkv", "attn_output", "ffn_gate_up", "ffn_down")
@@ -22,8 +22,17 @@ INT_SCHEMES = ("w4a4", "w4a4d")
 
 
 def rms_factor(h: np.ndarray, eps: float) -> np.ndarray:
-    """r = 1 / sqrt(Σ h² / D + eps) per row, fp32, shape [..., 1]."""
-    return (1 / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + np.float32(eps))).astype(np.float32)
+    """r = 1 / sqrt(Σ h² / D + eps) per row in float64, rounded once to fp32, shape [..., 1]."""
+    hd = h.astype(np.float64)
+    ss = np.einsum("...i,...i->...", hd, hd)[..., None]
+    return (1.0 / np.sqrt(ss / h.shape[-1] + np.float64(np.float32(eps)))).astype(np.float32)
+
+
+def swiglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """silu(g) · u = (g / (1 + exp(-g))) · u in float64, rounded once to fp32."""
+    g64 = g.astype(np.float64)
+    with np.errstate(over="ignore"):
+        return (g64 / (1.0 + np.exp(-g64)) * u).astype(np.float32)
 
 
 def fp16_round(x: np.ndarray) -> np.ndarray:
@@ -41,6 +50,12 @@ def expand_slots(z: np.ndarray, in_map: np.ndarray) -> np.ndarray:
     out = np.zeros((z.shape[0], in_map.shape[0]), np.float32)
     out[:, live] = np.floor((t + part[live].astype(np.float32)) / m)
     return out
+
+
+def lora_branch(a: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray) -> np.ndarray:
+    """(a · Aᵀ) · Bᵀ in float64, rounded once to fp32: a · Aᵀ on int4 codes and fp16 values is exact in
+    float64, so every summation order gives the same fp32 result."""
+    return ((a.astype(np.float64) @ lora_a.T.astype(np.float64)) @ lora_b.T.astype(np.float64)).astype(np.float32)
 
 
 @dataclass
@@ -80,10 +95,10 @@ class SimLinear:
         return a @ self.w.astype(np.float32).T
 
     def epilogue(self, acc: np.ndarray, a: np.ndarray) -> np.ndarray:
-        """y = float(acc) · scale[n] (+ (a · Aᵀ) · Bᵀ)."""
+        """y = float(acc) · scale[n] (+ fp32((a · Aᵀ) · Bᵀ), the low-rank branch in float64)."""
         y = acc * self.scale
         if self.lora_a is not None:
-            y += (a @ self.lora_a.T) @ self.lora_b.T
+            y += lora_branch(a, self.lora_a, self.lora_b)
         return y
 
     def __call__(self, x: np.ndarray, record: dict[str, np.ndarray] | None = None, name: str = "") -> np.ndarray:
@@ -122,25 +137,25 @@ class SimBlock:
 
 
 def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 256) -> np.ndarray:
-    """q [T, H, hd], k/v [T, Hkv, hd] at positions 0..T-1 → [T, H·hd]; softmax((q·k)·(1/sqrt(hd))) over
-    keys ≤ the query position, then p·v. Per kv head, its query heads stacked, in query blocks that read
-    only the keys up to the block's end (the causal half is skipped)."""
+    """q [T, H, hd], k/v [T, Hkv, hd] at positions 0..T-1 → [T, H·hd]: with qc = fp32(q · fp32(1/sqrt(hd))),
+    s = qc · k, p = exp(s - max s) over keys ≤ the query position, o = fp32((p · v) / Σ p), all in float64
+    (rounded once, so summation order does not reach the fp32 result). Per kv head, its query heads
+    stacked, in query blocks that read only the keys up to the block's end (the causal half is skipped)."""
     t, h, hd = q.shape
     g = h // k.shape[1]
     out = np.empty((h, t, hd), np.float32)
-    qh = np.ascontiguousarray(q.transpose(1, 0, 2)) * np.float32(1 / np.sqrt(hd))
-    kh, vh = np.ascontiguousarray(k.transpose(1, 0, 2)), np.ascontiguousarray(v.transpose(1, 0, 2))
+    qh = (np.ascontiguousarray(q.transpose(1, 0, 2)) * np.float32(1 / np.sqrt(hd))).astype(np.float64)
+    kh = np.ascontiguousarray(k.transpose(1, 0, 2), np.float64)
+    vh = np.ascontiguousarray(v.transpose(1, 0, 2), np.float64)
     for i0 in range(0, t, block):
         i1 = min(i0 + block, t)
-        mask = np.triu(np.full((i1 - i0, i1), -np.inf, np.float32), i0 + 1)
+        mask = np.triu(np.full((i1 - i0, i1), -np.inf), i0 + 1)
         for j in range(k.shape[1]):
             s = qh[j * g:(j + 1) * g, i0:i1] @ kh[j, :i1].T      # [G, block, i1]
             s += mask
             s -= s.max(axis=-1, keepdims=True)
-            s[s < -80] = -np.inf  # exp would give fp32 denormals (slow on x86); they are < e^-80 anyway
             np.exp(s, out=s)
-            s /= s.sum(axis=-1, keepdims=True)
-            out[j * g:(j + 1) * g, i0:i1] = s @ vh[j, :i1]
+            out[j * g:(j + 1) * g, i0:i1] = (s @ vh[j, :i1]) / s.sum(axis=-1, keepdims=True)
     return out.transpose(1, 0, 2).reshape(t, h * hd)
 
 
@@ -188,7 +203,7 @@ def block_forward(h: np.ndarray, blk: SimBlock, config: LlamaConfig, cos: np.nda
     else:
         y = blk.gate_up(flat(h * rms_factor(h, eps) * blk.ffn_norm), record, prefix + "ffn_gate_up")
     f = config.intermediate_size
-    m = silu(y[:, :f]) * y[:, f:]
+    m = swiglu(y[:, :f], y[:, f:])
     if blk.static:
         out = blk.down.run_codes(expand_slots(m, blk.down.in_map), record, prefix + "ffn_down")
     else:

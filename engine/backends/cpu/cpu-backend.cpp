@@ -23,18 +23,19 @@ static void split_range(int64_t n, int32_t ith, int32_t nth, int64_t & begin, in
     end = std::min<int64_t>(n, begin + per);
 }
 
-// r = 1 / sqrt(mean(x²) + eps), the RMSNorm factor of one row (sum of squares in float64)
+// The float values that feed a rounding to int4 are computed in float64 and rounded once to fp32, so
+// they equal the simulator's bit for bit whatever the summation order (docs/numerics.md).
+
+// r = 1 / sqrt(mean(x²) + eps), the RMSNorm factor of one row
 static float rms_factor(const float * x, int32_t dim, float eps) {
-    double ss = 0.0;
-    for (int32_t i = 0; i < dim; i++) {
-        ss += (double) x[i] * x[i];
-    }
-    return 1.0f / std::sqrt((float) (ss / dim) + eps);
+    const double ss = cpu_dot_f64(x, x, dim);
+    return (float) (1.0 / std::sqrt(ss / dim + (double) eps));
 }
 
-// silu(g) = g / (1 + exp(-g))
-static inline float silu(float g) {
-    return g / (1.0f + std::exp(-g));
+// silu(g) * u = g / (1 + exp(-g)) * u
+static inline float swiglu_value(float g, float u) {
+    const double gd = g;
+    return (float) (gd / (1.0 + std::exp(-gd)) * (double) u);
 }
 
 class BackendCpu : public Backend {
@@ -177,7 +178,7 @@ public:
             const float * g = gu + (size_t) t * 2 * n_ff;
             const float * u = g + n_ff;
             for (int32_t j = 0; j < n_ff; j++) {
-                z[j] = silu(g[j]) * u[j];
+                z[j] = swiglu_value(g[j], u[j]);
             }
             cpu_expand_slots(z.data(), in_map, c.kp, out + (size_t) t * c.kp);
         }
@@ -242,16 +243,18 @@ public:
 
     void attention(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
                    const int32_t * pos, const void * k_cache, const void * v_cache, float * out) override {
-        // o = softmax(fp16(q) · Kᵀ / sqrt(hd)) · V over cache rows 0..pos, fp32 arithmetic on fp16 values
+        // qc = fp32(fp16(q) * c), c = fp32(1/sqrt(hd)); over cache rows 0..pos: s_j = qc · k_j, p_j = exp(s_j - max),
+        // o = (Σ p_j v_j) / Σ p_j; the sums and exp in float64, o rounded once to fp32 (docs/numerics.md)
         const int32_t hd = s.head_dim, kv_dim = s.n_head_kv * hd, group = s.n_head / s.n_head_kv;
-        const float scale = 1.0f / std::sqrt((float) hd);
+        const float scale = (float) (1.0 / std::sqrt((double) hd));
         const uint16_t * kc = (const uint16_t *) k_cache;
         const uint16_t * vc = (const uint16_t *) v_cache;
         const int64_t n_work = (int64_t) n_tokens * s.n_head;
         pool_.run([&](int32_t ith, int32_t nth) {
             int64_t b, e;
             split_range(n_work, ith, nth, b, e);
-            std::vector<float> scores, q(hd), row(hd), acc(hd);
+            std::vector<double> scores, acc(hd);
+            std::vector<float> q(hd), row(hd);
             std::vector<uint16_t> qh(hd);
             for (int64_t w = b; w < e; w++) {
                 const int32_t t = (int32_t) (w / s.n_head), h = (int32_t) (w % s.n_head);
@@ -259,28 +262,27 @@ public:
                 const int32_t n_kv = pos[t] + 1;
                 cpu_f32_to_f16(qkv + (size_t) t * row_stride + (size_t) h * hd, qh.data(), hd);
                 cpu_f16_to_f32(qh.data(), q.data(), hd);
+                for (int32_t i = 0; i < hd; i++) {
+                    q[i] *= scale;
+                }
                 scores.resize(n_kv);
-                float mx = -INFINITY;
+                double mx = -INFINITY;
                 for (int32_t j = 0; j < n_kv; j++) {
                     cpu_f16_to_f32(kc + (size_t) j * kv_dim + (size_t) kvh * hd, row.data(), hd);
-                    const float d = cpu_dot_f32(q.data(), row.data(), hd) * scale;
-                    scores[j] = d;
-                    mx = std::max(mx, d);
+                    scores[j] = cpu_dot_f64(q.data(), row.data(), hd);
+                    mx = std::max(mx, scores[j]);
                 }
-                float sum = 0.0f;
+                double sum = 0.0;
+                std::fill(acc.begin(), acc.end(), 0.0);
                 for (int32_t j = 0; j < n_kv; j++) {
-                    scores[j] = std::exp(scores[j] - mx);
-                    sum += scores[j];
-                }
-                std::fill(acc.begin(), acc.end(), 0.0f);
-                for (int32_t j = 0; j < n_kv; j++) {
+                    const double p = std::exp(scores[j] - mx);
+                    sum += p;
                     cpu_f16_to_f32(vc + (size_t) j * kv_dim + (size_t) kvh * hd, row.data(), hd);
-                    cpu_axpy_f32(scores[j], row.data(), acc.data(), hd);
+                    cpu_axpy_f64(p, row.data(), acc.data(), hd);
                 }
                 float * o = out + (size_t) t * s.n_head * hd + (size_t) h * hd;
-                const float inv = 1.0f / sum;
                 for (int32_t i = 0; i < hd; i++) {
-                    o[i] = acc[i] * inv;
+                    o[i] = (float) (acc[i] / sum);
                 }
             }
         });
@@ -292,8 +294,7 @@ public:
             const float * u = g + n_ff;
             float * o = out + (size_t) r * n_ff;
             for (int32_t j = 0; j < n_ff; j++) {
-                // silu(g) * u = g / (1 + exp(-g)) * u
-                o[j] = silu(g[j]) * u[j];
+                o[j] = swiglu_value(g[j], u[j]);
             }
         }
     }
@@ -316,9 +317,10 @@ private:
         cpu_codes_prepare(a, m, kp, prep);
         const float * scale = lin.scale->as<float>();
         const LoraF32 * lora = lin.rank > 0 ? (const LoraF32 *) lin.prepared : nullptr;
-        std::vector<float> l;
+        // low-rank branch in float64, rounded once: l[t, i] = Σ_s A[i, s] · a[t, s] is exact there (fp16 times
+        // int4), then lora[t, r] = fp32(Σ_i B[r, i] · l[t, i])
+        std::vector<double> l;
         if (lora) {
-            // l[t, i] = Σ_s A[i, s] · a[t, s]
             l.resize((size_t) m * lin.rank);
             std::vector<float> af(kp);
             for (int32_t t = 0; t < m; t++) {
@@ -326,7 +328,7 @@ private:
                     af[s] = a[t * kp + s];
                 }
                 for (int64_t i = 0; i < lin.rank; i++) {
-                    l[t * lin.rank + i] = cpu_dot_f32(lora->a.data() + i * kp, af.data(), kp);
+                    l[t * lin.rank + i] = cpu_dot_f64(lora->a.data() + i * kp, af.data(), kp);
                 }
             }
         }
@@ -338,7 +340,13 @@ private:
                 for (int64_t r = r0; r < r1; r++) {
                     float v = (float) accp[t * n + r] * scale[r];
                     if (lora) {
-                        v += cpu_dot_f32(lora->b.data() + r * lin.rank, l.data() + t * lin.rank, lin.rank);
+                        const float * br = lora->b.data() + r * lin.rank;
+                        const double * lt = l.data() + t * lin.rank;
+                        double d = 0.0;
+                        for (int64_t i = 0; i < lin.rank; i++) {
+                            d += (double) br[i] * lt[i];
+                        }
+                        v += (float) d;
                     }
                     if (step) {
                         v *= step[t];

@@ -131,6 +131,47 @@ void cpu_axpy_f32(float a, const float * x, float * y, int64_t n) {
     }
 }
 
+double cpu_dot_f64(const float * a, const float * b, int64_t n) {
+    int64_t i = 0;
+    double s = 0.0;
+#if defined(__AVX512F__)
+    __m512d acc = _mm512_setzero_pd();
+    for (; i + 8 <= n; i += 8) {
+        acc = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(a + i)), _mm512_cvtps_pd(_mm256_loadu_ps(b + i)), acc);
+    }
+    s = _mm512_reduce_add_pd(acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256d acc = _mm256_setzero_pd();
+    for (; i + 4 <= n; i += 4) {
+        acc = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(a + i)), _mm256_cvtps_pd(_mm_loadu_ps(b + i)), acc);
+    }
+    __m128d lo = _mm_add_pd(_mm256_castpd256_pd128(acc), _mm256_extractf128_pd(acc, 1));
+    s = _mm_cvtsd_f64(_mm_add_sd(lo, _mm_unpackhi_pd(lo, lo)));
+#endif
+    for (; i < n; i++) {
+        s += (double) a[i] * b[i];
+    }
+    return s;
+}
+
+void cpu_axpy_f64(double a, const float * x, double * y, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    const __m512d va = _mm512_set1_pd(a);
+    for (; i + 8 <= n; i += 8) {
+        _mm512_storeu_pd(y + i, _mm512_fmadd_pd(va, _mm512_cvtps_pd(_mm256_loadu_ps(x + i)), _mm512_loadu_pd(y + i)));
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    const __m256d va = _mm256_set1_pd(a);
+    for (; i + 4 <= n; i += 4) {
+        _mm256_storeu_pd(y + i, _mm256_fmadd_pd(va, _mm256_cvtps_pd(_mm_loadu_ps(x + i)), _mm256_loadu_pd(y + i)));
+    }
+#endif
+    for (; i < n; i++) {
+        y[i] += a * x[i];
+    }
+}
+
 // Tokens are processed four at a time so each weight row, converted to fp32 once, feeds four dot
 // products; decode (m = 1) streams every weight byte exactly once.
 // decode (m = 1): weights converted in registers and streamed once; four rows in flight keep enough

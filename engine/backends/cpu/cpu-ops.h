@@ -13,6 +13,10 @@ void cpu_f32_to_f16(const float * x, uint16_t * y, int64_t n);
 float cpu_dot_f32(const float * a, const float * b, int64_t n);
 // y += a * x
 void cpu_axpy_f32(float a, const float * x, float * y, int64_t n);
+// Σ a[i]·b[i] accumulated in float64 (each product of two fp32 values is exact there)
+double cpu_dot_f64(const float * a, const float * b, int64_t n);
+// y += a * x in float64
+void cpu_axpy_f64(double a, const float * x, double * y, int64_t n);
 // y[m, n] (+)= sum_k x[m, k] * w[n, k] for rows n in [n_begin, n_end); w fp16 [N, K] row-major
 void cpu_gemm_f16(const uint16_t * w, const float * x, float * y, int64_t m, int64_t n, int64_t k, int64_t n_begin,
                   int64_t n_end, bool accumulate);

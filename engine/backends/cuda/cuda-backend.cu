@@ -230,12 +230,12 @@ public:
         const W4A4 & p = w4a4_of(lin);
         const bool codes8 = m <= W4A4_GEMV_MAX_M;
         const size_t packed_bytes = codes8 ? 0 : ((size_t) m * lin.kp / 2 + 255) / 256 * 256;
-        const size_t lora_bytes = lin.rank > 0 ? (size_t) m * (lin.rank + lin.n) * sizeof(float) : 0;
+        const size_t lora_bytes = lin.rank > 0 ? (size_t) m * (lin.rank * sizeof(double) + lin.n * sizeof(float)) : 0;
         uint8_t * packed = (uint8_t *) scratch_for(packed_bytes + lora_bytes);
         float * lora = nullptr;
         if (lin.rank > 0) {
-            float * l = (float *) (packed + packed_bytes);
-            lora = l + (size_t) m * lin.rank;
+            double * l = (double *) (packed + packed_bytes);  // packed_bytes is a multiple of 256
+            lora = (float *) (l + (size_t) m * lin.rank);
             cuda_lora(p.lora_a, p.lora_b, lin.rank, lin.n, lin.kp, a, m, l, lora, stream_);
         }
         if (!codes8) cuda_pack_codes(a, m, lin.kp, packed, stream_);

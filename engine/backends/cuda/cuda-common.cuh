@@ -65,8 +65,14 @@ void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cu
     cuda_check(cudaLaunchKernelEx(&cfg, kernel, (KArgs) args...), what);
 }
 
+// silu(g) * u = g / (1 + exp(-g)) * u in float64, rounded once: the CPU backend's value (docs/numerics.md)
+__device__ __forceinline__ float swiglu_value(float g, float u) {
+    const double gd = g;
+    return (float) (gd / (1.0 + exp(-gd)) * (double) u);
+}
+
 // r = 1 / sqrt(Σ x² / dim + eps) of one row, shared by the whole block (blockDim a multiple of 32, ≤ 1024).
-// The sum runs in float64, as on the CPU backend, so both round the same fp32 r.
+// All in float64, rounded once, as on the CPU backend (docs/numerics.md), so both give the same fp32 r.
 __device__ __forceinline__ float block_rms_factor(const float * __restrict__ xr, int32_t dim, float eps) {
     double ss = 0.0;
     for (int32_t i0 = 0; i0 < dim; i0 += 8 * blockDim.x) {
@@ -88,7 +94,7 @@ __device__ __forceinline__ float block_rms_factor(const float * __restrict__ xr,
     if (threadIdx.x == 0) {
         double s = 0.0;
         for (int i = 0; i < (int) (blockDim.x >> 5); i++) s += part[i];
-        inv = 1.0f / sqrtf((float) (s / dim) + eps);
+        inv = (float) (1.0 / sqrt(s / dim + (double) eps));
     }
     __syncthreads();
     return inv;

@@ -88,7 +88,7 @@ static __global__ void swiglu_quant_kernel(const float * __restrict__ gu, const 
 #pragma unroll
     for (int u = 0; u < Q_PER; u++) {
         const int64_t s = s0 + u * 256;
-        if (s < kp) o[s] = jm[u] < 0 ? 0 : slot_code(gv[u] / (1.0f + expf(-gv[u])) * uv[u], km[u], pm[u]);
+        if (s < kp) o[s] = jm[u] < 0 ? 0 : slot_code(swiglu_value(gv[u], uv[u]), km[u], pm[u]);
     }
 }
 
@@ -151,35 +151,36 @@ static __global__ void int_gemm_kernel(const uint8_t * __restrict__ w, int32_t N
     }
 }
 
-// block per (token, rank row): l = Σ_s float(A[i, s]) · a[s]
+// The low-rank branch in float64, rounded once, as on the CPU backend (docs/numerics.md).
+// block per (token, rank row): l = Σ_s A[i, s] · a[s], exact in float64
 static __global__ void lora_down_kernel(const __half * __restrict__ la, int64_t kp, const int8_t * __restrict__ codes,
-                                        int32_t rank, float * __restrict__ l) {
+                                        int32_t rank, double * __restrict__ l) {
     pdl_trigger();
     pdl_wait();  // launched with PDL: the inputs come from the kernel before
     const int32_t t = blockIdx.x / rank, i = blockIdx.x % rank;
-    float s = 0.0f;
-    for (int64_t k = threadIdx.x; k < kp; k += blockDim.x) s += __half2float(la[i * kp + k]) * (float) codes[t * kp + k];
+    double s = 0.0;
+    for (int64_t k = threadIdx.x; k < kp; k += blockDim.x) s += (double) __half2float(la[i * kp + k]) * codes[t * kp + k];
     for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    __shared__ float part[32];
+    __shared__ double part[32];
     if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
     __syncthreads();
     if (threadIdx.x == 0) {
-        float r = 0.0f;
+        double r = 0.0;
         for (int w = 0; w < (int) (blockDim.x >> 5); w++) r += part[w];
         l[blockIdx.x] = r;
     }
 }
 
-// thread per (token, n): out = Σ_i float(B[n, i]) · l[t, i]
-static __global__ void lora_up_kernel(const __half * __restrict__ lb, int32_t rank, int64_t N, const float * __restrict__ l,
+// thread per (token, n): out = fp32(Σ_i B[n, i] · l[t, i])
+static __global__ void lora_up_kernel(const __half * __restrict__ lb, int32_t rank, int64_t N, const double * __restrict__ l,
                                       int64_t total, float * __restrict__ out) {
     pdl_trigger();
     pdl_wait();  // launched with PDL: the inputs come from the kernel before
     for (int64_t idx = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; idx < total; idx += (int64_t) gridDim.x * blockDim.x) {
         const int64_t t = idx / N, n = idx % N;
-        float s = 0.0f;
-        for (int32_t i = 0; i < rank; i++) s += __half2float(lb[n * rank + i]) * l[t * rank + i];
-        out[idx] = s;
+        double s = 0.0;
+        for (int32_t i = 0; i < rank; i++) s += (double) __half2float(lb[n * rank + i]) * l[t * rank + i];
+        out[idx] = (float) s;
     }
 }
 
@@ -231,7 +232,7 @@ void cuda_int_gemm(const void * qweight, int64_t n, int64_t kp, const uint8_t * 
 }
 
 void cuda_lora(const void * lora_a, const void * lora_b, int64_t rank, int64_t n, int64_t kp, const int8_t * codes,
-               int32_t m, float * l_scratch, float * out, cudaStream_t st) {
+               int32_t m, double * l_scratch, float * out, cudaStream_t st) {
     if (m <= 0 || rank <= 0) return;
     launch_pdl(lora_down_kernel, dim3((unsigned) (m * rank)), dim3(256), 0, st, "lora_down_kernel",
                (const __half *) lora_a, kp, codes, (int32_t) rank, l_scratch);

@@ -1,4 +1,4 @@
-// SwiGLU on fp32 rows [gate | up]: out = g / (1 + exp(-g)) * u, the CPU backend's order of operations.
+// SwiGLU on fp32 rows [gate | up]: out = swiglu_value(g, u), the CPU backend's arithmetic.
 #include "swiglu.cuh"
 #include "cuda-common.cuh"
 
@@ -10,7 +10,7 @@ static __global__ void swiglu_kernel(const float * __restrict__ gu, int64_t tota
     for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < total; i += (int64_t) gridDim.x * blockDim.x) {
         const int64_t r = i / n_ff, j = i % n_ff;
         const float g = gu[r * 2 * n_ff + j], u = gu[r * 2 * n_ff + n_ff + j];
-        out[i] = g / (1.0f + expf(-g)) * u;
+        out[i] = swiglu_value(g, u);
     }
 }
 
