@@ -95,3 +95,20 @@ def test_default_model_mergequant_greedy_matches_cpu(smollm2_mergequant_mq, prom
     ids = cpu.tokenize(prompt)
     assert _max_rel(np.asarray(cpu.logits(ids)), np.asarray(gpu.logits(ids))) <= 1e-3
     assert cpu.generate(prompt, max_tokens=32, temperature=0.0) == gpu.generate(prompt, max_tokens=32, temperature=0.0)
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),
+                                      dict(temperature=1.2, top_k=0, top_p=0.9, min_p=0.0, repetition_penalty=1.3),
+                                      dict(temperature=0.7, top_k=0, top_p=1.0, min_p=0.0)])
+def test_default_model_sampling_matches_cpu(smollm2_f16_mq, monkeypatch, settings):
+    # the CUDA backend samples on the device (the last setting samples from the whole vocabulary, which the
+    # device hands to the host); with the same seed the tokens are the CPU engine's, and those of the CUDA
+    # backend sampling on the host (MERGEQUANT_CUDA_SAMPLING=0)
+    gpu = _cuda_llm(smollm2_f16_mq)
+    monkeypatch.setenv("MERGEQUANT_CUDA_SAMPLING", "0")
+    gpu_host = _cuda_llm(smollm2_f16_mq)
+    cpu = LLM(smollm2_f16_mq, device="cpu")
+    prompt = "Write a short story about a robot:"
+    a = cpu.generate(prompt, max_tokens=32, seed=11, **settings)
+    assert gpu.generate(prompt, max_tokens=32, seed=11, **settings) == a
+    assert gpu_host.generate(prompt, max_tokens=32, seed=11, **settings) == a

@@ -16,6 +16,7 @@
 namespace mq {
 
 struct TensorView;
+struct SamplingParams;
 
 // One linear layer y[M, N] = x[M, K] · Wᵀ in some scheme (docs/format.md, docs/numerics.md). The views
 // point into the file mapping (host memory); `prepared` is what the backend made of them (device copy,
@@ -112,6 +113,19 @@ public:
     }
     // drops what run_step kept for `key` (its owner is going away)
     virtual void forget_step(const void * key) { (void) key; }
+
+    // --- sampling on the device (optional) -------------------------------------------------------------
+    // A backend that samples on the device returns true here, and sample() picks the next token from the
+    // logits row `logits` [n_vocab] (device memory) by mq::Sampler's rules (mq-sampling.h) with the uniform
+    // draw u, penalizing `penalty_ids` (host memory, distinct ids; used when the repetition penalty is not
+    // 1). It returns -1 where it cannot decide exactly on the device; the caller then samples on the host
+    // with the same draw. Only the token id crosses to the host.
+    virtual bool samples_on_device() const { return false; }
+    virtual int32_t sample(const float * logits, int32_t n_vocab, const SamplingParams & sp, double u,
+                           const std::vector<int32_t> & penalty_ids) {
+        (void) logits, (void) n_vocab, (void) sp, (void) u, (void) penalty_ids;
+        return -1;
+    }
 };
 
 std::unique_ptr<Backend> backend_cpu_create(int32_t n_threads);

@@ -68,6 +68,36 @@ void Context::truncate(int32_t n) {
 }
 
 const std::vector<float> & Context::eval(const std::vector<int32_t> & tokens, bool all_logits) {
+    eval_chunks(tokens, all_logits, true);
+    return logits_host_;
+}
+
+void Context::eval_keep(const std::vector<int32_t> & tokens) {
+    eval_chunks(tokens, false, false);
+}
+
+int32_t Context::sample(Sampler & sampler) {
+    const int32_t n_vocab = model_->config().n_vocab;
+    const SamplingParams & sp = sampler.params();
+    const double u = sampler.draw();
+    if (be_.samples_on_device()) {
+        std::vector<int32_t> seen;
+        if (sp.repetition_penalty != 1.0f) {
+            seen = tokens_;
+            std::sort(seen.begin(), seen.end());
+            seen.erase(std::unique(seen.begin(), seen.end()), seen.end());
+        }
+        const int32_t id = be_.sample(logits_, n_vocab, sp, u, seen);
+        if (id >= 0) {
+            return id;
+        }
+    }
+    logits_host_.resize(n_vocab);
+    be_.download(logits_host_.data(), logits_, (size_t) n_vocab * sizeof(float));
+    return sampler.pick(logits_host_.data(), n_vocab, tokens_, u);
+}
+
+void Context::eval_chunks(const std::vector<int32_t> & tokens, bool all_logits, bool download) {
     const Config & c = model_->config();
     const int32_t n = (int32_t) tokens.size();
     if (n == 0) {
@@ -84,19 +114,24 @@ const std::vector<float> & Context::eval(const std::vector<int32_t> & tokens, bo
                               std::to_string(n) + " new tokens exceed the context length of " +
                               std::to_string(n_ctx_) + " (n_ctx)");
     }
-    logits_host_.resize((size_t) (all_logits ? n : 1) * c.n_vocab);
+    if (download) {
+        logits_host_.resize((size_t) (all_logits ? n : 1) * c.n_vocab);
+    }
     for (int32_t done = 0; done < n; done += n_batch_) {
         const int32_t m = std::min(n_batch_, n - done);
         const bool last = done + m == n;
-        float * out = all_logits ? logits_host_.data() + (size_t) done * c.n_vocab : (last ? logits_host_.data() : nullptr);
-        forward_chunk(tokens.data() + done, m, (int32_t) tokens_.size(), all_logits, out);
+        float * out = !download ? nullptr
+                      : all_logits ? logits_host_.data() + (size_t) done * c.n_vocab
+                                   : (last ? logits_host_.data() : nullptr);
+        forward_chunk(tokens.data() + done, m, (int32_t) tokens_.size(), all_logits, all_logits || last, out);
         tokens_.insert(tokens_.end(), tokens.begin() + done, tokens.begin() + done + m);
     }
-    return logits_host_;
 }
 
-// One forward pass over m tokens at positions pos0..pos0+m-1 (docs/numerics.md: f16 path).
-void Context::forward_chunk(const int32_t * ids, int32_t m, int32_t pos0, bool all_logits, float * logits_out) {
+// One forward pass over m tokens at positions pos0..pos0+m-1; with `logits`, the logits of the last row (of
+// every row when all_logits) are left in logits_ and downloaded to logits_out when it is given.
+void Context::forward_chunk(const int32_t * ids, int32_t m, int32_t pos0, bool all_logits, bool logits,
+                            float * logits_out) {
     const Config & c = model_->config();
     std::vector<int32_t> pos(m);
     for (int32_t i = 0; i < m; i++) {
@@ -108,11 +143,11 @@ void Context::forward_chunk(const int32_t * ids, int32_t m, int32_t pos0, bool a
     // logits only for the rows asked for: all of them, or the last one
     const int32_t first = all_logits ? 0 : m - 1;
     const int32_t rows = m - first;
-    auto ops = [&]() { forward_ops(m, as, logits_out ? first : -1, rows); };
+    auto ops = [&]() { forward_ops(m, as, logits ? first : -1, rows); };
     // a decode step issues the same ops on the same buffers every time (the token id and position are
     // read from ids_/pos_ on the device), so the backend may capture it once and replay it; a code trace
     // downloads between the ops, which a capture cannot hold
-    if (m == 1 && logits_out && !code_trace_) {
+    if (m == 1 && logits && !code_trace_) {
         be_.run_step(this, ops);
     } else {
         ops();
@@ -223,7 +258,7 @@ Generator::Generator(Context & ctx, const std::vector<int32_t> & prompt, const G
     timings_.n_cached = (int32_t) keep;
     timings_.n_prefill = (int32_t) (prompt.size() - keep);
     const double t0 = now_ms();
-    logits_ = ctx.eval(std::vector<int32_t>(prompt.begin() + keep, prompt.end()), false);
+    ctx.eval_keep(std::vector<int32_t>(prompt.begin() + keep, prompt.end()));
     timings_.prefill_ms = now_ms() - t0;
     stream_.reset(new StreamDecoder(ctx.model().vocab(), params.stop));
     if (params.max_tokens == 0) {
@@ -238,8 +273,7 @@ bool Generator::next(std::string & text) {
         return false;
     }
     const Vocab & vocab = ctx_.model().vocab();
-    const int32_t n_vocab = ctx_.model().config().n_vocab;
-    const int32_t id = sampler_.sample(logits_.data(), n_vocab, ctx_.tokens());
+    const int32_t id = ctx_.sample(sampler_);
     const bool is_stop_id = std::find(params_.stop_ids.begin(), params_.stop_ids.end(), id) != params_.stop_ids.end();
     if ((!params_.ignore_eos && vocab.is_eot(id)) || is_stop_id) {
         text += stream_->flush();
@@ -258,7 +292,7 @@ bool Generator::next(std::string & text) {
         return false;
     }
     const double t0 = now_ms();
-    logits_ = ctx_.eval({id}, false);
+    ctx_.eval_keep({id});
     timings_.decode_ms += now_ms() - t0;
     timings_.n_decode++;
     return true;

@@ -36,6 +36,11 @@ public:
     // appends `tokens` at the current position and returns the logits of the last one [n_vocab], or of
     // every one [n, n_vocab] when all_logits; throws ContextOverflow past n_ctx
     const std::vector<float> & eval(const std::vector<int32_t> & tokens, bool all_logits);
+    // eval(tokens, false) that leaves the last token's logits in device memory (no download), for sample()
+    void eval_keep(const std::vector<int32_t> & tokens);
+    // the next token from the logits eval_keep() left, by `sampler`: on the device where the backend can
+    // (samples_on_device()), else on the host; the same token either way
+    int32_t sample(Sampler & sampler);
 
     // calls fn(linear name, codes [m, kp], m, kp) with the int4 input codes of every w4a4 linear as they
     // are produced (tests compare them with the simulated engine); an empty function turns it off
@@ -45,7 +50,8 @@ public:
 private:
     void forward_layer_w4a4(int32_t l, int32_t m, const AttentionShape & as);
     void trace_codes(const Linear & lin, int32_t m);
-    void forward_chunk(const int32_t * ids, int32_t n, int32_t pos0, bool all_logits, float * logits_out);
+    void eval_chunks(const std::vector<int32_t> & tokens, bool all_logits, bool download);
+    void forward_chunk(const int32_t * ids, int32_t n, int32_t pos0, bool all_logits, bool logits, float * logits_out);
     void forward_ops(int32_t m, const AttentionShape & as, int32_t first, int32_t rows);
 
     std::shared_ptr<const Model> model_;
@@ -93,7 +99,6 @@ private:
     GenerateParams params_;
     Sampler sampler_;
     std::unique_ptr<StreamDecoder> stream_;
-    std::vector<float> logits_;
     std::vector<int32_t> out_;
     std::string finish_reason_;
     Timings timings_;

@@ -49,7 +49,7 @@ double Sampler::uniform() {
     return (double) (splitmix64(state_) >> 11) * (1.0 / 9007199254740992.0);
 }
 
-int32_t Sampler::sample(const float * logits, int32_t n_vocab, const std::vector<int32_t> & history) {
+int32_t Sampler::pick(const float * logits, int32_t n_vocab, const std::vector<int32_t> & history, double u) {
     cand_.resize(n_vocab);
     for (int32_t i = 0; i < n_vocab; i++) {
         cand_[i] = {logits[i], i};
@@ -111,7 +111,7 @@ int32_t Sampler::sample(const float * logits, int32_t n_vocab, const std::vector
         w[i] = std::exp(((double) cand_[i].first - cand_[0].first) / params_.temperature);
         total += w[i];
     }
-    double r = uniform() * total;
+    double r = u * total;
     for (size_t i = 0; i < keep; i++) {
         r -= w[i];
         if (r < 0.0) {

@@ -22,8 +22,16 @@ struct SamplingParams {
 class Sampler {
 public:
     explicit Sampler(const SamplingParams & params);
+    const SamplingParams & params() const { return params_; }
     // picks the next token from logits [n_vocab]; `history` is every token of the sequence so far
-    int32_t sample(const float * logits, int32_t n_vocab, const std::vector<int32_t> & history);
+    int32_t sample(const float * logits, int32_t n_vocab, const std::vector<int32_t> & history) {
+        return pick(logits, n_vocab, history, draw());
+    }
+    // the uniform draw in [0, 1) that sample() makes: one per token when the temperature is > 0, none when
+    // greedy (a device sampler takes it so that both draw the same sequence)
+    double draw() { return params_.temperature > 0.0f ? uniform() : 0.0; }
+    // sample() with the draw u given
+    int32_t pick(const float * logits, int32_t n_vocab, const std::vector<int32_t> & history, double u);
 
 private:
     double uniform();  // [0, 1)

@@ -14,10 +14,12 @@
 #include "quantize.cuh"
 #include "rmsnorm.cuh"
 #include "rope.cuh"
+#include "sampling.cuh"
 #include "swiglu.cuh"
 
 #include "../../src/mq-backend.h"
 #include "../../src/mq-file.h"
+#include "../../src/mq-sampling.h"
 #include "../cpu/cpu-ops.h"
 
 #include <cuda_runtime.h>
@@ -50,12 +52,17 @@ public:
         cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
         const char * env = std::getenv("MERGEQUANT_CUDA_GRAPHS");
         graphs_ = !(env && std::strcmp(env, "0") == 0);
+        w4a4_mma_ = cuda_w4a4_mma_default();
+        const char * smp = std::getenv("MERGEQUANT_CUDA_SAMPLING");
+        device_sampling_ = !(smp && std::strcmp(smp, "0") == 0);
     }
     ~BackendCuda() override {
         for (auto & kv : steps_) if (kv.second.exec) cudaGraphExecDestroy(kv.second.exec);
         for (auto & kv : inv_freq_) cudaFree(kv.second);
         if (scratch_) cudaFree(scratch_);
         if (att_ws_) cudaFree(att_ws_);
+        if (sample_mem_) cudaFree(sample_mem_);
+        if (sample_host_) cudaFreeHost(sample_host_);
         cudaStreamDestroy(stream_);
     }
 
@@ -178,7 +185,8 @@ public:
             uint8_t * packed = (uint8_t *) scratch_for(packed_bytes + (size_t) m * sizeof(float));
             float * step = (float *) (packed + packed_bytes);
             cuda_quantize_dynamic(x, m, (int32_t) lin.k, lin.kp, packed, step, stream_);
-            cuda_linear_w4a4(p.qweight, p.scale, nullptr, step, lin.n, lin.kp, packed, false, m, y, accumulate, stream_);
+            cuda_linear_w4a4(p.qweight, p.scale, nullptr, step, lin.n, lin.kp, packed, false, m, y, accumulate, w4a4_mma_,
+                             stream_);
         } else {
             throw Error("linear '" + lin.name + "': scheme '" + lin.scheme + "' takes integer codes, not floats "
                         "(it goes through linear_codes)");
@@ -240,7 +248,7 @@ public:
         }
         if (!codes8) cuda_pack_codes(a, m, lin.kp, packed, stream_);
         cuda_linear_w4a4(p.qweight, p.scale, lora, nullptr, lin.n, lin.kp, codes8 ? (const void *) a : packed, codes8, m, y,
-                         accumulate, stream_);
+                         accumulate, w4a4_mma_, stream_);
     }
 
     size_t kv_elem_size() const override { return 2; }  // fp16
@@ -281,6 +289,28 @@ public:
         }
         cuda_check(cudaGraphLaunch(s.exec, stream_), "cudaGraphLaunch (decode step)");
     }
+    // MERGEQUANT_CUDA_SAMPLING=0 samples on the host instead (for comparisons)
+    bool samples_on_device() const override { return device_sampling_; }
+    int32_t sample(const float * logits, int32_t n_vocab, const SamplingParams & sp, double u,
+                   const std::vector<int32_t> & penalty_ids) override {
+        // [work: n_vocab floats | the picked id | penalty ids]
+        const size_t work_bytes = ((size_t) n_vocab * sizeof(float) + 255) / 256 * 256;
+        const size_t n_pen = sp.repetition_penalty != 1.0f ? penalty_ids.size() : 0;
+        uint8_t * mem = (uint8_t *) grow(sample_mem_, sample_bytes_, work_bytes + 256 + n_pen * sizeof(int32_t), false,
+                                         "sampling buffer");
+        int32_t * out = (int32_t *) (mem + work_bytes), * pen = (int32_t *) (mem + work_bytes + 256);
+        if (!sample_host_) cuda_check(cudaMallocHost(&sample_host_, sizeof(int32_t)), "cudaMallocHost");
+        if (n_pen > 0) {
+            cuda_check(cudaMemcpyAsync(pen, penalty_ids.data(), n_pen * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
+                       "cudaMemcpyAsync (penalty ids)");
+        }
+        cuda_sample(logits, n_vocab, sp, u, pen, (int32_t) n_pen, (float *) mem, out, stream_);
+        cuda_check(cudaMemcpyAsync(sample_host_, out, sizeof(int32_t), cudaMemcpyDeviceToHost, stream_),
+                   "cudaMemcpyAsync (sampled id)");
+        synchronize();
+        return *sample_host_;
+    }
+
     void forget_step(const void * key) override {
         auto it = steps_.find(key);
         if (it == steps_.end()) return;
@@ -342,6 +372,11 @@ private:
     };
     int32_t device_;
     cudaStream_t stream_ = nullptr;
+    W4A4Mma w4a4_mma_ = W4A4Mma::I8;  // the w4a4 tensor-core path of this device (linear-w4a4.cuh)
+    bool device_sampling_ = true;
+    void * sample_mem_ = nullptr;
+    size_t sample_bytes_ = 0;
+    int32_t * sample_host_ = nullptr;  // pinned: the id the sampler picked
     bool graphs_ = true, capturing_ = false;
     std::map<const void *, Step> steps_;
     void * scratch_ = nullptr;

@@ -1,7 +1,8 @@
-// The w4a4 linear on INT8 tensor cores: int4 codes of both operands are unpacked in registers to int8
-// lanes holding 16·x (mma.cuh, FmtI4), multiplied with mma.m16n8k32 s8, and the exact int32 sum (256
-// times the true one, shifted back) gets one fp32 multiply by scale[n]: bit-identical to the CPU and
-// numpy integer reference. Kernels measured in bench/kernels/gemv.cu (v2) and gemm.cu (v2):
+// The w4a4 linear on tensor cores, two ways (mma.cuh): on sm_90 (no INT4 tensor cores) the int4 codes of both
+// operands are unpacked in registers to int8 lanes holding 16·x (FmtI4), multiplied with mma.m16n8k32 s8, and
+// the int32 sum (256 times the true one) is shifted back; on sm_80/86/89 the packed words feed the native
+// mma.m16n8k64 s4 as they are (FmtS4). Either way the exact int32 sum gets one fp32 multiply by scale[n]:
+// bit-identical to the CPU and numpy integer reference. Kernels measured in bench/kernels/gemv.cu (v2) and gemm.cu (v2):
 //  - decode (m <= 16): GEMV; a block of 8 warps owns 16 weight rows and the warps split K, each thread
 //    keeps 2 chunks x (2 weight + 1-2 activation) 16-byte loads in flight (68 registers: 3 blocks per
 //    SM); partial sums meet in shared memory (integer sums: exact in any order). Launched with PDL
@@ -15,6 +16,7 @@
 #include "gemm-mma.cuh"
 
 #include <cstdlib>
+#include <string>
 
 namespace mq {
 
@@ -31,7 +33,7 @@ __device__ __forceinline__ uint4 pack_codes32(const uint4 & x0, const uint4 & x1
 
 // CODES8: a holds int8 codes [M][2·kb] instead of packed int4 [M][kb]; NT tiles of 8 weight rows per block, U
 // chunks per warp in flight; HI8: M > 8 (else the A rows g + 8 are never written: row g's registers stand in)
-template <bool CODES8, int NT, int U, bool HI8>
+template <class Fmt, bool CODES8, int NT, int U, bool HI8>
 static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t * __restrict__ a, const uint8_t * __restrict__ w,
                                                                   const float * __restrict__ scale, const float * __restrict__ add,
                                                                   const float * __restrict__ row_scale, float * __restrict__ y,
@@ -81,14 +83,14 @@ static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t 
                 ra0[u] = ra8[u] = z;
             }
 #pragma unroll
-            for (int s = 0; s < FmtI4::steps; s++) {
+            for (int s = 0; s < Fmt::steps; s++) {
                 uint32_t af[4];
-                FmtI4::a_frag(ra0[u], ra8[u], s, af);
+                Fmt::a_frag(ra0[u], ra8[u], s, af);
 #pragma unroll
                 for (int i = 0; i < NT; i++) {
                     uint32_t bf[2];
-                    FmtI4::b_frag(rb[u][i], s, bf);
-                    FmtI4::mma(c[i], af, bf);
+                    Fmt::b_frag(rb[u][i], s, bf);
+                    Fmt::mma(c[i], af, bf);
                 }
             }
         }
@@ -114,19 +116,22 @@ static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t 
     // v·1.0f is exact: no effect without a row scale; __fmul_rn rounds the product before the accumulate (no
     // fused multiply-add), as the CPU backend does
     const float rs = row_scale ? row_scale[m] : 1.0f;
-    const float v0 = __fmul_rn(gemm_value<FmtI4>(s0, scale, n) + (ad ? ad[0] : 0.0f), rs);
+    const float v0 = __fmul_rn(gemm_value<Fmt>(s0, scale, n) + (ad ? ad[0] : 0.0f), rs);
     if (accumulate) yo[0] += v0; else yo[0] = v0;
     if (n + 1 < N) {
-        const float v1 = __fmul_rn(gemm_value<FmtI4>(s1, scale, n + 1) + (ad ? ad[1] : 0.0f), rs);
+        const float v1 = __fmul_rn(gemm_value<Fmt>(s1, scale, n + 1) + (ad ? ad[1] : 0.0f), rs);
         if (accumulate) yo[1] += v1; else yo[1] = v1;
     }
 }
 
 using gemv_fn = void (*)(const uint8_t *, const uint8_t *, const float *, const float *, const float *, float *, int,
                          int, int, int, int);
-template <int NT, int U> static gemv_fn gemv_pick(bool codes8, bool hi8) {
-    return codes8 ? (hi8 ? gemv_w4a4_kernel<true, NT, U, true> : gemv_w4a4_kernel<true, NT, U, false>)
-                  : (hi8 ? gemv_w4a4_kernel<false, NT, U, true> : gemv_w4a4_kernel<false, NT, U, false>);
+template <class Fmt, int NT, int U> static gemv_fn gemv_pick_fmt(bool codes8, bool hi8) {
+    return codes8 ? (hi8 ? gemv_w4a4_kernel<Fmt, true, NT, U, true> : gemv_w4a4_kernel<Fmt, true, NT, U, false>)
+                  : (hi8 ? gemv_w4a4_kernel<Fmt, false, NT, U, true> : gemv_w4a4_kernel<Fmt, false, NT, U, false>);
+}
+template <int NT, int U> static gemv_fn gemv_pick(W4A4Mma mma, bool codes8, bool hi8) {
+    return mma == W4A4Mma::S4 ? gemv_pick_fmt<FmtS4, NT, U>(codes8, hi8) : gemv_pick_fmt<FmtI4, NT, U>(codes8, hi8);
 }
 
 // the GEMV's shape, MERGEQUANT_W4A4_GEMV = NTxU (a tuning knob). Llama-2-7B w4a4 decode on the H100 (PDL on):
@@ -142,29 +147,62 @@ static int gemv_variant() {
 }
 
 template <typename... Args>
-static void launch_gemv(bool codes8, bool hi8, unsigned n, cudaStream_t st, Args... args) {
+static void launch_gemv(W4A4Mma mma, bool codes8, bool hi8, unsigned n, cudaStream_t st, Args... args) {
     gemv_fn f;
     int nt;
     switch (gemv_variant()) {
-        case 14: f = gemv_pick<1, 4>(codes8, hi8), nt = 1; break;
-        case 12: f = gemv_pick<1, 2>(codes8, hi8), nt = 1; break;
-        case 22: f = gemv_pick<2, 2>(codes8, hi8), nt = 2; break;
-        case 24: f = gemv_pick<2, 4>(codes8, hi8), nt = 2; break;
-        default: f = gemv_pick<2, 2>(codes8, hi8), nt = 2; break;
+        case 14: f = gemv_pick<1, 4>(mma, codes8, hi8), nt = 1; break;
+        case 12: f = gemv_pick<1, 2>(mma, codes8, hi8), nt = 1; break;
+        case 24: f = gemv_pick<2, 4>(mma, codes8, hi8), nt = 2; break;
+        default: f = gemv_pick<2, 2>(mma, codes8, hi8), nt = 2; break;
     }
     launch_pdl(f, dim3((unsigned) ceil_div(n, 8 * nt)), dim3(256), 0, st, "gemv_w4a4_kernel", args...);
 }
 
+W4A4Mma cuda_w4a4_mma_default() {
+    static const W4A4Mma v = [] {
+        const char * env = std::getenv("MERGEQUANT_W4A4_MMA");
+        if (env && *env) {
+            const std::string e = env;
+            if (e == "s4") return W4A4Mma::S4;
+            if (e == "i8") return W4A4Mma::I8;
+            throw Error("MERGEQUANT_W4A4_MMA='" + e + "': expected 's4' (native int4 MMA) or 'i8' (int4 unpacked to int8)");
+        }
+        int dev = 0, major = 0;
+        cuda_check(cudaGetDevice(&dev), "cudaGetDevice");
+        cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+        return major >= 9 ? W4A4Mma::I8 : W4A4Mma::S4;
+    }();
+    return v;
+}
+
+template <class Fmt> static void launch_gemm(const void * a, const void * qweight, const float * scale, const float * add,
+                                             const float * row_scale, float * y, int32_t m, int64_t n, int kb,
+                                             bool accumulate, cudaStream_t st) {
+    static bool smem_set = false;
+    if (!smem_set) {
+        cuda_check(cudaFuncSetAttribute(gemm_mma_kernel<Fmt>, cudaFuncAttributeMaxDynamicSharedMemorySize, GEMM_SMEM),
+                   "cudaFuncSetAttribute(gemm_mma_kernel<w4a4>)");
+        smem_set = true;
+    }
+    const dim3 grid((unsigned) ceil_div(n, GEMM_BN), (unsigned) ceil_div(m, GEMM_BM));
+    gemm_mma_kernel<Fmt><<<grid, 256, GEMM_SMEM, st>>>((const uint8_t *) a, (const uint8_t *) qweight, scale, add, row_scale, y,
+                                                       m, (int) n, kb, accumulate ? GEMM_ACCUMULATE : GEMM_STORE);
+    cuda_check_launch("gemm_mma_kernel<w4a4>");
+}
+
 void cuda_linear_w4a4(const void * qweight, const float * scale, const float * add, const float * row_scale, int64_t n,
-                      int64_t kp, const void * a, bool codes8, int32_t m, float * y, bool accumulate, cudaStream_t st) {
-    if (kp % 64 != 0 || kp <= 0 || kp >= 131072 || n <= 0) {
+                      int64_t kp, const void * a, bool codes8, int32_t m, float * y, bool accumulate, W4A4Mma mma,
+                      cudaStream_t st) {
+    // FmtI4 sums 256·a·w: K must stay below 131072 for int32
+    if (kp % 64 != 0 || kp <= 0 || (mma == W4A4Mma::I8 && kp >= 131072) || n <= 0) {
         throw Error("CUDA w4a4 linear: K = " + std::to_string(kp) + " must be a positive multiple of 64 below 131072 "
                     "(int32 range of the 16x-scaled products), N = " + std::to_string(n) + " positive");
     }
     if (m <= 0) return;
     const int kb = (int) (kp / 2);
     if (m <= W4_MAX_M) {
-        launch_gemv(codes8, m > 8, (unsigned) n, st, (const uint8_t *) a, (const uint8_t *) qweight, scale, add,
+        launch_gemv(mma, codes8, m > 8, (unsigned) n, st, (const uint8_t *) a, (const uint8_t *) qweight, scale, add,
                     row_scale, y, m, (int) n, kb, accumulate ? 1 : 0, cuda_pdl_mode() == 2 ? 1 : 0);
         return;
     }
@@ -172,16 +210,11 @@ void cuda_linear_w4a4(const void * qweight, const float * scale, const float * a
         throw Error("CUDA w4a4 linear: int8 codes are taken at m <= " + std::to_string(W4_MAX_M) + " only (m = " +
                     std::to_string(m) + "); pack them first");
     }
-    static bool smem_set = false;
-    if (!smem_set) {
-        cuda_check(cudaFuncSetAttribute(gemm_mma_kernel<FmtI4>, cudaFuncAttributeMaxDynamicSharedMemorySize, GEMM_SMEM),
-                   "cudaFuncSetAttribute(gemm_mma_kernel<w4a4>)");
-        smem_set = true;
+    if (mma == W4A4Mma::S4) {
+        launch_gemm<FmtS4>(a, qweight, scale, add, row_scale, y, m, n, kb, accumulate, st);
+    } else {
+        launch_gemm<FmtI4>(a, qweight, scale, add, row_scale, y, m, n, kb, accumulate, st);
     }
-    const dim3 grid((unsigned) ceil_div(n, GEMM_BN), (unsigned) ceil_div(m, GEMM_BM));
-    gemm_mma_kernel<FmtI4><<<grid, 256, GEMM_SMEM, st>>>((const uint8_t *) a, (const uint8_t *) qweight, scale, add, row_scale, y,
-                                                         m, (int) n, kb, accumulate ? GEMM_ACCUMULATE : GEMM_STORE);
-    cuda_check_launch("gemm_mma_kernel<w4a4>");
 }
 
 }  // namespace mq

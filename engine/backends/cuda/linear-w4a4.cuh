@@ -7,7 +7,13 @@ namespace mq {
 // w4a4 and w4a4d). a: packed int4 codes [m, kp/2], qweight: packed int4 [n, kp/2], both as in the model file
 // (two per byte, even k in the low nibble); kp % 64 == 0; scale, y fp32. codes8: a holds int8 codes [m, kp]
 // instead (one per byte), taken for m <= W4A4_GEMV_MAX_M only.
+// mma: the tensor-core path (mma.cuh): I8 unpacks the int4 codes to int8 (sm_90, which has no INT4 tensor
+// cores), S4 runs the native int4 MMA (sm_80/86/89; on sm_90 it is emulated and slow, kept for tests).
 constexpr int32_t W4A4_GEMV_MAX_M = 16;
+enum class W4A4Mma { I8, S4 };
+// S4 below sm_90, I8 from sm_90; the environment variable MERGEQUANT_W4A4_MMA = s4 | i8 overrides
+W4A4Mma cuda_w4a4_mma_default();
 void cuda_linear_w4a4(const void * qweight, const float * scale, const float * add, const float * row_scale, int64_t n,
-                      int64_t kp, const void * a, bool codes8, int32_t m, float * y, bool accumulate, cudaStream_t st);
+                      int64_t kp, const void * a, bool codes8, int32_t m, float * y, bool accumulate, W4A4Mma mma,
+                      cudaStream_t st);
 }

@@ -18,6 +18,12 @@
 //     (a signed nibble in the high half of a byte reads as int8 16·x). lo feeds the "4t.." registers and
 //     hi the "16+4t.." ones. Each product is 256·a·w: the int32 sum is exactly 256 times the true one
 //     (|16a·16w| <= 16384, no overflow for K < 131072), so acc >> 8 is exact.
+//   FmtS4 (the same int4 rows, 128 k per chunk; native INT4 tensor cores of sm_80/86/89; on sm_90 the s4 MMA
+//     compiles but is emulated, ~29x slower than s8, so FmtI4 is taken there): mma.m16n8k64 .s4 (PTX
+//     9.7.14.5.10): A regs a0..a3 hold (row g, k 8t..8t+7), (row g+8, k 8t..), (row g, k 32+8t..),
+//     (row g+8, k 32+8t..), eight nibbles a register, the lowest k in the low nibble: exactly a word of the
+//     file's layout. B regs b0, b1 hold (k 8t.., col g), (k 32+8t.., col g). Step s (0, 1) gives w[2s] to the
+//     "8t.." registers and w[2s+1] to the "32+8t.." ones; no unpacking, and the int32 sum is the true one.
 //   FmtF16 (fp16, 32 k per chunk): mma.m16n8k16 .f16 -> .f32 (PTX 9.7.14.5.8): A regs hold (row g, k 2t,
 //     2t+1), (row g+8, k 2t..), (row g, k 8+2t..), (row g+8, k 8+2t..); B regs (k 2t.., col g),
 //     (k 8+2t.., col g). Step s (0, 1) gives w[2s] to the "2t.." registers and w[2s+1] to the "8+2t.." ones.
@@ -56,11 +62,8 @@ struct FmtI4 {
     }
 };
 
-struct FmtF16 {
-    using acc_t = float;
-    static constexpr int k_per_chunk = 32;
-    static constexpr int steps = 2;
-    static constexpr int shift = 0;
+// step s: words 2s and 2s+1 of each row's chunk, as they are (FmtS4, FmtF16)
+struct FragWordPairs {
     __device__ __forceinline__ static void a_frag(const uint4 & r0, const uint4 & r8, int s, uint32_t a[4]) {
         a[0] = mma_word(r0, 2 * s), a[1] = mma_word(r8, 2 * s), a[2] = mma_word(r0, 2 * s + 1),
         a[3] = mma_word(r8, 2 * s + 1);
@@ -68,6 +71,26 @@ struct FmtF16 {
     __device__ __forceinline__ static void b_frag(const uint4 & r, int s, uint32_t b[2]) {
         b[0] = mma_word(r, 2 * s), b[1] = mma_word(r, 2 * s + 1);
     }
+};
+
+struct FmtS4 : FragWordPairs {
+    using acc_t = int32_t;
+    static constexpr int k_per_chunk = 128;
+    static constexpr int steps = 2;
+    static constexpr int shift = 0;
+    __device__ __forceinline__ static void mma(int32_t c[4], const uint32_t a[4], const uint32_t b[2]) {
+        asm volatile("mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};\n"
+                     : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+};
+
+struct FmtF16 : FragWordPairs {
+    using acc_t = float;
+    static constexpr int k_per_chunk = 32;
+    static constexpr int steps = 2;
+    static constexpr int shift = 0;
     __device__ __forceinline__ static void mma(float c[4], const uint32_t a[4], const uint32_t b[2]) {
         asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                      "{%0,%1,%2,%3};\n"

@@ -10,9 +10,12 @@
 #include "../../src/mq-model.h"
 #include "../../src/mq-vocab.h"
 #include "linear-w4a4.cuh"
+#include "sampling.cuh"
+#include "../../src/mq-sampling.h"
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -397,14 +400,18 @@ static void test_linear_w4a4() {
                         ref[(size_t) r * N + n] = acc ? y0[(size_t) r * N + n] + v : v;
                     }
                 // packed codes, and at GEMV sizes also int8 codes one per byte (the decode step's input)
+                // both tensor-core paths: int4 unpacked to int8 (sm_90) and the native s4 MMA (sm_80-89; emulated
+                // on sm_90, where this checks its fragment layout)
+                for (W4A4Mma mma : {W4A4Mma::I8, W4A4Mma::S4})
                 for (bool codes8 : {false, true}) {
                     if (codes8 && m > W4A4_GEMV_MAX_M) continue;
                     cudaMemcpy(dy, y0.data(), y0.size() * 4, cudaMemcpyHostToDevice);
                     cuda_linear_w4a4(dq, (const float *) ds, nullptr, nullptr, N, K, codes8 ? dc : da, codes8, m,
-                                     (float *) dy, acc, 0);
+                                     (float *) dy, acc, mma, 0);
                     cudaMemcpy(got.data(), dy, got.size() * 4, cudaMemcpyDeviceToHost);
-                    report("linear w4a4 N=" + std::to_string(N) + " K=" + std::to_string(K) + " m=" + std::to_string(m) +
-                               (codes8 ? " int8 codes" : "") + (acc ? " accumulate" : ""),
+                    report("linear w4a4 " + std::string(mma == W4A4Mma::S4 ? "s4" : "i8") + " N=" + std::to_string(N) +
+                               " K=" + std::to_string(K) + " m=" + std::to_string(m) + (codes8 ? " int8 codes" : "") +
+                               (acc ? " accumulate" : ""),
                            memcmp(ref.data(), got.data(), ref.size() * 4) == 0, "bit-exact");
                 }
             }
@@ -419,9 +426,9 @@ static void test_linear_w4a4() {
     report("w4a4 launches without CUDA errors", err == cudaSuccess, cudaGetErrorString(err));
 }
 
-// The static W4A4 model on a long prompt. One int4 code that flips at a rounding boundary (fp32 sums in
-// another order) changes that token's residual stream in every later layer, so long-prompt logits of the
-// two backends need not agree to 1e-3 (the CPU engine and the numpy simulator differ the same way). What
+// The static W4A4 model on a long prompt. One int4 code that flips at a rounding boundary (the CUDA
+// attention runs in fp32, docs/numerics.md) changes that token's residual stream in every later layer, so
+// long-prompt logits of the two backends need not agree to 1e-3. What
 // must hold: the first layer's codes agree >= 99.9%, and given the same codes, every linear of the model
 // gives the same result on both backends (int_gemm exactly, linear_codes bit for bit, or within 1e-6 with
 // a low-rank branch), on the GEMM path (all 300 rows) and on the GEMV path (16 rows).
@@ -576,6 +583,65 @@ static void test_model(const std::string & path) {
     printf("  decode step: %.3f ms with the CUDA graph, %.3f ms op by op (%.2fx)\n", ms[0], ms[1], ms[1] / ms[0]);
 }
 
+// The device sampler against mq::Sampler::pick (the host's rules) on the same logits and draw: the same token
+// wherever it decides, and a host fallback (-1) only where the rules reach past its 1024 candidates.
+static void test_sampling(Backend & gpu) {
+    std::mt19937 rng(7);
+    const char * names[] = {"peaked", "flat", "ties"};
+    for (int32_t n : {100, 49152}) {
+        // three logit shapes: peaked (typical), flat (a nucleus wider than 1024 tokens), many exact ties
+        for (int shape = 0; shape < 3; shape++) {
+            std::vector<float> logits(n);
+            for (auto & l : logits) {
+                const float g = std::normal_distribution<float>()(rng);
+                l = shape == 0 ? 4.0f * g : shape == 1 ? 0.01f * g : std::round(2.0f * g) / 2.0f;
+            }
+            std::vector<int32_t> history;
+            for (int i = 0; i < 50; i++) history.push_back((int32_t) (rng() % n));
+            std::vector<int32_t> distinct = history;
+            std::sort(distinct.begin(), distinct.end());
+            distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+            float * dl = (float *) gpu.alloc(n * sizeof(float));
+            gpu.upload(dl, logits.data(), n * sizeof(float));
+            int same = 0, total = 0, fallback = 0, bad_fallback = 0;
+            std::string first_bad;
+            for (float temp : {0.0f, 0.7f, 1.5f})
+            for (int32_t top_k : {0, 1, 40, 1024, 2000, n})
+            for (float top_p : {1.0f, 0.9f, 0.5f})
+            for (float min_p : {0.0f, 0.05f})
+            for (float pen : {1.0f, 1.3f})
+            for (double u : {0.0, 0.37, 0.999}) {
+                SamplingParams sp;
+                sp.temperature = temp, sp.top_k = top_k, sp.top_p = top_p, sp.min_p = min_p, sp.repetition_penalty = pen;
+                const int32_t want = Sampler(sp).pick(logits.data(), n, history, u);
+                const int32_t got = gpu.sample(dl, n, sp, u, distinct);
+                total++;
+                const bool all = top_k == 0 || top_k >= n;
+                // must go to the host: 1024 < top_k < n, or the whole vocabulary with no cut at all; may: a
+                // top-p/min-p cut past the 1024 best (the flat and tied shapes)
+                const bool must = temp > 0 && ((top_k > SAMPLE_CAP && top_k < n) ||
+                                               (all && n > SAMPLE_CAP && top_p == 1.0f && min_p == 0.0f));
+                const bool may = must || (temp > 0 && all && n > SAMPLE_CAP && shape != 0);
+                if (got < 0) {
+                    fallback++;
+                    bad_fallback += !may;
+                } else if (got == want && !must) {
+                    same++;
+                } else if (first_bad.empty()) {
+                    first_bad = "T=" + std::to_string(temp) + " k=" + std::to_string(top_k) + " p=" + std::to_string(top_p) +
+                                " min_p=" + std::to_string(min_p) + " pen=" + std::to_string(pen) + " u=" +
+                                std::to_string(u) + ": got " + std::to_string(got) + " want " + std::to_string(want);
+                }
+            }
+            gpu.free(dl);
+            report("sample n=" + std::to_string(n) + " " + names[shape] + " logits (" + std::to_string(total) + " settings)",
+                   same + fallback == total && bad_fallback == 0,
+                   std::to_string(same) + " same, " + std::to_string(fallback) + " to host" +
+                       (first_bad.empty() ? "" : "; " + first_bad));
+        }
+    }
+}
+
 int main(int argc, char ** argv) {
     try {
         std::string why;
@@ -589,6 +655,7 @@ int main(int argc, char ** argv) {
         test_w4a4_ops(*cpu, *gpu);
         test_linear_4bit(*cpu, *gpu);
         test_linear_w4a4();
+        test_sampling(*gpu);
         for (int i = 1; i < argc; i++) test_model(argv[i]);
     } catch (const std::exception & e) {
         printf("error: %s\n", e.what());
