@@ -92,6 +92,15 @@ public:
                                int8_t * out) = 0;
     // codes = clamp(rint(x), -8, 7) for the k channels of each row, 0 up to consumer.kp
     virtual void quantize_codes(const float * x, int32_t m, int32_t k, const Linear & consumer, int8_t * out) = 0;
+    // attention (into out) and its output rounded to `consumer`'s codes as quantize_codes does, the codes
+    // those of the exact arithmetic of docs/numerics.md (a backend whose attention() computes it otherwise
+    // mends the codes near a rounding boundary); the default: attention() then quantize_codes()
+    virtual void attention_quant(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
+                                 const int32_t * pos, const void * k_cache, const void * v_cache, float * out,
+                                 const Linear & consumer, int8_t * codes) {
+        attention(qkv, n_tokens, row_stride, s, pos, k_cache, v_cache, out);
+        quantize_codes(out, n_tokens, s.n_head * s.head_dim, consumer, codes);
+    }
     // z_j = silu(g_j) * u_j into `consumer`'s input slots
     virtual void swiglu_quant(const float * gu, const Linear & consumer, int32_t m, int32_t n_ff, int8_t * out) = 0;
     // acc = a · qweightᵀ, exact int32 [m, n] (the integer core of linear_codes, exposed for tests)

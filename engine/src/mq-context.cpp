@@ -197,8 +197,7 @@ void Context::forward_layer_w4a4(int32_t l, int32_t m, const AttentionShape & as
     be_.linear_codes(L.attn_qkv, codes_, m, qkv_, false);
     be_.rope(qkv_, m, c.qkv_dim(), c.n_head, c.n_head_kv, c.head_dim, pos_, c.rope);
     be_.kv_store(qkv_, m, c.qkv_dim(), as, pos_, k_cache_[l], v_cache_[l]);
-    be_.attention(qkv_, m, c.qkv_dim(), as, pos_, k_cache_[l], v_cache_[l], attn_);
-    be_.quantize_codes(attn_, m, c.q_dim(), L.attn_output, codes_);
+    be_.attention_quant(qkv_, m, c.qkv_dim(), as, pos_, k_cache_[l], v_cache_[l], attn_, L.attn_output, codes_);
     trace_codes(L.attn_output, m);
     be_.linear_codes(L.attn_output, codes_, m, x_, true);
     be_.rmsnorm_quant(x_, L.ffn_gate_up, m, c.n_embd, c.rms_eps, codes_);
@@ -259,6 +258,7 @@ Generator::Generator(Context & ctx, const std::vector<int32_t> & prompt, const G
     timings_.n_prefill = (int32_t) (prompt.size() - keep);
     const double t0 = now_ms();
     ctx.eval_keep(std::vector<int32_t>(prompt.begin() + keep, prompt.end()));
+    ctx.synchronize();
     timings_.prefill_ms = now_ms() - t0;
     stream_.reset(new StreamDecoder(ctx.model().vocab(), params.stop));
     if (params.max_tokens == 0) {
@@ -273,7 +273,9 @@ bool Generator::next(std::string & text) {
         return false;
     }
     const Vocab & vocab = ctx_.model().vocab();
+    double t0 = now_ms();
     const int32_t id = ctx_.sample(sampler_);
+    timings_.decode_ms += now_ms() - t0;
     const bool is_stop_id = std::find(params_.stop_ids.begin(), params_.stop_ids.end(), id) != params_.stop_ids.end();
     if ((!params_.ignore_eos && vocab.is_eot(id)) || is_stop_id) {
         text += stream_->flush();
@@ -291,8 +293,9 @@ bool Generator::next(std::string & text) {
         finish_reason_ = "length";
         return false;
     }
-    const double t0 = now_ms();
+    t0 = now_ms();
     ctx_.eval_keep({id});
+    ctx_.synchronize();
     timings_.decode_ms += now_ms() - t0;
     timings_.n_decode++;
     return true;

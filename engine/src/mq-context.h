@@ -41,6 +41,8 @@ public:
     // the next token from the logits eval_keep() left, by `sampler`: on the device where the backend can
     // (samples_on_device()), else on the host; the same token either way
     int32_t sample(Sampler & sampler);
+    // waits for the backend's queued work (eval_keep() may return before its forward pass has run)
+    void synchronize() { be_.synchronize(); }
 
     // calls fn(linear name, codes [m, kp], m, kp) with the int4 input codes of every w4a4 linear as they
     // are produced (tests compare them with the simulated engine); an empty function turns it off
@@ -79,6 +81,7 @@ struct GenerateParams {
 
 struct Timings {
     int32_t n_prompt = 0, n_cached = 0, n_prefill = 0, n_decode = 0;
+    // wall time of the prompt's forward pass; of the decode steps' forward passes and of every sampling
     double prefill_ms = 0.0, decode_ms = 0.0;
 };
 

@@ -4,6 +4,7 @@
 // lives in its own op.cu with a header declaring its launcher; this file glues them to the interface.
 // Decode steps are captured in a CUDA graph per context and replayed (run_step); MERGEQUANT_CUDA_GRAPHS=0
 // turns that off (every step launched op by op), for comparisons.
+#include "attention-quant.cuh"
 #include "attention.cuh"
 #include "cuda-common.cuh"
 #include "embed.cuh"
@@ -62,6 +63,7 @@ public:
         if (scratch_) cudaFree(scratch_);
         if (att_ws_) cudaFree(att_ws_);
         if (sample_mem_) cudaFree(sample_mem_);
+        if (attq_ws_) cudaFree(attq_ws_);
         if (sample_host_) cudaFreeHost(sample_host_);
         cudaStreamDestroy(stream_);
     }
@@ -206,6 +208,15 @@ public:
         void * ws = attention_workspace_for(cuda_attention_workspace(n_tokens, s.n_head, s.head_dim, s.n_ctx));
         cuda_attention(qkv, n_tokens, row_stride, s.n_head, s.n_head_kv, s.head_dim, s.n_ctx, pos, k_cache, v_cache, ws,
                        out, stream_);
+    }
+    void attention_quant(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
+                         const int32_t * pos, const void * k_cache, const void * v_cache, float * out,
+                         const Linear & c, int8_t * codes) override {
+        attention(qkv, n_tokens, row_stride, s, pos, k_cache, v_cache, out);
+        void * ws = grow(attq_ws_, attq_ws_bytes_, cuda_attention_quant_workspace(n_tokens, s.n_head), true,
+                         "attention_quant workspace");
+        cuda_attention_quant(out, qkv, n_tokens, row_stride, s.n_head, s.n_head_kv, s.head_dim, pos, k_cache, v_cache,
+                             c.kp, ws, codes, stream_);
     }
     void swiglu(const float * gu, int32_t m, int32_t n_ff, float * out) override {
         cuda_swiglu(gu, m, n_ff, out, stream_);
@@ -375,6 +386,8 @@ private:
     W4A4Mma w4a4_mma_ = W4A4Mma::I8;  // the w4a4 tensor-core path of this device (linear-w4a4.cuh)
     bool device_sampling_ = true;
     void * sample_mem_ = nullptr;
+    void * attq_ws_ = nullptr;
+    size_t attq_ws_bytes_ = 0;
     size_t sample_bytes_ = 0;
     int32_t * sample_host_ = nullptr;  // pinned: the id the sampler picked
     bool graphs_ = true, capturing_ = false;

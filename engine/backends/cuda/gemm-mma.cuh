@@ -20,7 +20,8 @@ enum GemmEpilogue {
 constexpr int GEMM_BM = 128, GEMM_BN = 128, GEMM_STAGES = 4;
 constexpr int GEMM_SMEM = GEMM_STAGES * (GEMM_BM + GEMM_BN) * 64;
 
-// v = float(acc) · scale[n] (scale == nullptr: float(acc)), the one fp32 multiply of the epilogue
+// v = float(acc) · scale[n] (scale == nullptr: float(acc)), the one fp32 multiply of the epilogue, rounded on its
+// own (__fmul_rn: never contracted with the add that may follow into one fma, as on the CPU)
 template <class Fmt>
 __device__ __forceinline__ float gemm_value(typename Fmt::acc_t s, const float * scale, int n) {
     float f;
@@ -29,7 +30,7 @@ __device__ __forceinline__ float gemm_value(typename Fmt::acc_t s, const float *
     } else {
         f = (float) s;
     }
-    return scale ? f * scale[n] : f;
+    return scale ? __fmul_rn(f, scale[n]) : f;
 }
 
 template <class Fmt>

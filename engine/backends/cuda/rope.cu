@@ -20,8 +20,9 @@ static __global__ void rope_kernel(float * __restrict__ qkv, int32_t row_stride,
         const float c = (float) cos(ang), s = (float) sin(ang);
         float * v = row + (size_t) h * head_dim;
         const float a = v[i], b = v[i + half];
-        v[i] = a * c - b * s;
-        v[i + half] = b * c + a * s;
+        // each product rounded on its own (no fma contraction), as on the CPU and in the simulator
+        v[i] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+        v[i + half] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
     }
 }
 
