@@ -103,6 +103,13 @@ public:
     }
     // z_j = silu(g_j) * u_j into `consumer`'s input slots
     virtual void swiglu_quant(const float * gu, const Linear & consumer, int32_t m, int32_t n_ff, int8_t * out) = 0;
+    // the static W4A4 MLP's middle: linear_codes(gate_up) into gu [m, 2·n_ff] (scratch), then swiglu_quant into
+    // `down`'s codes `out` (a buffer other than a); a backend may fuse them and skip gu
+    virtual void linear_codes_swiglu_quant(const Linear & gate_up, const int8_t * a, int32_t m, const Linear & down,
+                                           int32_t n_ff, float * gu, int8_t * out) {
+        linear_codes(gate_up, a, m, gu, false);
+        swiglu_quant(gu, down, m, n_ff, out);
+    }
     // acc = a · qweightᵀ, exact int32 [m, n] (the integer core of linear_codes, exposed for tests)
     virtual void int_gemm(const Linear & lin, const int8_t * a, int32_t m, int32_t * acc) = 0;
     // y = float(a · qweightᵀ) * scale (+ low-rank branch); accumulate: y += ...

@@ -44,6 +44,7 @@ Context::Context(std::shared_ptr<const Model> model, const ContextParams & param
         }
     }
     codes_ = (int8_t *) be_.alloc(std::max<size_t>(1, B * (size_t) max_kp));
+    codes_down_ = (int8_t *) be_.alloc(std::max<size_t>(1, B * (size_t) max_kp));
     pos_ = (int32_t *) be_.alloc(B * sizeof(int32_t));
 }
 
@@ -56,7 +57,7 @@ Context::~Context() {
         be_.free(p);
     }
     for (void * p : {(void *) x_, (void *) h_, (void *) qkv_, (void *) attn_, (void *) gu_, (void *) act_,
-                     (void *) logits_, (void *) ids_, (void *) pos_, (void *) codes_}) {
+                     (void *) logits_, (void *) ids_, (void *) pos_, (void *) codes_, (void *) codes_down_}) {
         be_.free(p);
     }
 }
@@ -193,27 +194,26 @@ void Context::forward_layer_w4a4(int32_t l, int32_t m, const AttentionShape & as
     const Config & c = model_->config();
     const LayerWeights & L = model_->layers[l];
     be_.rmsnorm_quant(x_, L.attn_qkv, m, c.n_embd, c.rms_eps, codes_);
-    trace_codes(L.attn_qkv, m);
+    trace_codes(L.attn_qkv, m, codes_);
     be_.linear_codes(L.attn_qkv, codes_, m, qkv_, false);
     be_.rope(qkv_, m, c.qkv_dim(), c.n_head, c.n_head_kv, c.head_dim, pos_, c.rope);
     be_.kv_store(qkv_, m, c.qkv_dim(), as, pos_, k_cache_[l], v_cache_[l]);
     be_.attention_quant(qkv_, m, c.qkv_dim(), as, pos_, k_cache_[l], v_cache_[l], attn_, L.attn_output, codes_);
-    trace_codes(L.attn_output, m);
+    trace_codes(L.attn_output, m, codes_);
     be_.linear_codes(L.attn_output, codes_, m, x_, true);
     be_.rmsnorm_quant(x_, L.ffn_gate_up, m, c.n_embd, c.rms_eps, codes_);
-    trace_codes(L.ffn_gate_up, m);
-    be_.linear_codes(L.ffn_gate_up, codes_, m, gu_, false);
-    be_.swiglu_quant(gu_, L.ffn_down, m, c.n_ff, codes_);
-    trace_codes(L.ffn_down, m);
-    be_.linear_codes(L.ffn_down, codes_, m, x_, true);
+    trace_codes(L.ffn_gate_up, m, codes_);
+    be_.linear_codes_swiglu_quant(L.ffn_gate_up, codes_, m, L.ffn_down, c.n_ff, gu_, codes_down_);
+    trace_codes(L.ffn_down, m, codes_down_);
+    be_.linear_codes(L.ffn_down, codes_down_, m, x_, true);
 }
 
-void Context::trace_codes(const Linear & lin, int32_t m) {
+void Context::trace_codes(const Linear & lin, int32_t m, const int8_t * codes) {
     if (!code_trace_) {
         return;
     }
     std::vector<int8_t> host((size_t) m * lin.kp);
-    be_.download(host.data(), codes_, host.size());
+    be_.download(host.data(), codes, host.size());
     code_trace_(lin.name, host, m, lin.kp);
 }
 

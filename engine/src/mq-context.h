@@ -51,7 +51,7 @@ public:
 
 private:
     void forward_layer_w4a4(int32_t l, int32_t m, const AttentionShape & as);
-    void trace_codes(const Linear & lin, int32_t m);
+    void trace_codes(const Linear & lin, int32_t m, const int8_t * codes);
     void eval_chunks(const std::vector<int32_t> & tokens, bool all_logits, bool download);
     void forward_chunk(const int32_t * ids, int32_t n, int32_t pos0, bool all_logits, bool logits, float * logits_out);
     void forward_ops(int32_t m, const AttentionShape & as, int32_t first, int32_t rows);
@@ -64,7 +64,8 @@ private:
     // scratch (device)
     float *x_, *h_, *qkv_, *attn_, *gu_, *act_, *logits_;
     int32_t *ids_, *pos_;
-    int8_t * codes_;  // int4 codes between the ops of a static W4A4 block [n_batch, max kp]
+    int8_t * codes_;       // int4 codes between the ops of a static W4A4 block [n_batch, max kp]
+    int8_t * codes_down_;  // down_proj's input codes (written while codes_ is read)
     CodeTrace code_trace_;
     std::vector<float> logits_host_;
 };

@@ -99,6 +99,9 @@ public:
         int32_t * in_map = nullptr;
         void * lora_a = nullptr;
         void * lora_b = nullptr;
+        // as the consumer of a fused gate/up + SwiGLU (made at its first use): its in_map by source channel
+        int32_t * swiglu_start = nullptr;
+        int4 * swiglu_slots = nullptr;
     };
 
     void prepare_linear(Linear & lin) override {
@@ -149,7 +152,8 @@ public:
         if (!lin.prepared) return;
         if (lin.scheme != "f16") {
             W4A4 * p = (W4A4 *) lin.prepared;
-            for (void * d : {p->qweight, (void *) p->scale, (void *) p->in_scale, (void *) p->in_map, p->lora_a, p->lora_b}) {
+            for (void * d : {p->qweight, (void *) p->scale, (void *) p->in_scale, (void *) p->in_map, p->lora_a, p->lora_b,
+                             (void *) p->swiglu_start, (void *) p->swiglu_slots}) {
                 if (d) free(d);
             }
             delete p;
@@ -249,17 +253,28 @@ public:
         const W4A4 & p = w4a4_of(lin);
         const bool codes8 = m <= W4A4_GEMV_MAX_M;
         const size_t packed_bytes = codes8 ? 0 : ((size_t) m * lin.kp / 2 + 255) / 256 * 256;
-        const size_t lora_bytes = lin.rank > 0 ? (size_t) m * (lin.rank * sizeof(double) + lin.n * sizeof(float)) : 0;
-        uint8_t * packed = (uint8_t *) scratch_for(packed_bytes + lora_bytes);
         float * lora = nullptr;
-        if (lin.rank > 0) {
-            double * l = (double *) (packed + packed_bytes);  // packed_bytes is a multiple of 256
-            lora = (float *) (l + (size_t) m * lin.rank);
-            cuda_lora(p.lora_a, p.lora_b, lin.rank, lin.n, lin.kp, a, m, l, lora, stream_);
-        }
+        uint8_t * packed = (uint8_t *) scratch_with_lora(lin, a, m, packed_bytes, lora);
         if (!codes8) cuda_pack_codes(a, m, lin.kp, packed, stream_);
         cuda_linear_w4a4(p.qweight, p.scale, lora, nullptr, lin.n, lin.kp, codes8 ? (const void *) a : packed, codes8, m, y,
                          accumulate, w4a4_mma_, stream_);
+    }
+    // at decode sizes the gate/up GEMV's epilogue computes SwiGLU and writes down_proj's codes (no gu round trip,
+    // one launch fewer); prefill sizes take the two ops
+    void linear_codes_swiglu_quant(const Linear & gate_up, const int8_t * a, int32_t m, const Linear & down, int32_t n_ff,
+                                   float * gu, int8_t * out) override {
+        if (m > W4A4_GEMV_MAX_M || n_ff % 8 != 0 || gate_up.n != 2 * (int64_t) n_ff) {
+            Backend::linear_codes_swiglu_quant(gate_up, a, m, down, n_ff, gu, out);
+            return;
+        }
+        const W4A4 & p = w4a4_of(gate_up);
+        W4A4 & dp = const_cast<W4A4 &>(w4a4_of(down));  // the map is made once, at the first (eager) call
+        if (!dp.swiglu_start) build_swiglu_map(down, n_ff, dp);
+        float * lora = nullptr;
+        scratch_with_lora(gate_up, a, m, 0, lora);
+        SwigluOut so;
+        so.start = dp.swiglu_start, so.slots = dp.swiglu_slots, so.out = out, so.kp = down.kp, so.n_ff = n_ff;
+        cuda_linear_w4a4_swiglu(p.qweight, p.scale, lora, gate_up.kp, a, m, so, w4a4_mma_, stream_);
     }
 
     size_t kv_elem_size() const override { return 2; }  // fp16
@@ -360,6 +375,41 @@ private:
         return buf;
     }
     void * scratch_for(size_t bytes) { return grow(scratch_, scratch_bytes_, bytes, false, "scratch buffer"); }
+    // scratch of `bytes` (a multiple of 256) followed by the low-rank branch of lin on codes a, computed into it
+    // (lora = nullptr without one)
+    void * scratch_with_lora(const Linear & lin, const int8_t * a, int32_t m, size_t bytes, float *& lora) {
+        const size_t lora_bytes = lin.rank > 0 ? (size_t) m * (lin.rank * sizeof(double) + lin.n * sizeof(float)) : 0;
+        uint8_t * buf = (uint8_t *) scratch_for(bytes + lora_bytes);
+        lora = nullptr;
+        if (lin.rank > 0) {
+            const W4A4 & p = w4a4_of(lin);
+            double * l = (double *) (buf + bytes);
+            lora = (float *) (l + (size_t) m * lin.rank);
+            cuda_lora(p.lora_a, p.lora_b, lin.rank, lin.n, lin.kp, a, m, l, lora, stream_);
+        }
+        return buf;
+    }
+    // down_proj's in_map by source channel for the fused SwiGLU epilogue (SwigluOut); padding slots go with the
+    // last channel, parts 0
+    void build_swiglu_map(const Linear & down, int32_t n_ff, W4A4 & dp) {
+        if (!down.in_map) throw Error("linear '" + down.name + "': the fused SwiGLU needs its in_map");
+        const int32_t * im = down.in_map->as<int32_t>();
+        std::vector<std::vector<int4>> by(n_ff);
+        for (int64_t s = 0; s < down.kp; s++) {
+            const int32_t j = im[3 * s], k = im[3 * s + 1], parts = im[3 * s + 2];
+            if (j >= n_ff) throw Error("linear '" + down.name + "': in_map slot " + std::to_string(s) + " reads channel " +
+                                       std::to_string(j) + " of " + std::to_string(n_ff));
+            by[j >= 0 ? j : n_ff - 1].push_back(make_int4((int) s, j >= 0 ? k : 0, j >= 0 ? parts : 0, 0));
+        }
+        std::vector<int32_t> start(n_ff + 1, 0);
+        std::vector<int4> slots;
+        for (int32_t j = 0; j < n_ff; j++) {
+            slots.insert(slots.end(), by[j].begin(), by[j].end());
+            start[j + 1] = (int32_t) slots.size();
+        }
+        dp.swiglu_start = (int32_t *) upload_copy(start.data(), start.size() * sizeof(int32_t));
+        dp.swiglu_slots = (int4 *) upload_copy(slots.data(), slots.size() * sizeof(int4));
+    }
     // the split attention's tickets must start at zero (its kernels leave them so)
     void * attention_workspace_for(size_t bytes) {
         return grow(att_ws_, att_ws_bytes_, bytes, true, "attention workspace");

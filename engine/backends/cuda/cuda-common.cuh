@@ -65,6 +65,19 @@ void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cu
     cuda_check(cudaLaunchKernelEx(&cfg, kernel, (KArgs) args...), what);
 }
 
+// clamp(rint(x), lo, hi) (round half to even; NaN gives 0)
+__device__ __forceinline__ int32_t round_clamp(float x, int32_t lo, int32_t hi) {
+    const float r = rintf(x);
+    if (!(r >= (float) lo)) return r != r ? 0 : lo;
+    return r > (float) hi ? hi : (int32_t) r;
+}
+
+// an input slot's code: part `part` of `parts` of the channel value z (docs/numerics.md, in_map)
+__device__ __forceinline__ int8_t slot_code(float z, int32_t part, int32_t parts) {
+    const int32_t t = round_clamp(z, -8 * parts, 7 * parts) + part;
+    return (int8_t) ((t >= 0 ? t : t - parts + 1) / parts);  // floordiv
+}
+
 // silu(g) * u = g / (1 + exp(-g)) * u in float64, rounded once: the CPU backend's value (docs/numerics.md)
 __device__ __forceinline__ float swiglu_value(float g, float u) {
     const double gd = g;

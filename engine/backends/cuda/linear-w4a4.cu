@@ -32,27 +32,35 @@ __device__ __forceinline__ uint4 pack_codes32(const uint4 & x0, const uint4 & x1
 }
 
 // CODES8: a holds int8 codes [M][2·kb] instead of packed int4 [M][kb]; NT tiles of 8 weight rows per block, U
-// chunks per warp in flight; HI8: M > 8 (else the A rows g + 8 are never written: row g's registers stand in)
-template <class Fmt, bool CODES8, int NT, int U, bool HI8>
+// chunks per warp in flight; HI8: M > 8 (else the A rows g + 8 are never written: row g's registers stand in).
+// SWIGLU (the gate/up linear of a static W4A4 block, NT = 2): block b reads gate rows 8b..8b+7 as its first tile
+// and the matching up rows F+8b.. as its second, and its epilogue writes down_proj's input codes instead of y:
+// z_j = swiglu(g_j, u_j) into the slots of channel j (SwigluOut), as swiglu_quant does.
+template <class Fmt, bool CODES8, int NT, int U, bool HI8, bool SWIGLU>
 static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t * __restrict__ a, const uint8_t * __restrict__ w,
                                                                   const float * __restrict__ scale, const float * __restrict__ add,
                                                                   const float * __restrict__ row_scale, float * __restrict__ y,
-                                                                  int M, int N, int kb, int accumulate, int prefetch) {
+                                                                  int M, int N, int kb, int accumulate, int prefetch,
+                                                                  SwigluOut so) {
     pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    // weight row r of tile i of this block
+    auto tile_row = [&](int i, int r) {
+        return SWIGLU ? (i ? so.n_ff : 0) + (int) blockIdx.x * 8 + r : ((int) blockIdx.x * NT + i) * 8 + r;
+    };
     // rows past M or N are read from a valid row and only feed outputs that are never written
     const size_t a_row = CODES8 ? 2 * (size_t) kb : (size_t) kb;
     const uint8_t * ap0 = a + (size_t) min(g, M - 1) * a_row;
     const uint8_t * ap8 = a + (size_t) min(g + 8, M - 1) * a_row;
     const uint8_t * wp[NT];
 #pragma unroll
-    for (int i = 0; i < NT; i++) wp[i] = w + (size_t) min((blockIdx.x * NT + i) * 8 + g, N - 1) * kb;
+    for (int i = 0; i < NT; i++) wp[i] = w + (size_t) min(tile_row(i, g), N - 1) * kb;
 
     if (prefetch) {  // the first batch's weight lines (8·NT rows x up to W4_WARPS·U·64 bytes)
         constexpr int LINES = W4_WARPS * U * 64 / 128;
         for (int q = threadIdx.x; q < NT * 8 * LINES; q += blockDim.x) {
             const int r = q / LINES, o = (q % LINES) * 128;
-            const int n = min((int) blockIdx.x * NT * 8 + r, N - 1);
+            const int n = min(tile_row(r / 8, r % 8), N - 1);
             if (o < kb) prefetch_l2(w + (size_t) n * kb + o);
         }
     }
@@ -104,6 +112,32 @@ static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t 
     __syncthreads();
     // thread p: tile p / 64, lane (p / 2) % 32, register pair p % 2 (row g or g + 8, columns 2t, 2t + 1)
     const int p = threadIdx.x;
+    if constexpr (SWIGLU) {
+        __shared__ float gu[2][8][W4_MAX_M];  // [gate | up][channel of the block][token]
+        if (p < 2 * 64) {
+            const int i = p >> 6, l = (p >> 1) & 31, h = p & 1;
+            const int m = (l >> 2) + 8 * h, c = 2 * (l & 3), n = tile_row(i, c);
+            if (m < M) {
+                int32_t s0 = 0, s1 = 0;
+#pragma unroll
+                for (int v = 0; v < W4_WARPS; v++) s0 += red[v][i][2 * h][l], s1 += red[v][i][2 * h + 1][l];
+                const float * ad = add ? add + (size_t) m * N + n : nullptr;
+                gu[i][c][m] = gemm_value<Fmt>(s0, scale, n) + (ad ? ad[0] : 0.0f);
+                gu[i][c + 1][m] = gemm_value<Fmt>(s1, scale, n + 1) + (ad ? ad[1] : 0.0f);
+            }
+        }
+        __syncthreads();
+        if (p < 8 * M) {
+            const int j = p & 7, m = p >> 3, ch = (int) blockIdx.x * 8 + j;
+            const float z = swiglu_value(gu[0][j][m], gu[1][j][m]);
+            int8_t * o = so.out + (size_t) m * so.kp;
+            for (int e = so.start[ch]; e < so.start[ch + 1]; e++) {
+                const int4 en = so.slots[e];  // (slot, part, parts; parts 0: a padding slot, code 0)
+                o[en.x] = en.z ? slot_code(z, en.y, en.z) : 0;
+            }
+        }
+        return;
+    }
     if (p >= NT * 64) return;
     const int i = p >> 6, l = (p >> 1) & 31, h = p & 1;
     const int m = (l >> 2) + 8 * h, n = (blockIdx.x * NT + i) * 8 + 2 * (l & 3);
@@ -125,10 +159,10 @@ static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t 
 }
 
 using gemv_fn = void (*)(const uint8_t *, const uint8_t *, const float *, const float *, const float *, float *, int,
-                         int, int, int, int);
-template <class Fmt, int NT, int U> static gemv_fn gemv_pick_fmt(bool codes8, bool hi8) {
-    return codes8 ? (hi8 ? gemv_w4a4_kernel<Fmt, true, NT, U, true> : gemv_w4a4_kernel<Fmt, true, NT, U, false>)
-                  : (hi8 ? gemv_w4a4_kernel<Fmt, false, NT, U, true> : gemv_w4a4_kernel<Fmt, false, NT, U, false>);
+                         int, int, int, int, SwigluOut);
+template <class Fmt, int NT, int U, bool SWIGLU = false> static gemv_fn gemv_pick_fmt(bool codes8, bool hi8) {
+    return codes8 ? (hi8 ? gemv_w4a4_kernel<Fmt, true, NT, U, true, SWIGLU> : gemv_w4a4_kernel<Fmt, true, NT, U, false, SWIGLU>)
+                  : (hi8 ? gemv_w4a4_kernel<Fmt, false, NT, U, true, SWIGLU> : gemv_w4a4_kernel<Fmt, false, NT, U, false, SWIGLU>);
 }
 template <int NT, int U> static gemv_fn gemv_pick(W4A4Mma mma, bool codes8, bool hi8) {
     return mma == W4A4Mma::S4 ? gemv_pick_fmt<FmtS4, NT, U>(codes8, hi8) : gemv_pick_fmt<FmtI4, NT, U>(codes8, hi8);
@@ -203,7 +237,7 @@ void cuda_linear_w4a4(const void * qweight, const float * scale, const float * a
     const int kb = (int) (kp / 2);
     if (m <= W4_MAX_M) {
         launch_gemv(mma, codes8, m > 8, (unsigned) n, st, (const uint8_t *) a, (const uint8_t *) qweight, scale, add,
-                    row_scale, y, m, (int) n, kb, accumulate ? 1 : 0, cuda_pdl_mode() == 2 ? 1 : 0);
+                    row_scale, y, m, (int) n, kb, accumulate ? 1 : 0, cuda_pdl_mode() == 2 ? 1 : 0, SwigluOut());
         return;
     }
     if (codes8) {
@@ -215,6 +249,21 @@ void cuda_linear_w4a4(const void * qweight, const float * scale, const float * a
     } else {
         launch_gemm<FmtI4>(a, qweight, scale, add, row_scale, y, m, n, kb, accumulate, st);
     }
+}
+
+void cuda_linear_w4a4_swiglu(const void * qweight, const float * scale, const float * add, int64_t kp, const int8_t * codes,
+                             int32_t m, const SwigluOut & so, W4A4Mma mma, cudaStream_t st) {
+    if (kp % 64 != 0 || kp <= 0 || kp >= 131072 || so.n_ff <= 0 || so.n_ff % 8 != 0 || m > W4_MAX_M) {
+        throw Error("CUDA w4a4 gate/up + SwiGLU: K = " + std::to_string(kp) + " (a positive multiple of 64 below 131072), "
+                    "n_ff = " + std::to_string(so.n_ff) + " (a positive multiple of 8), m = " + std::to_string(m) +
+                    " (at most " + std::to_string(W4_MAX_M) + ")");
+    }
+    if (m <= 0) return;
+    const bool hi8 = m > 8;
+    const gemv_fn f = mma == W4A4Mma::S4 ? gemv_pick_fmt<FmtS4, 2, 2, true>(true, hi8) : gemv_pick_fmt<FmtI4, 2, 2, true>(true, hi8);
+    launch_pdl(f, dim3((unsigned) (so.n_ff / 8)), dim3(256), 0, st, "gemv_w4a4_kernel<swiglu>", (const uint8_t *) codes,
+               (const uint8_t *) qweight, scale, add, (const float *) nullptr, (float *) nullptr, m, 2 * so.n_ff,
+               (int) (kp / 2), 0, cuda_pdl_mode() == 2 ? 1 : 0, so);
 }
 
 }  // namespace mq

@@ -11,9 +11,24 @@ namespace mq {
 // cores), S4 runs the native int4 MMA (sm_80/86/89; on sm_90 it is emulated and slow, kept for tests).
 constexpr int32_t W4A4_GEMV_MAX_M = 16;
 enum class W4A4Mma { I8, S4 };
+// down_proj's input codes, written by the gate/up GEMV's epilogue (cuda_linear_w4a4_swiglu): channel j of the
+// SwiGLU output fills the slots slots[start[j]] .. slots[start[j+1] - 1], each (slot, part, parts, 0) of the
+// consumer's in_map; parts 0 marks a padding slot (code 0). out: int8 codes [m, kp].
+struct SwigluOut {
+    const int32_t * start = nullptr;
+    const int4 * slots = nullptr;
+    int8_t * out = nullptr;
+    int64_t kp = 0;
+    int32_t n_ff = 0;
+};
 // S4 below sm_90, I8 from sm_90; the environment variable MERGEQUANT_W4A4_MMA = s4 | i8 overrides
 W4A4Mma cuda_w4a4_mma_default();
 void cuda_linear_w4a4(const void * qweight, const float * scale, const float * add, const float * row_scale, int64_t n,
                       int64_t kp, const void * a, bool codes8, int32_t m, float * y, bool accumulate, W4A4Mma mma,
                       cudaStream_t st);
+// the static W4A4 gate/up linear [2·n_ff rows: gate, then up] at decode sizes (m <= W4A4_GEMV_MAX_M, int8 codes
+// in), fused with SwiGLU and the requantization to down_proj's codes: so.out = slots of swiglu(g, u) where
+// g, u = float(acc) · scale (+ add); n_ff a multiple of 8
+void cuda_linear_w4a4_swiglu(const void * qweight, const float * scale, const float * add, int64_t kp, const int8_t * codes,
+                             int32_t m, const SwigluOut & so, W4A4Mma mma, cudaStream_t st);
 }

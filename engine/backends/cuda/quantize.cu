@@ -10,16 +10,6 @@
 
 namespace mq {
 
-__device__ __forceinline__ int32_t round_clamp(float x, int32_t lo, int32_t hi) {
-    const float r = rintf(x);
-    if (!(r >= (float) lo)) return r != r ? 0 : lo;
-    return r > (float) hi ? hi : (int32_t) r;
-}
-
-__device__ __forceinline__ int8_t slot_code(float z, int32_t part, int32_t parts) {
-    const int32_t t = round_clamp(z, -8 * parts, 7 * parts) + part;
-    return (int8_t) ((t >= 0 ? t : t - parts + 1) / parts);  // floordiv
-}
 
 // The code producers run on a grid (slot blocks of Q_SLOTS, rows): one block per row would leave a decode
 // step's 4096-11008 slots to a single SM. Each block of rmsnorm_quant recomputes its row's sum of squares

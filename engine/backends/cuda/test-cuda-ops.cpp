@@ -334,6 +334,25 @@ static void test_w4a4_ops(Backend & cpu, Backend & gpu) {
         }
         cpu.prepare_linear(lc);
         gpu.prepare_linear(lg);
+        // a gate/up linear [2·D rows] on the same slots, whose SwiGLU output feeds this linear's D channels
+        const int NG = 2 * D;
+        std::vector<uint8_t> qg((size_t) NG * kp / 2);
+        for (auto & b : qg) b = (uint8_t) rng();
+        std::vector<float> scale_g(NG);
+        for (auto & f : scale_g) f = std::uniform_real_distribution<float>(1e-3f, 1e-2f)(rng);
+        std::vector<uint16_t> lbg((size_t) NG * rank);
+        for (auto & h : lbg) h = f32_to_f16(randn(1, rng, 0.05f)[0]);
+        TensorView tqg = view("qg", DTYPE_U8, {NG, kp / 2}, qg.data(), qg.size()),
+                   tsg = view("sg", DTYPE_F32, {NG}, scale_g.data(), NG * 4),
+                   tbg = view("bg", DTYPE_F16, {NG, rank}, lbg.data(), lbg.size() * 2);
+        Linear gc, gg;
+        for (Linear * l : {&gc, &gg}) {
+            l->name = "test.gate_up", l->scheme = "w4a4", l->n = NG, l->k = D, l->kp = kp, l->rank = rank;
+            l->qweight = &tqg, l->scale = &tsg, l->in_scale = &ti, l->in_map = &tm;
+            if (rank) l->lora_a = &ta, l->lora_b = &tbg;
+        }
+        cpu.prepare_linear(gc);
+        gpu.prepare_linear(gg);
         const std::string tag = " N=" + std::to_string(N) + " kp=" + std::to_string(kp) + " rank=" + std::to_string(rank);
         auto same_codes = [&](const std::string & what, const Pair & p) {
             const auto a = p.host_cpu<int8_t>(), b = p.host_gpu<int8_t>();
@@ -343,7 +362,7 @@ static void test_w4a4_ops(Backend & cpu, Backend & gpu) {
             snprintf(d, sizeof d, "%.4f%% identical", 100.0 * same / a.size());
             report(what, same >= a.size() * 0.999, d);
         };
-        for (int m : {1, 5, 40}) {
+        for (int m : {1, 5, 16, 40}) {
             auto x = randn((size_t) m * D, rng, 2.0f);
             Pair px(cpu, gpu, x.data(), x.size() * 4), codes(cpu, gpu, nullptr, (size_t) m * kp);
             cpu.rmsnorm_quant((float *) px.c, lc, m, D, 1e-5f, (int8_t *) codes.c);
@@ -374,9 +393,20 @@ static void test_w4a4_ops(Backend & cpu, Backend & gpu) {
                 const std::string what = "linear_codes m=" + std::to_string(m) + tag + (accumulate ? " accumulate" : "");
                 report(what, py.host_cpu<float>() == py.host_gpu<float>(), "bit-exact");
             }
+            // gate/up → SwiGLU → this linear's codes: fused in the GEMV epilogue on the GPU at m <= 16
+            Pair gus(cpu, gpu, nullptr, (size_t) m * NG * 4), down_codes(cpu, gpu, nullptr, (size_t) m * kp);
+            cpu.linear_codes_swiglu_quant(gc, (int8_t *) codes.c, m, lc, D, (float *) gus.c, (int8_t *) down_codes.c);
+            gpu.linear_codes_swiglu_quant(gg, (int8_t *) codes.g, m, lg, D, (float *) gus.g, (int8_t *) down_codes.g);
+            const auto dc = down_codes.host_cpu<int8_t>(), dg = down_codes.host_gpu<int8_t>();
+            size_t nonzero = 0;
+            for (int8_t v : dc) nonzero += v != 0;
+            report("linear_codes_swiglu_quant m=" + std::to_string(m) + tag + (m <= W4A4_GEMV_MAX_M ? " (fused)" : ""),
+                   dc == dg && nonzero > dc.size() / 4, std::to_string(nonzero) + " nonzero codes, exact");
         }
         cpu.release_linear(lc);
         gpu.release_linear(lg);
+        cpu.release_linear(gc);
+        gpu.release_linear(gg);
     }
 }
 
