@@ -17,7 +17,12 @@ class StreamDecoder;
 struct ContextParams {
     int32_t n_ctx = 0;      // 0: the model's trained context length
     int32_t n_batch = 256;  // tokens per forward pass during prefill (bounds scratch memory)
+    KvType kv_type = KV_TYPE_F16;  // int8 needs a model file with KV-cache scales (--kv-int8)
 };
+
+// "fp16" | "int8" -> the KV cache type; throws ArgError naming the value otherwise
+KvType kv_type_parse(const std::string & name);
+const char * kv_type_name(KvType t);
 
 class Context {
 public:
@@ -28,6 +33,7 @@ public:
 
     const Model & model() const { return *model_; }
     int32_t n_ctx() const { return n_ctx_; }
+    KvType kv_type() const { return kv_type_; }
     // tokens whose keys and values are in the cache, in order
     const std::vector<int32_t> & tokens() const { return tokens_; }
     // forget everything after the first n tokens (0: clear)
@@ -47,10 +53,12 @@ private:
     void trace_codes(const Linear & lin, int32_t m);
     void forward_chunk(const int32_t * ids, int32_t n, int32_t pos0, bool all_logits, float * logits_out);
     void forward_ops(int32_t m, const AttentionShape & as, int32_t first, int32_t rows);
+    void attention_ops(int32_t l, int32_t m, const AttentionShape & as);
 
     std::shared_ptr<const Model> model_;
     Backend & be_;
     int32_t n_ctx_, n_batch_;
+    KvType kv_type_;
     std::vector<int32_t> tokens_;
     std::vector<void *> k_cache_, v_cache_;
     // scratch (device)

@@ -108,6 +108,7 @@ NB_MODULE(_engine, m) {
         .def_prop_ro("n_ctx_train", [](const mq::Model & md) { return md.config().n_ctx_train; })
         .def_prop_ro("n_layer", [](const mq::Model & md) { return md.config().n_layer; })
         .def_prop_ro("quant_method", &mq::Model::quant_method)
+        .def_prop_ro("has_kv_scales", &mq::Model::has_kv_scales)
         .def_prop_ro("bos_id", [](const mq::Model & md) { return md.vocab().bos(); })
         .def_prop_ro("eos_id", [](const mq::Model & md) { return md.vocab().eos(); })
         .def_prop_ro("eot_ids", [](const mq::Model & md) { return md.vocab().eot_ids(); })
@@ -161,17 +162,20 @@ NB_MODULE(_engine, m) {
 
     nb::class_<Session>(m, "Session")
         .def("__init__",
-             [](Session * self, std::shared_ptr<mq::Model> model, int32_t n_ctx, int32_t n_batch) {
+             [](Session * self, std::shared_ptr<mq::Model> model, int32_t n_ctx, int32_t n_batch,
+                const std::string & kv_cache) {
                  mq::ContextParams p;
                  p.n_ctx = n_ctx;
                  p.n_batch = n_batch;
+                 p.kv_type = mq::kv_type_parse(kv_cache);
                  new (self) Session();
                  self->model = model;
                  nb::gil_scoped_release release;
                  self->ctx.reset(new mq::Context(model, p));
              },
-             "model"_a, "n_ctx"_a = 0, "n_batch"_a = 256)
+             "model"_a, "n_ctx"_a = 0, "n_batch"_a = 256, "kv_cache"_a = "fp16")
         .def_prop_ro("n_ctx", [](const Session & s) { return s.ctx->n_ctx(); })
+        .def_prop_ro("kv_cache", [](const Session & s) { return std::string(mq::kv_type_name(s.ctx->kv_type())); })
         .def_prop_ro("tokens", [](const Session & s) { return s.ctx->tokens(); })
         .def("reset", [](Session & s) {
             s.gen.reset();
