@@ -150,12 +150,15 @@ class KVInt8:
     v_scale: np.ndarray
 
     @staticmethod
-    def roundtrip(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
-        """x [T, Hkv, hd] fp32 → what the cache gives back: float(code) · s, with code = clamp(rint(x · inv),
-        -127, 127) and inv = fp32(1 / s) (IEEE division); every multiply in fp32."""
-        s = scale.reshape(x.shape[1:])
-        inv = np.float32(1) / s
-        return round_codes(x * inv, -KV_QMAX, KV_QMAX) * s
+    def codes(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """x [T, Hkv, hd] fp32 → the stored codes clamp(rint(x · inv), -127, 127) (fp32 holding integers),
+        inv = fp32(1 / s) (IEEE division), one fp32 multiply."""
+        return round_codes(x * (np.float32(1) / scale.reshape(x.shape[1:])), -KV_QMAX, KV_QMAX)
+
+    @classmethod
+    def roundtrip(cls, x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """x [T, Hkv, hd] fp32 → what the cache gives back: float(code) · s (fp32 multiply)."""
+        return cls.codes(x, scale) * scale.reshape(x.shape[1:])
 
     def keys(self, k: np.ndarray) -> np.ndarray:
         return self.roundtrip(k, self.k_scale)

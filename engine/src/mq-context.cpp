@@ -200,6 +200,18 @@ void Context::attention_ops(int32_t l, int32_t m, const AttentionShape & as) {
     be_.attention(qkv_, m, c.qkv_dim(), as, pos_, sc, k_cache_[l], v_cache_[l], attn_);
 }
 
+void Context::read_kv(int32_t l, std::vector<uint8_t> & k, std::vector<uint8_t> & v) const {
+    const Config & c = model_->config();
+    if (l < 0 || l >= c.n_layer) {
+        throw ArgError("layer " + std::to_string(l) + " is outside [0, " + std::to_string(c.n_layer) + ")");
+    }
+    const size_t bytes = tokens_.size() * (size_t) c.kv_dim() * kv_elem_size(kv_type_);
+    k.resize(bytes);
+    v.resize(bytes);
+    be_.download(k.data(), k_cache_[l], bytes);
+    be_.download(v.data(), v_cache_[l], bytes);
+}
+
 void Context::trace_codes(const Linear & lin, int32_t m) {
     if (!code_trace_) {
         return;

@@ -48,6 +48,10 @@ public:
     using CodeTrace = std::function<void(const std::string &, const std::vector<int8_t> &, int32_t, int64_t)>;
     void set_code_trace(CodeTrace fn) { code_trace_ = std::move(fn); }
 
+    // the rows of layer l's K and V caches that hold tokens(), as stored: [n_tokens, kv_dim] elements of
+    // kv_elem_size(kv_type()) bytes (fp16 bits or int8 codes); tests compare them with the simulator's
+    void read_kv(int32_t l, std::vector<uint8_t> & k, std::vector<uint8_t> & v) const;
+
 private:
     void forward_layer_w4a4(int32_t l, int32_t m, const AttentionShape & as);
     void trace_codes(const Linear & lin, int32_t m);

@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "time), on the finished model (any --method); default calibration 8 x 512 tokens")
     cal = c.add_argument_group("calibration (static methods and --kv-int8; given options apply to both)")
     cal.add_argument("--calib", default=None, help="calibration text file, or wikitext2 | c4 | wikitext2+c4 (default)")
-    cal.add_argument("--calib-n", type=int, default=None, help="calibration sequences (default: methods 32, --kv-int8 8)")
+    cal.add_argument("--calib-n", type=int, default=None,
+                     help="calibration sequences (default: methods 32, --kv-int8 8)")
     cal.add_argument("--calib-len", type=int, default=None, help="tokens per calibration sequence (default 512)")
     cal.add_argument("--seed", type=int, default=None, help="calibration sampling seed")
     c.add_argument("--opt", action="append", metavar="KEY=VALUE", help="any other method option (repeatable)")

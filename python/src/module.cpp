@@ -277,6 +277,27 @@ NB_MODULE(_engine, m) {
                  return nb::ndarray<nb::numpy, float, nb::ndim<2>>(out.release(), {(size_t) n, (size_t) nv}, owner);
              },
              "ids"_a)
+        .def("kv_cache_rows",
+             [](const Session & s, int32_t layer) {
+                 // layer's K and V cache rows of the cached tokens as stored: uint16 fp16 bits or int8 codes
+                 std::vector<uint8_t> rows[2];
+                 s.ctx->read_kv(layer, rows[0], rows[1]);
+                 const size_t kv_dim = (size_t) s.model->config().kv_dim(), n = s.ctx->tokens().size();
+                 nb::dict out;
+                 for (int i = 0; i < 2; i++) {
+                     uint8_t * buf = new uint8_t[std::max<size_t>(rows[i].size(), 1)];
+                     std::copy(rows[i].begin(), rows[i].end(), buf);
+                     nb::capsule owner(buf, [](void * p) noexcept { delete[] (uint8_t *) p; });
+                     const char * key = i ? "v" : "k";
+                     if (s.ctx->kv_type() == mq::KV_TYPE_I8) {
+                         out[key] = nb::ndarray<nb::numpy, int8_t, nb::ndim<2>>((int8_t *) buf, {n, kv_dim}, owner);
+                     } else {
+                         out[key] = nb::ndarray<nb::numpy, uint16_t, nb::ndim<2>>((uint16_t *) buf, {n, kv_dim}, owner);
+                     }
+                 }
+                 return out;
+             },
+             "layer"_a, "{'k', 'v'}: layer's cache rows of the cached tokens as stored, [n, kv_dim] (for tests)")
         .def("trace_codes",
              [](Session & s, const std::vector<int32_t> & ids) {
                  // the int4 input codes of every w4a4 linear while evaluating ids in a fresh context
