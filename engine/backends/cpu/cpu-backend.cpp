@@ -239,14 +239,14 @@ public:
             throw Error("kv_store: the int8 KV cache needs its scales");
         }
         for (int32_t t = 0; t < n_tokens; t++) {
-            const float * k = qkv + (size_t) t * row_stride + q_dim;
+            const float * kv = qkv + (size_t) t * row_stride + q_dim;  // k [kv_dim], then v [kv_dim]
             const size_t off = (size_t) pos[t] * kv_dim;
             if (i8) {
-                cpu_f32_to_i8_scaled(k, sc.k_inv, (int8_t *) k_cache + off, kv_dim);
-                cpu_f32_to_i8_scaled(k + kv_dim, sc.v_inv, (int8_t *) v_cache + off, kv_dim);
+                cpu_f32_to_i8_scaled(kv, sc.k_inv, (int8_t *) k_cache + off, kv_dim);
+                cpu_f32_to_i8_scaled(kv + kv_dim, sc.v_inv, (int8_t *) v_cache + off, kv_dim);
             } else {
-                cpu_f32_to_f16(k, (uint16_t *) k_cache + off, kv_dim);
-                cpu_f32_to_f16(k + kv_dim, (uint16_t *) v_cache + off, kv_dim);
+                cpu_f32_to_f16(kv, (uint16_t *) k_cache + off, kv_dim);
+                cpu_f32_to_f16(kv + kv_dim, (uint16_t *) v_cache + off, kv_dim);
             }
         }
     }

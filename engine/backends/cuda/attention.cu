@@ -350,8 +350,10 @@ static __global__ void __launch_bounds__(ATT_THREADS) attention_prefill_kernel(
                 const float2 a = *(const float2 *) (q0 + 16 * kk), b = *(const float2 *) (q1 + 16 * kk);
                 const float2 c = *(const float2 *) (q0 + 16 * kk + 8), d = *(const float2 *) (q1 + 16 * kk + 8);
                 const float2 sa = *(const float2 *) (sk + 16 * kk), sc = *(const float2 *) (sk + 16 * kk + 8);
-                v[kk][0] = q16(a.x) * sa.x, v[kk][1] = q16(a.y) * sa.y, v[kk][2] = q16(b.x) * sa.x, v[kk][3] = q16(b.y) * sa.y;
-                v[kk][4] = q16(c.x) * sc.x, v[kk][5] = q16(c.y) * sc.y, v[kk][6] = q16(d.x) * sc.x, v[kk][7] = q16(d.y) * sc.y;
+                v[kk][0] = q16(a.x) * sa.x, v[kk][1] = q16(a.y) * sa.y;
+                v[kk][2] = q16(b.x) * sa.x, v[kk][3] = q16(b.y) * sa.y;
+                v[kk][4] = q16(c.x) * sc.x, v[kk][5] = q16(c.y) * sc.y;
+                v[kk][6] = q16(d.x) * sc.x, v[kk][7] = q16(d.y) * sc.y;
                 m0 = fmaxf(m0, fmaxf(fmaxf(fabsf(v[kk][0]), fabsf(v[kk][1])), fmaxf(fabsf(v[kk][4]), fabsf(v[kk][5]))));
                 m1 = fmaxf(m1, fmaxf(fmaxf(fabsf(v[kk][2]), fabsf(v[kk][3])), fmaxf(fabsf(v[kk][6]), fabsf(v[kk][7]))));
             }
@@ -550,8 +552,9 @@ static void attention_launch(const float * qkv, int32_t n_tokens, int32_t row_st
     if (ns > 1 && !workspace) throw Error("CUDA attention: the split kernel needs its workspace");
     uint32_t * tickets = (uint32_t *) workspace;
     float * part = ns > 1 ? (float *) (tickets + ATT_TICKETS) : nullptr;
-    launch_pdl(attention_split_kernel<T>, dim3(ns, n_head, n_tokens), dim3(ATT_THREADS), 0, st, "attention_split_kernel",
-               qkv, row_stride, n_head, n_head_kv, head_dim, pos, kc, vc, ks, vs, part, tickets, out);
+    launch_pdl(attention_split_kernel<T>, dim3(ns, n_head, n_tokens), dim3(ATT_THREADS), 0, st,
+               "attention_split_kernel", qkv, row_stride, n_head, n_head_kv, head_dim, pos, kc, vc, ks, vs, part,
+               tickets, out);
 }
 
 void cuda_attention(const float * qkv, int32_t n_tokens, int32_t row_stride, int32_t n_head, int32_t n_head_kv,

@@ -139,7 +139,8 @@ static void test_attention(Backend & cpu, Backend & gpu, int round, KvType kt, s
         for (int i = 0; i < n; i++) pos[i] = pos0 + i;
         Pair pq(cpu, gpu, qkv.data(), qkv.size() * 4), pp(cpu, gpu, pos.data(), n * 4),
             out(cpu, gpu, nullptr, (size_t) n * H * hd * 4);
-        const std::string tag = " hd=" + std::to_string(hd) + " n=" + std::to_string(n) + " pos0=" + std::to_string(pos0);
+        const std::string tag =
+            " hd=" + std::to_string(hd) + " n=" + std::to_string(n) + " pos0=" + std::to_string(pos0);
         cpu.rope((float *) pq.c, n, stride, H, Hkv, hd, (int32_t *) pp.c, rp);
         gpu.rope((float *) pq.g, n, stride, H, Hkv, hd, (int32_t *) pp.g, rp);
         check_close("rope" + tag, pq, 1e-6);
