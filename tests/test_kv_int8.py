@@ -5,6 +5,7 @@ model); perplexity against the fp16 cache; chunked prefill and prefix reuse; bad
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -305,10 +306,9 @@ def test_bad_kv_cache_value(tiny_kv, value):
 
 
 def test_int8_without_scales_names_the_fix(tiny_plain):
-    with pytest.raises(ArgumentError, match="has no KV-cache scales .attn_k_scale/attn_v_scale.: convert it with "
-                                            "--kv-int8") as e:
+    with pytest.raises(ArgumentError, match=re.escape(f"model file {tiny_plain} has no KV-cache scales "
+                                                      "(attn_k_scale/attn_v_scale): convert it with --kv-int8")):
         LLM(tiny_plain, device="cpu", kv_cache="int8")
-    assert str(tiny_plain) in str(e.value)
     assert LLM(tiny_plain, device="cpu").kv_cache == "fp16"  # fp16 needs no scales
     with pytest.raises(ValueError, match="--kv-int8"):
         SimModel.from_mq(tiny_plain, kv_cache="int8")

@@ -168,10 +168,16 @@ NB_MODULE(_engine, m) {
                  p.n_ctx = n_ctx;
                  p.n_batch = n_batch;
                  p.kv_type = mq::kv_type_parse(kv_cache);
+                 // the context first: a Session constructed in place before a throw would never be
+                 // destroyed (nor the model it holds)
+                 std::unique_ptr<mq::Context> ctx;
+                 {
+                     nb::gil_scoped_release release;
+                     ctx.reset(new mq::Context(model, p));
+                 }
                  new (self) Session();
                  self->model = model;
-                 nb::gil_scoped_release release;
-                 self->ctx.reset(new mq::Context(model, p));
+                 self->ctx = std::move(ctx);
              },
              "model"_a, "n_ctx"_a = 0, "n_batch"_a = 256, "kv_cache"_a = "fp16")
         .def_prop_ro("n_ctx", [](const Session & s) { return s.ctx->n_ctx(); })
