@@ -8,6 +8,7 @@ layer's `blk.{i}.*` tensors (norms included, since methods fold steps into them)
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +50,22 @@ def plain_blocks(ck: Checkpoint, scheme: str, quant: dict[str, Any]) -> Iterator
 
 
 def convert(src: str | Path, out: str | Path, scheme: str = "f16", method: str | None = None,
-            progress: bool = True, **method_args: Any) -> Path:
-    """Convert a HF directory or GGUF file into the .mq file `out`; returns its path."""
+            progress: bool = True, kv_int8: bool = False, **method_args: Any) -> Path:
+    """Convert a HF directory or GGUF file into the .mq file `out`; returns its path. With `kv_int8`, the
+    finished model's int8 KV-cache steps are calibrated too (quant/kv_cache.py) on the calibration options
+    among `method_args` (calib, calib_n, calib_len, seed, tokenizer; default 8 x 512 tokens), which a
+    method that takes calibration options gets as well."""
+    from .quant import METHODS
     from .tokenizer import export_tokenizer
 
-    get_scheme(scheme)  # refuse an unknown scheme before any work
+    get_scheme(scheme)  # refuse an unknown scheme and method before any work
+    if method is not None and method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    kv_spec = None
+    if kv_int8:
+        from .quant.kv_cache import kv_calibration_args
+
+        kv_spec, method_args = kv_calibration_args(METHODS.get(method), method_args)
     ck = load_checkpoint(src)
     tok_meta, tensors = export_tokenizer(ck)
     quant: dict[str, Any] = {"method": method or scheme, "params": {}, "linears": {}}
@@ -62,10 +74,6 @@ def convert(src: str | Path, out: str | Path, scheme: str = "f16", method: str |
             raise TypeError(f"arguments {sorted(method_args)} need a method (method=None)")
         blocks = plain_blocks(ck, scheme, quant)
     else:
-        from .quant import METHODS
-
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
         blocks = METHODS[method](ck, scheme=scheme, quant=quant, **method_args)
     cfg = ck.config
     for block in tqdm(blocks, total=cfg.num_hidden_layers, desc=f"convert {Path(src).name}",
@@ -75,4 +83,12 @@ def convert(src: str | Path, out: str | Path, scheme: str = "f16", method: str |
     tensors["output_norm.weight"] = ck.get("model.norm.weight").astype(np.float32)
     if not cfg.tie_word_embeddings:
         tensors["output.weight"] = ck.get("lm_head.weight").astype(np.float16)
+    if kv_spec is not None:
+        from .quant.calibrate import calibration_tokens
+        from .quant.kv_cache import kv_scale_tensors
+        from .quant.simulate import SimModel
+
+        sim = SimModel(cfg, tensors, quant)
+        tensors |= kv_scale_tensors(sim, calibration_tokens(kv_spec, ck), progress)
+        quant["params"]["kv_cache"] = {"dtype": "int8", "calibration": asdict(kv_spec)}
     return write_mq(out, cfg, quant, tok_meta, tensors)

@@ -6,7 +6,8 @@ import json
 import re
 from pathlib import Path
 
-from .mqfile import read_mq
+from .mqfile import MqFile, read_mq
+from .quant.simulate import kv_scale_names
 
 
 def _size(n: int) -> str:
@@ -15,6 +16,16 @@ def _size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.2f} GiB"
+
+
+def kv_cache_line(mq: MqFile) -> str:
+    """Which KV caches the file runs with: fp16 always, int8 where every layer has its scales."""
+    names = set(mq.names())
+    n = mq.config.num_hidden_layers
+    have = sum(all(name in names for name in kv_scale_names(i)) for i in range(n))
+    if have == 0:
+        return "kv cache: fp16 only (no attn_k_scale/attn_v_scale; convert with --kv-int8 for int8)"
+    return f"kv cache: fp16 or int8 (attn_k_scale/attn_v_scale in {have} of {n} layers)"
 
 
 def inspect_model(path: str | Path) -> str:
@@ -28,6 +39,8 @@ def inspect_model(path: str | Path) -> str:
             schemes[s] = schemes.get(s, 0) + 1
         lines.append(f"quant: method {mq.quant.get('method')!r}, params {json.dumps(mq.quant.get('params', {}))}, "
                      f"linears by scheme {schemes}")
+    if mq.config is not None:
+        lines.append(kv_cache_line(mq))
     if mq.tokenizer is not None:
         tok = {k: v for k, v in mq.tokenizer.items() if k != "chat_template"}
         has_template = mq.tokenizer.get("chat_template") is not None

@@ -280,3 +280,41 @@ def smollm2_mergequant_mq(smollm2_gguf_path: Path, tmp_path_factory: pytest.Temp
     from mergequant.convert.convert import convert
     out = tmp_path_factory.mktemp("smollm2_mq") / "smollm2-mergequant.mq"
     return convert(smollm2_gguf_path, out, method="mergequant", progress=False, calib_n=4, calib_len=128)
+
+
+# the int8 KV cache's calibration in tests: 2 sequences of 256 tokens, covering the positions of the 256-token
+# perplexity windows (RoPE turns the low-frequency channels of k slowly: shorter windows miss their range);
+# the converter's default is 8 x 512
+KV_CALIB = {"calib_n": 2, "calib_len": 256}
+
+
+@pytest.fixture(scope="session")
+def smollm2_f16_kv_mq(smollm2_gguf_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model in f16 with int8 KV-cache scales (`convert --kv-int8`, small calibration)."""
+    from mergequant.convert.convert import convert
+    out = tmp_path_factory.mktemp("smollm2_kv") / "smollm2-f16-kv.mq"
+    return convert(smollm2_gguf_path, out, progress=False, kv_int8=True, **KV_CALIB)
+
+
+@pytest.fixture(scope="session")
+def smollm2_mergequant_kv_mq(smollm2_mergequant_mq: Path, smollm2_gguf_path: Path,
+                             tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """smollm2_mergequant_mq with int8 KV-cache scales added: the converter's KV calibration (what
+    `convert --kv-int8` runs on the finished tensors) on the same small calibration, without running the
+    method a second time."""
+    from dataclasses import asdict
+
+    from mergequant.convert.loaders import load_checkpoint
+    from mergequant.convert.mqfile import read_mq, write_mq
+    from mergequant.convert.quant.calibrate import calibration_spec, calibration_tokens
+    from mergequant.convert.quant.kv_cache import kv_scale_tensors
+    from mergequant.convert.quant.simulate import SimModel
+
+    mq = read_mq(smollm2_mergequant_mq)
+    tensors = {n: mq.tensor(n) for n in mq.names()}
+    spec = calibration_spec(KV_CALIB)
+    tensors |= kv_scale_tensors(SimModel(mq.config, tensors, mq.quant),
+                                calibration_tokens(spec, load_checkpoint(smollm2_gguf_path)))
+    quant = mq.quant | {"params": mq.quant["params"] | {"kv_cache": {"dtype": "int8", "calibration": asdict(spec)}}}
+    out = tmp_path_factory.mktemp("smollm2_mq_kv") / "smollm2-mergequant-kv.mq"
+    return write_mq(out, mq.config, quant, mq.tokenizer, tensors)

@@ -148,10 +148,13 @@ def test_bad_token_ids(tiny_mq):
 
 
 def chat_binary() -> str:
-    exe = shutil.which("mergequant-chat") or str(Path(sysconfig.get_path("scripts")) / "mergequant-chat")
-    if not Path(exe).exists():
+    # the binary installed beside this interpreter (the install under test), else the first on PATH
+    exe = Path(sysconfig.get_path("scripts")) / "mergequant-chat"
+    if not exe.exists():
+        exe = Path(shutil.which("mergequant-chat") or exe)
+    if not exe.exists():
         pytest.skip("mergequant-chat is not installed")
-    return exe
+    return str(exe)
 
 
 @pytest.mark.parametrize("case", ["truncated", "corrupted header", "missing tensor", "unsupported architecture"])

@@ -1,7 +1,8 @@
 """The CUDA backend against the CPU backend through the Python API: logits of a prompt and greedy
 generations on the tiny random model (every scheme the converter emits) and on the default model
-(SmolLM2-135M, f16 and the mergequant method); decode with and without the CUDA graph. Skipped where the
-extension has no CUDA backend or no GPU is present. Op-level checks: engine/backends/cuda/test-cuda-ops.cpp."""
+(SmolLM2-135M, f16 and the mergequant method); decode with and without the CUDA graph; the same with the
+int8 KV cache. Skipped where the extension has no CUDA backend or no GPU is present. Op-level checks:
+engine/backends/cuda/test-cuda-ops.cpp."""
 from __future__ import annotations
 
 import numpy as np
@@ -112,3 +113,55 @@ def test_default_model_sampling_matches_cpu(smollm2_f16_mq, monkeypatch, setting
     a = cpu.generate(prompt, max_tokens=32, seed=11, **settings)
     assert gpu.generate(prompt, max_tokens=32, seed=11, **settings) == a
     assert gpu_host.generate(prompt, max_tokens=32, seed=11, **settings) == a
+
+
+# --- the int8 KV cache (docs/numerics.md, "int8 KV cache") ----------------------------------------------
+# Both backends store the same int8 code for the same k or v, but k and v themselves differ in the last bits
+# (other summation orders), and a value at a rounding boundary then lands on the neighbouring code, a whole
+# step: logits drift further apart than with the fp16 cache (the CPU engine and the simulator: about 1e-2 on
+# SmolLM2 f16, as far as the simulator is from itself with float64 GEMMs). Greedy tokens must still agree.
+INT8_KV_TOL = 2e-2
+
+@pytest.fixture(scope="module")
+def tiny_kv_mq(tiny_hf_checkpoint, tmp_path_factory):
+    """The tiny model at head_dim 64 (the tiled prefill kernel's size) with int8 KV-cache scales."""
+    from mergequant.convert import convert
+
+    ck = tiny_hf_checkpoint(hidden_size=256, intermediate_size=704, max_position_embeddings=1024)
+    return convert(ck.path, tmp_path_factory.mktemp("tiny_cuda") / "tiny-f16-kv.mq", progress=False, kv_int8=True,
+                   calib_n=2, calib_len=128)
+
+
+def test_tiny_int8_kv_logits_and_greedy_match_cpu(tiny_kv_mq):
+    """Decode-sized (split kernel) and prefill-sized (tiled kernel, > 256 keys) batches with the int8 cache;
+    and a CUDA graph of the decode step against op-by-op launches."""
+    gpu = LLM(tiny_kv_mq, device="cuda", kv_cache="int8")
+    cpu = LLM(tiny_kv_mq, device="cpu", kv_cache="int8")
+    rng = np.random.default_rng(5)
+    for n in (1, 7, 9, 300):
+        ids = rng.integers(0, cpu.n_vocab, n).tolist()
+        assert _max_rel(np.asarray(cpu.logits(ids)), np.asarray(gpu.logits(ids))) <= INT8_KV_TOL
+    ids = rng.integers(0, cpu.n_vocab, 12).tolist()
+    assert cpu.generate(ids, max_tokens=24, temperature=0.0) == gpu.generate(ids, max_tokens=24, temperature=0.0)
+
+
+def test_int8_kv_decode_graph_matches_op_by_op(tiny_kv_mq, monkeypatch):
+    graph = LLM(tiny_kv_mq, device="cuda", kv_cache="int8")
+    monkeypatch.setenv("MERGEQUANT_CUDA_GRAPHS", "0")
+    plain = LLM(tiny_kv_mq, device="cuda", kv_cache="int8")
+    prompt = np.random.default_rng(6).integers(0, graph.n_vocab, 300).tolist()
+    assert graph.generate(prompt, max_tokens=40, temperature=0.0) == plain.generate(prompt, max_tokens=40,
+                                                                                     temperature=0.0)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_default_model_int8_kv_matches_cpu(smollm2_f16_kv_mq, smollm2_mergequant_kv_mq, prompt):
+    """SmolLM2 f16 and mergequant W4A4 with the int8 cache: logits within INT8_KV_TOL, greedy 32 tokens
+    equal."""
+    for path in (smollm2_f16_kv_mq, smollm2_mergequant_kv_mq):
+        gpu = LLM(path, device="cuda", kv_cache="int8")
+        cpu = LLM(path, device="cpu", kv_cache="int8")
+        ids = cpu.tokenize(prompt)
+        assert _max_rel(np.asarray(cpu.logits(ids)), np.asarray(gpu.logits(ids))) <= INT8_KV_TOL
+        assert cpu.generate(prompt, max_tokens=32, temperature=0.0) == gpu.generate(prompt, max_tokens=32,
+                                                                                   temperature=0.0)

@@ -4,9 +4,10 @@ it (only one layer's activations are held)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -74,6 +75,25 @@ class CalibrationSpec:
     length: int = 512              # tokens per sequence
     seed: int = 0
     tokenizer: str | None = None   # a tokenizer.json to use instead of the checkpoint's own tokenizer
+
+
+# a method's keyword arguments that set its calibration → the CalibrationSpec field each one sets
+CALIBRATION_ARGS = {"calib": "source", "calib_n": "n", "calib_len": "length", "seed": "seed",
+                    "tokenizer": "tokenizer"}
+
+
+def calibration_spec(args: Mapping[str, Any], **defaults: Any) -> CalibrationSpec:
+    """The spec of calibration keyword arguments (CALIBRATION_ARGS); `defaults` (spec field names) fill in
+    what is not given, then CalibrationSpec's own defaults."""
+    unknown = sorted(set(args) - set(CALIBRATION_ARGS))
+    if unknown:
+        raise TypeError(f"unknown calibration arguments {unknown}; known: {', '.join(CALIBRATION_ARGS)}")
+    fields = dict(defaults) | {CALIBRATION_ARGS[k]: v for k, v in args.items() if v is not None}
+    spec = CalibrationSpec(**fields)
+    if spec.n < 1 or spec.length < 2:
+        raise ValueError(f"calibration needs n >= 1 sequences of length >= 2 tokens, got n={spec.n}, "
+                         f"length={spec.length}")
+    return spec
 
 
 def calibration_tokens(spec: CalibrationSpec, ck: Checkpoint) -> np.ndarray:

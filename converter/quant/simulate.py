@@ -19,6 +19,11 @@ from .int4 import QMAX, QMIN, pad_columns, round_codes, unpack_int4
 
 LINEARS = ("attn_qkv", "attn_output", "ffn_gate_up", "ffn_down")
 INT_SCHEMES = ("w4a4", "w4a4d")
+KV_CACHE_TYPES = ("fp16", "int8")
+KV_QMAX = 127  # int8 cache codes are symmetric: [-127, 127]
+
+# kv_observer(layer, k, v): k after RoPE and v [T, Hkv, hd], fp32, as they go to the cache (before its rounding)
+KVObserver = Callable[[int, np.ndarray, np.ndarray], None]
 
 
 def rms_factor(h: np.ndarray, eps: float) -> np.ndarray:
@@ -136,6 +141,32 @@ class SimBlock:
         return self.qkv.scheme == "w4a4"
 
 
+@dataclass(frozen=True)
+class KVInt8:
+    """One layer's int8 KV cache (docs/numerics.md, "int8 KV cache"): the per-channel steps s [Hkv·hd] of k
+    (after RoPE) and of v, fp32. A value x of channel c is stored as clamp(rint(x · fp32(1/s_c)), -127, 127)
+    and read back as float(code) · s_c."""
+    k_scale: np.ndarray
+    v_scale: np.ndarray
+
+    @staticmethod
+    def codes(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """x [T, Hkv, hd] fp32 → the stored codes clamp(rint(x · inv), -127, 127) (fp32 holding integers),
+        inv = fp32(1 / s) (IEEE division), one fp32 multiply."""
+        return round_codes(x * (np.float32(1) / scale.reshape(x.shape[1:])), -KV_QMAX, KV_QMAX)
+
+    @classmethod
+    def roundtrip(cls, x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """x [T, Hkv, hd] fp32 → what the cache gives back: float(code) · s (fp32 multiply)."""
+        return cls.codes(x, scale) * scale.reshape(x.shape[1:])
+
+    def keys(self, k: np.ndarray) -> np.ndarray:
+        return self.roundtrip(k, self.k_scale)
+
+    def values(self, v: np.ndarray) -> np.ndarray:
+        return self.roundtrip(v, self.v_scale)
+
+
 def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 256) -> np.ndarray:
     """q [T, H, hd], k/v [T, Hkv, hd] at positions 0..T-1 → [T, H·hd]: with qc = fp32(q · fp32(1/sqrt(hd))),
     s = qc · k, p = exp(s - max s) over keys ≤ the query position, o = fp32((p · v) / Σ p), all in float64
@@ -160,16 +191,25 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 2
 
 
 def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, config: LlamaConfig,
-           cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """q [B, T, H·hd], k/v [B, T, Hkv·hd] (pre-RoPE) → attention output [B, T, H·hd] in fp32, with RoPE
-    and the fp16 rounding of q and of the K/V cache."""
+           cos: np.ndarray, sin: np.ndarray, kv: KVInt8 | None = None,
+           observe: Callable[[np.ndarray, np.ndarray], None] | None = None) -> np.ndarray:
+    """q [B, T, H·hd], k/v [B, T, Hkv·hd] (pre-RoPE) → attention output [B, T, H·hd] in fp32, with RoPE,
+    the fp16 rounding of q and the K/V cache's rounding: fp16, or int8 with the steps of `kv`. `observe`,
+    when given, gets each sequence's fp32 k after RoPE and v [T, Hkv, hd] before the cache's rounding."""
     b, t, _ = q.shape
     h, hkv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     out = np.empty((b, t, h * hd), np.float32)
     for i in range(b):
         qi = fp16_round(rope(q[i].reshape(t, h, hd), cos, sin))
-        ki = fp16_round(rope(k[i].reshape(t, hkv, hd), cos, sin))
-        out[i] = causal_attention(qi, ki, fp16_round(v[i].reshape(t, hkv, hd)))
+        ki = rope(k[i].reshape(t, hkv, hd), cos, sin)
+        vi = v[i].reshape(t, hkv, hd)
+        if observe is not None:
+            observe(ki, vi)
+        if kv is None:
+            ki, vi = fp16_round(ki), fp16_round(vi)
+        else:
+            ki, vi = kv.keys(ki), kv.values(vi)
+        out[i] = causal_attention(qi, ki, vi)
     return out
 
 
@@ -180,8 +220,10 @@ def split_qkv(y: np.ndarray, config: LlamaConfig) -> tuple[np.ndarray, np.ndarra
 
 
 def block_forward(h: np.ndarray, blk: SimBlock, config: LlamaConfig, cos: np.ndarray, sin: np.ndarray,
-                  record: dict[str, np.ndarray] | None = None, prefix: str = "") -> np.ndarray:
-    """One block on the residual stream h [B, T, D] (B independent sequences at positions 0..T-1)."""
+                  record: dict[str, np.ndarray] | None = None, prefix: str = "", kv: KVInt8 | None = None,
+                  observe: Callable[[np.ndarray, np.ndarray], None] | None = None) -> np.ndarray:
+    """One block on the residual stream h [B, T, D] (B independent sequences at positions 0..T-1); the
+    K/V cache is fp16, or int8 with the steps of `kv`; `observe` as in `attend`."""
     b, t, d = h.shape
     eps = config.rms_norm_eps
     flat = lambda x: x.reshape(b * t, -1)  # noqa: E731
@@ -191,7 +233,7 @@ def block_forward(h: np.ndarray, blk: SimBlock, config: LlamaConfig, cos: np.nda
     else:
         y = blk.qkv(flat(h * rms_factor(h, eps) * blk.attn_norm), record, prefix + "attn_qkv")
     q, k, v = split_qkv(y.reshape(b, t, -1), config)
-    o = flat(attend(q, k, v, config, cos, sin))
+    o = flat(attend(q, k, v, config, cos, sin, kv, observe))
     if blk.static:
         out = blk.o.run_codes(pad_columns(round_codes(o), blk.o.kp), record, prefix + "attn_output")
     else:
@@ -223,38 +265,74 @@ def load_block(config: LlamaConfig, get: Callable[[str], np.ndarray | None], lin
                     lin["ffn_gate_up"], lin["ffn_down"])
 
 
+def kv_scale_names(i: int) -> tuple[str, str]:
+    """The file tensors of layer i's int8 KV cache steps (docs/format.md)."""
+    return f"blk.{i}.attn_k_scale", f"blk.{i}.attn_v_scale"
+
+
+def load_kv_int8(config: LlamaConfig, get: Callable[[str], np.ndarray | None], i: int) -> KVInt8:
+    names = kv_scale_names(i)
+    missing = [n for n in names if get(n) is None]
+    if missing:
+        raise ValueError(f"simulator: kv_cache='int8' needs the KV-cache scales {missing[0]!r} (and the other "
+                         f"layers'): convert the model with --kv-int8")
+    want = (config.num_key_value_heads * config.head_dim,)
+    steps = [np.asarray(get(n), np.float32) for n in names]
+    for n, s in zip(names, steps):
+        if s.shape != want or not np.all(np.isfinite(s) & (s > 0)):
+            raise ValueError(f"simulator: {n} must be {list(want)} finite steps > 0, got shape {list(s.shape)}")
+    return KVInt8(*steps)
+
+
 class SimModel:
     """A quantized model in simulation. `tensors` maps .mq names to arrays; `quant` is the file's quant
-    recipe (its `linears` gives each linear's scheme)."""
+    recipe (its `linears` gives each linear's scheme). `kv_cache` is the K/V cache's type: "fp16", or "int8"
+    with the file's per-channel steps (`blk.{i}.attn_k_scale`, `attn_v_scale`)."""
 
-    def __init__(self, config: LlamaConfig, tensors: Mapping[str, np.ndarray], quant: Mapping[str, Any]) -> None:
+    def __init__(self, config: LlamaConfig, tensors: Mapping[str, np.ndarray], quant: Mapping[str, Any],
+                 kv_cache: str = "fp16") -> None:
+        if kv_cache not in KV_CACHE_TYPES:
+            raise ValueError(f"simulator: invalid kv_cache {kv_cache!r}: expected one of {', '.join(KV_CACHE_TYPES)}")
         self.config = config
         self.quant = dict(quant)
+        self.kv_cache = kv_cache
         get = lambda name: tensors[name] if name in tensors else None  # noqa: E731
         self.embed = np.asarray(tensors["token_embd.weight"], np.float16)
         head = self.embed if config.tie_word_embeddings else tensors["output.weight"]
         self.lm_head = np.asarray(head, np.float32)
         self.norm = np.asarray(tensors["output_norm.weight"], np.float32)
-        self.blocks = [load_block(config, get, quant["linears"], i) for i in range(config.num_hidden_layers)]
+        layers = range(config.num_hidden_layers)
+        self.blocks = [load_block(config, get, quant["linears"], i) for i in layers]
+        self.kv: list[KVInt8 | None] = [load_kv_int8(config, get, i) if kv_cache == "int8" else None for i in layers]
 
     @classmethod
-    def from_mq(cls, path: str | Path) -> SimModel:
+    def from_mq(cls, path: str | Path, kv_cache: str = "fp16") -> SimModel:
         mq = read_mq(path)
         if mq.config is None or mq.quant is None:
             raise ValueError(f"{path}: a tokenizer-only .mq file has no model to simulate")
-        return cls(mq.config, {n: mq.tensor(n) for n in mq.names() if not n.startswith("tokenizer.")}, mq.quant)
+        return cls(mq.config, {n: mq.tensor(n) for n in mq.names() if not n.startswith("tokenizer.")}, mq.quant,
+                   kv_cache)
 
-    def forward(self, ids: np.ndarray, record: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """Logits [T, V] (or [B, T, V] for ids [B, T]) of fresh sequences at positions 0..T-1. With
-        `record`, every linear's int32 accumulators (`blk.{i}.attn_qkv` …) and int4 input codes
-        (`… .in`) are stored in it, flattened to [B·T, ·]."""
-        ids = np.asarray(ids, np.int64)
-        batch = ids.reshape(-1, ids.shape[-1])
+    def hidden(self, batch: np.ndarray, record: dict[str, np.ndarray] | None = None,
+               kv_observer: KVObserver | None = None) -> np.ndarray:
+        """The residual stream [B, T, D] after the last block for ids [B, T] (fresh sequences at positions
+        0..T-1); `record` as in `forward`; `kv_observer(layer, k, v)` sees what every layer stores in its
+        K/V cache (fp32, before the cache's rounding)."""
         t = batch.shape[1]
         cos, sin = rope_cos_sin(self.config, np.arange(t))
         h = self.embed[batch].astype(np.float32)
-        for i, blk in enumerate(self.blocks):
-            h = block_forward(h, blk, self.config, cos, sin, record, f"blk.{i}.")
+        for i, (blk, kv) in enumerate(zip(self.blocks, self.kv)):
+            observe = None if kv_observer is None else lambda k, v, i=i: kv_observer(i, k, v)
+            h = block_forward(h, blk, self.config, cos, sin, record, f"blk.{i}.", kv, observe)
+        return h
+
+    def forward(self, ids: np.ndarray, record: dict[str, np.ndarray] | None = None,
+                kv_observer: KVObserver | None = None) -> np.ndarray:
+        """Logits [T, V] (or [B, T, V] for ids [B, T]) of fresh sequences at positions 0..T-1. With
+        `record`, every linear's int32 accumulators (`blk.{i}.attn_qkv` …) and int4 input codes
+        (`… .in`) are stored in it, flattened to [B·T, ·]; `kv_observer` as in `hidden`."""
+        ids = np.asarray(ids, np.int64)
+        h = self.hidden(ids.reshape(-1, ids.shape[-1]), record, kv_observer)
         x = h * rms_factor(h, self.config.rms_norm_eps) * self.norm
         logits = x @ self.lm_head.T
         return logits.reshape(*ids.shape, -1)

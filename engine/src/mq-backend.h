@@ -38,9 +38,31 @@ struct Linear {
     void * prepared = nullptr;
 };
 
+// Element type of the K/V cache (docs/numerics.md): fp16, or int8 codes with static per-channel steps.
+enum KvType : int32_t {
+    KV_TYPE_F16,
+    KV_TYPE_I8,
+};
+
+// bytes of one cache element
+inline size_t kv_elem_size(KvType t) {
+    return t == KV_TYPE_I8 ? 1 : 2;
+}
+
+// One layer's int8 cache steps, device fp32 [n_head_kv * head_dim] each: a value x of channel c is stored as
+// clamp(rint(x * inv[c]), -127, 127), inv[c] = fp32(1 / scale[c]), and read back as float(code) * scale[c].
+// All null for an fp16 cache.
+struct KvScales {
+    const float * k_scale = nullptr;
+    const float * k_inv = nullptr;
+    const float * v_scale = nullptr;
+    const float * v_inv = nullptr;
+};
+
 struct AttentionShape {
     int32_t n_head, n_head_kv, head_dim;
-    int32_t n_ctx;  // rows allocated in each layer's K and V cache
+    int32_t n_ctx;                    // rows allocated in each layer's K and V cache
+    KvType kv_type = KV_TYPE_F16;     // element type of the caches
 };
 
 struct RopeParams {
@@ -77,12 +99,13 @@ public:
     // rotate q and k in place (HF rotate_half layout); qkv rows are [q heads | k heads | v heads]
     virtual void rope(float * qkv, int32_t n_tokens, int32_t row_stride, int32_t n_head, int32_t n_head_kv,
                       int32_t head_dim, const int32_t * pos, const RopeParams & rp) = 0;
-    // write k and v of each token to the layer's caches at pos[i]
+    // write k and v of each token to the layer's caches at pos[i], as s.kv_type (int8: with the steps sc)
     virtual void kv_store(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
-                          const int32_t * pos, void * k_cache, void * v_cache) = 0;
+                          const int32_t * pos, const KvScales & sc, void * k_cache, void * v_cache) = 0;
     // causal attention of each token i over cache rows [0, pos[i]]; out [n_tokens, n_head*head_dim]
     virtual void attention(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
-                           const int32_t * pos, const void * k_cache, const void * v_cache, float * out) = 0;
+                           const int32_t * pos, const KvScales & sc, const void * k_cache, const void * v_cache,
+                           float * out) = 0;
     // out[m, j] = silu(gu[m, j]) * gu[m, n_ff + j]
     virtual void swiglu(const float * gu, int32_t m, int32_t n_ff, float * out) = 0;
 
@@ -96,9 +119,9 @@ public:
     // those of the exact arithmetic of docs/numerics.md (a backend whose attention() computes it otherwise
     // mends the codes near a rounding boundary); the default: attention() then quantize_codes()
     virtual void attention_quant(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
-                                 const int32_t * pos, const void * k_cache, const void * v_cache, float * out,
-                                 const Linear & consumer, int8_t * codes) {
-        attention(qkv, n_tokens, row_stride, s, pos, k_cache, v_cache, out);
+                                 const int32_t * pos, const KvScales & sc, const void * k_cache, const void * v_cache,
+                                 float * out, const Linear & consumer, int8_t * codes) {
+        attention(qkv, n_tokens, row_stride, s, pos, sc, k_cache, v_cache, out);
         quantize_codes(out, n_tokens, s.n_head * s.head_dim, consumer, codes);
     }
     // z_j = silu(g_j) * u_j into `consumer`'s input slots
@@ -114,9 +137,6 @@ public:
     virtual void int_gemm(const Linear & lin, const int8_t * a, int32_t m, int32_t * acc) = 0;
     // y = float(a · qweightᵀ) * scale (+ low-rank branch); accumulate: y += ...
     virtual void linear_codes(const Linear & lin, const int8_t * a, int32_t m, float * y, bool accumulate) = 0;
-
-    // bytes of one cache element
-    virtual size_t kv_elem_size() const = 0;
 
     // --- whole-step replay (the decode step) ----------------------------------------------------------
     // Runs the ops that record() issues. A backend may capture them on a first call for `key` and replay

@@ -12,8 +12,22 @@ static double now_ms() {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+KvType kv_type_parse(const std::string & name) {
+    if (name == "fp16") {
+        return KV_TYPE_F16;
+    }
+    if (name == "int8") {
+        return KV_TYPE_I8;
+    }
+    throw ArgError("invalid kv_cache '" + name + "': expected fp16 or int8");
+}
+
+const char * kv_type_name(KvType t) {
+    return t == KV_TYPE_I8 ? "int8" : "fp16";
+}
+
 Context::Context(std::shared_ptr<const Model> model, const ContextParams & params)
-    : model_(std::move(model)), be_(model_->backend()) {
+    : model_(std::move(model)), be_(model_->backend()), kv_type_(params.kv_type) {
     const Config & c = model_->config();
     if (params.n_ctx < 0) {
         throw ArgError("invalid n_ctx " + std::to_string(params.n_ctx) + ": must be > 0 (or 0 for the model's)");
@@ -21,9 +35,16 @@ Context::Context(std::shared_ptr<const Model> model, const ContextParams & param
     if (params.n_batch < 1) {
         throw ArgError("invalid n_batch " + std::to_string(params.n_batch) + ": must be >= 1");
     }
+    if (kv_type_ != KV_TYPE_F16 && kv_type_ != KV_TYPE_I8) {
+        throw ArgError("invalid KV cache type " + std::to_string((int) kv_type_) + ": expected fp16 or int8");
+    }
+    if (kv_type_ == KV_TYPE_I8 && !model_->has_kv_scales()) {
+        throw ArgError("model file " + model_->file().path() +
+                       " has no KV-cache scales (attn_k_scale/attn_v_scale): convert it with --kv-int8");
+    }
     n_ctx_ = params.n_ctx > 0 ? params.n_ctx : c.n_ctx_train;
     n_batch_ = std::min(params.n_batch, n_ctx_);
-    const size_t kv_bytes = (size_t) n_ctx_ * c.kv_dim() * be_.kv_elem_size();
+    const size_t kv_bytes = (size_t) n_ctx_ * c.kv_dim() * kv_elem_size(kv_type_);
     for (int32_t i = 0; i < c.n_layer; i++) {
         k_cache_.push_back(be_.alloc(kv_bytes));
         v_cache_.push_back(be_.alloc(kv_bytes));
@@ -140,7 +161,7 @@ void Context::forward_chunk(const int32_t * ids, int32_t m, int32_t pos0, bool a
     }
     be_.upload(ids_, ids, m * sizeof(int32_t));
     be_.upload(pos_, pos.data(), m * sizeof(int32_t));
-    AttentionShape as{c.n_head, c.n_head_kv, c.head_dim, n_ctx_};
+    AttentionShape as{c.n_head, c.n_head_kv, c.head_dim, n_ctx_, kv_type_};
     // logits only for the rows asked for: all of them, or the last one
     const int32_t first = all_logits ? 0 : m - 1;
     const int32_t rows = m - first;
@@ -172,9 +193,7 @@ void Context::forward_ops(int32_t m, const AttentionShape & as, int32_t first, i
         }
         be_.rmsnorm(x_, (const float *) L.attn_norm, m, c.n_embd, c.rms_eps, h_);
         be_.linear(L.attn_qkv, h_, m, qkv_, false);
-        be_.rope(qkv_, m, c.qkv_dim(), c.n_head, c.n_head_kv, c.head_dim, pos_, c.rope);
-        be_.kv_store(qkv_, m, c.qkv_dim(), as, pos_, k_cache_[l], v_cache_[l]);
-        be_.attention(qkv_, m, c.qkv_dim(), as, pos_, k_cache_[l], v_cache_[l], attn_);
+        attention_ops(l, m, as);
         be_.linear(L.attn_output, attn_, m, x_, true);  // residual: x += attn · Woᵀ
         be_.rmsnorm(x_, (const float *) L.ffn_norm, m, c.n_embd, c.rms_eps, h_);
         be_.linear(L.ffn_gate_up, h_, m, gu_, false);
@@ -196,9 +215,7 @@ void Context::forward_layer_w4a4(int32_t l, int32_t m, const AttentionShape & as
     be_.rmsnorm_quant(x_, L.attn_qkv, m, c.n_embd, c.rms_eps, codes_);
     trace_codes(L.attn_qkv, m, codes_);
     be_.linear_codes(L.attn_qkv, codes_, m, qkv_, false);
-    be_.rope(qkv_, m, c.qkv_dim(), c.n_head, c.n_head_kv, c.head_dim, pos_, c.rope);
-    be_.kv_store(qkv_, m, c.qkv_dim(), as, pos_, k_cache_[l], v_cache_[l]);
-    be_.attention_quant(qkv_, m, c.qkv_dim(), as, pos_, k_cache_[l], v_cache_[l], attn_, L.attn_output, codes_);
+    attention_ops(l, m, as, &L.attn_output);
     trace_codes(L.attn_output, m, codes_);
     be_.linear_codes(L.attn_output, codes_, m, x_, true);
     be_.rmsnorm_quant(x_, L.ffn_gate_up, m, c.n_embd, c.rms_eps, codes_);
@@ -206,6 +223,32 @@ void Context::forward_layer_w4a4(int32_t l, int32_t m, const AttentionShape & as
     be_.linear_codes_swiglu_quant(L.ffn_gate_up, codes_, m, L.ffn_down, c.n_ff, gu_, codes_down_);
     trace_codes(L.ffn_down, m, codes_down_);
     be_.linear_codes(L.ffn_down, codes_down_, m, x_, true);
+}
+
+// RoPE on q and k of qkv_, k and v into layer l's caches, attention into attn_ (both kinds of block); with
+// `quant` (a static W4A4 block), also its output rounded to quant's input codes in codes_
+void Context::attention_ops(int32_t l, int32_t m, const AttentionShape & as, const Linear * quant) {
+    const Config & c = model_->config();
+    const KvScales sc = kv_type_ == KV_TYPE_I8 ? model_->layers[l].kv_scales : KvScales();
+    be_.rope(qkv_, m, c.qkv_dim(), c.n_head, c.n_head_kv, c.head_dim, pos_, c.rope);
+    be_.kv_store(qkv_, m, c.qkv_dim(), as, pos_, sc, k_cache_[l], v_cache_[l]);
+    if (quant) {
+        be_.attention_quant(qkv_, m, c.qkv_dim(), as, pos_, sc, k_cache_[l], v_cache_[l], attn_, *quant, codes_);
+    } else {
+        be_.attention(qkv_, m, c.qkv_dim(), as, pos_, sc, k_cache_[l], v_cache_[l], attn_);
+    }
+}
+
+void Context::read_kv(int32_t l, std::vector<uint8_t> & k, std::vector<uint8_t> & v) const {
+    const Config & c = model_->config();
+    if (l < 0 || l >= c.n_layer) {
+        throw ArgError("layer " + std::to_string(l) + " is outside [0, " + std::to_string(c.n_layer) + ")");
+    }
+    const size_t bytes = tokens_.size() * (size_t) c.kv_dim() * kv_elem_size(kv_type_);
+    k.resize(bytes);
+    v.resize(bytes);
+    be_.download(k.data(), k_cache_[l], bytes);
+    be_.download(v.data(), v_cache_[l], bytes);
 }
 
 void Context::trace_codes(const Linear & lin, int32_t m, const int8_t * codes) {

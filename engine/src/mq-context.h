@@ -17,7 +17,12 @@ class StreamDecoder;
 struct ContextParams {
     int32_t n_ctx = 0;      // 0: the model's trained context length
     int32_t n_batch = 256;  // tokens per forward pass during prefill (bounds scratch memory)
+    KvType kv_type = KV_TYPE_F16;  // int8 needs a model file with KV-cache scales (--kv-int8)
 };
+
+// "fp16" | "int8" -> the KV cache type; throws ArgError naming the value otherwise
+KvType kv_type_parse(const std::string & name);
+const char * kv_type_name(KvType t);
 
 class Context {
 public:
@@ -28,6 +33,7 @@ public:
 
     const Model & model() const { return *model_; }
     int32_t n_ctx() const { return n_ctx_; }
+    KvType kv_type() const { return kv_type_; }
     // tokens whose keys and values are in the cache, in order
     const std::vector<int32_t> & tokens() const { return tokens_; }
     // forget everything after the first n tokens (0: clear)
@@ -49,16 +55,22 @@ public:
     using CodeTrace = std::function<void(const std::string &, const std::vector<int8_t> &, int32_t, int64_t)>;
     void set_code_trace(CodeTrace fn) { code_trace_ = std::move(fn); }
 
+    // the rows of layer l's K and V caches that hold tokens(), as stored: [n_tokens, kv_dim] elements of
+    // kv_elem_size(kv_type()) bytes (fp16 bits or int8 codes); tests compare them with the simulator's
+    void read_kv(int32_t l, std::vector<uint8_t> & k, std::vector<uint8_t> & v) const;
+
 private:
     void forward_layer_w4a4(int32_t l, int32_t m, const AttentionShape & as);
     void trace_codes(const Linear & lin, int32_t m, const int8_t * codes);
     void eval_chunks(const std::vector<int32_t> & tokens, bool all_logits, bool download);
     void forward_chunk(const int32_t * ids, int32_t n, int32_t pos0, bool all_logits, bool logits, float * logits_out);
     void forward_ops(int32_t m, const AttentionShape & as, int32_t first, int32_t rows);
+    void attention_ops(int32_t l, int32_t m, const AttentionShape & as, const Linear * quant = nullptr);
 
     std::shared_ptr<const Model> model_;
     Backend & be_;
     int32_t n_ctx_, n_batch_;
+    KvType kv_type_;
     std::vector<int32_t> tokens_;
     std::vector<void *> k_cache_, v_cache_;
     // scratch (device)

@@ -3,6 +3,7 @@
 #include "mq-error.h"
 #include "mq-vocab.h"
 
+#include <cmath>
 #include <thread>
 #include <unistd.h>
 
@@ -128,6 +129,11 @@ void Model::load_weights(const Json & quant) {
     owned_.push_back(emb_dev);
     token_embd = emb_dev;
     output_norm = load_norm("output_norm.weight");
+    // the int8 KV cache's steps are optional: every layer has both or the file has none
+    for (int32_t i = 0; i < c.n_layer && !has_kv_scales_; i++) {
+        const std::string p = "blk." + std::to_string(i) + ".";
+        has_kv_scales_ = file_->has(p + "attn_k_scale") || file_->has(p + "attn_v_scale");
+    }
     layers.resize(c.n_layer);
     for (int32_t i = 0; i < c.n_layer; i++) {
         const std::string p = "blk." + std::to_string(i) + ".";
@@ -146,6 +152,9 @@ void Model::load_weights(const Json & quant) {
                         " mixes w4a4 with other schemes; a static W4A4 block has all four linears in w4a4");
         }
         L.static_w4a4 = n_static == 4;
+        if (has_kv_scales_) {
+            L.kv_scales = load_kv_scales(i);
+        }
     }
     if (c.tied_embeddings) {
         if (file_->has("output.weight")) {
@@ -173,6 +182,36 @@ void * Model::load_norm(const std::string & name) {
     void * p = backend_->upload_copy(t.data, t.nbytes);
     owned_.push_back(p);
     return p;
+}
+
+// Layer l's int8 KV-cache steps s (docs/format.md: F32 [n_head_kv * head_dim], finite, > 0) and their
+// inverses fp32(1 / s), computed here once for every backend (docs/numerics.md), uploaded side by side.
+KvScales Model::load_kv_scales(int32_t l) {
+    const int32_t kv_dim = config_.kv_dim();
+    const float * dev[4];
+    for (int which = 0; which < 2; which++) {
+        const std::string name = "blk." + std::to_string(l) + (which ? ".attn_v_scale" : ".attn_k_scale");
+        const float * s = file_->tensor(name, DTYPE_F32, {kv_dim}).as<float>();
+        std::vector<float> host(2 * (size_t) kv_dim);
+        for (int32_t c = 0; c < kv_dim; c++) {
+            if (!std::isfinite(s[c]) || !(s[c] > 0.0f)) {
+                throw Error("model file '" + file_->path() + "': tensor '" + name + "' channel " + std::to_string(c) +
+                            " is " + std::to_string(s[c]) + ": KV-cache scales must be finite and > 0");
+            }
+            host[c] = s[c];
+            host[kv_dim + c] = 1.0f / s[c];
+        }
+        float * d = (float *) backend_->upload_copy(host.data(), host.size() * sizeof(float));
+        owned_.push_back(d);
+        dev[2 * which] = d;
+        dev[2 * which + 1] = d + kv_dim;
+    }
+    KvScales ks;
+    ks.k_scale = dev[0];
+    ks.k_inv = dev[1];
+    ks.v_scale = dev[2];
+    ks.v_inv = dev[3];
+    return ks;
 }
 
 // the tensors each scheme stores for a linear [n, k] (docs/format.md), validated before use

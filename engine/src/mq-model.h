@@ -32,6 +32,7 @@ struct LayerWeights {
     void * ffn_norm = nullptr;
     Linear attn_qkv, attn_output, ffn_gate_up, ffn_down;
     bool static_w4a4 = false;  // all four linears w4a4: integer codes between the ops
+    KvScales kv_scales;        // the int8 KV cache's steps (device), null when the file has none
 };
 
 // where a w4a4 linear's input codes come from (which tensors it carries, docs/numerics.md)
@@ -59,6 +60,8 @@ public:
     const File & file() const { return *file_; }
     Backend & backend() const { return *backend_; }
     const std::string & quant_method() const { return quant_method_; }
+    // whether the file has the int8 KV cache's steps (blk.{i}.attn_k_scale / attn_v_scale)
+    bool has_kv_scales() const { return has_kv_scales_; }
     int32_t n_threads() const { return n_threads_; }
 
     const void * token_embd = nullptr;  // device fp16 [n_vocab, n_embd]
@@ -70,6 +73,7 @@ private:
     void load_linear(Linear & lin, const std::string & name, int64_t n, int64_t k, const Json & quant,
                      LinearInput input);
     void * load_norm(const std::string & name);
+    KvScales load_kv_scales(int32_t layer);
     void load_weights(const Json & quant);
     void release();
 
@@ -79,6 +83,7 @@ private:
     std::unique_ptr<Backend> backend_;
     std::vector<void *> owned_;
     std::string quant_method_;
+    bool has_kv_scales_ = false;
     int32_t n_threads_ = 1;
 };
 

@@ -47,6 +47,7 @@ struct Args {
     int32_t n_predict = 512;
     int32_t threads = 0;
     int32_t n_ctx = 0;
+    mq::KvType kv_type = mq::KV_TYPE_F16;
     bool timings = false;
     mq::SamplingParams sampling;
 };
@@ -73,6 +74,7 @@ void usage(FILE * out) {
             "  --device D              auto | cpu | cuda | cuda:N (default auto)\n"
             "  -t, --threads N         CPU threads (default: one per core)\n"
             "  -c, --ctx-size N        context length (default: the model's)\n"
+            "  --kv-cache T            KV cache type: fp16 (default) or int8 (a model converted with --kv-int8)\n"
             "  --timings               print prefill and decode tokens/s after each reply\n"
             "  -h, --help              this help\n");
 }
@@ -146,6 +148,12 @@ Args parse_args(int argc, char ** argv) {
             a.threads = (int32_t) parse_int(o.c_str(), v);
         } else if (o == "-c" || o == "--ctx-size") {
             a.n_ctx = (int32_t) parse_int(o.c_str(), v);
+        } else if (o == "--kv-cache") {
+            try {
+                a.kv_type = mq::kv_type_parse(v);
+            } catch (const mq::ArgError &) {
+                die(std::string("invalid value '") + v + "' for --kv-cache: expected fp16 or int8");
+            }
         } else {
             die("unknown option '" + o + "' (see --help)");
         }
@@ -227,6 +235,7 @@ int main(int argc, char ** argv) {
         auto model = std::make_shared<mq::Model>(a.model, mp);
         mq::ContextParams cp;
         cp.n_ctx = a.n_ctx;
+        cp.kv_type = a.kv_type;
         mq::Context ctx(model, cp);
         const mq::ChatTemplate fmt = mq::chat_template_detect(model->vocab().chat_template());
         if (fmt.format == mq::CHAT_FORMAT_PLAIN) {

@@ -11,10 +11,14 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from .llm import KV_CACHE_TYPES
+
 EPILOG = """examples:
   mergequant generate -p "The capital of France is" -n 32          # built-in SmolLM2, converted on first use
   mergequant convert ./Llama-3.2-1B -o llama.mq                     # HF checkpoint directory -> f16 model file
   mergequant convert model.gguf -o model.mq --method mergequant     # GGUF -> W4A4 static (MergeQuant)
+  mergequant convert model.gguf -o model.mq --kv-int8               # + scales for the int8 KV cache
+  mergequant generate model.mq -p "Hello" --kv-cache int8           # run with the int8 KV cache
   mergequant chat llama.mq
   mergequant eval llama.mq --ppl ../shared/data/eval/wiki.test.raw --ctx 512
   mergequant inspect llama.mq
@@ -31,6 +35,8 @@ def _add_model_args(p: argparse.ArgumentParser, optional: bool) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: one per core)")
     p.add_argument("-c", "--ctx", type=int, default=None, help="context length in tokens (default: the model's)")
+    p.add_argument("--kv-cache", default="fp16", choices=KV_CACHE_TYPES,
+                   help="KV cache type: fp16 (default) or int8 (needs a model converted with --kv-int8)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -54,7 +60,7 @@ def _sampling(a: argparse.Namespace) -> dict:
 
 def _load(a: argparse.Namespace):
     from .llm import LLM
-    return LLM(a.model, device=a.device, n_ctx=a.ctx, threads=a.threads)
+    return LLM(a.model, device=a.device, n_ctx=a.ctx, threads=a.threads, kv_cache=a.kv_cache)
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
@@ -63,15 +69,17 @@ def cmd_convert(a: argparse.Namespace) -> int:
                                       ("rank", a.rank), ("gptq", False if a.no_gptq else None), ("budget", a.budget),
                                       ("calib", a.calib), ("calib_n", a.calib_n), ("calib_len", a.calib_len),
                                       ("seed", a.seed)) if v is not None}
-    if method_args and not a.method:
-        raise SystemExit("convert: calibration and method options need --method")
+    calib_only = a.kv_int8 and all(k in ("calib", "calib_n", "calib_len", "seed") for k in method_args)
+    if method_args and not a.method and not calib_only:
+        raise SystemExit("convert: method options need --method (calibration options need --method or --kv-int8)")
     for kv in a.opt or []:
         if "=" not in kv:
             raise SystemExit(f"--opt expects KEY=VALUE, got {kv!r}")
         k, v = kv.split("=", 1)
         method_args[k] = _parse_value(v)
     t0 = time.time()
-    convert(a.src, a.output, scheme=a.scheme, method=a.method, progress=not a.quiet, **method_args)
+    convert(a.src, a.output, scheme=a.scheme, method=a.method, progress=not a.quiet, kv_int8=a.kv_int8,
+            **method_args)
     size = os.path.getsize(a.output)
     print(f"wrote {a.output} ({size / 1e6:.1f} MB) in {time.time() - t0:.1f} s", file=sys.stderr)
     return 0
@@ -185,7 +193,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         count += len(lq)
     ppl = math.exp(nll / count)
     print(f"perplexity {ppl:.4f} over {n_windows} windows of {window} tokens ({count} predictions), "
-          f"model {llm.path}, device {llm.device}")
+          f"model {llm.path}, device {llm.device}, kv cache {llm.kv_cache}")
     if base is not None:
         print(f"KL divergence vs {a.kld}: mean {kld / count:.6f} nats/token; same top token {same_top / count:.2%}")
     return 0
@@ -208,7 +216,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     pf = max(t["n_prefill"] / (t["prefill_ms"] / 1e3) for t in rows)
     decoded = [t for t in rows if t["n_decode"]]
     dc = max(t["n_decode"] / (t["decode_ms"] / 1e3) for t in decoded) if decoded else float("nan")
-    print(f"model {llm.path} on {llm.device} ({llm._model.n_threads} threads): "
+    print(f"model {llm.path} on {llm.device} ({llm._model.n_threads} threads, {llm.kv_cache} KV cache): "
           f"prefill {a.prompt} tokens {pf:.1f} tok/s, decode {dc:.1f} tok/s (best of {a.repeat})")
     return 0
 
@@ -234,10 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-gptq", action="store_true",
                    help="round-to-nearest weight codes instead of GPTQ (the low-rank branch then fits RTN's error)")
     m.add_argument("--budget", type=float, default=None, help="channel-split budget as a share of K (default 0.03)")
-    cal = c.add_argument_group("calibration (static methods)")
+    c.add_argument("--kv-int8", action="store_true",
+                   help="also calibrate static per-channel scales for the int8 KV cache (--kv-cache int8 at run "
+                        "time), on the finished model (any --method); default calibration 8 x 512 tokens")
+    cal = c.add_argument_group("calibration (static methods and --kv-int8; given options apply to both)")
     cal.add_argument("--calib", default=None, help="calibration text file, or wikitext2 | c4 | wikitext2+c4 (default)")
-    cal.add_argument("--calib-n", type=int, default=None, help="calibration sequences")
-    cal.add_argument("--calib-len", type=int, default=None, help="tokens per calibration sequence")
+    cal.add_argument("--calib-n", type=int, default=None,
+                     help="calibration sequences (default: methods 32, --kv-int8 8)")
+    cal.add_argument("--calib-len", type=int, default=None, help="tokens per calibration sequence (default 512)")
     cal.add_argument("--seed", type=int, default=None, help="calibration sampling seed")
     c.add_argument("--opt", action="append", metavar="KEY=VALUE", help="any other method option (repeatable)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

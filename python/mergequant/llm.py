@@ -11,6 +11,8 @@ from typing import Iterator, Optional, Sequence, Union
 from . import _engine
 
 Prompt = Union[str, Sequence[int]]
+# KV cache types: fp16, or int8 with the static per-channel scales of a model converted with --kv-int8
+KV_CACHE_TYPES = ("fp16", "int8")
 
 
 def _stop_list(stop: Union[str, Sequence[str], None]) -> list[str]:
@@ -34,10 +36,12 @@ class LLM:
         device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
         n_ctx: context length in tokens; None uses the model's trained context.
         threads: CPU threads; None uses one per core.
+        kv_cache: "fp16" (default) or "int8" (1 byte per cached value instead of 2, with the static
+            per-channel scales of a model converted with `--kv-int8`; docs/numerics.md).
     """
 
     def __init__(self, model: Union[str, os.PathLike, None] = None, device: str = "auto",
-                 n_ctx: Optional[int] = None, threads: Optional[int] = None):
+                 n_ctx: Optional[int] = None, threads: Optional[int] = None, kv_cache: str = "fp16"):
         if model is None:
             from .default_model import default_model_path
             model = default_model_path()
@@ -48,9 +52,11 @@ class LLM:
             raise ValueError(f"invalid n_ctx {n_ctx!r}: must be a positive integer or None")
         if threads is not None and (not isinstance(threads, int) or threads <= 0):
             raise ValueError(f"invalid threads {threads!r}: must be a positive integer or None")
+        if not isinstance(kv_cache, str):
+            raise TypeError(f"kv_cache must be a str ({' or '.join(KV_CACHE_TYPES)}), got {type(kv_cache).__name__}")
         self.path = path
         self._model = _engine.Model(path, device=device, n_threads=threads or 0)
-        self._session = _engine.Session(self._model, n_ctx=n_ctx or 0)
+        self._session = _engine.Session(self._model, n_ctx=n_ctx or 0, kv_cache=kv_cache)
 
     # --- properties ---------------------------------------------------------------------------
     @property
@@ -60,6 +66,11 @@ class LLM:
     @property
     def n_ctx(self) -> int:
         return self._session.n_ctx
+
+    @property
+    def kv_cache(self) -> str:
+        """The KV cache type: "fp16" or "int8"."""
+        return self._session.kv_cache
 
     @property
     def n_vocab(self) -> int:

@@ -108,6 +108,7 @@ NB_MODULE(_engine, m) {
         .def_prop_ro("n_ctx_train", [](const mq::Model & md) { return md.config().n_ctx_train; })
         .def_prop_ro("n_layer", [](const mq::Model & md) { return md.config().n_layer; })
         .def_prop_ro("quant_method", &mq::Model::quant_method)
+        .def_prop_ro("has_kv_scales", &mq::Model::has_kv_scales)
         .def_prop_ro("bos_id", [](const mq::Model & md) { return md.vocab().bos(); })
         .def_prop_ro("eos_id", [](const mq::Model & md) { return md.vocab().eos(); })
         .def_prop_ro("eot_ids", [](const mq::Model & md) { return md.vocab().eot_ids(); })
@@ -161,17 +162,26 @@ NB_MODULE(_engine, m) {
 
     nb::class_<Session>(m, "Session")
         .def("__init__",
-             [](Session * self, std::shared_ptr<mq::Model> model, int32_t n_ctx, int32_t n_batch) {
+             [](Session * self, std::shared_ptr<mq::Model> model, int32_t n_ctx, int32_t n_batch,
+                const std::string & kv_cache) {
                  mq::ContextParams p;
                  p.n_ctx = n_ctx;
                  p.n_batch = n_batch;
+                 p.kv_type = mq::kv_type_parse(kv_cache);
+                 // the context first: a Session constructed in place before a throw would never be
+                 // destroyed (nor the model it holds)
+                 std::unique_ptr<mq::Context> ctx;
+                 {
+                     nb::gil_scoped_release release;
+                     ctx.reset(new mq::Context(model, p));
+                 }
                  new (self) Session();
                  self->model = model;
-                 nb::gil_scoped_release release;
-                 self->ctx.reset(new mq::Context(model, p));
+                 self->ctx = std::move(ctx);
              },
-             "model"_a, "n_ctx"_a = 0, "n_batch"_a = 256)
+             "model"_a, "n_ctx"_a = 0, "n_batch"_a = 256, "kv_cache"_a = "fp16")
         .def_prop_ro("n_ctx", [](const Session & s) { return s.ctx->n_ctx(); })
+        .def_prop_ro("kv_cache", [](const Session & s) { return std::string(mq::kv_type_name(s.ctx->kv_type())); })
         .def_prop_ro("tokens", [](const Session & s) { return s.ctx->tokens(); })
         .def("reset", [](Session & s) {
             s.gen.reset();
@@ -273,6 +283,27 @@ NB_MODULE(_engine, m) {
                  return nb::ndarray<nb::numpy, float, nb::ndim<2>>(out.release(), {(size_t) n, (size_t) nv}, owner);
              },
              "ids"_a)
+        .def("kv_cache_rows",
+             [](const Session & s, int32_t layer) {
+                 // layer's K and V cache rows of the cached tokens as stored: uint16 fp16 bits or int8 codes
+                 std::vector<uint8_t> rows[2];
+                 s.ctx->read_kv(layer, rows[0], rows[1]);
+                 const size_t kv_dim = (size_t) s.model->config().kv_dim(), n = s.ctx->tokens().size();
+                 nb::dict out;
+                 for (int i = 0; i < 2; i++) {
+                     uint8_t * buf = new uint8_t[std::max<size_t>(rows[i].size(), 1)];
+                     std::copy(rows[i].begin(), rows[i].end(), buf);
+                     nb::capsule owner(buf, [](void * p) noexcept { delete[] (uint8_t *) p; });
+                     const char * key = i ? "v" : "k";
+                     if (s.ctx->kv_type() == mq::KV_TYPE_I8) {
+                         out[key] = nb::ndarray<nb::numpy, int8_t, nb::ndim<2>>((int8_t *) buf, {n, kv_dim}, owner);
+                     } else {
+                         out[key] = nb::ndarray<nb::numpy, uint16_t, nb::ndim<2>>((uint16_t *) buf, {n, kv_dim}, owner);
+                     }
+                 }
+                 return out;
+             },
+             "layer"_a, "{'k', 'v'}: layer's cache rows of the cached tokens as stored, [n, kv_dim] (for tests)")
         .def("trace_codes",
              [](Session & s, const std::vector<int32_t> & ids) {
                  // the int4 input codes of every w4a4 linear while evaluating ids in a fresh context

@@ -1,6 +1,6 @@
 // The CPU backend: the reference implementation of every op, multithreaded, with SIMD inner loops
 // (AVX-512 or AVX2+F16C when the compiler targets them, plain C++ otherwise). fp32 activations,
-// fp32 accumulation, fp16 KV cache (docs/numerics.md).
+// fp32 accumulation, fp16 or int8 KV cache (docs/numerics.md).
 #include "cpu-threadpool.h"
 #include "cpu-ops.h"
 #include "cpu-quant.h"
@@ -230,25 +230,48 @@ public:
     }
 
     void kv_store(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
-                  const int32_t * pos, void * k_cache, void * v_cache) override {
-        // K/V cache <- fp16(k), fp16(v) (docs/numerics.md)
+                  const int32_t * pos, const KvScales & sc, void * k_cache, void * v_cache) override {
+        // K/V cache <- fp16(k), fp16(v), or int8 codes clamp(rint(x * inv_c), -127, 127) (docs/numerics.md)
         const int32_t kv_dim = s.n_head_kv * s.head_dim;
         const int32_t q_dim = s.n_head * s.head_dim;
+        const bool i8 = s.kv_type == KV_TYPE_I8;
+        if (i8 && (!sc.k_inv || !sc.v_inv)) {
+            throw Error("kv_store: the int8 KV cache needs its scales");
+        }
         for (int32_t t = 0; t < n_tokens; t++) {
-            const float * row = qkv + (size_t) t * row_stride;
-            cpu_f32_to_f16(row + q_dim, (uint16_t *) k_cache + (size_t) pos[t] * kv_dim, kv_dim);
-            cpu_f32_to_f16(row + q_dim + kv_dim, (uint16_t *) v_cache + (size_t) pos[t] * kv_dim, kv_dim);
+            const float * kv = qkv + (size_t) t * row_stride + q_dim;  // k [kv_dim], then v [kv_dim]
+            const size_t off = (size_t) pos[t] * kv_dim;
+            if (i8) {
+                cpu_f32_to_i8_scaled(kv, sc.k_inv, (int8_t *) k_cache + off, kv_dim);
+                cpu_f32_to_i8_scaled(kv + kv_dim, sc.v_inv, (int8_t *) v_cache + off, kv_dim);
+            } else {
+                cpu_f32_to_f16(kv, (uint16_t *) k_cache + off, kv_dim);
+                cpu_f32_to_f16(kv + kv_dim, (uint16_t *) v_cache + off, kv_dim);
+            }
         }
     }
 
     void attention(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
-                   const int32_t * pos, const void * k_cache, const void * v_cache, float * out) override {
+                   const int32_t * pos, const KvScales & sc, const void * k_cache, const void * v_cache,
+                   float * out) override {
         // qc = fp32(fp16(q) * c), c = fp32(1/sqrt(hd)); over cache rows 0..pos: s_j = qc · k_j, p_j = exp(s_j - max),
-        // o = (Σ p_j v_j) / Σ p_j; the sums and exp in float64, o rounded once to fp32 (docs/numerics.md)
+        // o = (Σ p_j v_j) / Σ p_j; the sums and exp in float64, o rounded once to fp32 (docs/numerics.md).
+        // k_j, v_j are the cache rows as fp32: fp16 widened, or int8 codes times their steps float(code) * s_c.
         const int32_t hd = s.head_dim, kv_dim = s.n_head_kv * hd, group = s.n_head / s.n_head_kv;
         const float scale = (float) (1.0 / std::sqrt((double) hd));
-        const uint16_t * kc = (const uint16_t *) k_cache;
-        const uint16_t * vc = (const uint16_t *) v_cache;
+        const bool i8 = s.kv_type == KV_TYPE_I8;
+        if (i8 && (!sc.k_scale || !sc.v_scale)) {
+            throw Error("attention: the int8 KV cache needs its scales");
+        }
+        // row j of kv head kvh of a cache, as fp32
+        auto load_row = [&](const void * cache, const float * steps, int32_t j, int32_t kvh, float * dst) {
+            const size_t off = (size_t) j * kv_dim + (size_t) kvh * hd;
+            if (i8) {
+                cpu_i8_to_f32_scaled((const int8_t *) cache + off, steps + (size_t) kvh * hd, dst, hd);
+            } else {
+                cpu_f16_to_f32((const uint16_t *) cache + off, dst, hd);
+            }
+        };
         const int64_t n_work = (int64_t) n_tokens * s.n_head;
         pool_.run([&](int32_t ith, int32_t nth) {
             int64_t b, e;
@@ -268,7 +291,7 @@ public:
                 scores.resize(n_kv);
                 double mx = -INFINITY;
                 for (int32_t j = 0; j < n_kv; j++) {
-                    cpu_f16_to_f32(kc + (size_t) j * kv_dim + (size_t) kvh * hd, row.data(), hd);
+                    load_row(k_cache, sc.k_scale, j, kvh, row.data());
                     scores[j] = cpu_dot_f64(q.data(), row.data(), hd);
                     mx = std::max(mx, scores[j]);
                 }
@@ -277,7 +300,7 @@ public:
                 for (int32_t j = 0; j < n_kv; j++) {
                     const double p = std::exp(scores[j] - mx);
                     sum += p;
-                    cpu_f16_to_f32(vc + (size_t) j * kv_dim + (size_t) kvh * hd, row.data(), hd);
+                    load_row(v_cache, sc.v_scale, j, kvh, row.data());
                     cpu_axpy_f64(p, row.data(), acc.data(), hd);
                 }
                 float * o = out + (size_t) t * s.n_head * hd + (size_t) h * hd;
@@ -298,8 +321,6 @@ public:
             }
         }
     }
-
-    size_t kv_elem_size() const override { return sizeof(uint16_t); }
 
 private:
     // acc = a · qᵀ (int32, exact), then y = float(acc) * scale[n] (+ low-rank branch), times the token's

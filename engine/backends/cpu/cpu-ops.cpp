@@ -88,6 +88,43 @@ void cpu_f32_to_f16(const float * x, uint16_t * y, int64_t n) {
     }
 }
 
+void cpu_i8_to_f32_scaled(const int8_t * x, const float * s, float * y, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) {
+        const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (x + i))));
+        _mm512_storeu_ps(y + i, _mm512_mul_ps(f, _mm512_loadu_ps(s + i)));
+    }
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+    for (; i + 8 <= n; i += 8) {
+        const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (x + i))));
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(f, _mm256_loadu_ps(s + i)));
+    }
+#endif
+    for (; i < n; i++) {
+        y[i] = (float) x[i] * s[i];
+    }
+}
+
+void cpu_f32_to_i8_scaled(const float * x, const float * inv, int8_t * y, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(inv + i));
+        const __m512 r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        // clamp, and NaN (unordered) to 0 as the scalar path and CUDA's __float2int_rn
+        const __m512 c =
+            _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), _mm512_min_ps(_mm512_max_ps(r, lo), hi));
+        _mm_storeu_si128((__m128i *) (y + i), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(c)));
+    }
+#endif
+    for (; i < n; i++) {
+        const float r = std::nearbyint(x[i] * inv[i]);  // default rounding mode: half to even
+        y[i] = (int8_t) (r != r ? 0.0f : r < -127.0f ? -127.0f : r > 127.0f ? 127.0f : r);
+    }
+}
+
 float cpu_dot_f32(const float * a, const float * b, int64_t n) {
     int64_t i = 0;
     float s = 0.0f;

@@ -10,6 +10,10 @@ struct RopeParams;
 void cpu_f16_to_f32(const uint16_t * x, float * y, int64_t n);
 // round to nearest even
 void cpu_f32_to_f16(const float * x, uint16_t * y, int64_t n);
+// int8 KV cache rows: y = float(x) * s (one fp32 multiply per value)
+void cpu_i8_to_f32_scaled(const int8_t * x, const float * s, float * y, int64_t n);
+// y = clamp(rint(x * inv), -127, 127) (fp32 multiply, round half to even; NaN gives 0)
+void cpu_f32_to_i8_scaled(const float * x, const float * inv, int8_t * y, int64_t n);
 float cpu_dot_f32(const float * a, const float * b, int64_t n);
 // y += a * x
 void cpu_axpy_f32(float a, const float * x, float * y, int64_t n);

@@ -61,9 +61,18 @@ __device__ __forceinline__ double block_reduce_f64(double v, bool is_max, double
     return r;
 }
 
+// a cache element as the CPU reads it: fp16 widened, or an int8 code times its channel's step (one fp32 multiply)
+// (element i of a row, channel ch of the head's steps s)
+__device__ __forceinline__ float cache_value(const __half * c, size_t i, const float *, int) { return __half2float(c[i]); }
+__device__ __forceinline__ float cache_value(const int8_t * c, size_t i, const float * s, int ch) {
+    return __fmul_rn((float) c[i], s[ch]);
+}
+
+template <typename T>
 static __global__ void __launch_bounds__(EXACT_THREADS) attention_exact_kernel(
     const float * __restrict__ qkv, int32_t row_stride, int32_t n_head, int32_t n_head_kv, int32_t hd,
-    const int32_t * __restrict__ pos, const __half * __restrict__ kc, const __half * __restrict__ vc, int64_t kp,
+    const int32_t * __restrict__ pos, const T * __restrict__ kc, const T * __restrict__ vc,
+    const float * __restrict__ k_scale, const float * __restrict__ v_scale, int64_t kp,
     uint32_t * __restrict__ count, uint32_t * __restrict__ marks, const uint32_t * __restrict__ list,
     int8_t * __restrict__ codes) {
     pdl_trigger();
@@ -82,18 +91,20 @@ static __global__ void __launch_bounds__(EXACT_THREADS) attention_exact_kernel(
         const float * q = qkv + (size_t) t * row_stride + (size_t) h * hd;
         for (int i = tid; i < hd; i += EXACT_THREADS) qs[i] = __fmul_rn(__half2float(__float2half_rn(q[i])), c);
         __syncthreads();
-        const __half * kb = kc + (size_t) kvh * hd;
-        const __half * vb = vc + (size_t) kvh * hd;
+        const T * kb = kc + (size_t) kvh * hd;
+        const T * vb = vc + (size_t) kvh * hd;
+        const float * ks = k_scale ? k_scale + (size_t) kvh * hd : nullptr;
+        const float * vs = v_scale ? v_scale + (size_t) kvh * hd : nullptr;
         double m_run = -INFINITY, l_run = 0.0, acc[EXACT_MAX_HD / EXACT_THREADS] = {};
         for (int32_t j0 = 0; j0 < n_kv; j0 += EXACT_THREADS) {
             const int32_t j = j0 + tid, nk = min(EXACT_THREADS, n_kv - j0);
             double s = -INFINITY;
             if (j < n_kv) {
-                const __half * kr = kb + (size_t) j * kv_dim;
+                const T * kr = kb + (size_t) j * kv_dim;
                 double part[4] = {0.0, 0.0, 0.0, 0.0};  // hd is a multiple of 8
                 for (int i = 0; i < hd; i += 4)
 #pragma unroll
-                    for (int u = 0; u < 4; u++) part[u] += (double) qs[i + u] * (double) __half2float(kr[i + u]);
+                    for (int u = 0; u < 4; u++) part[u] += (double) qs[i + u] * (double) cache_value(kr, i + u, ks, i + u);
                 s = (part[0] + part[1]) + (part[2] + part[3]);
             }
             const double m_new = fmax(m_run, block_reduce_f64(s, true, red));
@@ -106,7 +117,7 @@ static __global__ void __launch_bounds__(EXACT_THREADS) attention_exact_kernel(
             for (int u = 0; u * EXACT_THREADS + tid < hd; u++) {
                 const int d = u * EXACT_THREADS + tid;
                 double a = acc[u] * alpha;
-                for (int jj = 0; jj < nk; jj++) a += p[jj] * (double) __half2float(vb[(size_t) (j0 + jj) * kv_dim + d]);
+                for (int jj = 0; jj < nk; jj++) a += p[jj] * (double) cache_value(vb, (size_t) (j0 + jj) * kv_dim + d, vs, d);
                 acc[u] = a;
             }
             __syncthreads();  // p is rewritten by the next tile
@@ -131,7 +142,8 @@ static __global__ void __launch_bounds__(EXACT_THREADS) attention_exact_kernel(
 
 void cuda_attention_quant(const float * out, const float * qkv, int32_t m, int32_t row_stride, int32_t n_head,
                           int32_t n_head_kv, int32_t head_dim, const int32_t * pos, const void * k_cache,
-                          const void * v_cache, int64_t kp, void * workspace, int8_t * codes, cudaStream_t st) {
+                          const void * v_cache, const float * k_scale, const float * v_scale, int64_t kp, void * workspace,
+                          int8_t * codes, cudaStream_t st) {
     if (m <= 0) return;
     if (head_dim > EXACT_MAX_HD || head_dim % 8 != 0) {
         throw Error("CUDA attention_quant: head_dim " + std::to_string(head_dim) + " must be a multiple of 8 up to " +
@@ -145,9 +157,15 @@ void cuda_attention_quant(const float * out, const float * qkv, int32_t m, int32
                "attention_round_kernel", out, q_dim, head_dim, kp, CUDA_ATTN_EXACT_BAND, codes, count, marks, list);
     // a block per head of the batch, up to 8 per SM of an H100; more listed heads than blocks only take longer
     const unsigned blocks = (unsigned) std::min<int64_t>(EXACT_MAX_BLOCKS, (int64_t) m * n_head);
-    launch_pdl(attention_exact_kernel, dim3(blocks), dim3(EXACT_THREADS), 0, st, "attention_exact_kernel", qkv, row_stride,
-               n_head, n_head_kv, head_dim, pos, (const __half *) k_cache, (const __half *) v_cache, kp, count, marks,
-               (const uint32_t *) list, codes);
+    if (k_scale) {
+        launch_pdl(attention_exact_kernel<int8_t>, dim3(blocks), dim3(EXACT_THREADS), 0, st, "attention_exact_kernel<i8>",
+                   qkv, row_stride, n_head, n_head_kv, head_dim, pos, (const int8_t *) k_cache, (const int8_t *) v_cache,
+                   k_scale, v_scale, kp, count, marks, (const uint32_t *) list, codes);
+    } else {
+        launch_pdl(attention_exact_kernel<__half>, dim3(blocks), dim3(EXACT_THREADS), 0, st, "attention_exact_kernel<f16>",
+                   qkv, row_stride, n_head, n_head_kv, head_dim, pos, (const __half *) k_cache, (const __half *) v_cache,
+                   (const float *) nullptr, (const float *) nullptr, kp, count, marks, (const uint32_t *) list, codes);
+    }
 }
 
 }  // namespace mq

@@ -7,7 +7,8 @@ namespace mq {
 // for c < n_head·head_dim, 0 up to kp, with o the CPU backend's value (docs/numerics.md: float64 sums, one fp32
 // rounding). `out` holds the fp32 attention of cuda_attention, within a few fp32 ulps of that value: a head with
 // a channel whose o lies within CUDA_ATTN_EXACT_BAND·max(1, |o|) of a rounding boundary (x.5) is listed, and a
-// block per listed head recomputes its attention in float64 from q and the fp16 caches as the CPU does. The
+// block per listed head recomputes its attention in float64 from q and the caches as the CPU does (an int8 cache:
+// k_scale/v_scale non-null, rows read as float(code) · s_c; else fp16). The
 // codes then equal the CPU's wherever the fp32 error is below the band (~200 ulps).
 constexpr float CUDA_ATTN_EXACT_BAND = 2e-4f;
 // device workspace in bytes for m tokens of n_head heads (marks and a list of the heads to recompute); it
@@ -15,5 +16,6 @@ constexpr float CUDA_ATTN_EXACT_BAND = 2e-4f;
 size_t cuda_attention_quant_workspace(int32_t m, int32_t n_head);
 void cuda_attention_quant(const float * out, const float * qkv, int32_t m, int32_t row_stride, int32_t n_head,
                           int32_t n_head_kv, int32_t head_dim, const int32_t * pos, const void * k_cache,
-                          const void * v_cache, int64_t kp, void * workspace, int8_t * codes, cudaStream_t st);
+                          const void * v_cache, const float * k_scale, const float * v_scale, int64_t kp, void * workspace,
+                          int8_t * codes, cudaStream_t st);
 }

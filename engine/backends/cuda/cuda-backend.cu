@@ -1,5 +1,5 @@
 // The CUDA backend: the ops of mq-backend.h on one GPU, every launch on the backend's own stream.
-// fp32 activations, fp16 KV cache, int4 codes one per int8 between the static W4A4 ops (docs/numerics.md);
+// fp32 activations, fp16 or int8 KV cache, int4 codes one per int8 between the static W4A4 ops (docs/numerics.md);
 // weights uploaded once by prepare_linear, in the file's layout. Each op
 // lives in its own op.cu with a header declaring its launcher; this file glues them to the interface.
 // Decode steps are captured in a CUDA graph per context and replayed (run_step); MERGEQUANT_CUDA_GRAPHS=0
@@ -203,24 +203,27 @@ public:
         cuda_rope(qkv, n_tokens, row_stride, n_head, n_head_kv, head_dim, pos, inv_freq_for(head_dim, rp), stream_);
     }
     void kv_store(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s, const int32_t * pos,
-                  void * k_cache, void * v_cache) override {
-        cuda_kv_store(qkv, n_tokens, row_stride, s.n_head * s.head_dim, s.n_head_kv * s.head_dim, pos, k_cache, v_cache,
-                      stream_);
+                  const KvScales & sc, void * k_cache, void * v_cache) override {
+        const KvScales k = kv_scales_of(s, sc);
+        cuda_kv_store(qkv, n_tokens, row_stride, s.n_head * s.head_dim, s.n_head_kv * s.head_dim, pos, k.k_inv, k.v_inv,
+                      k_cache, v_cache, stream_);
     }
     void attention(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s, const int32_t * pos,
-                   const void * k_cache, const void * v_cache, float * out) override {
+                   const KvScales & sc, const void * k_cache, const void * v_cache, float * out) override {
+        const KvScales k = kv_scales_of(s, sc);
         void * ws = attention_workspace_for(cuda_attention_workspace(n_tokens, s.n_head, s.head_dim, s.n_ctx));
-        cuda_attention(qkv, n_tokens, row_stride, s.n_head, s.n_head_kv, s.head_dim, s.n_ctx, pos, k_cache, v_cache, ws,
-                       out, stream_);
+        cuda_attention(qkv, n_tokens, row_stride, s.n_head, s.n_head_kv, s.head_dim, s.n_ctx, pos, k_cache, v_cache,
+                       k.k_scale, k.v_scale, ws, out, stream_);
     }
     void attention_quant(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
-                         const int32_t * pos, const void * k_cache, const void * v_cache, float * out,
+                         const int32_t * pos, const KvScales & sc, const void * k_cache, const void * v_cache, float * out,
                          const Linear & c, int8_t * codes) override {
-        attention(qkv, n_tokens, row_stride, s, pos, k_cache, v_cache, out);
+        attention(qkv, n_tokens, row_stride, s, pos, sc, k_cache, v_cache, out);
+        const KvScales k = kv_scales_of(s, sc);
         void * ws = grow(attq_ws_, attq_ws_bytes_, cuda_attention_quant_workspace(n_tokens, s.n_head), true,
                          "attention_quant workspace");
         cuda_attention_quant(out, qkv, n_tokens, row_stride, s.n_head, s.n_head_kv, s.head_dim, pos, k_cache, v_cache,
-                             c.kp, ws, codes, stream_);
+                             k.k_scale, k.v_scale, c.kp, ws, codes, stream_);
     }
     void swiglu(const float * gu, int32_t m, int32_t n_ff, float * out) override {
         cuda_swiglu(gu, m, n_ff, out, stream_);
@@ -276,8 +279,6 @@ public:
         so.start = dp.swiglu_start, so.slots = dp.swiglu_slots, so.out = out, so.kp = down.kp, so.n_ff = n_ff;
         cuda_linear_w4a4_swiglu(p.qweight, p.scale, lora, gate_up.kp, a, m, so, w4a4_mma_, stream_);
     }
-
-    size_t kv_elem_size() const override { return 2; }  // fp16
 
     // First call per key: run the ops eagerly, so one-time work (scratch growth, kernel attributes) happens
     // outside a capture. Second call: capture them into a graph and launch it. Later calls: launch it. The
@@ -345,6 +346,14 @@ public:
     }
 
 private:
+    // the launchers take an int8 cache where the steps are given, fp16 where they are null
+    static KvScales kv_scales_of(const AttentionShape & s, const KvScales & sc) {
+        if (s.kv_type != KV_TYPE_I8) return KvScales();
+        if (!sc.k_scale || !sc.k_inv || !sc.v_scale || !sc.v_inv) {
+            throw Error("CUDA: the int8 KV cache needs the steps of k and of v and their inverses");
+        }
+        return sc;
+    }
     const W4A4 & w4a4_of(const Linear & lin) const {
         if (lin.scheme != "w4a4" || !lin.prepared) {
             throw Error("linear '" + lin.name + "': scheme '" + lin.scheme + "' is not a prepared w4a4 linear");

@@ -103,6 +103,92 @@ static std::vector<float> randn(size_t n, std::mt19937 & rng, float sd = 1.0f) {
     return v;
 }
 
+// One round of rope, kv_store and attention (see test_ops) on a cache of type kt. int8: per-channel steps
+// s_c in [2, 4] / 127 (the rotated values are N(0, 1): some of them clip) and their inverses fp32(1 / s_c),
+// as the model loader makes them; the caches must be identical bytes, the attention within 1e-5.
+static void test_attention(Backend & cpu, Backend & gpu, int round, KvType kt, std::mt19937 & rng) {
+    const int H = 4, Hkv = 2, hd = round == 2 ? 96 : round ? 128 : 64, T = round == 1 ? 300 : 40, n_ctx = 512;
+    const int stride = (H + 2 * Hkv) * hd, kv_dim = Hkv * hd;
+    RopeParams rp{10000.0f, 0.0f, 0.0f, 0.0f, 0};
+    if (round == 1) rp = RopeParams{500000.0f, 8.0f, 1.0f, 4.0f, 8192};
+    AttentionShape as{H, Hkv, hd, n_ctx, kt};
+    const size_t cache_bytes = (size_t) n_ctx * kv_dim * kv_elem_size(kt);
+    std::vector<uint8_t> zeros(cache_bytes, 0);
+    Pair kc(cpu, gpu, zeros.data(), cache_bytes), vc(cpu, gpu, zeros.data(), cache_bytes);
+    // [k scale | k inv | v scale | v inv], fp32 [kv_dim] each
+    std::vector<float> steps(4 * (size_t) kv_dim);
+    for (int w = 0; w < 2; w++) {
+        for (int c = 0; c < kv_dim; c++) {
+            const float st = std::uniform_real_distribution<float>(2.0f, 4.0f)(rng) / 127.0f;
+            steps[(2 * w) * kv_dim + c] = st;
+            steps[(2 * w + 1) * kv_dim + c] = 1.0f / st;
+        }
+    }
+    Pair ps(cpu, gpu, steps.data(), steps.size() * 4);
+    auto scales = [&](void * base) {
+        KvScales k;
+        if (kt == KV_TYPE_I8) {
+            const float * f = (const float *) base;
+            k.k_scale = f, k.k_inv = f + kv_dim, k.v_scale = f + 2 * kv_dim, k.v_inv = f + 3 * kv_dim;
+        }
+        return k;
+    };
+    const KvScales sc_c = scales(ps.c), sc_g = scales(ps.g);
+    const std::string type = kt == KV_TYPE_I8 ? " int8" : " fp16";
+    for (int step = 0; step < 3; step++) {
+        const int n = step == 0 ? T : step == 1 ? 1 : 5, pos0 = step == 0 ? 0 : step == 1 ? T : T + 1;
+        auto qkv = randn((size_t) n * stride, rng);
+        // v in the range of o_proj's int4 codes; in the hd 96 round every v row the same half-integers, so that
+        // with the fp16 cache every attention output lies on a rounding boundary (attention_quant's exact path)
+        for (int t = 0; t < n; t++)
+            for (int i = 0; i < kv_dim; i++) {
+                float & v = qkv[(size_t) t * stride + (H + Hkv) * hd + i];
+                v = round == 2 ? (float) (i % 16) - 7.5f : 6.0f * v;
+            }
+        std::vector<int32_t> pos(n);
+        for (int i = 0; i < n; i++) pos[i] = pos0 + i;
+        Pair pq(cpu, gpu, qkv.data(), qkv.size() * 4), pp(cpu, gpu, pos.data(), n * 4),
+            out(cpu, gpu, nullptr, (size_t) n * H * hd * 4);
+        const std::string tag =
+            " hd=" + std::to_string(hd) + " n=" + std::to_string(n) + " pos0=" + std::to_string(pos0);
+        cpu.rope((float *) pq.c, n, stride, H, Hkv, hd, (int32_t *) pp.c, rp);
+        gpu.rope((float *) pq.g, n, stride, H, Hkv, hd, (int32_t *) pp.g, rp);
+        // float64 angles, fp32 cos/sin and products rounded on their own on both: equal but for a last-bit
+        // difference of cos/sin between the two libraries' float64 functions (rare)
+        check_close("rope" + tag, pq, 1e-6);
+        {
+            const auto rc = pq.host_cpu<float>(), rg = pq.host_gpu<float>();
+            size_t same = 0;
+            for (size_t i = 0; i < rc.size(); i++) same += rc[i] == rg[i];
+            report("rope" + tag + " bit-identical values", same >= rc.size() * 0.999,
+                   std::to_string(100.0 * same / rc.size()) + "%");
+        }
+        // the attention inputs must be the same on both sides: continue from the CPU's rotated qkv
+        const auto rotated = pq.host_cpu<float>();
+        gpu.upload(pq.g, rotated.data(), rotated.size() * 4);
+        cpu.kv_store((float *) pq.c, n, stride, as, (int32_t *) pp.c, sc_c, kc.c, vc.c);
+        gpu.kv_store((float *) pq.g, n, stride, as, (int32_t *) pp.g, sc_g, kc.g, vc.g);
+        report("kv_store" + type + tag, kc.host_cpu<uint8_t>() == kc.host_gpu<uint8_t>() &&
+                                            vc.host_cpu<uint8_t>() == vc.host_gpu<uint8_t>(), type + " caches exact");
+        cpu.attention((float *) pq.c, n, stride, as, (int32_t *) pp.c, sc_c, kc.c, vc.c, (float *) out.c);
+        gpu.attention((float *) pq.g, n, stride, as, (int32_t *) pp.g, sc_g, kc.g, vc.g, (float *) out.g);
+        check_close("attention" + type + tag, out, 1e-5);
+        // its output rounded to int4 codes: the CPU's exactly (the GPU mends the values near x.5 in float64)
+        Linear consumer;
+        consumer.name = "o_proj", consumer.scheme = "w4a4", consumer.kp = (H * hd + 63) / 64 * 64;
+        Pair codes(cpu, gpu, nullptr, (size_t) n * consumer.kp);
+        cpu.attention_quant((float *) pq.c, n, stride, as, (int32_t *) pp.c, sc_c, kc.c, vc.c, (float *) out.c, consumer,
+                            (int8_t *) codes.c);
+        gpu.attention_quant((float *) pq.g, n, stride, as, (int32_t *) pp.g, sc_g, kc.g, vc.g, (float *) out.g, consumer,
+                            (int8_t *) codes.g);
+        const auto cc = codes.host_cpu<int8_t>(), cg = codes.host_gpu<int8_t>();
+        size_t same_codes = 0, nonzero = 0;
+        for (size_t i = 0; i < cc.size(); i++) same_codes += cc[i] == cg[i], nonzero += cc[i] != 0;
+        report("attention_quant" + type + tag, same_codes == cc.size() && nonzero > cc.size() / 8,
+               std::to_string(cc.size() - same_codes) + " of " + std::to_string(cc.size()) + " codes differ");
+    }
+}
+
 static void test_ops(Backend & cpu, Backend & gpu) {
     std::mt19937 rng(1234);
     printf("ops, CPU vs CUDA:\n");
@@ -169,64 +255,10 @@ static void test_ops(Backend & cpu, Backend & gpu) {
     // rope, kv_store, attention: a prefill of T tokens, GQA 4 heads / 2 kv heads, T = 300 in the second
     // round (several key tiles), llama3 frequency scaling there
     // (prefill: the tiled kernel for hd 64 and 128, the split kernel with one range for hd 96; then a decode
-    // token and a 5-token chunk: the split kernel)
+    // token and a 5-token chunk: the split kernel); each with an fp16 and an int8 cache
     for (int round = 0; round < 3; round++) {
-        const int H = 4, Hkv = 2, hd = round == 2 ? 96 : round ? 128 : 64, T = round == 1 ? 300 : 40, n_ctx = 512;
-        const int stride = (H + 2 * Hkv) * hd;
-        RopeParams rp{10000.0f, 0.0f, 0.0f, 0.0f, 0};
-        if (round == 1) rp = RopeParams{500000.0f, 8.0f, 1.0f, 4.0f, 8192};
-        AttentionShape as{H, Hkv, hd, n_ctx};
-        const size_t cache_bytes = (size_t) n_ctx * Hkv * hd * 2;
-        std::vector<uint8_t> zeros(cache_bytes, 0);
-        Pair kc(cpu, gpu, zeros.data(), cache_bytes), vc(cpu, gpu, zeros.data(), cache_bytes);
-        for (int step = 0; step < 3; step++) {
-            const int n = step == 0 ? T : step == 1 ? 1 : 5, pos0 = step == 0 ? 0 : step == 1 ? T : T + 1;
-            auto qkv = randn((size_t) n * stride, rng);
-            // v in the range of o_proj's int4 codes; in the hd 96 round every v row the same half-integers, so that
-            // every attention output lies on a rounding boundary (attention_quant's exact path for all of them)
-            for (int t = 0; t < n; t++)
-                for (int i = 0; i < Hkv * hd; i++) {
-                    float & v = qkv[(size_t) t * stride + (H + Hkv) * hd + i];
-                    v = round == 2 ? (float) (i % 16) - 7.5f : 6.0f * v;
-                }
-            std::vector<int32_t> pos(n);
-            for (int i = 0; i < n; i++) pos[i] = pos0 + i;
-            Pair pq(cpu, gpu, qkv.data(), qkv.size() * 4), pp(cpu, gpu, pos.data(), n * 4),
-                out(cpu, gpu, nullptr, (size_t) n * H * hd * 4);
-            const std::string tag = " hd=" + std::to_string(hd) + " n=" + std::to_string(n) + " pos0=" + std::to_string(pos0);
-            cpu.rope((float *) pq.c, n, stride, H, Hkv, hd, (int32_t *) pp.c, rp);
-            gpu.rope((float *) pq.g, n, stride, H, Hkv, hd, (int32_t *) pp.g, rp);
-            // float64 angles, fp32 cos/sin and products rounded on their own on both: equal but for a last-bit
-            // difference of cos/sin between the two libraries' float64 functions (rare)
-            check_close("rope" + tag, pq, 1e-6);
-            const auto rc = pq.host_cpu<float>(), rg = pq.host_gpu<float>();
-            size_t same = 0;
-            for (size_t i = 0; i < rc.size(); i++) same += rc[i] == rg[i];
-            report("rope" + tag + " bit-identical values", same >= rc.size() * 0.999,
-                   std::to_string(100.0 * same / rc.size()) + "%");
-            // the attention inputs must be the same on both sides: continue from the CPU's rotated qkv
-            const auto rotated = pq.host_cpu<float>();
-            gpu.upload(pq.g, rotated.data(), rotated.size() * 4);
-            cpu.kv_store((float *) pq.c, n, stride, as, (int32_t *) pp.c, kc.c, vc.c);
-            gpu.kv_store((float *) pq.g, n, stride, as, (int32_t *) pp.g, kc.g, vc.g);
-            report("kv_store" + tag, kc.host_cpu<uint16_t>() == kc.host_gpu<uint16_t>() &&
-                                         vc.host_cpu<uint16_t>() == vc.host_gpu<uint16_t>(), "fp16 caches exact");
-            cpu.attention((float *) pq.c, n, stride, as, (int32_t *) pp.c, kc.c, vc.c, (float *) out.c);
-            gpu.attention((float *) pq.g, n, stride, as, (int32_t *) pp.g, kc.g, vc.g, (float *) out.g);
-            check_close("attention" + tag, out, 1e-5);
-            // its output rounded to int4 codes: the CPU's exactly (the GPU mends the values near x.5 in float64)
-            Linear consumer;
-            consumer.name = "o_proj", consumer.scheme = "w4a4", consumer.kp = (H * hd + 63) / 64 * 64;
-            Pair codes(cpu, gpu, nullptr, (size_t) n * consumer.kp);
-            cpu.attention_quant((float *) pq.c, n, stride, as, (int32_t *) pp.c, kc.c, vc.c, (float *) out.c, consumer,
-                                (int8_t *) codes.c);
-            gpu.attention_quant((float *) pq.g, n, stride, as, (int32_t *) pp.g, kc.g, vc.g, (float *) out.g, consumer,
-                                (int8_t *) codes.g);
-            const auto cc = codes.host_cpu<int8_t>(), cg = codes.host_gpu<int8_t>();
-            size_t same_codes = 0, nonzero = 0;
-            for (size_t i = 0; i < cc.size(); i++) same_codes += cc[i] == cg[i], nonzero += cc[i] != 0;
-            report("attention_quant" + tag, same_codes == cc.size() && nonzero > cc.size() / 8,
-                   std::to_string(cc.size() - same_codes) + " of " + std::to_string(cc.size()) + " codes differ");
+        for (KvType kt : {KV_TYPE_F16, KV_TYPE_I8}) {
+            test_attention(cpu, gpu, round, kt, rng);
         }
     }
 }
@@ -552,22 +584,17 @@ static void test_w4a4_long_prompt(const std::shared_ptr<const Model> & mc, const
     }
 }
 
-// logits of one model on both backends. f16 models: a prefill of 300 random ids (all logits), then
-// single-token decode steps. Static W4A4 models: a short real prompt and greedy decode steps, then the
-// long-prompt checks above. Then decode with and without the CUDA graph (bit-identical) and its timing.
-static void test_model(const std::string & path) {
-    printf("model %s, CPU vs CUDA:\n", path.c_str());
-    ModelParams pc, pg;
-    pc.device = "cpu";
-    pg.device = "cuda";
-    auto mc = std::make_shared<const Model>(path, pc);
-    auto mg = std::make_shared<const Model>(path, pg);
+// One model with one KV cache type on both backends (see test_model); mn: the CUDA model without graphs.
+static void test_model_kv(const std::string & path, const std::shared_ptr<const Model> & mc,
+                          const std::shared_ptr<const Model> & mg, const std::shared_ptr<const Model> & mn, KvType kt) {
     const int32_t V = mc->config().n_vocab;
     bool w4a4 = false;
     for (const LayerWeights & L : mc->layers) w4a4 |= L.static_w4a4;
+    printf("model %s, %s KV cache, CPU vs CUDA:\n", path.c_str(), kv_type_name(kt));
     std::mt19937 rng(7);
     ContextParams cp;
     cp.n_ctx = 512;
+    cp.kv_type = kt;
     Context cc(mc, cp), cg(mg, cp);
     auto argmax = [V](const std::vector<float> & a, size_t r) {
         size_t best = 0;
@@ -611,13 +638,10 @@ static void test_model(const std::string & path) {
             b = cg.eval({next}, false);
             compare("greedy decode step " + std::to_string(i + 1), a, b);
         }
-        test_w4a4_long_prompt(mc, mg, prompt, cp);
+        if (kt == KV_TYPE_F16) test_w4a4_long_prompt(mc, mg, prompt, cp);
     }
     // decode steps after the long prompt, replaying a CUDA graph from the second step on, against the same
     // steps launched op by op: the logits must be identical; the graph's time per step is reported
-    setenv("MERGEQUANT_CUDA_GRAPHS", "0", 1);
-    auto mn = std::make_shared<const Model>(path, pg);
-    unsetenv("MERGEQUANT_CUDA_GRAPHS");
     Context cgr(mg, cp), cn(mn, cp);
     cgr.eval(prompt, false);
     cn.eval(prompt, false);
@@ -691,6 +715,23 @@ static void test_sampling(Backend & gpu) {
                        (first_bad.empty() ? "" : "; " + first_bad));
         }
     }
+}
+
+// logits of one model on both backends. f16 models: a prefill of 300 random ids (all logits), then
+// single-token decode steps. Static W4A4 models: a short real prompt and greedy decode steps, then the
+// long-prompt checks above. Then decode with and without the CUDA graph (bit-identical) and its timing.
+// All of it with the fp16 cache, and again with the int8 cache where the file has its scales.
+static void test_model(const std::string & path) {
+    ModelParams pc, pg;
+    pc.device = "cpu";
+    pg.device = "cuda";
+    auto mc = std::make_shared<const Model>(path, pc);
+    auto mg = std::make_shared<const Model>(path, pg);
+    setenv("MERGEQUANT_CUDA_GRAPHS", "0", 1);
+    auto mn = std::make_shared<const Model>(path, pg);
+    unsetenv("MERGEQUANT_CUDA_GRAPHS");
+    test_model_kv(path, mc, mg, mn, KV_TYPE_F16);
+    if (mc->has_kv_scales()) test_model_kv(path, mc, mg, mn, KV_TYPE_I8);
 }
 
 int main(int argc, char ** argv) {
