@@ -22,7 +22,8 @@ constexpr int EXACT_THREADS = 128;  // keys of a tile, channels per pass
 constexpr int EXACT_MAX_BLOCKS = 1056;
 constexpr int EXACT_MAX_HD = 256;
 
-// [count, blocks done | marks: m·n_head | list: m·n_head]
+// [count, blocks done | marks: cap | list: cap], cap heads from the buffer's size, so that the marks of one launch
+// never lie where another launch (another m) wrote its list
 size_t cuda_attention_quant_workspace(int32_t m, int32_t n_head) {
     return 256 + 2 * (size_t) m * n_head * sizeof(uint32_t);
 }
@@ -143,15 +144,20 @@ static __global__ void __launch_bounds__(EXACT_THREADS) attention_exact_kernel(
 void cuda_attention_quant(const float * out, const float * qkv, int32_t m, int32_t row_stride, int32_t n_head,
                           int32_t n_head_kv, int32_t head_dim, const int32_t * pos, const void * k_cache,
                           const void * v_cache, const float * k_scale, const float * v_scale, int64_t kp, void * workspace,
-                          int8_t * codes, cudaStream_t st) {
+                          size_t workspace_bytes, int8_t * codes, cudaStream_t st) {
     if (m <= 0) return;
     if (head_dim > EXACT_MAX_HD || head_dim % 8 != 0) {
         throw Error("CUDA attention_quant: head_dim " + std::to_string(head_dim) + " must be a multiple of 8 up to " +
                     std::to_string(EXACT_MAX_HD));
     }
+    const size_t cap = (workspace_bytes - 256) / (2 * sizeof(uint32_t));
+    if (workspace_bytes < 256 || (size_t) m * n_head > cap) {
+        throw Error("CUDA attention_quant: workspace of " + std::to_string(workspace_bytes) + " bytes for " +
+                    std::to_string(m) + " x " + std::to_string(n_head) + " heads");
+    }
     uint32_t * count = (uint32_t *) workspace;  // zeroed when allocated, left zero by each launch
     uint32_t * marks = (uint32_t *) ((uint8_t *) workspace + 256);
-    uint32_t * list = marks + (size_t) m * n_head;
+    uint32_t * list = marks + cap;
     const int32_t q_dim = n_head * head_dim;
     launch_pdl(attention_round_kernel, dim3((unsigned) ceil_div(kp, 256), (unsigned) m), dim3(256), 0, st,
                "attention_round_kernel", out, q_dim, head_dim, kp, CUDA_ATTN_EXACT_BAND, codes, count, marks, list);

@@ -13,9 +13,10 @@ namespace mq {
 constexpr float CUDA_ATTN_EXACT_BAND = 2e-4f;
 // device workspace in bytes for m tokens of n_head heads (marks and a list of the heads to recompute); it
 // must be zero-filled once when allocated (the kernels leave it so) and may be shared by every launch that fits
+// (workspace_bytes: its whole size, which fixes its layout)
 size_t cuda_attention_quant_workspace(int32_t m, int32_t n_head);
 void cuda_attention_quant(const float * out, const float * qkv, int32_t m, int32_t row_stride, int32_t n_head,
                           int32_t n_head_kv, int32_t head_dim, const int32_t * pos, const void * k_cache,
                           const void * v_cache, const float * k_scale, const float * v_scale, int64_t kp, void * workspace,
-                          int8_t * codes, cudaStream_t st);
+                          size_t workspace_bytes, int8_t * codes, cudaStream_t st);
 }

@@ -223,7 +223,7 @@ public:
         void * ws = grow(attq_ws_, attq_ws_bytes_, cuda_attention_quant_workspace(n_tokens, s.n_head), true,
                          "attention_quant workspace");
         cuda_attention_quant(out, qkv, n_tokens, row_stride, s.n_head, s.n_head_kv, s.head_dim, pos, k_cache, v_cache,
-                             k.k_scale, k.v_scale, c.kp, ws, codes, stream_);
+                             k.k_scale, k.v_scale, c.kp, ws, attq_ws_bytes_, codes, stream_);
     }
     void swiglu(const float * gu, int32_t m, int32_t n_ff, float * out) override {
         cuda_swiglu(gu, m, n_ff, out, stream_);

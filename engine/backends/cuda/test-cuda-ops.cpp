@@ -182,10 +182,22 @@ static void test_attention(Backend & cpu, Backend & gpu, int round, KvType kt, s
         gpu.attention_quant((float *) pq.g, n, stride, as, (int32_t *) pp.g, sc_g, kc.g, vc.g, (float *) out.g, consumer,
                             (int8_t *) codes.g);
         const auto cc = codes.host_cpu<int8_t>(), cg = codes.host_gpu<int8_t>();
+        const auto oc = out.host_cpu<float>(), og = out.host_gpu<float>();
         size_t same_codes = 0, nonzero = 0;
-        for (size_t i = 0; i < cc.size(); i++) same_codes += cc[i] == cg[i], nonzero += cc[i] != 0;
-        report("attention_quant" + type + tag, same_codes == cc.size() && nonzero > cc.size() / 8,
-               std::to_string(cc.size() - same_codes) + " of " + std::to_string(cc.size()) + " codes differ");
+        std::string first;
+        for (size_t i = 0; i < cc.size(); i++) {
+            same_codes += cc[i] == cg[i], nonzero += cc[i] != 0;
+            if (cc[i] != cg[i] && first.empty()) {
+                const size_t t = i / consumer.kp, c = i % consumer.kp;
+                char d[160];
+                snprintf(d, sizeof d, "; first: token %zu channel %zu codes %d/%d o %.9g/%.9g", t, c, cc[i], cg[i],
+                         oc[t * H * hd + c], og[t * H * hd + c]);
+                first = d;
+            }
+        }
+        // (with the int8 cache the steps clip v, and long contexts average o towards 0: codes may all be 0)
+        report("attention_quant" + type + tag, same_codes == cc.size() && (kt == KV_TYPE_I8 || nonzero > cc.size() / 8),
+               std::to_string(cc.size() - same_codes) + " of " + std::to_string(cc.size()) + " codes differ" + first);
     }
 }
 
