@@ -11,6 +11,7 @@
 //    (no memset node between the kernels, which are chained with PDL).
 #include "attention-quant.cuh"
 #include "cuda-common.cuh"
+#include "kv8.cuh"
 
 #include <cuda_fp16.h>
 
@@ -103,9 +104,26 @@ static __global__ void __launch_bounds__(EXACT_THREADS) attention_exact_kernel(
             if (j < n_kv) {
                 const T * kr = kb + (size_t) j * kv_dim;
                 double part[4] = {0.0, 0.0, 0.0, 0.0};  // hd is a multiple of 8
-                for (int i = 0; i < hd; i += 4)
+                for (int i0 = 0; i0 < hd; i0 += 64) {  // 8 loads of 8 elements in flight, then their math
+                    Kv8<T> r[8];
 #pragma unroll
-                    for (int u = 0; u < 4; u++) part[u] += (double) qs[i + u] * (double) cache_value(kr, i + u, ks, i + u);
+                    for (int c = 0; c < 8; c++) {
+                        if (i0 + 8 * c < hd) r[c].load(kr + i0 + 8 * c); else r[c].zero();
+                    }
+#pragma unroll
+                    for (int c = 0; c < 8; c++) {
+                        if (i0 + 8 * c >= hd) break;
+                        float f[8];
+                        r[c].widen(f);
+#pragma unroll
+                        for (int e = 0; e < 8; e++) {
+                            const int i = i0 + 8 * c + e;
+                            // the cache value as the CPU reads it: fp16 widened, or code times its step
+                            const float kv = ks ? __fmul_rn(f[e], ks[i]) : f[e];
+                            part[e & 3] += (double) qs[i] * (double) kv;
+                        }
+                    }
+                }
                 s = (part[0] + part[1]) + (part[2] + part[3]);
             }
             const double m_new = fmax(m_run, block_reduce_f64(s, true, red));
@@ -117,9 +135,12 @@ static __global__ void __launch_bounds__(EXACT_THREADS) attention_exact_kernel(
             m_run = m_new;
             for (int u = 0; u * EXACT_THREADS + tid < hd; u++) {
                 const int d = u * EXACT_THREADS + tid;
-                double a = acc[u] * alpha;
-                for (int jj = 0; jj < nk; jj++) a += p[jj] * (double) cache_value(vb, (size_t) (j0 + jj) * kv_dim + d, vs, d);
-                acc[u] = a;
+                double a[4] = {acc[u] * alpha, 0.0, 0.0, 0.0};  // four chains in flight
+#pragma unroll 4
+                for (int jj = 0; jj < nk; jj++) {
+                    a[jj & 3] += p[jj] * (double) cache_value(vb, (size_t) (j0 + jj) * kv_dim + d, vs, d);
+                }
+                acc[u] = (a[0] + a[1]) + (a[2] + a[3]);
             }
             __syncthreads();  // p is rewritten by the next tile
         }

@@ -9,8 +9,9 @@ namespace mq {
 // a channel whose o lies within CUDA_ATTN_EXACT_BAND·max(1, |o|) of a rounding boundary (x.5) is listed, and a
 // block per listed head recomputes its attention in float64 from q and the caches as the CPU does (an int8 cache:
 // k_scale/v_scale non-null, rows read as float(code) · s_c; else fp16). The
-// codes then equal the CPU's wherever the fp32 error is below the band (~200 ulps).
-constexpr float CUDA_ATTN_EXACT_BAND = 2e-4f;
+// codes then equal the CPU's wherever the fp32 error is below the band (about 400 fp32 ulps of o).
+// MERGEQUANT_CUDA_EXACT_CODES=0 keeps the fp32 attention's codes instead (faster; within the tolerances).
+constexpr float CUDA_ATTN_EXACT_BAND = 5e-5f;
 // device workspace in bytes for m tokens of n_head heads (marks and a list of the heads to recompute); it
 // must be zero-filled once when allocated (the kernels leave it so) and may be shared by every launch that fits
 // (workspace_bytes: its whole size, which fixes its layout)
