@@ -10,7 +10,8 @@ namespace mq {
 // block per listed head recomputes its attention in float64 from q and the caches as the CPU does (an int8 cache:
 // k_scale/v_scale non-null, rows read as float(code) · s_c; else fp16). The
 // codes then equal the CPU's wherever the fp32 error is below the band (about 400 fp32 ulps of o).
-// MERGEQUANT_CUDA_EXACT_CODES=0 keeps the fp32 attention's codes instead (faster; within the tolerances).
+// The CUDA backend takes this path with MERGEQUANT_CUDA_EXACT_CODES=1; by default it keeps the fp32 attention's
+// codes (faster: a recomputed head costs a float64 attention; equal to the CPU's within the tolerances).
 constexpr float CUDA_ATTN_EXACT_BAND = 5e-5f;
 // device workspace in bytes for m tokens of n_head heads (marks and a list of the heads to recompute); it
 // must be zero-filled once when allocated (the kernels leave it so) and may be shared by every launch that fits

@@ -57,7 +57,7 @@ public:
         const char * smp = std::getenv("MERGEQUANT_CUDA_SAMPLING");
         device_sampling_ = !(smp && std::strcmp(smp, "0") == 0);
         const char * exact = std::getenv("MERGEQUANT_CUDA_EXACT_CODES");
-        exact_codes_ = !(exact && std::strcmp(exact, "0") == 0);
+        exact_codes_ = exact && std::strcmp(exact, "1") == 0;
     }
     ~BackendCuda() override {
         for (auto & kv : steps_) if (kv.second.exec) cudaGraphExecDestroy(kv.second.exec);
@@ -220,7 +220,7 @@ public:
     void attention_quant(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
                          const int32_t * pos, const KvScales & sc, const void * k_cache, const void * v_cache, float * out,
                          const Linear & c, int8_t * codes) override {
-        if (!exact_codes_) {  // MERGEQUANT_CUDA_EXACT_CODES=0: the fp32 attention's codes (within the tolerances)
+        if (!exact_codes_) {  // the default: the fp32 attention's codes (within the tolerances of docs/numerics.md)
             Backend::attention_quant(qkv, n_tokens, row_stride, s, pos, sc, k_cache, v_cache, out, c, codes);
             return;
         }
@@ -449,7 +449,7 @@ private:
     int32_t device_;
     cudaStream_t stream_ = nullptr;
     W4A4Mma w4a4_mma_ = W4A4Mma::I8;  // the w4a4 tensor-core path of this device (linear-w4a4.cuh)
-    bool device_sampling_ = true, exact_codes_ = true;
+    bool device_sampling_ = true, exact_codes_ = false;  // MERGEQUANT_CUDA_EXACT_CODES=1: attention_quant.cuh
     void * sample_mem_ = nullptr;
     void * attq_ws_ = nullptr;
     size_t attq_ws_bytes_ = 0;

@@ -749,6 +749,7 @@ static void test_model(const std::string & path) {
 int main(int argc, char ** argv) {
     try {
         std::string why;
+        setenv("MERGEQUANT_CUDA_EXACT_CODES", "1", 1);  // attention_quant's exact path (the default is fp32 codes)
         auto gpu = backend_cuda_create(0, why);
         if (!gpu) {
             printf("no CUDA backend: %s\n", why.c_str());
