@@ -168,13 +168,18 @@ def test_int8_kv_decode_graph_matches_op_by_op(tiny_kv_mq, monkeypatch):
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_default_model_int8_kv_matches_cpu(smollm2_f16_kv_mq, smollm2_mergequant_kv_mq, prompt):
-    """SmolLM2 f16 and mergequant W4A4 with the int8 cache: logits within INT8_KV_TOL, greedy 32 tokens
-    equal."""
+def test_default_model_int8_kv_matches_cpu(smollm2_f16_kv_mq, smollm2_mergequant_kv_mq, prompt, monkeypatch):
+    """SmolLM2 f16 and mergequant W4A4 with the int8 cache: logits within INT8_KV_TOL. The W4A4 model's k and
+    v come out of exact integer GEMMs, so with MERGEQUANT_CUDA_EXACT_CODES=1 every int4 and cached int8 code
+    is the CPU's: greedy 32 tokens equal. The f16 model's k and v differ in the last bits (f16 GEMMs summed
+    in another order), a cached code at a rounding boundary may flip, and its continuation may part: only its
+    logits are compared."""
+    monkeypatch.setenv("MERGEQUANT_CUDA_EXACT_CODES", "1")
     for path in (smollm2_f16_kv_mq, smollm2_mergequant_kv_mq):
         gpu = LLM(path, device="cuda", kv_cache="int8")
         cpu = LLM(path, device="cpu", kv_cache="int8")
         ids = cpu.tokenize(prompt)
         assert _max_rel(np.asarray(cpu.logits(ids)), np.asarray(gpu.logits(ids))) <= INT8_KV_TOL
-        assert cpu.generate(prompt, max_tokens=32, temperature=0.0) == gpu.generate(prompt, max_tokens=32,
-                                                                                   temperature=0.0)
+        if path == smollm2_mergequant_kv_mq:
+            assert cpu.generate(prompt, max_tokens=32, temperature=0.0) == gpu.generate(prompt, max_tokens=32,
+                                                                                       temperature=0.0)
