@@ -1,7 +1,8 @@
-"""The int8 KV cache (docs/numerics.md, "int8 KV cache"). The converter's per-channel steps against an
-independent absmax of what the engine stores (k after RoPE, v); the CPU engine with an int8 cache against the
-simulator with the same cache (every int4 code of a w4a4 model and greedy continuations; logits of an f16
-model); perplexity against the fp16 cache; chunked prefill and prefix reuse; bad input."""
+"""The int8 KV cache (docs/numerics.md, "int8 KV cache"). The converter's per-channel steps against an absmax
+of what the engine stores (k after RoPE, v) recomputed apart from the converter's hook; the CPU engine with an
+int8 cache against the simulator with the same cache (w4a4: every int4 and cached int8 code and greedy
+continuations, bit for bit; f16: greedy continuations and the first layer's codes); perplexity against the
+fp16 cache; chunked prefill and prefix reuse; bad input."""
 from __future__ import annotations
 
 import math
