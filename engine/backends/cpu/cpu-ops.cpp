@@ -150,24 +150,6 @@ float cpu_dot_f32(const float * a, const float * b, int64_t n) {
     return s;
 }
 
-void cpu_axpy_f32(float a, const float * x, float * y, int64_t n) {
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    const __m512 va = _mm512_set1_ps(a);
-    for (; i + 16 <= n; i += 16) {
-        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
-    }
-#elif defined(__AVX2__) && defined(__FMA__)
-    const __m256 va = _mm256_set1_ps(a);
-    for (; i + 8 <= n; i += 8) {
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-    }
-#endif
-    for (; i < n; i++) {
-        y[i] += a * x[i];
-    }
-}
-
 double cpu_dot_f64(const float * a, const float * b, int64_t n) {
     int64_t i = 0;
     double s = 0.0;

@@ -15,8 +15,6 @@ void cpu_i8_to_f32_scaled(const int8_t * x, const float * s, float * y, int64_t 
 // y = clamp(rint(x * inv), -127, 127) (fp32 multiply, round half to even; NaN gives 0)
 void cpu_f32_to_i8_scaled(const float * x, const float * inv, int8_t * y, int64_t n);
 float cpu_dot_f32(const float * a, const float * b, int64_t n);
-// y += a * x
-void cpu_axpy_f32(float a, const float * x, float * y, int64_t n);
 // Σ a[i]·b[i] accumulated in float64 (each product of two fp32 values is exact there)
 double cpu_dot_f64(const float * a, const float * b, int64_t n);
 // y += a * x in float64
