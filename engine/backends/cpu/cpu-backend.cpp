@@ -56,9 +56,12 @@ public:
     void download(void * dst, const void * src, size_t bytes) override { memcpy(dst, src, bytes); }
     void synchronize() override {}
 
-    // the CPU reads every weight straight from the mapping; only the low-rank branch is widened to fp32
+    // the CPU reads every weight straight from the mapping; only the low-rank branch is widened to fp32: A (its
+    // float64 dot with the codes is exact) and B transposed, so lora[r] = Σ_i B[r, i]·l[i] runs in float64 as
+    // rank vector updates over the rows r, summed in the order i = 0, 1, ...
     struct LoraF32 {
-        std::vector<float> a, b;  // [rank, kp], [n, rank]
+        std::vector<float> a;   // [rank, kp]
+        std::vector<float> bt;  // [rank, n]
     };
 
     void prepare_linear(Linear & lin) override {
@@ -68,9 +71,15 @@ public:
         if (lin.rank > 0) {
             LoraF32 * l = new LoraF32();
             l->a.resize(lin.rank * lin.kp);
-            l->b.resize(lin.n * lin.rank);
+            l->bt.resize(lin.n * lin.rank);
             cpu_f16_to_f32(lin.lora_a->as<uint16_t>(), l->a.data(), (int64_t) l->a.size());
-            cpu_f16_to_f32(lin.lora_b->as<uint16_t>(), l->b.data(), (int64_t) l->b.size());
+            std::vector<float> b32((size_t) lin.n * lin.rank);
+            cpu_f16_to_f32(lin.lora_b->as<uint16_t>(), b32.data(), (int64_t) b32.size());
+            for (int64_t r = 0; r < lin.n; r++) {
+                for (int64_t i = 0; i < lin.rank; i++) {
+                    l->bt[i * lin.n + r] = b32[r * lin.rank + i];
+                }
+            }
             lin.prepared = l;
         }
     }
@@ -357,17 +366,19 @@ private:
         int32_t * accp = acc.data();
         run_row_blocks(n, [&](int64_t r0, int64_t r1) {
             cpu_gemm_w4a4(lin.qweight->data, prep, m, kp, n, r0, r1, accp);
+            thread_local std::vector<double> lsum;  // this worker's lora[r0 .. r1) of one token
+            lsum.resize(r1 - r0);
             for (int32_t t = 0; t < m; t++) {
+                if (lora) {
+                    std::fill(lsum.begin(), lsum.end(), 0.0);
+                    for (int64_t i = 0; i < lin.rank; i++) {
+                        cpu_axpy_f64(l[t * lin.rank + i], lora->bt.data() + i * n + r0, lsum.data(), r1 - r0);
+                    }
+                }
                 for (int64_t r = r0; r < r1; r++) {
                     float v = (float) accp[t * n + r] * scale[r];
                     if (lora) {
-                        const float * br = lora->b.data() + r * lin.rank;
-                        const double * lt = l.data() + t * lin.rank;
-                        double d = 0.0;
-                        for (int64_t i = 0; i < lin.rank; i++) {
-                            d += (double) br[i] * lt[i];
-                        }
-                        v += (float) d;
+                        v += (float) lsum[r - r0];
                     }
                     if (step) {
                         v *= step[t];
