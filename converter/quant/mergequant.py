@@ -175,13 +175,16 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
     rows = sample_rows(b * t, t, opts.clip_sample, rng)
     flat = lambda v: v.reshape(b * t, -1)  # noqa: E731
 
+    def split_input_linear(x: np.ndarray, name: str) -> tuple[InputQuant, LinearQuant]:
+        """A linear on a splittable input: its input steps and slots, then its weights on those codes."""
+        inp = quantize_input(x, fused[p + name], rows, opts, splittable=True)
+        return inp, quantize_linear(inp.codes(x), x, fused[p + name], inp, opts)
+
     # attention: q/k/v input (norm output), Δ folded into the norm weight
     g1 = fused[p + "attn_norm.weight"]
     x1 = flat(h * rms_factor(h, eps) * g1)
-    in_qkv = quantize_input(x1, fused[p + "attn_qkv"], rows, opts, splittable=True)
-    a1 = in_qkv.codes(x1)
-    qkv = quantize_linear(a1, x1, fused[p + "attn_qkv"], in_qkv, opts)
-    del a1, x1
+    in_qkv, qkv = split_input_linear(x1, "attn_qkv")
+    del x1
     q, k, v = split_qkv(qkv.y.reshape(b, t, -1), config)
     cos_sin = rope_cos_sin(config, np.arange(t))
     o = flat(attend(q, k, v, config, *cos_sin))
@@ -199,16 +202,12 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
     # MLP: gate/up input (norm output), then the SwiGLU output feeding down_proj
     g2 = fused[p + "ffn_norm.weight"]
     x2 = flat(h_mid * rms_factor(h_mid, eps) * g2)
-    in_gu = quantize_input(x2, fused[p + "ffn_gate_up"], rows, opts, splittable=True)
-    a2 = in_gu.codes(x2)
-    gate_up = quantize_linear(a2, x2, fused[p + "ffn_gate_up"], in_gu, opts)
-    del a2, x2
+    in_gu, gate_up = split_input_linear(x2, "ffn_gate_up")
+    del x2
     m = swiglu(gate_up.y[:, :f], gate_up.y[:, f:])
-    in_down = quantize_input(m, fused[p + "ffn_down"], rows, opts, splittable=True)
-    a3 = in_down.codes(m)
-    down = quantize_linear(a3, m, fused[p + "ffn_down"], in_down, opts)
+    in_down, down = split_input_linear(m, "ffn_down")
     gate_up.fold_rows(slice(f, None), in_down.step)
-    del a3, m
+    del m
 
     tensors = {p + "attn_norm.weight": g1.astype(np.float32), p + "ffn_norm.weight": g2.astype(np.float32)}
     tensors |= qkv.tensors(p + "attn_qkv", quant) | out.tensors(p + "attn_output", quant)
