@@ -25,7 +25,6 @@
 
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -327,12 +326,11 @@ public:
     bool samples_on_device() const override { return device_sampling_; }
     int32_t sample(const float * logits, int32_t n_vocab, const SamplingParams & sp, double u,
                    const std::vector<int32_t> & penalty_ids) override {
-        // [work: n_vocab floats | the picked id | penalty ids: at most n_vocab distinct ones], sized once (growing
-        // it would drop the captured decode steps)
+        // [work: n_vocab floats | the picked id | penalty ids]
         const size_t work_bytes = ((size_t) n_vocab * sizeof(float) + 255) / 256 * 256;
-        const size_t n_pen = sp.repetition_penalty != 1.0f ? std::min(penalty_ids.size(), (size_t) n_vocab) : 0;
-        uint8_t * mem = (uint8_t *) grow(sample_mem_, sample_bytes_, work_bytes + 256 + (size_t) n_vocab * sizeof(int32_t),
-                                         false, "sampling buffer");
+        const size_t n_pen = sp.repetition_penalty != 1.0f ? penalty_ids.size() : 0;
+        uint8_t * mem = (uint8_t *) grow(sample_mem_, sample_bytes_, work_bytes + 256 + n_pen * sizeof(int32_t), false,
+                                         "sampling buffer");
         int32_t * out = (int32_t *) (mem + work_bytes), * pen = (int32_t *) (mem + work_bytes + 256);
         if (!sample_host_) cuda_check(cudaMallocHost(&sample_host_, sizeof(int32_t)), "cudaMallocHost");
         if (n_pen > 0) {
