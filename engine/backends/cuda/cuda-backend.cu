@@ -101,6 +101,9 @@ public:
         int32_t * in_map = nullptr;
         void * lora_a = nullptr;
         void * lora_b = nullptr;
+        // the decode GEMV's fused low-rank branch (LoraGemv): l [W4A4_GEMV_MAX_M, rank] and its two counters
+        double * lora_l = nullptr;
+        unsigned * lora_sync = nullptr;
         // as the consumer of a fused gate/up + SwiGLU (made at its first use): its in_map by source channel
         int32_t * swiglu_start = nullptr;
         int4 * swiglu_slots = nullptr;
@@ -135,6 +138,9 @@ public:
             if (lin.rank > 0) {
                 p->lora_a = copy(lin.lora_a);
                 p->lora_b = copy(lin.lora_b);
+                p->lora_l = (double *) alloc((size_t) W4A4_GEMV_MAX_M * lin.rank * sizeof(double));
+                p->lora_sync = (unsigned *) alloc(2 * sizeof(unsigned));
+                cuda_check(cudaMemsetAsync(p->lora_sync, 0, 2 * sizeof(unsigned), stream_), "cudaMemsetAsync (low-rank counters)");
             }
             lin.prepared = p;
             return;
@@ -155,7 +161,7 @@ public:
         if (lin.scheme != "f16") {
             W4A4 * p = (W4A4 *) lin.prepared;
             for (void * d : {p->qweight, (void *) p->scale, (void *) p->in_scale, (void *) p->in_map, p->lora_a, p->lora_b,
-                             (void *) p->swiglu_start, (void *) p->swiglu_slots}) {
+                             (void *) p->lora_l, (void *) p->lora_sync, (void *) p->swiglu_start, (void *) p->swiglu_slots}) {
                 if (d) free(d);
             }
             delete p;
@@ -256,17 +262,22 @@ public:
         cuda_pack_codes(a, m, lin.kp, packed, stream_);
         cuda_int_gemm(p.qweight, lin.n, lin.kp, packed, m, acc, stream_);
     }
-    // the GEMV (decode) reads the int8 codes as they are; the GEMM reads packed codes, made by a pack pass
-    // (m·kp bytes, small next to the weights); the low-rank branch, when present, is added in the epilogue
+    // the GEMV (decode) reads the int8 codes as they are and computes the low-rank branch inside (LoraGemv); the
+    // GEMM reads packed codes, made by a pack pass (m·kp bytes, small next to the weights), and adds the branch
+    // computed before it (cuda_lora) in its epilogue
     void linear_codes(const Linear & lin, const int8_t * a, int32_t m, float * y, bool accumulate) override {
         const W4A4 & p = w4a4_of(lin);
-        const bool codes8 = m <= W4A4_GEMV_MAX_M;
-        const size_t packed_bytes = codes8 ? 0 : ((size_t) m * lin.kp / 2 + 255) / 256 * 256;
+        if (m <= W4A4_GEMV_MAX_M) {
+            cuda_linear_w4a4(p.qweight, p.scale, nullptr, nullptr, lin.n, lin.kp, a, true, m, y, accumulate, w4a4_mma_,
+                             stream_, lora_gemv_of(lin));
+            return;
+        }
+        const size_t packed_bytes = ((size_t) m * lin.kp / 2 + 255) / 256 * 256;
         float * lora = nullptr;
         uint8_t * packed = (uint8_t *) scratch_with_lora(lin, a, m, packed_bytes, lora);
-        if (!codes8) cuda_pack_codes(a, m, lin.kp, packed, stream_);
-        cuda_linear_w4a4(p.qweight, p.scale, lora, nullptr, lin.n, lin.kp, codes8 ? (const void *) a : packed, codes8, m, y,
-                         accumulate, w4a4_mma_, stream_);
+        cuda_pack_codes(a, m, lin.kp, packed, stream_);
+        cuda_linear_w4a4(p.qweight, p.scale, lora, nullptr, lin.n, lin.kp, packed, false, m, y, accumulate, w4a4_mma_,
+                         stream_);
     }
     // at decode sizes the gate/up GEMV's epilogue computes SwiGLU and writes down_proj's codes (no gu round trip,
     // one launch fewer); prefill sizes take the two ops
@@ -279,11 +290,9 @@ public:
         const W4A4 & p = w4a4_of(gate_up);
         W4A4 & dp = const_cast<W4A4 &>(w4a4_of(down));  // the map is made once, at the first (eager) call
         if (!dp.swiglu_start) build_swiglu_map(down, n_ff, dp);
-        float * lora = nullptr;
-        scratch_with_lora(gate_up, a, m, 0, lora);
         SwigluOut so;
         so.start = dp.swiglu_start, so.slots = dp.swiglu_slots, so.out = out, so.kp = down.kp, so.n_ff = n_ff;
-        cuda_linear_w4a4_swiglu(p.qweight, p.scale, lora, gate_up.kp, a, m, so, w4a4_mma_, stream_);
+        cuda_linear_w4a4_swiglu(p.qweight, p.scale, nullptr, gate_up.kp, a, m, so, w4a4_mma_, stream_, lora_gemv_of(gate_up));
     }
 
     // First call per key: run the ops eagerly, so one-time work (scratch growth, kernel attributes) happens
@@ -390,6 +399,14 @@ private:
         return buf;
     }
     void * scratch_for(size_t bytes) { return grow(scratch_, scratch_bytes_, bytes, false, "scratch buffer"); }
+    // the decode GEMV's low-rank branch of lin (rank 0: none)
+    LoraGemv lora_gemv_of(const Linear & lin) const {
+        LoraGemv lo;
+        if (lin.rank <= 0) return lo;
+        const W4A4 & p = w4a4_of(lin);
+        lo.a = p.lora_a, lo.b = p.lora_b, lo.l = p.lora_l, lo.sync = p.lora_sync, lo.rank = (int32_t) lin.rank;
+        return lo;
+    }
     // scratch of `bytes` (a multiple of 256) followed by the low-rank branch of lin on codes a, computed into it
     // (lora = nullptr without one)
     void * scratch_with_lora(const Linear & lin, const int8_t * a, int32_t m, size_t bytes, float *& lora) {

@@ -15,12 +15,81 @@
 #include "cuda-common.cuh"
 #include "gemm-mma.cuh"
 
+#include <cuda_fp16.h>
+
 #include <cstdlib>
 #include <string>
 
 namespace mq {
 
 constexpr int W4_WARPS = 8, W4_MAX_M = W4A4_GEMV_MAX_M;
+
+// The fused low-rank branch (LoraGemv in linear-w4a4.cuh). Rows i = blockIdx.x, blockIdx.x + gridDim.x, .. < rank:
+// l[t, i] = Σ_s a[i, s] · codes[t, s] in float64 (exact, so the threads may split the sum in any order), then
+// sync[0] += 1 per row. The blocks with these rows are dispatched first, so the blocks that wait for them in
+// lora_wait cannot hold them off.
+__device__ __forceinline__ void lora_down_rows(const LoraGemv & lo, const int8_t * __restrict__ codes, int M, int kp) {
+    __shared__ double part[W4_WARPS];
+    const __half * A = (const __half *) lo.a;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int i = blockIdx.x; i < lo.rank; i += gridDim.x) {
+        for (int t = 0; t < M; t++) {
+            double s = 0.0;
+            for (int k = 8 * threadIdx.x; k < kp; k += 8 * blockDim.x) {  // kp % 64 == 0: 8 codes a load
+                const uint4 av = ld_cached(A + (size_t) i * kp + k);
+                const uint2 cv = *(const uint2 *) (codes + (size_t) t * kp + k);
+                const __half * ah = (const __half *) &av;
+                const int8_t * ch = (const int8_t *) &cv;
+#pragma unroll
+                for (int e = 0; e < 8; e++) s += (double) __half2float(ah[e]) * (double) ch[e];
+            }
+            for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+            if (lane == 0) part[warp] = s;
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                double r = 0.0;
+                for (int w = 0; w < W4_WARPS; w++) r += part[w];
+                lo.l[(size_t) t * lo.rank + i] = r;
+            }
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) {
+            __threadfence();  // l before the count
+            atomicAdd(&lo.sync[0], 1u);
+        }
+    }
+}
+
+// every row of l written (all threads of the block call it)
+__device__ __forceinline__ void lora_wait(const LoraGemv & lo) {
+    if (threadIdx.x == 0) {
+        while (*(volatile unsigned *) &lo.sync[0] < (unsigned) lo.rank) __nanosleep(64);
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// lora[m, n] = fp32(Σ_i b[n, i] · l[m, i]), float64 fused multiply-adds in i order from 0, as the CPU backend
+__device__ __forceinline__ float lora_up_value(const LoraGemv & lo, int m, int n) {
+    const __half * b = (const __half *) lo.b + (size_t) n * lo.rank;
+    const double * l = lo.l + (size_t) m * lo.rank;
+    double s = 0.0;
+    for (int i = 0; i < lo.rank; i++) s = fma((double) __half2float(b[i]), __ldcg(l + i), s);
+    return (float) s;
+}
+
+// the last block of the grid to get here resets the counters for the next launch (all threads call it)
+__device__ __forceinline__ void lora_finish(const LoraGemv & lo) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        if (atomicAdd(&lo.sync[1], 1u) == gridDim.x - 1) {
+            lo.sync[0] = 0;
+            lo.sync[1] = 0;
+            __threadfence();
+        }
+    }
+}
 
 // 32 int4 codes one per byte (k order) -> the 16 packed bytes of the file's layout (even k in the low nibble)
 __device__ __forceinline__ uint4 pack_codes32(const uint4 & x0, const uint4 & x1) {
@@ -37,11 +106,11 @@ __device__ __forceinline__ uint4 pack_codes32(const uint4 & x0, const uint4 & x1
 // and the matching up rows F+8b.. as its second, and its epilogue writes down_proj's input codes instead of y:
 // z_j = swiglu(g_j, u_j) into the slots of channel j (SwigluOut), as swiglu_quant does.
 template <class Fmt, bool CODES8, int NT, int U, bool HI8, bool SWIGLU>
-static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t * __restrict__ a, const uint8_t * __restrict__ w,
+static __global__ void __launch_bounds__(256, 3) gemv_w4a4_kernel(const uint8_t * __restrict__ a, const uint8_t * __restrict__ w,
                                                                   const float * __restrict__ scale, const float * __restrict__ add,
                                                                   const float * __restrict__ row_scale, float * __restrict__ y,
                                                                   int M, int N, int kb, int accumulate, int prefetch,
-                                                                  SwigluOut so) {
+                                                                  SwigluOut so, LoraGemv lo) {
     pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     // weight row r of tile i of this block
@@ -65,6 +134,9 @@ static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t 
         }
     }
     pdl_wait();  // the activations and y are written by earlier kernels
+    if constexpr (CODES8) {
+        if (lo.rank > 0) lora_down_rows(lo, (const int8_t *) a, M, 2 * kb);
+    }
 
     int32_t c[NT][4] = {};
     const int nchunk = (kb + 63) / 64;
@@ -110,6 +182,7 @@ static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t 
 #pragma unroll
         for (int r = 0; r < 4; r++) red[warp][i][r][lane] = c[i][r];
     __syncthreads();
+    if (lo.rank > 0) lora_wait(lo);
     // thread p: tile p / 64, lane (p / 2) % 32, register pair p % 2 (row g or g + 8, columns 2t, 2t + 1)
     const int p = threadIdx.x;
     if constexpr (SWIGLU) {
@@ -122,8 +195,10 @@ static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t 
 #pragma unroll
                 for (int v = 0; v < W4_WARPS; v++) s0 += red[v][i][2 * h][l], s1 += red[v][i][2 * h + 1][l];
                 const float * ad = add ? add + (size_t) m * N + n : nullptr;
-                gu[i][c][m] = gemm_value<Fmt>(s0, scale, n) + (ad ? ad[0] : 0.0f);
-                gu[i][c + 1][m] = gemm_value<Fmt>(s1, scale, n + 1) + (ad ? ad[1] : 0.0f);
+                const float l0 = lo.rank > 0 ? lora_up_value(lo, m, n) : ad ? ad[0] : 0.0f;
+                const float l1 = lo.rank > 0 ? lora_up_value(lo, m, n + 1) : ad ? ad[1] : 0.0f;
+                gu[i][c][m] = gemm_value<Fmt>(s0, scale, n) + l0;
+                gu[i][c + 1][m] = gemm_value<Fmt>(s1, scale, n + 1) + l1;
             }
         }
         __syncthreads();
@@ -136,30 +211,36 @@ static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t 
                 o[en.x] = en.z ? slot_code(z, en.y, en.z) : 0;
             }
         }
+        if (lo.rank > 0) lora_finish(lo);
         return;
     }
-    if (p >= NT * 64) return;
-    const int i = p >> 6, l = (p >> 1) & 31, h = p & 1;
-    const int m = (l >> 2) + 8 * h, n = (blockIdx.x * NT + i) * 8 + 2 * (l & 3);
-    if (m >= M || n >= N) return;
-    int32_t s0 = 0, s1 = 0;
+    if (p < NT * 64) {
+        const int i = p >> 6, l = (p >> 1) & 31, h = p & 1;
+        const int m = (l >> 2) + 8 * h, n = (blockIdx.x * NT + i) * 8 + 2 * (l & 3);
+        if (m < M && n < N) {
+            int32_t s0 = 0, s1 = 0;
 #pragma unroll
-    for (int v = 0; v < W4_WARPS; v++) s0 += red[v][i][2 * h][l], s1 += red[v][i][2 * h + 1][l];
-    float * yo = y + (size_t) m * N + n;
-    const float * ad = add ? add + (size_t) m * N + n : nullptr;
-    // v·1.0f is exact: no effect without a row scale; __fmul_rn rounds the product before the accumulate (no
-    // fused multiply-add), as the CPU backend does
-    const float rs = row_scale ? row_scale[m] : 1.0f;
-    const float v0 = __fmul_rn(gemm_value<Fmt>(s0, scale, n) + (ad ? ad[0] : 0.0f), rs);
-    if (accumulate) yo[0] += v0; else yo[0] = v0;
-    if (n + 1 < N) {
-        const float v1 = __fmul_rn(gemm_value<Fmt>(s1, scale, n + 1) + (ad ? ad[1] : 0.0f), rs);
-        if (accumulate) yo[1] += v1; else yo[1] = v1;
+            for (int v = 0; v < W4_WARPS; v++) s0 += red[v][i][2 * h][l], s1 += red[v][i][2 * h + 1][l];
+            float * yo = y + (size_t) m * N + n;
+            const float * ad = add ? add + (size_t) m * N + n : nullptr;
+            // v·1.0f is exact: no effect without a row scale; __fmul_rn rounds the product before the accumulate
+            // (no fused multiply-add), as the CPU backend does
+            const float rs = row_scale ? row_scale[m] : 1.0f;
+            const float l0 = lo.rank > 0 ? lora_up_value(lo, m, n) : ad ? ad[0] : 0.0f;
+            const float v0 = __fmul_rn(gemm_value<Fmt>(s0, scale, n) + l0, rs);
+            if (accumulate) yo[0] += v0; else yo[0] = v0;
+            if (n + 1 < N) {
+                const float l1 = lo.rank > 0 ? lora_up_value(lo, m, n + 1) : ad ? ad[1] : 0.0f;
+                const float v1 = __fmul_rn(gemm_value<Fmt>(s1, scale, n + 1) + l1, rs);
+                if (accumulate) yo[1] += v1; else yo[1] = v1;
+            }
+        }
     }
+    if (lo.rank > 0) lora_finish(lo);
 }
 
 using gemv_fn = void (*)(const uint8_t *, const uint8_t *, const float *, const float *, const float *, float *, int,
-                         int, int, int, int, SwigluOut);
+                         int, int, int, int, SwigluOut, LoraGemv);
 template <class Fmt, int NT, int U, bool SWIGLU = false> static gemv_fn gemv_pick_fmt(bool codes8, bool hi8) {
     return codes8 ? (hi8 ? gemv_w4a4_kernel<Fmt, true, NT, U, true, SWIGLU> : gemv_w4a4_kernel<Fmt, true, NT, U, false, SWIGLU>)
                   : (hi8 ? gemv_w4a4_kernel<Fmt, false, NT, U, true, SWIGLU> : gemv_w4a4_kernel<Fmt, false, NT, U, false, SWIGLU>);
@@ -227,17 +308,21 @@ template <class Fmt> static void launch_gemm(const void * a, const void * qweigh
 
 void cuda_linear_w4a4(const void * qweight, const float * scale, const float * add, const float * row_scale, int64_t n,
                       int64_t kp, const void * a, bool codes8, int32_t m, float * y, bool accumulate, W4A4Mma mma,
-                      cudaStream_t st) {
+                      cudaStream_t st, const LoraGemv & lo) {
     // FmtI4 sums 256·a·w: K must stay below 131072 for int32
     if (kp % 64 != 0 || kp <= 0 || (mma == W4A4Mma::I8 && kp >= 131072) || n <= 0) {
         throw Error("CUDA w4a4 linear: K = " + std::to_string(kp) + " must be a positive multiple of 64 below 131072 "
                     "(int32 range of the 16x-scaled products), N = " + std::to_string(n) + " positive");
     }
+    if (lo.rank > 0 && (!codes8 || add || m > W4_MAX_M || !lo.a || !lo.b || !lo.l || !lo.sync)) {
+        throw Error("CUDA w4a4 linear: the fused low-rank branch takes int8 codes at m <= " + std::to_string(W4_MAX_M) +
+                    " with its tensors and workspace, and no other add (m = " + std::to_string(m) + ")");
+    }
     if (m <= 0) return;
     const int kb = (int) (kp / 2);
     if (m <= W4_MAX_M) {
         launch_gemv(mma, codes8, m > 8, (unsigned) n, st, (const uint8_t *) a, (const uint8_t *) qweight, scale, add,
-                    row_scale, y, m, (int) n, kb, accumulate ? 1 : 0, cuda_pdl_mode() == 2 ? 1 : 0, SwigluOut());
+                    row_scale, y, m, (int) n, kb, accumulate ? 1 : 0, cuda_pdl_mode() == 2 ? 1 : 0, SwigluOut(), lo);
         return;
     }
     if (codes8) {
@@ -252,18 +337,21 @@ void cuda_linear_w4a4(const void * qweight, const float * scale, const float * a
 }
 
 void cuda_linear_w4a4_swiglu(const void * qweight, const float * scale, const float * add, int64_t kp, const int8_t * codes,
-                             int32_t m, const SwigluOut & so, W4A4Mma mma, cudaStream_t st) {
+                             int32_t m, const SwigluOut & so, W4A4Mma mma, cudaStream_t st, const LoraGemv & lo) {
     if (kp % 64 != 0 || kp <= 0 || kp >= 131072 || so.n_ff <= 0 || so.n_ff % 8 != 0 || m > W4_MAX_M) {
         throw Error("CUDA w4a4 gate/up + SwiGLU: K = " + std::to_string(kp) + " (a positive multiple of 64 below 131072), "
                     "n_ff = " + std::to_string(so.n_ff) + " (a positive multiple of 8), m = " + std::to_string(m) +
                     " (at most " + std::to_string(W4_MAX_M) + ")");
+    }
+    if (lo.rank > 0 && (add || !lo.a || !lo.b || !lo.l || !lo.sync)) {
+        throw Error("CUDA w4a4 gate/up + SwiGLU: the fused low-rank branch needs its tensors and workspace, and no other add");
     }
     if (m <= 0) return;
     const bool hi8 = m > 8;
     const gemv_fn f = mma == W4A4Mma::S4 ? gemv_pick_fmt<FmtS4, 2, 2, true>(true, hi8) : gemv_pick_fmt<FmtI4, 2, 2, true>(true, hi8);
     launch_pdl(f, dim3((unsigned) (so.n_ff / 8)), dim3(256), 0, st, "gemv_w4a4_kernel<swiglu>", (const uint8_t *) codes,
                (const uint8_t *) qweight, scale, add, (const float *) nullptr, (float *) nullptr, m, 2 * so.n_ff,
-               (int) (kp / 2), 0, cuda_pdl_mode() == 2 ? 1 : 0, so);
+               (int) (kp / 2), 0, cuda_pdl_mode() == 2 ? 1 : 0, so, lo);
 }
 
 }  // namespace mq

@@ -21,14 +21,27 @@ struct SwigluOut {
     int64_t kp = 0;
     int32_t n_ff = 0;
 };
+// The low-rank branch inside the decode GEMV (docs/numerics.md): lora[m, n] = f64(Σ_i b[n, i] · l[m, i]) with
+// l[m, i] = Σ_s a[i, s] · codes[m, s] in float64, exact (fp16 times int4 codes: any order of the sum gives the
+// same double). The first blocks of the GEMV compute l into `l` and count the rows done in sync[0]; every block
+// waits for all `rank` rows before its epilogue, and the last block to finish resets sync[0] and sync[1] (its
+// finished-block count) to 0 for the next launch. No extra launch, no zeroing pass. rank 0: no branch.
+struct LoraGemv {
+    const void * a = nullptr;     // F16 [rank, kp], the file's lora_a
+    const void * b = nullptr;     // F16 [n, rank], the file's lora_b
+    double * l = nullptr;         // [W4A4_GEMV_MAX_M, rank] workspace
+    unsigned * sync = nullptr;    // [2], zero between launches
+    int32_t rank = 0;
+};
 // S4 below sm_90, I8 from sm_90; the environment variable MERGEQUANT_W4A4_MMA = s4 | i8 overrides
 W4A4Mma cuda_w4a4_mma_default();
+// lo: the low-rank branch fused into the GEMV (codes8 only, m <= W4A4_GEMV_MAX_M); add must then be null
 void cuda_linear_w4a4(const void * qweight, const float * scale, const float * add, const float * row_scale, int64_t n,
                       int64_t kp, const void * a, bool codes8, int32_t m, float * y, bool accumulate, W4A4Mma mma,
-                      cudaStream_t st);
+                      cudaStream_t st, const LoraGemv & lo = LoraGemv());
 // the static W4A4 gate/up linear [2·n_ff rows: gate, then up] at decode sizes (m <= W4A4_GEMV_MAX_M, int8 codes
 // in), fused with SwiGLU and the requantization to down_proj's codes: so.out = slots of swiglu(g, u) where
 // g, u = float(acc) · scale (+ add); n_ff a multiple of 8
 void cuda_linear_w4a4_swiglu(const void * qweight, const float * scale, const float * add, int64_t kp, const int8_t * codes,
-                             int32_t m, const SwigluOut & so, W4A4Mma mma, cudaStream_t st);
+                             int32_t m, const SwigluOut & so, W4A4Mma mma, cudaStream_t st, const LoraGemv & lo = LoraGemv());
 }
