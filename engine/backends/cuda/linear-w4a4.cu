@@ -268,6 +268,7 @@ static void launch_gemv(W4A4Mma mma, bool codes8, bool hi8, unsigned n, cudaStre
     switch (gemv_variant()) {
         case 14: f = gemv_pick<1, 4>(mma, codes8, hi8), nt = 1; break;
         case 12: f = gemv_pick<1, 2>(mma, codes8, hi8), nt = 1; break;
+        case 13: f = gemv_pick<1, 3>(mma, codes8, hi8), nt = 1; break;
         case 24: f = gemv_pick<2, 4>(mma, codes8, hi8), nt = 2; break;
         default: f = gemv_pick<2, 2>(mma, codes8, hi8), nt = 2; break;
     }
