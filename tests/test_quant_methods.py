@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from mergequant.convert import convert
-from mergequant.convert.convert import fused_layer
+from mergequant.convert.layers import fused_layer
 from mergequant.convert.loaders import load_checkpoint
-from mergequant.convert.quant import quantize
+from mergequant.convert.quant.methods import quantize
 from mergequant.convert.quant.clip import ACT_RATIOS, fake_quant, search_act_clip
 from mergequant.convert.quant.gptq import gptq_codes
 from mergequant.convert.quant.int4 import quant_rows

@@ -26,7 +26,8 @@ from .gptq import gptq_codes
 from .int4 import QMAX, pad_columns, pad_k, quant_rows, round_codes
 from .lowrank import fit_lowrank
 from .rtn import check_scheme
-from .simulate import SimBlock, attend, expand_slots, load_block, lora_branch, rms_factor, split_qkv, swiglu
+from .simulate import SimBlock, attend, load_block, rms_factor, split_qkv, swiglu
+from .simulate_linear import expand_slots, lora_branch
 from .split import allocate_parts, build_in_map, expand_columns, extra_slots
 
 
