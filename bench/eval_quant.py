@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from mergequant.convert.loaders import load_checkpoint
-from mergequant.convert.quant import evaluate, quantize
-from mergequant.convert.quant.calibrate import CalibrationSpec, checkpoint_tokenizer, shared_data_dir, tokenize_file
+from mergequant.convert.engine_tokenizer import checkpoint_tokenizer
+from mergequant.convert.quant.methods import quantize
+from mergequant.convert.quant.simulate import evaluate
+from mergequant.convert.quant.calibrate import CalibrationSpec, shared_data_dir, tokenize_file
 
 # row key → (label, method, method args); the mergequant rows add one component at a time
 ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {

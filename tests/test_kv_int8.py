@@ -22,9 +22,9 @@ from mergequant import LLM, ArgumentError, EngineError, _engine
 from mergequant.convert.convert import convert
 from mergequant.convert.loaders import load_checkpoint
 from mergequant.convert.mqfile import read_mq
-from mergequant.convert.quant import SimModel
 from mergequant.convert.quant.calibrate import CalibrationSpec, calibration_tokens
-from mergequant.convert.quant.simulate import block_forward, lora_branch, rms_factor, split_qkv
+from mergequant.convert.quant.simulate import SimModel, block_forward, rms_factor, split_qkv
+from mergequant.convert.quant.simulate_linear import lora_branch
 from mergequant.convert.reference import rope, rope_cos_sin
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,"]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from mergequant.convert import convert
-from mergequant.convert.convert import fused_layer
+from mergequant.convert.layers import fused_layer
 from mergequant.convert.loaders import load_checkpoint
-from mergequant.convert.quant import quantize
+from mergequant.convert.quant.methods import quantize
 from mergequant.convert.quant.clip import ACT_RATIOS, fake_quant, search_act_clip
 from mergequant.convert.quant.gptq import gptq_codes
 from mergequant.convert.quant.int4 import quant_rows
@@ -90,7 +90,7 @@ def test_clip_search_finds_the_grid_minimum_on_heavy_tails():
     rng = np.random.default_rng(1)
     x = rng.standard_t(3, size=(4000, 8)).astype(np.float32)
     amax = np.abs(x).max(axis=0)
-    ratio = search_act_clip(x, amax, np.ones(8), 2.4)
+    ratio = search_act_clip(x, amax, np.ones(8), (2.4,))[0]
     for j in range(8):  # brute force, channel by channel
         errs = {p: np.sum(np.abs(fake_quant(x[:, j], p * amax[j]) - x[:, j]) ** 2.4) for p in ACT_RATIOS}
         assert errs[ratio[j]] <= min(errs.values()) * (1 + 1e-5)
@@ -154,3 +154,46 @@ def test_converted_file_simulates_like_memory(tiny, tmp_path):
         assert np.array_equal(rec_file[name], rec_mem[name]), name
     # float GEMMs (low-rank branch, lm_head) may sum in another order for another memory alignment
     assert np.abs(logits_file - logits_mem).max() < 1e-5 * np.abs(logits_mem).max()
+
+
+def test_error_report_is_held_out_and_exact(tiny, tmp_path):
+    """The report's held-out windows change nothing in the fitted model, and its `inputs` error of layer
+    0's q/k/v (whose input does not depend on any quantized layer) equals the error recomputed here from
+    the stored steps and slots."""
+    import json
+    from dataclasses import replace
+
+    from mergequant.convert.quant.calibrate import calibration_spec, calibration_tokens
+    from mergequant.convert.quant.simulate import rms_factor
+
+    _, ck, calib = tiny
+    path = tmp_path / "report.json"
+    plain = quantize(ck, "mergequant", **calib)
+    reported = quantize(ck, "mergequant", report=str(path), report_n=3, **calib)
+    for b0, b1 in zip(plain.blocks, reported.blocks):
+        for name in ("qkv", "o", "gate_up", "down"):
+            assert np.array_equal(getattr(b0, name).w, getattr(b1, name).w)
+            assert np.array_equal(getattr(b0, name).scale, getattr(b1, name).scale)
+    rep = json.loads(path.read_text())
+    assert len(rep["linears"]) == 4 * ck.config.num_hidden_layers
+    assert all(0 < r[k] < 1 for r in rep["linears"] for k in ("weights", "inputs", "both"))
+
+    spec = calibration_spec({k: v for k, v in calib.items() if k != "calib"} | {"calib": calib["calib"]})
+    ids = calibration_tokens(replace(spec, n=3, seed=spec.seed + 1), ck)
+    h = ck.get("model.embed_tokens.weight").astype(np.float16)[ids].astype(np.float32)
+    g1 = ck.get("model.layers.0.input_layernorm.weight")
+    x = (h * rms_factor(h, ck.config.rms_norm_eps) * g1).reshape(-1, h.shape[-1]).astype(np.float64)
+    blk = reported.blocks[0].qkv
+    step = g1 / blk.in_scale
+    z = x / step
+    src, parts = blk.in_map[:, 0], blk.in_map[:, 2]
+    x_hat = np.zeros_like(x)
+    for s in np.flatnonzero(src >= 0):  # each slot: floor((t + k) / m) of t = clamp(rint(z), -8m, 7m)
+        m = parts[s]
+        t = np.clip(np.rint(z[:, src[s]]), -8 * m, 7 * m)
+        x_hat[:, src[s]] += np.floor((t + blk.in_map[s, 1]) / m) * step[src[s]]
+    w = np.concatenate([ck.get(f"model.layers.0.self_attn.{n}_proj.weight") for n in "qkv"]).astype(np.float64)
+    y = x @ w.T
+    want = np.sum((y - x_hat @ w.T) ** 2) / np.sum(y ** 2)
+    got = next(r for r in rep["linears"] if r["layer"] == 0 and r["linear"] == "attn_qkv")["inputs"]
+    assert abs(got - want) <= 1e-3 * want

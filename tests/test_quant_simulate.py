@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from mergequant.convert.loaders import load_checkpoint
-from mergequant.convert.quant import quantize
+from mergequant.convert.quant.methods import quantize
 from mergequant.convert.quant.int4 import pack_int4, unpack_int4
-from mergequant.convert.quant.simulate import expand_slots
+from mergequant.convert.quant.simulate_linear import expand_slots
 from mergequant.convert.reference import ReferenceModel
 
 TINY = dict(hidden_size=96, intermediate_size=160, num_attention_heads=3, num_key_value_heads=1)

@@ -9,7 +9,7 @@ import pytest
 
 from mergequant import LLM
 from mergequant.convert.convert import convert
-from mergequant.convert.quant import SimModel
+from mergequant.convert.quant.simulate import SimModel
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):",
            "Water boils at a temperature of", "The three primary colors are"]

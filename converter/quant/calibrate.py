@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from ..config import LlamaConfig
-from ..convert import fused_layer
+from ..engine_tokenizer import checkpoint_tokenizer
+from ..layers import fused_layer
 from ..loaders import Checkpoint
 from ..reference import rope_cos_sin
 from .simulate import SimBlock, block_forward
@@ -34,24 +35,6 @@ def shared_data_dir() -> Path:
             return base / "shared" / "data"
     raise FileNotFoundError("calibration data (shared/data/eval) not found: pass a text file as the calibration "
                             "source (--calib FILE) or set MERGEQUANT_SHARED to the shared folder")
-
-
-def checkpoint_tokenizer(ck: Checkpoint) -> Callable[[str], list[int]]:
-    """The checkpoint's own tokenizer, as the engine runs it (C++), so calibration sees exactly the ids the
-    model will: exported into a tokenizer-only model file and loaded through the extension."""
-    import tempfile
-
-    from mergequant._engine import Tokenizer
-
-    from ..mqfile import write_mq
-    from ..tokenizer import export_tokenizer
-
-    meta, tensors = export_tokenizer(ck)
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "tokenizer.mq"
-        write_mq(path, None, None, meta, tensors)
-        tok = Tokenizer(str(path))
-    return lambda text: tok.encode(text, add_special=False)
 
 
 def load_tokenizer(path: str | Path):  # -> tokenizers.Tokenizer
@@ -127,7 +110,7 @@ def run_sequential(ck: Checkpoint, ids: np.ndarray,
                    quantize_layer: QuantizeLayer) -> Iterator[dict[str, np.ndarray]]:
     """Yields each layer's file tensors. `quantize_layer(i, h, fused)` gets the residual stream h [B, T, D]
     entering layer i (computed through the already-quantized layers, with the engine's exact numerics) and
-    the layer's fused float32 weights (convert.fused_layer); it returns the layer's tensors and the
+    the layer's fused float32 weights (layers.fused_layer); it returns the layer's tensors and the
     SimBlock that executes them, which then produces the stream for layer i + 1."""
     cfg: LlamaConfig = ck.config
     cos, sin = rope_cos_sin(cfg, np.arange(ids.shape[1]))

@@ -18,15 +18,27 @@ def fake_quant(x: np.ndarray, c: np.ndarray, parts: np.ndarray | int = 1) -> np.
     return np.clip(np.rint(x / step), QMIN * m, QMAX * m) * step
 
 
-def search_act_clip(x: np.ndarray, amax: np.ndarray, parts: np.ndarray, power: float) -> np.ndarray:
-    """Per channel j, the ratio p of amax_j minimizing Σ_t |x̂_tj − x_tj|^power over the rows of x [M, K]."""
-    best = np.full(x.shape[1], np.inf)
-    ratio = np.ones(x.shape[1], np.float32)
+def search_act_clip(x: np.ndarray, amax: np.ndarray, parts: np.ndarray,
+                    powers: tuple[float, ...]) -> np.ndarray:
+    """Per objective `power` and channel j, the ratio p of amax_j minimizing Σ_t |x̂_tj − x_tj|^power over
+    the rows of x [M, K]; returns [len(powers), K]. One quantization of x per ratio serves every power."""
+    m = np.asarray(parts, np.float32) * np.ones(x.shape[1], np.float32)
+    safe = np.where(amax > 0, amax, 1).astype(np.float32)
+    best = np.full((len(powers), x.shape[1]), np.inf)
+    ratio = np.ones((len(powers), x.shape[1]), np.float32)
+    e = np.empty_like(x, dtype=np.float32)
     for p in ACT_RATIOS:
-        e = np.abs(fake_quant(x, p * amax, parts) - x)
-        err = (e * e if power == 2 else e ** np.float32(power)).sum(axis=0, dtype=np.float64)
-        better = err < best
-        best[better], ratio[better] = err[better], p
+        step = (p * safe) / (QMAX * m)
+        np.divide(x, step, out=e)
+        np.rint(e, out=e)
+        np.clip(e, QMIN * m, QMAX * m, out=e)
+        e *= step
+        e -= x
+        np.abs(e, out=e)
+        for i, power in enumerate(powers):
+            err = (e * e if power == 2 else e ** np.float32(power)).sum(axis=0, dtype=np.float64)
+            better = err < best[i]
+            best[i, better], ratio[i, better] = err[better], p
     return ratio
 
 

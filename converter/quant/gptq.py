@@ -9,8 +9,16 @@ from .int4 import QMAX, QMIN
 
 
 def gptq_codes(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, block: int = 128,
-               damp: float = 0.01) -> np.ndarray:
-    """Codes int8 [N, K] for W [N, K] on the steps `scale` [N], minimizing ‖a·Wᵀ − a·(δ·q)ᵀ‖²."""
+               damp: float = 0.01, act_order: bool = False) -> np.ndarray:
+    """Codes int8 [N, K] for W [N, K] on the steps `scale` [N], minimizing ‖a·Wᵀ − a·(δ·q)ᵀ‖². With
+    `act_order`, columns are quantized in decreasing order of H's diagonal (the input energy), so the
+    columns that matter most are rounded while the most columns remain to absorb their error."""
+    if act_order:
+        perm = np.argsort(-np.diag(hessian), kind="stable")
+        q = gptq_codes(w[:, perm], hessian[np.ix_(perm, perm)], scale, block, damp)
+        out = np.empty_like(q)
+        out[:, perm] = q
+        return out
     w = w.astype(np.float64).copy()
     h = hessian.astype(np.float64).copy()
     dead = np.diag(h) == 0

@@ -1,12 +1,16 @@
 """Signed int4 codes: packing into the file layout and the round-to-nearest quantizers every method
-shares (docs/numerics.md, "Packed int4"). Codes are kept as int8 arrays in [-8, 7] until packed."""
+shares (docs/numerics.md, "Packed int4"). The bottom layer of the converter: it imports nothing of the project. Codes are kept as int8 arrays in [-8, 7] until packed."""
 from __future__ import annotations
 
 import numpy as np
 
-from ..schemes import pad_k  # noqa: F401  (K rounded up to the kernels' multiple of 64)
-
 QMIN, QMAX = -8, 7
+K_ALIGN = 64  # packed int4 rows are stored with K padded to this multiple (the kernels' unit of K)
+
+
+def pad_k(k: int) -> int:
+    """K rounded up to a multiple of K_ALIGN."""
+    return -(-k // K_ALIGN) * K_ALIGN
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:

@@ -11,7 +11,9 @@ layers (calibrate.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +28,8 @@ from .gptq import gptq_codes
 from .int4 import QMAX, pad_columns, pad_k, quant_rows, round_codes
 from .lowrank import fit_lowrank
 from .rtn import check_scheme
-from .simulate import SimBlock, attend, expand_slots, load_block, lora_branch, rms_factor, split_qkv, swiglu
+from .simulate import SimBlock, attend, load_block, rms_factor, split_qkv, swiglu
+from .simulate_linear import expand_slots, lora_branch
 from .split import allocate_parts, build_in_map, expand_columns, extra_slots
 
 
@@ -37,7 +40,10 @@ class Options:
     budget: float = 0.03
     rank: int = 16             # low-rank compensation rank (0: off)
     gptq: bool = True          # GPTQ codes instead of RTN (the low-rank branch then fits what GPTQ leaves)
-    gptq_target: str = "w"     # "w": the folded weight W̃; "ls": least-squares fit of X·Wᵀ on the int4 inputs
+    gptq_target: str = "w"     # "w": the folded weight W̃; "ls": least-squares fit of X·Wᵀ on the int4 inputs;
+                               # "ridge": that fit shrunk toward W̃ (weight `ridge` · mean diag of aᵀa)
+    act_order: bool = False    # GPTQ columns in decreasing input energy
+    ridge: float = 1.0
     clip_power: float = 2.4    # per-channel clip objective Σ|x̂ − x|^p (then p = 2; the layer error decides)
     clip_sample: int = 2048    # tokens the clip searches look at (plus every sequence's first token)
     damp: float = 0.01
@@ -56,6 +62,14 @@ class InputQuant:
     def codes(self, x: np.ndarray) -> np.ndarray:
         return expand_slots(x / self.step, self.in_map)
 
+    def exact_slots(self, x: np.ndarray) -> np.ndarray:
+        """The slots before rounding: each of channel j's m_j slots holds (x_j/Δ_j)/m_j, padding 0."""
+        src, parts = self.in_map[:, 0], self.in_map[:, 2]
+        live = src >= 0
+        out = np.zeros((x.shape[0], self.kp), np.float32)
+        out[:, live] = (x / self.step)[:, src[live]] / parts[live]
+        return out
+
 
 @dataclass
 class LinearQuant:
@@ -63,6 +77,7 @@ class LinearQuant:
     scale: np.ndarray             # fp32 [N]
     lora: tuple[np.ndarray, np.ndarray] | None  # fp16-exact A [r, Kp], B [N, r]
     y: np.ndarray                 # the quantized linear's output on the calibration inputs [M, N]
+    errors: dict[str, float] | None = None  # on the held-out rows (error_report)
 
     def fold_rows(self, rows: slice, divisor: np.ndarray) -> None:
         """Divide output rows by a step folded downstream (v rows by Δᵒ, up rows by Δᵈ); exact."""
@@ -88,13 +103,13 @@ def sample_rows(m: int, seq_len: int, count: int, rng: np.random.Generator) -> n
     return np.unique(np.concatenate([first, rest]))
 
 
-def layer_error(x: np.ndarray, w: np.ndarray, c: np.ndarray, parts: np.ndarray) -> float:
-    """‖x·Wᵀ − x̂·Ŵᵀ‖² with x̂ the static int4 activations on ranges c and Ŵ the per-row RTN of the
+def layer_error(x: np.ndarray, y: np.ndarray, w: np.ndarray, c: np.ndarray, parts: np.ndarray) -> float:
+    """‖y − x̂·Ŵᵀ‖² (y = x·Wᵀ) with x̂ the static int4 activations on ranges c and Ŵ the per-row RTN of the
     folded weight W·diag(Δ), mapped back (Ŵ = Q(W·Δ)/Δ)."""
     step = np.where(c > 0, c, 1) / (QMAX * parts)
     q, s = quant_rows(w * step)
     w_hat = q * s[:, None] / step
-    e = x @ w.T - fake_quant(x, c, parts) @ w_hat.T
+    e = y - fake_quant(x, c, parts) @ w_hat.T
     return float(np.sum(e * e, dtype=np.float64))
 
 
@@ -105,8 +120,9 @@ def choose_ranges(xs: np.ndarray, w: np.ndarray, parts: np.ndarray, opts: Option
     amax = tie(np.abs(xs).max(axis=0))
     if not opts.clip:
         return amax
-    candidates = [amax] + [tie(search_act_clip(xs, amax, parts, p) * amax) for p in (opts.clip_power, 2.0)]
-    errors = [layer_error(xs, w, c, parts) for c in candidates]
+    candidates = [amax] + [tie(r * amax) for r in search_act_clip(xs, amax, parts, (opts.clip_power, 2.0))]
+    y = xs @ w.T
+    errors = [layer_error(xs, y, w, c, parts) for c in candidates]
     return candidates[int(np.argmin(errors))]
 
 
@@ -140,45 +156,80 @@ def v_row_steps(step_o: np.ndarray, config: LlamaConfig) -> np.ndarray:
     return step_o.reshape(h_kv, -1, hd)[:, 0].reshape(-1)
 
 
+def linear_errors(x: np.ndarray, a: np.ndarray, y: np.ndarray, w_fold: np.ndarray, lq: LinearQuant,
+                  inp: InputQuant | np.ndarray, fit: int) -> dict[str, float]:
+    """Relative output errors ‖y − ŷ‖² / ‖y‖² on the held-out rows (those past `fit`), y = x·Wᵀ on the fp
+    input from the quantized stream: `weights` (unrounded input slots, the linear's int4 weights and its
+    low-rank branch), `inputs` (the int4 input codes, the folded fp weight W̃), `both` (the linear as stored)."""
+    x, a, y = x[fit:], a[fit:], y[fit:]
+    exact = inp.exact_slots(x) if isinstance(inp, InputQuant) else pad_columns(x / inp, a.shape[1])
+    w_hat = lq.codes.astype(np.float32) * lq.scale[:, None]
+    y_w = exact @ w_hat.T
+    if lq.lora is not None:
+        y_w += lora_branch(exact, *lq.lora)
+    norm = float(np.sum(y.astype(np.float64) ** 2)) or 1.0
+    rel = lambda y_hat: float(np.sum((y - y_hat).astype(np.float64) ** 2)) / norm  # noqa: E731
+    return {"weights": rel(y_w), "inputs": rel(a @ w_fold.T), "both": rel(lq.y[fit:])}
+
+
 def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant | np.ndarray,
-                    opts: Options) -> LinearQuant:
+                    opts: Options, fit: int | None = None) -> LinearQuant:
     """Weights of one linear given its int4 input codes a [M, Kp] and fp input x [M, K]: W̃ = W·diag(Δ)
-    in slot layout, per-row steps, RTN or GPTQ codes, then the low-rank branch on the residual."""
+    in slot layout, per-row steps, RTN or GPTQ codes, then the low-rank branch on the residual. Only the
+    first `fit` rows (all by default) are fitted; the rest are held out for the error report."""
     if isinstance(inp, InputQuant):
         w_t = expand_columns(w * inp.step, inp.in_map)
     else:  # a step vector for an unsplit input (o_proj): columns scaled, K padded
         w_t = pad_columns(w * inp, a.shape[1])
-    y = x @ w.T
+    w_fold = w_t
+    y_all = x @ w.T
+    a_all = a
+    fit = len(a) if fit is None else fit
+    a, y = a_all[:fit], y_all[:fit]
     gram = a.T @ a  # exact: integer entries below 2^24
     lam = opts.damp * max(float(np.mean(np.diag(gram))), 1e-8)
-    if opts.gptq and opts.gptq_target == "ls":
-        w_t = np.linalg.solve(gram.astype(np.float64) + lam * np.eye(len(gram)),
-                              (a.T @ y).astype(np.float64)).T.astype(np.float32)
+    if opts.gptq and opts.gptq_target in ("ls", "ridge"):
+        # argmin ‖a·Vᵀ − y‖² + μ‖V − V₀‖² = (aᵀa + μI)⁻¹ (aᵀy + μV₀ᵀ); V₀ = 0 ("ls") or W̃ ("ridge")
+        mu = lam if opts.gptq_target == "ls" else opts.ridge * lam / opts.damp
+        prior = 0 if opts.gptq_target == "ls" else mu * w_t.T.astype(np.float64)
+        w_t = np.linalg.solve(gram.astype(np.float64) + mu * np.eye(len(gram)),
+                              (a.T @ y).astype(np.float64) + prior).T.astype(np.float32)
     scale = search_weight_scale(w_t, np.diag(gram)) if opts.clip else np.abs(w_t).max(axis=1) / QMAX
-    codes = gptq_codes(w_t, gram, scale, damp=opts.damp) if opts.gptq else quant_rows(w_t, scale)[0]
-    y_q = (a @ codes.T.astype(np.float32)) * scale
+    codes = gptq_codes(w_t, gram, scale, damp=opts.damp, act_order=opts.act_order) if opts.gptq else quant_rows(w_t, scale)[0]
+    y_q = (a_all @ codes.T.astype(np.float32)) * scale
     lora = None
     if opts.rank > 0:
-        la, lb = fit_lowrank(gram, a.T @ (y - y_q), opts.rank, opts.damp)
+        la, lb = fit_lowrank(gram, a.T @ (y - y_q[:fit]), opts.rank, opts.damp)
         lora = (la.astype(np.float16).astype(np.float32), lb.astype(np.float16).astype(np.float32))
-        y_q += lora_branch(a, *lora)
-    return LinearQuant(codes, scale.astype(np.float32), lora, y_q)
+        y_q += lora_branch(a_all, *lora)
+    lq = LinearQuant(codes, scale.astype(np.float32), lora, y_q)
+    if fit < len(a_all):
+        lq.errors = linear_errors(x, a_all, y_all, w_fold, lq, inp, fit)
+    return lq
 
 
 def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: LlamaConfig, opts: Options,
-                   quant: dict[str, Any], rng: np.random.Generator) -> tuple[dict[str, np.ndarray], SimBlock]:
-    """One block on its input stream h [B, T, D] → its file tensors and the SimBlock executing them."""
+                   quant: dict[str, Any], rng: np.random.Generator, held_out: int = 0,
+                   report: list[dict[str, Any]] | None = None) -> tuple[dict[str, np.ndarray], SimBlock]:
+    """One block on its input stream h [B, T, D] → its file tensors and the SimBlock executing them. The
+    last `held_out` sequences of h are not fitted; each linear's errors on them go to `report`."""
     b, t, d = h.shape
     p = f"blk.{i}."
     hd, h_q, h_kv, f = config.head_dim, config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
     eps = config.rms_norm_eps
-    rows = sample_rows(b * t, t, opts.clip_sample, rng)
+    fit = (b - held_out) * t
+    rows = sample_rows(fit, t, opts.clip_sample, rng)
     flat = lambda v: v.reshape(b * t, -1)  # noqa: E731
+
+    def record(name: str, lq: LinearQuant) -> LinearQuant:
+        if report is not None and lq.errors is not None:
+            report.append({"layer": i, "linear": name, **lq.errors})
+        return lq
 
     def split_input_linear(x: np.ndarray, name: str) -> tuple[InputQuant, LinearQuant]:
         """A linear on a splittable input: its input steps and slots, then its weights on those codes."""
         inp = quantize_input(x, fused[p + name], rows, opts, splittable=True)
-        return inp, quantize_linear(inp.codes(x), x, fused[p + name], inp, opts)
+        return inp, record(name, quantize_linear(inp.codes(x), x, fused[p + name], inp, opts, fit))
 
     # attention: q/k/v input (norm output), Δ folded into the norm weight
     g1 = fused[p + "attn_norm.weight"]
@@ -194,7 +245,7 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
     tie = lambda c: tie_kv_groups(c, config)  # noqa: E731
     step_o = quantize_input(o, fused[p + "attn_output"], rows, opts, splittable=False, tie=tie).step
     a_o = pad_columns(round_codes(o / step_o), pad_k(o.shape[1]))
-    out = quantize_linear(a_o, o, fused[p + "attn_output"], step_o, opts)
+    out = record("attn_output", quantize_linear(a_o, o, fused[p + "attn_output"], step_o, opts, fit))
     qkv.fold_rows(slice((h_q + h_kv) * hd, None), v_row_steps(step_o, config))
     h_mid = h + out.y.reshape(b, t, d)
     del a_o, o
@@ -219,25 +270,46 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
     return tensors, load_block(config, tensors.get, quant["linears"], i)
 
 
-def w4a4_static(ck: Checkpoint, quant: dict[str, Any], opts: Options, calib: CalibrationSpec
-                ) -> Iterator[dict[str, np.ndarray]]:
+def w4a4_static(ck: Checkpoint, quant: dict[str, Any], opts: Options, calib: CalibrationSpec,
+                report: str | Path | None = None, report_n: int = 4) -> Iterator[dict[str, np.ndarray]]:
+    """The static W4A4 blocks. With `report` (a path), `report_n` further windows (drawn with seed + 1, so
+    apart from chance overlaps they are not calibration text) run through the same quantized stream
+    unfitted, and every linear's held-out errors (`linear_errors`) are written there as JSON."""
     quant["params"] = {"options": asdict(opts), "calibration": asdict(calib)}
     ids = calibration_tokens(calib, ck)
+    held_out = 0
+    if report is not None:
+        extra = calibration_tokens(replace(calib, n=report_n, seed=calib.seed + 1), ck)
+        held_out = len(extra)
+        ids = np.concatenate([ids, extra])
     rng = np.random.default_rng(calib.seed)
-    return run_sequential(ck, ids, lambda i, h, fused: quantize_layer(i, h, fused, ck.config, opts, quant, rng))
+    rows: list[dict[str, Any]] = []
+
+    def blocks() -> Iterator[dict[str, np.ndarray]]:
+        yield from run_sequential(ck, ids, lambda i, h, fused: quantize_layer(
+            i, h, fused, ck.config, opts, quant, rng, held_out, rows if report is not None else None))
+        if report is not None:
+            Path(report).write_text(json.dumps({"options": asdict(opts), "calibration": asdict(calib),
+                                                "held_out": report_n, "linears": rows}, indent=1) + "\n")
+    return blocks()
 
 
 def mergequant(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] | None = None, *,
                no_clip: bool = False, no_split: bool = False, rank: int = Options.rank, gptq: bool = Options.gptq,
-               gptq_target: str = Options.gptq_target, budget: float = Options.budget,
+               gptq_target: str = Options.gptq_target, act_order: bool = Options.act_order,
+               ridge: float = Options.ridge, budget: float = Options.budget,
                calib: str = "wikitext2+c4", calib_n: int = CalibrationSpec.n, calib_len: int = CalibrationSpec.length,
-               seed: int = 0, tokenizer: str | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """The `mergequant` method; switches: no_clip, no_split, rank=0 (no low-rank branch), gptq=False (RTN
-    weights)."""
+               seed: int = 0, tokenizer: str | None = None, report: str | None = None,
+               report_n: int = 4) -> Iterator[dict[str, np.ndarray]]:
+    """The `mergequant` method (`report`: write the per-linear error report there, see w4a4_static); switches: no_clip, no_split, rank=0 (no low-rank branch), gptq=False (RTN
+    weights), gptq_target ("w" | "ls" | "ridge" with weight `ridge`), act_order (GPTQ column order)."""
     check_scheme("mergequant", "w4a4", scheme)
-    opts = Options(clip=not no_clip, split=not no_split, budget=budget, rank=rank, gptq=gptq, gptq_target=gptq_target)
+    if gptq_target not in ("w", "ls", "ridge"):
+        raise ValueError(f"mergequant: gptq_target must be 'w', 'ls' or 'ridge', got {gptq_target!r}")
+    opts = Options(clip=not no_clip, split=not no_split, budget=budget, rank=rank, gptq=gptq, gptq_target=gptq_target,
+                   act_order=act_order, ridge=ridge)
     return w4a4_static(ck, {} if quant is None else quant, opts,
-                       CalibrationSpec(calib, calib_n, calib_len, seed, tokenizer))
+                       CalibrationSpec(calib, calib_n, calib_len, seed, tokenizer), report, report_n)
 
 
 def rtn_w4a4_static(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] | None = None, *,

@@ -1,5 +1,7 @@
-"""Round-to-nearest baselines that need no calibration: weight-only group-wise int4 (`rtn-w4a16`, scheme
-w4a16g) and W4A4 with per-token dynamic activations (`rtn-w4a4-dynamic`, scheme w4a4d)."""
+"""Conversions that need no calibration: every linear packed straight from the checkpoint weights by its
+scheme's packer (`plain_blocks`: f16 when no method is named), and the round-to-nearest baselines built on
+it: weight-only group-wise int4 (`rtn-w4a16`, scheme w4a16g) and W4A4 with per-token dynamic activations
+(`rtn-w4a4-dynamic`, scheme w4a4d)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -7,8 +9,21 @@ from typing import Any
 
 import numpy as np
 
-from ..convert import plain_blocks
+from ..layers import fused_layer
 from ..loaders import Checkpoint
+from ..schemes import pack_linear
+
+
+def plain_blocks(ck: Checkpoint, scheme: str, quant: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
+    """Each layer's `blk.{i}.*` tensors with every linear packed by `scheme`, norms as float32."""
+    for i in range(ck.config.num_hidden_layers):
+        out: dict[str, np.ndarray] = {}
+        for name, w in fused_layer(ck, i).items():
+            if name.endswith("norm.weight"):
+                out[name] = w.astype(np.float32)
+            else:
+                out |= pack_linear(name, w, scheme, quant)
+        yield out
 
 
 def check_scheme(method: str, own: str, scheme: str | None) -> None:

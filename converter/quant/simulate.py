@@ -1,8 +1,7 @@
 """The simulated engine: executes a quantized model in numpy with exactly the integer semantics of
 docs/numerics.md. It reads the packed tensors of a .mq file (or the dict a method produced), so it is
-the oracle for the C++ backends and the fast path for accuracy experiments.
-
-Integer GEMMs run as fp32 BLAS on the codes: every partial sum is an integer below 2^24, hence exact."""
+the oracle for the C++ backends and the fast path for accuracy experiments. Each linear runs its scheme's
+path (schemes.py → quant/simulate_linear.py); this module runs the blocks around them."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -15,10 +14,11 @@ import numpy as np
 from ..config import LlamaConfig
 from ..mqfile import read_mq
 from ..reference import rope, rope_cos_sin
-from .int4 import QMAX, QMIN, pad_columns, round_codes, unpack_int4
+from ..schemes import get_scheme
+from .int4 import pad_columns, round_codes
+from .simulate_linear import SimLinear, expand_slots, fp16_round
 
 LINEARS = ("attn_qkv", "attn_output", "ffn_gate_up", "ffn_down")
-INT_SCHEMES = ("w4a4", "w4a4d")
 KV_CACHE_TYPES = ("fp16", "int8")
 KV_QMAX = 127  # int8 cache codes are symmetric: [-127, 127]
 
@@ -40,93 +40,6 @@ def swiglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
         return (g64 / (1.0 + np.exp(-g64)) * u).astype(np.float32)
 
 
-def fp16_round(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float16).astype(np.float32)
-
-
-def expand_slots(z: np.ndarray, in_map: np.ndarray) -> np.ndarray:
-    """Values z [M, K] in step units → int4 input slots [M, Kp] (fp32 holding integers):
-    t = clamp(rint(z_j), -8m, 7m), slot = floor((t + k) / m) for in_map rows (j, k, m); j = -1 gives 0.
-    floor of the fp32 quotient is exact: a non-integer (t+k)/m lies ≥ 1/m away from any integer."""
-    src, part, parts = (in_map[:, c] for c in range(3))
-    live = src >= 0
-    m = parts[live].astype(np.float32)
-    t = round_codes(z[:, src[live]], QMIN * m, QMAX * m)
-    out = np.zeros((z.shape[0], in_map.shape[0]), np.float32)
-    out[:, live] = np.floor((t + part[live].astype(np.float32)) / m)
-    return out
-
-
-def lora_branch(a: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray) -> np.ndarray:
-    """(a · Aᵀ) · Bᵀ in float64, rounded once to fp32: a · Aᵀ on int4 codes and fp16 values is exact in
-    float64, so every summation order gives the same fp32 result."""
-    return ((a.astype(np.float64) @ lora_a.T.astype(np.float64)) @ lora_b.T.astype(np.float64)).astype(np.float32)
-
-
-@dataclass
-class SimLinear:
-    """One linear of any scheme. `w` is the fp32 weight (f16, w4a16g dequantized exactly: int × fp16 fits
-    fp32) or the int8 codes [N, Kp] (w4a4, w4a4d)."""
-    scheme: str
-    w: np.ndarray
-    scale: np.ndarray | None = None
-    in_scale: np.ndarray | None = None
-    in_map: np.ndarray | None = None
-    lora_a: np.ndarray | None = None
-    lora_b: np.ndarray | None = None
-
-    @classmethod
-    def from_tensors(cls, scheme: str, get: Callable[[str], np.ndarray | None]) -> SimLinear:
-        f32 = lambda s: None if get(s) is None else np.asarray(get(s), np.float32)  # noqa: E731
-        if scheme == "f16":
-            return cls(scheme, f32("weight"))
-        codes = unpack_int4(np.asarray(get("qweight")))
-        if scheme == "w4a16g":
-            s = f32("scale")
-            g = codes.shape[1] // s.shape[1]
-            return cls(scheme, codes.astype(np.float32) * np.repeat(s, g, axis=1))
-        if scheme not in INT_SCHEMES:
-            raise ValueError(f"simulator: unknown linear scheme {scheme!r}")
-        in_map = get("in_map")
-        return cls(scheme, codes, f32("scale"), f32("in_scale"),
-                   None if in_map is None else np.asarray(in_map, np.int64), f32("lora_a"), f32("lora_b"))
-
-    @property
-    def kp(self) -> int:
-        return self.w.shape[1]
-
-    def int_gemm(self, a: np.ndarray) -> np.ndarray:
-        """acc = a · qᵀ on int4 codes; fp32 holding exact int32 values."""
-        return a @ self.w.astype(np.float32).T
-
-    def epilogue(self, acc: np.ndarray, a: np.ndarray) -> np.ndarray:
-        """y = float(acc) · scale[n] (+ fp32((a · Aᵀ) · Bᵀ), the low-rank branch in float64)."""
-        y = acc * self.scale
-        if self.lora_a is not None:
-            y += lora_branch(a, self.lora_a, self.lora_b)
-        return y
-
-    def __call__(self, x: np.ndarray, record: dict[str, np.ndarray] | None = None, name: str = "") -> np.ndarray:
-        """A float-input linear (f16, w4a16g, w4a4d) on x [M, K]."""
-        if self.scheme in ("f16", "w4a16g"):
-            return x @ self.w.T
-        if self.scheme != "w4a4d":
-            raise ValueError(f"{name}: scheme {self.scheme!r} takes integer inputs, not floats")
-        amax = np.abs(x).max(axis=1, keepdims=True)
-        safe = np.where(amax > 0, amax, 1).astype(np.float32)
-        a = pad_columns(round_codes(x * (np.float32(QMAX) / safe)), self.kp)
-        acc = self.int_gemm(a)
-        if record is not None:
-            record[name], record[name + ".in"] = acc.astype(np.int32), a.astype(np.int8)
-        return (acc * self.scale) * (amax / np.float32(QMAX))
-
-    def run_codes(self, a: np.ndarray, record: dict[str, np.ndarray] | None, name: str) -> np.ndarray:
-        acc = self.int_gemm(a)
-        if record is not None:
-            record[name], record[name + ".in"] = acc.astype(np.int32), a.astype(np.int8)
-        return self.epilogue(acc, a)
-
-
 @dataclass
 class SimBlock:
     attn_norm: np.ndarray
@@ -138,7 +51,8 @@ class SimBlock:
 
     @property
     def static(self) -> bool:
-        return self.qkv.scheme == "w4a4"
+        """Int4-code inputs: the norms, attention and SwiGLU emit the codes the linears read."""
+        return self.qkv.inputs == "codes"
 
 
 @dataclass(frozen=True)
@@ -229,25 +143,25 @@ def block_forward(h: np.ndarray, blk: SimBlock, config: LlamaConfig, cos: np.nda
     flat = lambda x: x.reshape(b * t, -1)  # noqa: E731
     if blk.static:
         z = flat(h * rms_factor(h, eps) * blk.qkv.in_scale)
-        y = blk.qkv.run_codes(expand_slots(z, blk.qkv.in_map), record, prefix + "attn_qkv")
+        y = blk.qkv(expand_slots(z, blk.qkv.in_map), record, prefix + "attn_qkv")
     else:
         y = blk.qkv(flat(h * rms_factor(h, eps) * blk.attn_norm), record, prefix + "attn_qkv")
     q, k, v = split_qkv(y.reshape(b, t, -1), config)
     o = flat(attend(q, k, v, config, cos, sin, kv, observe))
     if blk.static:
-        out = blk.o.run_codes(pad_columns(round_codes(o), blk.o.kp), record, prefix + "attn_output")
+        out = blk.o(pad_columns(round_codes(o), blk.o.kp), record, prefix + "attn_output")
     else:
         out = blk.o(o, record, prefix + "attn_output")
     h = h + out.reshape(b, t, d)
     if blk.static:
         z = flat(h * rms_factor(h, eps) * blk.gate_up.in_scale)
-        y = blk.gate_up.run_codes(expand_slots(z, blk.gate_up.in_map), record, prefix + "ffn_gate_up")
+        y = blk.gate_up(expand_slots(z, blk.gate_up.in_map), record, prefix + "ffn_gate_up")
     else:
         y = blk.gate_up(flat(h * rms_factor(h, eps) * blk.ffn_norm), record, prefix + "ffn_gate_up")
     f = config.intermediate_size
     m = swiglu(y[:, :f], y[:, f:])
     if blk.static:
-        out = blk.down.run_codes(expand_slots(m, blk.down.in_map), record, prefix + "ffn_down")
+        out = blk.down(expand_slots(m, blk.down.in_map), record, prefix + "ffn_down")
     else:
         out = blk.down(m, record, prefix + "ffn_down")
     return h + out.reshape(b, t, d)
@@ -256,10 +170,11 @@ def block_forward(h: np.ndarray, blk: SimBlock, config: LlamaConfig, cos: np.nda
 def load_block(config: LlamaConfig, get: Callable[[str], np.ndarray | None], linears: Mapping[str, str],
                i: int) -> SimBlock:
     p = f"blk.{i}."
-    lin = {n: SimLinear.from_tensors(linears[p + n], lambda s, n=n: get(f"{p}{n}.{s}")) for n in LINEARS}
-    schemes = {linears[p + n] for n in LINEARS}
-    if "w4a4" in schemes and len(schemes) > 1:
-        raise ValueError(f"block {i}: w4a4 must cover all four linears, got {sorted(schemes)}")
+    lin: dict[str, SimLinear] = {n: get_scheme(linears[p + n]).simulate(lambda s, n=n: get(f"{p}{n}.{s}"))
+                                 for n in LINEARS}
+    if len({x.inputs for x in lin.values()}) > 1:
+        raise ValueError(f"block {i}: a scheme with int4-code inputs must cover all four linears, got "
+                         f"{sorted(x.scheme for x in lin.values())}")
     f32 = lambda s: np.asarray(get(p + s), np.float32)  # noqa: E731
     return SimBlock(f32("attn_norm.weight"), f32("ffn_norm.weight"), lin["attn_qkv"], lin["attn_output"],
                     lin["ffn_gate_up"], lin["ffn_down"])

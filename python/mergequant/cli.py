@@ -68,7 +68,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
     method_args = {k: v for k, v in (("no_clip", a.no_clip or None), ("no_split", a.no_split or None),
                                       ("rank", a.rank), ("gptq", False if a.no_gptq else None), ("budget", a.budget),
                                       ("calib", a.calib), ("calib_n", a.calib_n), ("calib_len", a.calib_len),
-                                      ("seed", a.seed)) if v is not None}
+                                      ("seed", a.seed), ("report", a.report)) if v is not None}
     calib_only = a.kv_int8 and all(k in ("calib", "calib_n", "calib_len", "seed") for k in method_args)
     if method_args and not a.method and not calib_only:
         raise SystemExit("convert: method options need --method (calibration options need --method or --kv-int8)")
@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-gptq", action="store_true",
                    help="round-to-nearest weight codes instead of GPTQ (the low-rank branch then fits RTN's error)")
     m.add_argument("--budget", type=float, default=None, help="channel-split budget as a share of K (default 0.03)")
+    m.add_argument("--report", metavar="FILE", default=None,
+                   help="write a per-linear error report (JSON): output error from the weights alone, the input "
+                        "quantization alone and both, on 4 held-out calibration windows")
     c.add_argument("--kv-int8", action="store_true",
                    help="also calibrate static per-channel scales for the int8 KV cache (--kv-cache int8 at run "
                         "time), on the finished model (any --method); default calibration 8 x 512 tokens")

@@ -1,0 +1,137 @@
+"""W4A4 levers measured by the engine: each row is converted to a .mq file by the converter (timed, under
+the caller's nice level) and its WikiText-2 test perplexity is measured by the CPU engine on the first W
+non-overlapping windows of L tokens (each a fresh context), beside the f16 file's. Writes (or replaces) its
+section of bench/RESULTS.md.
+
+    nice -n 10 python bench/ablate_w4a4.py --rows default,act-order --windows 16 --window 512
+    python bench/ablate_w4a4.py --rows default --calib-n 8 --no-write   # a quick look
+
+Rows already measured are kept in bench/ablate_w4a4.json (keyed by row and calibration), so a later run
+adds rows to the table instead of recomputing it; --fresh recomputes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from mergequant import LLM
+from mergequant.convert.convert import convert
+from mergequant.default_model import default_gguf_path
+
+HERE = Path(__file__).resolve().parent
+TEXT = HERE.parent.parent / "shared" / "data" / "eval" / "wiki.test.raw"
+
+# row key → (label, method, method options)
+ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
+    "f16": ("f16 file", None, {}),
+    "w4a16": ("RTN W4A16 (group 128)", "rtn-w4a16", {}),
+    "rtn-static": ("RTN W4A4 static (migration only)", "rtn-w4a4-static", {}),
+    "before": ("MergeQuant as before (GPTQ in natural order on W̃, rank 16)", "mergequant",
+               {"act_order": False, "gptq_target": "w", "rank": 16}),
+    "no-lowrank": ("MergeQuant without the low-rank branch", "mergequant", {"rank": 0}),
+    "rtn-weights": ("MergeQuant with RTN weights (no GPTQ)", "mergequant", {"gptq": False}),
+    "act-order": ("+ GPTQ act-order", "mergequant", {"act_order": True}),
+    "ridge1": ("+ act-order, GPTQ target: least squares shrunk to W̃ (ridge 1)", "mergequant",
+               {"act_order": True, "gptq_target": "ridge", "ridge": 1.0}),
+    "ridge0.1": ("+ act-order, GPTQ target: least squares shrunk to W̃ (ridge 0.1)", "mergequant",
+                 {"act_order": True, "gptq_target": "ridge", "ridge": 0.1}),
+    "ls": ("+ act-order, GPTQ target: plain least squares", "mergequant", {"act_order": True, "gptq_target": "ls"}),
+    "rank32": ("+ act-order, rank 32", "mergequant", {"act_order": True, "rank": 32}),
+    "default": ("MergeQuant default (this commit)", "mergequant", {}),
+}
+BEGIN, END = "<!-- ablate_w4a4:begin -->", "<!-- ablate_w4a4:end -->"
+
+
+def engine_ppl(path: Path, ids: list[int], windows: int, window: int) -> float:
+    llm = LLM(str(path), device="cpu")
+    nll = 0.0
+    for w in range(windows):
+        nll -= float(llm.token_logprobs(ids[w * window:(w + 1) * window]).sum())
+    return math.exp(nll / (windows * (window - 1)))
+
+
+def markdown(rows: list[str], done: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    f16 = done["f16"]["ppl"]
+    lines = [
+        f"## W4A4 levers measured by the engine: SmolLM2-135M-Instruct ({date.today()})", "",
+        f"Command: `nice -n 10 python bench/ablate_w4a4.py --rows {','.join(rows)} --windows {args.windows} "
+        f"--window {args.window} --calib-n {args.calib_n} --calib-len {args.calib_len}`  ",
+        f"Text: WikiText-2 test raw, the first {args.windows} windows of {args.window} tokens, each a fresh context; "
+        "perplexity by the CPU engine (`LLM(..., device='cpu').token_logprobs`) on the converted file. "
+        f"Calibration: {args.calib_n} × {args.calib_len} tokens (WikiText-2 validation + C4 sample, seed 0). "
+        f"Convert: wall time of `convert()` under nice 10 on {os.cpu_count()} CPU cores "
+        f"({platform.machine()}) shared with other jobs (load from several other processes): direction only.", "",
+        "| row | options | PPL | ×f16 | convert (s) |", "|---|---|---|---|---|",
+    ]
+    for key in rows:
+        r = done[key]
+        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "—"
+        lines.append(f"| {r['label']} | {r['method'] or 'f16'}: {opts} | {r['ppl']:.2f} | {r['ppl'] / f16:.2f} | "
+                     f"{r['seconds']:.0f} |")
+    return "\n".join([BEGIN, *lines, END]) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END) + "\n?", re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="f16,default", help=f"comma-separated subset of {','.join(ROWS)}")
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--calib-n", type=int, default=32)
+    ap.add_argument("--calib-len", type=int, default=512)
+    ap.add_argument("--cache", type=Path, default=HERE / "ablate_w4a4.json")
+    ap.add_argument("--fresh", action="store_true", help="recompute rows already in the cache")
+    ap.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
+    ap.add_argument("--no-write", action="store_true", help="print the table only")
+    args = ap.parse_args()
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = set(rows) - ROWS.keys()
+    if unknown:
+        raise SystemExit(f"unknown rows {sorted(unknown)}; known: {', '.join(ROWS)}")
+    rows = ["f16"] + [r for r in rows if r != "f16"]
+    src = default_gguf_path()
+    cache = json.loads(args.cache.read_text()) if args.cache.exists() and not args.fresh else {}
+    tag = f"{args.calib_n}x{args.calib_len}/{args.windows}x{args.window}"
+    ids = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in rows:
+            label, method, opts = ROWS[key]
+            ckey = f"{key}@{tag}"
+            if ckey in cache:
+                continue
+            calib = {"calib_n": args.calib_n, "calib_len": args.calib_len} if method in ("mergequant",
+                                                                                         "rtn-w4a4-static") else {}
+            out = Path(tmp) / f"{key}.mq"
+            t0 = time.perf_counter()
+            convert(src, out, method=method, progress=True, **opts, **calib)
+            seconds = time.perf_counter() - t0
+            if ids is None:
+                ids = LLM(str(out), device="cpu").tokenize(TEXT.read_text(encoding="utf-8"), add_special=False)
+            ppl = engine_ppl(out, ids, args.windows, args.window)
+            cache[ckey] = {"label": label, "method": method, "options": opts, "ppl": ppl, "seconds": seconds}
+            print(f"{key}: PPL {ppl:.3f}, converted in {seconds:.0f} s", flush=True)
+            args.cache.write_text(json.dumps(cache, indent=1, ensure_ascii=False) + "\n")
+            out.unlink()
+    section = markdown(rows, {k: cache[f"{k}@{tag}"] for k in rows}, args)
+    print(section)
+    if not args.no_write:
+        write_section(args.results, section)
+
+
+if __name__ == "__main__":
+    main()

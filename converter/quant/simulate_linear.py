@@ -1,0 +1,120 @@
+"""The simulator's linear paths, one per scheme (docs/numerics.md): how a linear of each scheme is read from
+its packed tensors and how it computes y from its input. converter/schemes.py registers each path beside the
+scheme's layout and packer; quant/simulate.py runs blocks of them.
+
+Two kinds of input: `float` (f16, w4a16g, w4a4d: the linear quantizes its input itself, if at all) and
+`codes` (w4a4: the producer upstream emits the int4 input slots, so the linear runs the integer GEMM on them).
+Integer GEMMs run as fp32 BLAS on the codes: every partial sum is an integer below 2^24, hence exact."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .int4 import QMAX, QMIN, pad_columns, round_codes, unpack_int4
+
+TensorGetter = Callable[[str], "np.ndarray | None"]  # suffix → the linear's tensor P.<suffix>, None if absent
+Record = "dict[str, np.ndarray] | None"               # int32 accumulators and int4 inputs, by linear name
+
+
+def fp16_round(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).astype(np.float32)
+
+
+def expand_slots(z: np.ndarray, in_map: np.ndarray) -> np.ndarray:
+    """Values z [M, K] in step units → int4 input slots [M, Kp] (fp32 holding integers):
+    t = clamp(rint(z_j), -8m, 7m), slot = floor((t + k) / m) for in_map rows (j, k, m); j = -1 gives 0.
+    floor of the fp32 quotient is exact: a non-integer (t+k)/m lies ≥ 1/m away from any integer."""
+    src, part, parts = (in_map[:, c] for c in range(3))
+    live = src >= 0
+    m = parts[live].astype(np.float32)
+    t = round_codes(z[:, src[live]], QMIN * m, QMAX * m)
+    out = np.zeros((z.shape[0], in_map.shape[0]), np.float32)
+    out[:, live] = np.floor((t + part[live].astype(np.float32)) / m)
+    return out
+
+
+def lora_branch(a: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray) -> np.ndarray:
+    """(a · Aᵀ) · Bᵀ in float64, rounded once to fp32: a · Aᵀ on int4 codes and fp16 values is exact in
+    float64, so every summation order gives the same fp32 result."""
+    return ((a.astype(np.float64) @ lora_a.T.astype(np.float64)) @ lora_b.T.astype(np.float64)).astype(np.float32)
+
+
+@dataclass
+class SimLinear:
+    """One linear of any scheme. `w` is the fp32 weight (f16, w4a16g dequantized exactly: int × fp16 fits
+    fp32) or the int8 codes [N, Kp] (w4a4, w4a4d); `path` is the scheme's linear path below."""
+    scheme: str
+    inputs: str  # "float" or "codes"
+    path: Callable[[SimLinear, np.ndarray, Record, str], np.ndarray]
+    w: np.ndarray
+    scale: np.ndarray | None = None
+    in_scale: np.ndarray | None = None
+    in_map: np.ndarray | None = None
+    lora_a: np.ndarray | None = None
+    lora_b: np.ndarray | None = None
+
+    @property
+    def kp(self) -> int:
+        return self.w.shape[1]
+
+    def __call__(self, x: np.ndarray, record: Record = None, name: str = "") -> np.ndarray:
+        """y [M, N] for the input x [M, K] (float input) or a [M, Kp] (int4 codes), per `inputs`."""
+        return self.path(self, x, record, name)
+
+    def int_gemm(self, a: np.ndarray, record: Record, name: str) -> np.ndarray:
+        """acc = a · qᵀ on int4 codes; fp32 holding exact int32 values (recorded with a under `name`)."""
+        acc = a @ self.w.astype(np.float32).T
+        if record is not None:
+            record[name], record[name + ".in"] = acc.astype(np.int32), a.astype(np.int8)
+        return acc
+
+
+def _f32(get: TensorGetter, suffix: str) -> np.ndarray | None:
+    t = get(suffix)
+    return None if t is None else np.asarray(t, np.float32)
+
+
+# f16: y = x · Wᵀ with fp32 accumulation
+def dense_path(lin: SimLinear, x: np.ndarray, record: Record, name: str) -> np.ndarray:
+    return x @ lin.w.T
+
+
+def f16_linear(get: TensorGetter) -> SimLinear:
+    return SimLinear("f16", "float", dense_path, _f32(get, "weight"))
+
+
+# w4a16g: w = q · scale[n, k/g] (exact in fp32), then the dense path
+def w4a16g_linear(get: TensorGetter) -> SimLinear:
+    codes = unpack_int4(np.asarray(get("qweight")))
+    s = _f32(get, "scale")
+    g = codes.shape[1] // s.shape[1]
+    return SimLinear("w4a16g", "float", dense_path, codes.astype(np.float32) * np.repeat(s, g, axis=1))
+
+
+# w4a4d: per-token dynamic codes a = clamp(rint(x · 7/absmax)), y = (acc · scale[n]) · absmax/7
+def dynamic_path(lin: SimLinear, x: np.ndarray, record: Record, name: str) -> np.ndarray:
+    amax = np.abs(x).max(axis=1, keepdims=True)
+    safe = np.where(amax > 0, amax, 1).astype(np.float32)
+    a = pad_columns(round_codes(x * (np.float32(QMAX) / safe)), lin.kp)
+    return (lin.int_gemm(a, record, name) * lin.scale) * (amax / np.float32(QMAX))
+
+
+def w4a4d_linear(get: TensorGetter) -> SimLinear:
+    return SimLinear("w4a4d", "float", dynamic_path, unpack_int4(np.asarray(get("qweight"))), _f32(get, "scale"))
+
+
+# w4a4: static codes from the producer, y = float(acc) · scale[n] (+ fp32((a · Aᵀ) · Bᵀ), the low-rank branch)
+def static_path(lin: SimLinear, a: np.ndarray, record: Record, name: str) -> np.ndarray:
+    y = lin.int_gemm(a, record, name) * lin.scale
+    if lin.lora_a is not None:
+        y += lora_branch(a, lin.lora_a, lin.lora_b)
+    return y
+
+
+def w4a4_linear(get: TensorGetter) -> SimLinear:
+    in_map = get("in_map")
+    return SimLinear("w4a4", "codes", static_path, unpack_int4(np.asarray(get("qweight"))), _f32(get, "scale"),
+                     _f32(get, "in_scale"), None if in_map is None else np.asarray(in_map, np.int64),
+                     _f32(get, "lora_a"), _f32(get, "lora_b"))

@@ -1,0 +1,82 @@
+"""The converter's scheme table (converter/schemes.py): every entry's packer, layout, simulator path and
+limits agree, and the parity tests it names exist."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mergequant.convert.quant.int4 import unpack_int4
+from mergequant.convert.schemes import SCHEMES, pack_linear
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dequantized(name: str, packed: dict[str, np.ndarray], k: int) -> np.ndarray:
+    """The weight the stored tensors mean (docs/format.md, "Linear schemes"), written out independently."""
+    if name == "f16":
+        return packed["weight"].astype(np.float64)
+    q = unpack_int4(packed["qweight"]).astype(np.float64)[:, :k]
+    s = packed["scale"].astype(np.float64)
+    if name == "w4a16g":
+        return q * np.repeat(s, k // s.shape[1], axis=1)
+    return q * s[:, None]
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_pack_and_simulate_agree(name):
+    s = SCHEMES[name]
+    rng = np.random.default_rng(0)
+    n, k = 24, 192
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    quant: dict = {}
+    out = pack_linear("blk.0.ffn_down", w, name, quant)
+    packed = {key.rsplit(".", 1)[1]: v for key, v in out.items()}
+    for suffix, (dtype, shape) in s.layout(n, k).items():
+        assert packed[suffix].dtype == dtype and packed[suffix].shape == shape
+        if s.k_pad > 1 and suffix == "qweight":
+            assert shape[1] * 2 % s.k_pad == 0
+    w_hat = dequantized(name, packed, k)
+    assert np.abs(w_hat - w).max() <= (1e-3 if name == "f16" else 0.5 * np.abs(w).max() / 7 * 1.01)
+    lin = s.simulate(packed.get)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    if s.inputs == "codes":  # static codes given directly
+        a = np.zeros((5, lin.kp), np.float32)
+        a[:, :k] = np.clip(np.rint(x * 3), -8, 7)
+        want = a[:, :k].astype(np.float64) @ w_hat.T
+        y = lin(a)
+    elif name == "w4a4d":
+        amax = np.abs(x).max(axis=1, keepdims=True)
+        a = np.clip(np.rint(x.astype(np.float64) * 7 / amax), -8, 7)
+        want = (a @ w_hat.T) * amax / 7
+        y = lin(x)
+    else:
+        want = x.astype(np.float64) @ w_hat.T
+        y = lin(x)
+    assert np.abs(y - want).max() <= 1e-4 * np.abs(want).max()
+    assert quant["linears"] == {"blk.0.ffn_down": name}
+
+
+def test_limits_refused_by_name():
+    with pytest.raises(ValueError, match=r"'blk.0.attn_qkv'.*w4a16g.*multiple of 64.*K=96"):
+        pack_linear("blk.0.attn_qkv", np.ones((4, 96), np.float32), "w4a16g", {})
+    assert SCHEMES["w4a16g"].group(192) == 64 and SCHEMES["w4a16g"].group(256) == 128
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_parity_tests_exist(name):
+    """Each node id names a test file and, where given, a test function in it whose parameters include
+    the id's bracketed part."""
+    assert SCHEMES[name].parity_tests
+    for node in SCHEMES[name].parity_tests:
+        path, _, rest = node.partition("::")
+        src = (ROOT / path).read_text(encoding="utf-8")
+        if not rest:
+            continue
+        func, _, param = rest.partition("[")
+        defs = [d for d in ast.walk(ast.parse(src)) if isinstance(d, ast.FunctionDef) and d.name == func]
+        assert defs, f"{node}: no test {func} in {path}"
+        if param:  # the parametrize list of the file holds the id as a string
+            assert f'"{param[:-1]}"' in src, f"{node}: parameter {param[:-1]!r} not in {path}"
