@@ -37,6 +37,11 @@ fi
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 # calibration text and tokenizers: a copy of the shared data folder carried as .xfer/shared, if there is one
 [ -d .xfer/shared/data ] && export MERGEQUANT_SHARED=$PWD/.xfer/shared
+# cuBLAS for the f16 prefill GEMMs (engine/backends/cuda/cublas.cu): the toolkit's, or the one PyTorch ships
+if [ -z "${MERGEQUANT_CUBLAS_LIB:-}" ] && ! ldconfig -p 2>/dev/null | grep -q libcublas.so; then
+    lib=$($py -c 'import nvidia, pathlib; print(next(p for d in nvidia.__path__ for p in pathlib.Path(d).rglob("libcublas.so*")))' 2>/dev/null)
+    [ -n "$lib" ] && export MERGEQUANT_CUBLAS_LIB=$lib && echo "cuBLAS: $lib"
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 
 if has build; then

@@ -7,11 +7,13 @@
 //  - decode (m <= 8): a GEMV where MMA rows g carry hi of token g and rows g + 8 its lo, so the split costs
 //    no extra MMA (those rows would be idle); the weights, the bytes that matter, are read once with
 //    16-byte streaming loads, 8 warps splitting K, 4 chunks per thread in flight (bench/kernels/gemv.cu).
-//  - prefill (m > 8): x is split into two fp16 matrices in the scratch buffer and the tiled GEMM
-//    (gemm-mma.cuh) runs twice, the second pass accumulating.
+//  - prefill (m > 8): x is split into two fp16 matrices in the scratch buffer and a GEMM runs twice, the
+//    second pass accumulating: cuBLAS's (fp32 accumulation; cublas.cuh) where the library is found, else the
+//    tiled GEMM of gemm-mma.cuh.
 #include "linear-f16.cuh"
 #include "cuda-common.cuh"
 #include "gemm-mma.cuh"
+#include "cublas.cuh"
 
 #include <cstdlib>
 
@@ -161,6 +163,10 @@ void cuda_linear_f16(const void * w, int64_t n, int64_t k, const float * x, int3
     __half * lo = hi + total;
     split_hi_lo_kernel<<<(unsigned) std::min<int64_t>(ceil_div(total, 256), 65535), 256, 0, st>>>(x, total, hi, lo);
     cuda_check_launch("split_hi_lo_kernel");
+    if (cuda_cublas_gemm_f16((const __half *) w, n, k, hi, m, y, accumulate ? 1.0f : 0.0f, st)) {
+        cuda_cublas_gemm_f16((const __half *) w, n, k, lo, m, y, 1.0f, st);
+        return;
+    }
     static bool smem_set = false;  // one device per process is what the engine uses
     if (!smem_set) {
         cuda_check(cudaFuncSetAttribute(gemm_mma_kernel<FmtF16>, cudaFuncAttributeMaxDynamicSharedMemorySize, GEMM_SMEM),

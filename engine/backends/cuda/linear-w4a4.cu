@@ -24,39 +24,37 @@ namespace mq {
 
 constexpr int W4_WARPS = 8, W4_MAX_M = W4A4_GEMV_MAX_M;
 
-// The fused low-rank branch (LoraGemv in linear-w4a4.cuh). Rows i = blockIdx.x, blockIdx.x + gridDim.x, .. < rank:
-// l[t, i] = Σ_s a[i, s] · codes[t, s] in float64 (exact, so the threads may split the sum in any order), then
-// sync[0] += 1 per row. The blocks with these rows are dispatched first, so the blocks that wait for them in
-// lora_wait cannot hold them off.
-__device__ __forceinline__ void lora_down_rows(const LoraGemv & lo, const int8_t * __restrict__ codes, int M, int kp) {
+// The fused low-rank branch (LoraGemv in linear-w4a4.cuh). The grid's first `rank` blocks do no GEMV work: block i
+// computes row i, l[t, i] = Σ_s a[i, s] · codes[t, s] in float64 (exact, so the threads may split the sum in any
+// order), then sync[0] += 1. Being first, they are dispatched before any block that waits for them in lora_wait;
+// having no weights to stream, they finish while the GEMV blocks stream theirs.
+__device__ __forceinline__ void lora_down_row(const LoraGemv & lo, int i, const int8_t * __restrict__ codes, int M, int kp) {
     __shared__ double part[W4_WARPS];
     const __half * A = (const __half *) lo.a;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    for (int i = blockIdx.x; i < lo.rank; i += gridDim.x) {
-        for (int t = 0; t < M; t++) {
-            double s = 0.0;
-            for (int k = 8 * threadIdx.x; k < kp; k += 8 * blockDim.x) {  // kp % 64 == 0: 8 codes a load
-                const uint4 av = ld_cached(A + (size_t) i * kp + k);
-                const uint2 cv = *(const uint2 *) (codes + (size_t) t * kp + k);
-                const __half * ah = (const __half *) &av;
-                const int8_t * ch = (const int8_t *) &cv;
+    for (int t = 0; t < M; t++) {
+        double s = 0.0;
+        for (int k = 8 * threadIdx.x; k < kp; k += 8 * blockDim.x) {  // kp % 64 == 0: 8 codes a load
+            const uint4 av = ld_cached(A + (size_t) i * kp + k);
+            const uint2 cv = *(const uint2 *) (codes + (size_t) t * kp + k);
+            const __half * ah = (const __half *) &av;
+            const int8_t * ch = (const int8_t *) &cv;
 #pragma unroll
-                for (int e = 0; e < 8; e++) s += (double) __half2float(ah[e]) * (double) ch[e];
-            }
-            for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-            if (lane == 0) part[warp] = s;
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                double r = 0.0;
-                for (int w = 0; w < W4_WARPS; w++) r += part[w];
-                lo.l[(size_t) t * lo.rank + i] = r;
-            }
-            __syncthreads();
+            for (int e = 0; e < 8; e++) s += (double) __half2float(ah[e]) * (double) ch[e];
         }
+        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        if (lane == 0) part[warp] = s;
+        __syncthreads();
         if (threadIdx.x == 0) {
-            __threadfence();  // l before the count
-            atomicAdd(&lo.sync[0], 1u);
+            double r = 0.0;
+            for (int w = 0; w < W4_WARPS; w++) r += part[w];
+            lo.l[(size_t) t * lo.rank + i] = r;
         }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        __threadfence();  // l before the count
+        atomicAdd(&lo.sync[0], 1u);
     }
 }
 
@@ -113,9 +111,18 @@ static __global__ void __launch_bounds__(256, 3) gemv_w4a4_kernel(const uint8_t 
                                                                   SwigluOut so, LoraGemv lo) {
     pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    // the low-rank blocks first (CODES8 only), then the GEMV blocks bx = 0, 1, ..
+    const int lora_blocks = CODES8 && lo.rank > 0 ? lo.rank : 0;
+    if ((int) blockIdx.x < lora_blocks) {
+        pdl_wait();  // the codes come from the kernel before
+        lora_down_row(lo, blockIdx.x, (const int8_t *) a, M, 2 * kb);
+        lora_finish(lo);
+        return;
+    }
+    const int bx = (int) blockIdx.x - lora_blocks;
     // weight row r of tile i of this block
     auto tile_row = [&](int i, int r) {
-        return SWIGLU ? (i ? so.n_ff : 0) + (int) blockIdx.x * 8 + r : ((int) blockIdx.x * NT + i) * 8 + r;
+        return SWIGLU ? (i ? so.n_ff : 0) + bx * 8 + r : (bx * NT + i) * 8 + r;
     };
     // rows past M or N are read from a valid row and only feed outputs that are never written
     const size_t a_row = CODES8 ? 2 * (size_t) kb : (size_t) kb;
@@ -134,9 +141,6 @@ static __global__ void __launch_bounds__(256, 3) gemv_w4a4_kernel(const uint8_t 
         }
     }
     pdl_wait();  // the activations and y are written by earlier kernels
-    if constexpr (CODES8) {
-        if (lo.rank > 0) lora_down_rows(lo, (const int8_t *) a, M, 2 * kb);
-    }
 
     int32_t c[NT][4] = {};
     const int nchunk = (kb + 63) / 64;
@@ -203,7 +207,7 @@ static __global__ void __launch_bounds__(256, 3) gemv_w4a4_kernel(const uint8_t 
         }
         __syncthreads();
         if (p < 8 * M) {
-            const int j = p & 7, m = p >> 3, ch = (int) blockIdx.x * 8 + j;
+            const int j = p & 7, m = p >> 3, ch = bx * 8 + j;
             const float z = swiglu_value(gu[0][j][m], gu[1][j][m]);
             int8_t * o = so.out + (size_t) m * so.kp;
             for (int e = so.start[ch]; e < so.start[ch + 1]; e++) {
@@ -216,7 +220,7 @@ static __global__ void __launch_bounds__(256, 3) gemv_w4a4_kernel(const uint8_t 
     }
     if (p < NT * 64) {
         const int i = p >> 6, l = (p >> 1) & 31, h = p & 1;
-        const int m = (l >> 2) + 8 * h, n = (blockIdx.x * NT + i) * 8 + 2 * (l & 3);
+        const int m = (l >> 2) + 8 * h, n = (bx * NT + i) * 8 + 2 * (l & 3);
         if (m < M && n < N) {
             int32_t s0 = 0, s1 = 0;
 #pragma unroll
@@ -262,7 +266,7 @@ static int gemv_variant() {
 }
 
 template <typename... Args>
-static void launch_gemv(W4A4Mma mma, bool codes8, bool hi8, unsigned n, cudaStream_t st, Args... args) {
+static void launch_gemv(W4A4Mma mma, bool codes8, bool hi8, unsigned n, int lora_blocks, cudaStream_t st, Args... args) {
     gemv_fn f;
     int nt;
     switch (gemv_variant()) {
@@ -272,7 +276,7 @@ static void launch_gemv(W4A4Mma mma, bool codes8, bool hi8, unsigned n, cudaStre
         case 24: f = gemv_pick<2, 4>(mma, codes8, hi8), nt = 2; break;
         default: f = gemv_pick<2, 2>(mma, codes8, hi8), nt = 2; break;
     }
-    launch_pdl(f, dim3((unsigned) ceil_div(n, 8 * nt)), dim3(256), 0, st, "gemv_w4a4_kernel", args...);
+    launch_pdl(f, dim3((unsigned) (ceil_div(n, 8 * nt) + lora_blocks)), dim3(256), 0, st, "gemv_w4a4_kernel", args...);
 }
 
 W4A4Mma cuda_w4a4_mma_default() {
@@ -322,7 +326,7 @@ void cuda_linear_w4a4(const void * qweight, const float * scale, const float * a
     if (m <= 0) return;
     const int kb = (int) (kp / 2);
     if (m <= W4_MAX_M) {
-        launch_gemv(mma, codes8, m > 8, (unsigned) n, st, (const uint8_t *) a, (const uint8_t *) qweight, scale, add,
+        launch_gemv(mma, codes8, m > 8, (unsigned) n, codes8 ? lo.rank : 0, st, (const uint8_t *) a, (const uint8_t *) qweight, scale, add,
                     row_scale, y, m, (int) n, kb, accumulate ? 1 : 0, cuda_pdl_mode() == 2 ? 1 : 0, SwigluOut(), lo);
         return;
     }
@@ -350,7 +354,7 @@ void cuda_linear_w4a4_swiglu(const void * qweight, const float * scale, const fl
     if (m <= 0) return;
     const bool hi8 = m > 8;
     const gemv_fn f = mma == W4A4Mma::S4 ? gemv_pick_fmt<FmtS4, 2, 2, true>(true, hi8) : gemv_pick_fmt<FmtI4, 2, 2, true>(true, hi8);
-    launch_pdl(f, dim3((unsigned) (so.n_ff / 8)), dim3(256), 0, st, "gemv_w4a4_kernel<swiglu>", (const uint8_t *) codes,
+    launch_pdl(f, dim3((unsigned) (so.n_ff / 8 + lo.rank)), dim3(256), 0, st, "gemv_w4a4_kernel<swiglu>", (const uint8_t *) codes,
                (const uint8_t *) qweight, scale, add, (const float *) nullptr, (float *) nullptr, m, 2 * so.n_ff,
                (int) (kp / 2), 0, cuda_pdl_mode() == 2 ? 1 : 0, so, lo);
 }

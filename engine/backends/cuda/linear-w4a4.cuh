@@ -23,9 +23,10 @@ struct SwigluOut {
 };
 // The low-rank branch inside the decode GEMV (docs/numerics.md): lora[m, n] = f64(Σ_i b[n, i] · l[m, i]) with
 // l[m, i] = Σ_s a[i, s] · codes[m, s] in float64, exact (fp16 times int4 codes: any order of the sum gives the
-// same double). The first blocks of the GEMV compute l into `l` and count the rows done in sync[0]; every block
-// waits for all `rank` rows before its epilogue, and the last block to finish resets sync[0] and sync[1] (its
-// finished-block count) to 0 for the next launch. No extra launch, no zeroing pass. rank 0: no branch.
+// same double). `rank` extra blocks at the front of the GEMV's grid compute l into `l` (one row each) and count
+// the rows done in sync[0]; every GEMV block waits for all `rank` rows before its epilogue, and the last block
+// to finish resets sync[0] and sync[1] (its finished-block count) to 0 for the next launch. No extra launch, no
+// zeroing pass. rank 0: no branch.
 struct LoraGemv {
     const void * a = nullptr;     // F16 [rank, kp], the file's lora_a
     const void * b = nullptr;     // F16 [n, rank], the file's lora_b
