@@ -1,6 +1,7 @@
 #include "mq-model.h"
 
 #include "mq-error.h"
+#include "mq-memory.h"
 #include "mq-vocab.h"
 
 #include <cmath>
@@ -139,6 +140,7 @@ Model::Model(const std::string & path, const ModelParams & params) {
     }
     n_threads_ = params.n_threads > 0 ? params.n_threads : default_thread_count();
     backend_ = backend_select(params.device, n_threads_);
+    memory_check_weights(*backend_, *file_);
     try {
         load_weights(quant);
     } catch (...) {
