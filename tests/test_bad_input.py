@@ -45,8 +45,141 @@ def _edit_json(meta: dict, key: str, fn) -> None:
 
 
 def test_tiny_model_loads(tiny_mq):
+    """The unedited file loads and generates exactly the tokens asked for (the bad files below differ
+    from it by one edit each)."""
     llm = LLM(tiny_mq, device="cpu")
-    assert llm.generate("the", max_tokens=4, temperature=0.0) is not None
+    text = llm.generate("the", max_tokens=4, temperature=0.0)
+    assert llm.last_finish_reason in ("stop", "length")
+    assert len(llm._session.output_tokens) == 4 or llm.last_finish_reason == "stop"
+    assert text == llm.detokenize(llm._session.output_tokens)
+
+
+def _split(raw: bytes) -> tuple[dict, bytes]:
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _join(header: dict | bytes, data: bytes, pad: bool = True) -> bytes:
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    if pad:
+        text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data
+
+
+def _raw_edit(src: Path, dst: Path, fn) -> Path:
+    """Copy a .mq with its header edited as JSON (fn(header)) and the data bytes kept."""
+    hdr, data = _split(src.read_bytes())
+    out = fn(hdr)
+    dst.write_bytes(_join(hdr if out is None else out, data))
+    return dst
+
+
+def _set_meta(key: str, value: str):
+    def fn(h):
+        h["__metadata__"][key] = value
+    return fn
+
+
+def _config_edit(**changes):
+    def fn(h):
+        c = json.loads(h["__metadata__"]["config"])
+        for k, v in changes.items():
+            if isinstance(v, dict) and isinstance(c.get(k), dict):
+                c[k].update(v)
+            else:
+                c[k] = v
+        h["__metadata__"]["config"] = json.dumps(c)
+    return fn
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+
+
+def reader_cases(tiny_mq: Path, d: Path) -> dict[str, tuple[Path, str]]:
+    """Files docs/format.md calls invalid, one rule each (issue 13's failure classes)."""
+    cases: dict[str, tuple[Path, str]] = {}
+    hdr, data = _split(tiny_mq.read_bytes())
+
+    def shape_overflow(h):
+        h["token_embd.weight"]["shape"] = [2**40, 2**24, 7]  # product 0 mod 2^64
+    cases["shape overflow"] = (_raw_edit(tiny_mq, d / "overflow.mq", shape_overflow), "overflows 64 bits")
+
+    def offsets_jump(h):
+        # token_offsets[5] far past the blob, dropping back at [6]: must be refused before any copy
+        name = "tokenizer.token_offsets"
+        b = h[name]["data_offsets"][0]
+        off = np.frombuffer(data, dtype="<i4", count=h[name]["shape"][0], offset=b).copy()
+        off[5] = 2**30
+        return _patch(h, data, b, off.tobytes())
+    cases["offset table jumps"] = (_raw_patch(tiny_mq, d / "jump.mq", offsets_jump), "decreases at entry 6")
+
+    big = b'{"__metadata__":{"format":"mergequant","format_version":"1"},"junk":[' + b"0," * 1_500_000 + b"0]}"
+    (d / "bigarray.mq").write_bytes(_join(big, b""))
+    cases["huge array in header"] = (d / "bigarray.mq", "more than 1048576 values")
+
+    raw_hdr = json.dumps(hdr).encode().replace(b'"mergequant"', b'"merge\xffquant"')
+    (d / "utf8.mq").write_bytes(_join(raw_hdr, data))
+    cases["invalid UTF-8 in a header string"] = (d / "utf8.mq", "invalid UTF-8")
+
+    raw_hdr = json.dumps(hdr).encode()
+    marker = rb'chat_template\": \"'  # inside the tokenizer JSON, itself a JSON string in the header
+    assert marker in raw_hdr
+    (d / "template.mq").write_bytes(_join(raw_hdr.replace(marker, marker + b"\xc0\x80"), data))  # overlong NUL
+    cases["invalid UTF-8 in the chat template"] = (d / "template.mq", "invalid UTF-8")
+
+    cases["format_version with NUL"] = (_raw_edit(tiny_mq, d / "nul.mq", _set_meta("format_version", "1\x00junk")),
+                                        "invalid format_version")
+    cases["format_version 01"] = (_raw_edit(tiny_mq, d / "v01.mq", _set_meta("format_version", "01")),
+                                  "invalid format_version '01'")
+
+    text = json.dumps(hdr).encode()
+    text += b" " * ((1 - len(text)) % 8)  # one byte past a multiple of 8
+    (d / "unpadded.mq").write_bytes(_join(text, data, pad=False))
+    cases["data area not 8-aligned"] = (d / "unpadded.mq", "not a multiple of 8")
+
+    # an F32 tensor right after 2 bytes of U8: in bounds, but not 4-aligned
+    tiny = {"__metadata__": {"format": "mergequant", "format_version": "1"},
+            "a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+            "b": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}}
+    (d / "align.mq").write_bytes(_join(tiny, bytes(6)))
+    cases["misaligned tensor"] = (d / "align.mq", "tensor 'b': data offset 2 is not a multiple of 4")
+
+    def unknown_field(h):
+        h["output_norm.weight"]["extra"] = 1
+    cases["unknown tensor field"] = (_raw_edit(tiny_mq, d / "field.mq", unknown_field), "unknown field 'extra'")
+
+    for name, change, match in [
+        ("rms_norm_eps negative", {"rms_norm_eps": -1e-5}, "rms_norm_eps"),
+        ("rms_norm_eps inf", {"rms_norm_eps": 1e999}, "rms_norm_eps"),
+        ("rope_theta zero", {"rope_theta": 0.0}, "rope_theta"),
+        ("rope_theta inf", {"rope_theta": 1e999}, "rope_theta"),
+        ("rope factor zero", {"rope_scaling": LLAMA3_SCALING | {"factor": 0.0}}, "factor"),
+        ("rope factor inf", {"rope_scaling": LLAMA3_SCALING | {"factor": 1e999}}, "factor"),
+        ("rope equal freq factors", {"rope_scaling": LLAMA3_SCALING | {"high_freq_factor": 1.0}},
+         "high_freq_factor .* must be greater than low_freq_factor"),
+        ("original_max_position_embeddings 2^31", {"rope_scaling": LLAMA3_SCALING | {
+            "original_max_position_embeddings": 2**31 + 1}}, "original_max_position_embeddings"),
+        ("max_position_embeddings too large", {"max_position_embeddings": 2**25}, "max_position_embeddings"),
+        ("vocab_size above the tokens", {"vocab_size": 265}, "tokenizer has 264 tokens but config.vocab_size is 265"),
+    ]:
+        def fn(h, change=change):
+            c = json.loads(h["__metadata__"]["config"])
+            c.update(change)
+            h["__metadata__"]["config"] = json.dumps(c).replace("Infinity", "1e999")
+        cases[name] = (_raw_edit(tiny_mq, d / (name.replace(" ", "_").replace("^", "") + ".mq"), fn), match)
+    return cases
+
+
+def _patch(h: dict, data: bytes, at: int, new: bytes) -> tuple[dict, bytes]:
+    return h, data[:at] + new + data[at + len(new):]
+
+
+def _raw_patch(src: Path, dst: Path, fn) -> Path:
+    hdr, data = _split(src.read_bytes())
+    hdr, data = fn(hdr)
+    dst.write_bytes(_join(hdr, data))
+    return dst
 
 
 def bad_files(tiny_mq: Path, d: Path) -> dict[str, tuple[Path, str]]:
@@ -113,12 +246,18 @@ def bad_files(tiny_mq: Path, d: Path) -> dict[str, tuple[Path, str]]:
 
 @pytest.fixture(scope="module")
 def cases(tiny_mq, tmp_path_factory):
-    return bad_files(tiny_mq, tmp_path_factory.mktemp("badfiles"))
+    return bad_files(tiny_mq, tmp_path_factory.mktemp("badfiles")) | reader_cases(tiny_mq, tmp_path_factory.mktemp("reader"))
 
 
 CASE_NAMES = ["truncated", "shorter than the length field", "huge header length", "corrupted header",
               "inconsistent offsets", "wrong format", "no format", "newer version", "missing tensor",
-              "misshapen tensor", "unsupported architecture", "unknown scheme", "bad config value"]
+              "misshapen tensor", "unsupported architecture", "unknown scheme", "bad config value",
+              "shape overflow", "offset table jumps", "huge array in header", "invalid UTF-8 in a header string",
+              "invalid UTF-8 in the chat template", "format_version with NUL", "format_version 01",
+              "data area not 8-aligned", "misaligned tensor", "unknown tensor field", "rms_norm_eps negative",
+              "rms_norm_eps inf", "rope_theta zero", "rope_theta inf", "rope factor zero", "rope factor inf",
+              "rope equal freq factors", "original_max_position_embeddings 2^31", "max_position_embeddings too large",
+              "vocab_size above the tokens"]
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
@@ -157,12 +296,14 @@ def chat_binary() -> str:
     return str(exe)
 
 
-@pytest.mark.parametrize("case", ["truncated", "corrupted header", "missing tensor", "unsupported architecture"])
+@pytest.mark.parametrize("case", ["truncated", "corrupted header", "missing tensor", "unsupported architecture",
+                                  "huge array in header", "invalid UTF-8 in the chat template", "shape overflow",
+                                  "offset table jumps", "rope equal freq factors"])
 def test_bad_file_chat_binary(cases, case):
     path, match = cases[case]
     r = subprocess.run([chat_binary(), "-m", str(path), "-p", "hi"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
-    assert "mergequant-chat: error:" in r.stderr
+    assert r.stderr.startswith("mergequant-chat: error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert re.search(match, r.stderr), r.stderr
 
 
@@ -197,3 +338,68 @@ def test_cuda_requested_without_gpu(tiny_mq):
         assert LLM(tiny_mq, device="auto").device == "cpu"
     else:
         assert _engine.cuda_built() and llm.device.startswith("cuda")
+
+
+def _spm_tokenizer_mq(shared_data: Path, d: Path) -> Path:
+    from mergequant.convert.tokenizer import write_tokenizer_mq
+    src = shared_data / "tokenizers" / "stories260K" / "tok512.model"
+    if not src.is_file():
+        pytest.skip(f"{src} is absent")
+    (d / "tokenizer.model").symlink_to(src)
+    write_tokenizer_mq(d, d / "spm.mq")
+    return d / "spm.mq"
+
+
+@pytest.mark.parametrize("text", [b"<0x-1>", b"<0x1G>", b"<0X41>", b"<0x41 "])
+def test_spm_byte_token_parsed_strictly(shared_data, tmp_path, text):
+    """A byte-type token must read exactly <0xNN>: "<0x-1>" once went through a signed sscanf into index
+    0xFFFFFFFF of the byte table. The error names the token; the message writes byte names in hex."""
+    from mergequant import _engine
+    mq = _spm_tokenizer_mq(shared_data, tmp_path)
+    raw = mq.read_bytes()
+    assert raw.count(b"<0x41>") == 1
+    bad = tmp_path / "bad.mq"
+    bad.write_bytes(raw.replace(b"<0x41>", text))
+    with pytest.raises(EngineError, match=r"tokenizer token \d+ has the byte type but its text is not <0xNN>"):
+        _engine.Tokenizer(str(bad))
+
+
+def test_missing_byte_token_named_in_hex(shared_data, tmp_path):
+    """byte_fallback without one of the 256 byte tokens: the message names it as <0x41>, not <0x65>."""
+    from mergequant import _engine
+    mq = _spm_tokenizer_mq(shared_data, tmp_path)
+    raw = mq.read_bytes()
+    hdr_len = int.from_bytes(raw[:8], "little")
+    hdr = json.loads(raw[8:8 + hdr_len])
+    # turn the byte token <0x41> into a normal token (its type in tokenizer.token_types set to 1)
+    tok = raw[8 + hdr_len:]
+    b0, b1 = hdr["tokenizer.tokens"]["data_offsets"]
+    offs = np.frombuffer(tok, "<i4", hdr["tokenizer.token_offsets"]["shape"][0],
+                         hdr["tokenizer.token_offsets"]["data_offsets"][0])
+    blob = tok[b0:b1]
+    idx = next(i for i in range(len(offs) - 1) if blob[offs[i]:offs[i + 1]] == b"<0x41>")
+    t0 = hdr["tokenizer.token_types"]["data_offsets"][0] + 4 * idx
+    tok = tok[:t0] + (1).to_bytes(4, "little") + tok[t0 + 4:]
+    bad = tmp_path / "nobyte.mq"
+    bad.write_bytes(raw[:8 + hdr_len] + tok)
+    meta = json.loads(hdr["__metadata__"]["tokenizer"])
+    if not meta.get("byte_fallback"):
+        pytest.skip("this tokenizer has no byte fallback")
+    with pytest.raises(EngineError, match=r"lacks the <0x41> byte token"):
+        _engine.Tokenizer(str(bad))
+
+
+def test_context_too_large_for_memory(tiny_mq):
+    """A context whose KV cache cannot fit is refused before allocating, naming the sizes and the n_ctx that
+    fits; the default context is min(trained context, 4096)."""
+    llm = LLM(tiny_mq, device="cpu")
+    assert llm.n_ctx == min(128, 4096)
+    plan = llm.memory()
+    per_token = plan["kv_cache_bytes"] // plan["n_ctx"]
+    assert per_token == 2 * 2 * (2 * 16) * 2  # K and V, 2 layers, kv_dim = 2 kv heads x head_dim 16, fp16
+    assert plan["total"] == plan["weights"] + plan["kv_cache_bytes"] + plan["scratch"]
+    n_ctx = 2**31 - 1  # a KV cache of 512 GiB
+    with pytest.raises(EngineError, match=r"not enough host memory for a context of n_ctx = 2147483647 with "
+                                          r"kv_cache = fp16: the KV cache needs [\d.]+ GiB .* available; "
+                                          r"n_ctx <= 128 fits"):
+        LLM(tiny_mq, device="cpu", n_ctx=n_ctx)

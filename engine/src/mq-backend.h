@@ -157,6 +157,14 @@ public:
     // 1). It returns -1 where it cannot decide exactly on the device; the caller then samples on the host
     // with the same draw. Only the token id crosses to the host.
     virtual bool samples_on_device() const { return false; }
+
+    // --- memory (optional) -----------------------------------------------------------------------------
+    // a device backend sets `bytes` to its free device memory and returns true (mq-memory.h plans with it);
+    // the default (host memory) returns false and the planner reads the host's figures itself
+    virtual bool free_device_memory(size_t & bytes) {
+        (void) bytes;
+        return false;
+    }
     virtual int32_t sample(const float * logits, int32_t n_vocab, const SamplingParams & sp, double u,
                            const std::vector<int32_t> & penalty_ids) {
         (void) logits, (void) n_vocab, (void) sp, (void) u, (void) penalty_ids;

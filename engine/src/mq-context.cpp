@@ -1,6 +1,7 @@
 #include "mq-context.h"
 
 #include "mq-error.h"
+#include "mq-memory.h"
 #include "mq-vocab.h"
 
 #include <algorithm>
@@ -30,7 +31,7 @@ Context::Context(std::shared_ptr<const Model> model, const ContextParams & param
     : model_(std::move(model)), be_(model_->backend()), kv_type_(params.kv_type) {
     const Config & c = model_->config();
     if (params.n_ctx < 0) {
-        throw ArgError("invalid n_ctx " + std::to_string(params.n_ctx) + ": must be > 0 (or 0 for the model's)");
+        throw ArgError("invalid n_ctx " + std::to_string(params.n_ctx) + ": must be > 0 (or 0 for min(trained context, 4096))");
     }
     if (params.n_batch < 1) {
         throw ArgError("invalid n_batch " + std::to_string(params.n_batch) + ": must be >= 1");
@@ -42,8 +43,9 @@ Context::Context(std::shared_ptr<const Model> model, const ContextParams & param
         throw ArgError("model file " + model_->file().path() +
                        " has no KV-cache scales (attn_k_scale/attn_v_scale): convert it with --kv-int8");
     }
-    n_ctx_ = params.n_ctx > 0 ? params.n_ctx : c.n_ctx_train;
+    n_ctx_ = params.n_ctx > 0 ? params.n_ctx : default_n_ctx(c);
     n_batch_ = std::min(params.n_batch, n_ctx_);
+    memory_check_context(be_, *model_, memory_plan(*model_, n_ctx_, n_batch_, kv_type_));
     const size_t kv_bytes = (size_t) n_ctx_ * c.kv_dim() * kv_elem_size(kv_type_);
     for (int32_t i = 0; i < c.n_layer; i++) {
         k_cache_.push_back(be_.alloc(kv_bytes));

@@ -15,7 +15,7 @@ namespace mq {
 class StreamDecoder;
 
 struct ContextParams {
-    int32_t n_ctx = 0;      // 0: the model's trained context length
+    int32_t n_ctx = 0;      // 0: min(the model's trained context length, 4096) (mq-memory.h)
     int32_t n_batch = 256;  // tokens per forward pass during prefill (bounds scratch memory)
     KvType kv_type = KV_TYPE_F16;  // int8 needs a model file with KV-cache scales (--kv-int8)
 };

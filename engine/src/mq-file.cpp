@@ -57,6 +57,18 @@ static std::string shape_str(const std::vector<int64_t> & shape) {
     return s + "]";
 }
 
+// the dimensions of a header shape as far as they are integers (for messages)
+static std::vector<int64_t> dims_of(const std::vector<Json> & dims) {
+    std::vector<int64_t> out;
+    for (const Json & d : dims) {
+        out.push_back(d.as_int("shape"));
+    }
+    return out;
+}
+
+// dimensions per tensor (the engine's tensors have at most 2; safetensors itself sets no limit)
+static constexpr size_t MAX_DIMS = 8;
+
 // header larger than this is refused before it is read (safetensors itself uses 100 MB)
 static constexpr uint64_t MAX_HEADER_BYTES = 100u * 1000u * 1000u;
 
@@ -104,6 +116,12 @@ File::File(const std::string & path) : path_(path) {
         if (!root.is_object()) {
             throw Error("corrupted header: not a JSON object");
         }
+        // the data area starts 8-aligned (the writer pads the header with spaces), so every tensor whose
+        // offset is a multiple of its element size is aligned in memory (mmap is page-aligned)
+        if (header_len % 8 != 0) {
+            throw Error("header length " + std::to_string(header_len) +
+                        " is not a multiple of 8 (the data area must start 8-byte aligned)");
+        }
         const uint8_t * data = base + 8 + header_len;
         const size_t data_size = size_ - 8 - (size_t) header_len;
 
@@ -137,17 +155,34 @@ File::File(const std::string & path) : path_(path) {
             if (!found) {
                 throw Error("tensor '" + name + "': unsupported dtype " + dt);
             }
+            for (const auto & field : e.as_object()) {
+                if (field.first != "dtype" && field.first != "shape" && field.first != "data_offsets") {
+                    throw Error("tensor '" + name + "': unknown field '" + field.first +
+                                "' (a tensor entry has dtype, shape and data_offsets)");
+                }
+            }
+            // the element count and byte size in checked arithmetic: a shape whose product wraps
+            // around 2^64 must not pass as a small tensor
+            const auto & dims = e.at("shape").as_array(("tensor '" + name + "' shape").c_str());
+            if (dims.size() > MAX_DIMS) {
+                throw Error("tensor '" + name + "': " + std::to_string(dims.size()) + " dimensions (at most " +
+                            std::to_string(MAX_DIMS) + ")");
+            }
             uint64_t numel = 1;
-            for (const Json & d : e.at("shape").as_array(("tensor '" + name + "' shape").c_str())) {
+            for (const Json & d : dims) {
                 int64_t v = d.as_int(("tensor '" + name + "' shape").c_str());
-                if (v < 0 || v > (int64_t(1) << 40)) {
-                    throw Error("tensor '" + name + "': invalid dimension " + std::to_string(v));
+                if (v < 0) {
+                    throw Error("tensor '" + name + "': negative dimension " + std::to_string(v));
                 }
                 t.shape.push_back(v);
-                numel *= (uint64_t) v;
-                if (numel > (uint64_t(1) << 42)) {
-                    throw Error("tensor '" + name + "': shape too large");
+                if (__builtin_mul_overflow(numel, (uint64_t) v, &numel)) {
+                    throw Error("tensor '" + name + "': the element count of shape " + shape_str(dims_of(dims)) +
+                                " overflows 64 bits");
                 }
+            }
+            uint64_t expect_bytes = 0;
+            if (__builtin_mul_overflow(numel, (uint64_t) dtype_size(t.dtype), &expect_bytes)) {
+                throw Error("tensor '" + name + "': the byte size of shape " + shape_str(t.shape) + " overflows 64 bits");
             }
             const auto & offs = e.at("data_offsets").as_array(("tensor '" + name + "' data_offsets").c_str());
             if (offs.size() != 2) {
@@ -160,10 +195,14 @@ File::File(const std::string & path) : path_(path) {
                             " bytes (file truncated?)");
             }
             t.nbytes = (size_t) (en - b);
-            if (t.nbytes != numel * dtype_size(t.dtype)) {
+            if ((uint64_t) t.nbytes != expect_bytes) {
                 throw Error("tensor '" + name + "': " + std::to_string(t.nbytes) + " bytes of data for shape " +
-                            shape_str(t.shape) + " of " + dt + " (expected " +
-                            std::to_string(numel * dtype_size(t.dtype)) + ")");
+                            shape_str(t.shape) + " of " + dt + " (expected " + std::to_string(expect_bytes) + ")");
+            }
+            // the engine reads tensors in place as arrays of their element type
+            if ((uint64_t) b % dtype_size(t.dtype) != 0) {
+                throw Error("tensor '" + name + "': data offset " + std::to_string(b) + " is not a multiple of " +
+                            std::to_string(dtype_size(t.dtype)) + " (the size of " + dt + ")");
             }
             t.data = data + b;
             spans.push_back({(size_t) b, (size_t) en, name});
@@ -195,11 +234,18 @@ File::File(const std::string & path) : path_(path) {
         if (ver == metadata_.end()) {
             throw Error("metadata has no 'format_version'");
         }
-        char * end = nullptr;
-        long v = strtol(ver->second.c_str(), &end, 10);
-        if (ver->second.empty() || *end != '\0' || v < 1) {
-            throw Error("invalid format_version '" + ver->second + "'");
+        // a positive decimal integer, nothing else: digits only, no sign, no leading zero, no NUL
+        const std::string & vs = ver->second;
+        const bool digits = !vs.empty() && vs.size() <= 9 && vs[0] != '0' &&
+                            vs.find_first_not_of("0123456789") == std::string::npos;
+        if (!digits) {
+            std::string shown;
+            for (char ch : vs) {
+                shown += (unsigned char) ch < 0x20 ? "\\x" + std::to_string((unsigned char) ch) : std::string(1, ch);
+            }
+            throw Error("invalid format_version '" + shown + "': expected a positive decimal integer");
         }
+        const long v = std::stol(vs);
         if (v > FORMAT_VERSION) {
             throw Error("format_version " + ver->second + " is newer than this engine supports (" +
                         std::to_string(FORMAT_VERSION) + "): upgrade mergequant");

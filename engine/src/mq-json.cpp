@@ -30,6 +30,7 @@ public:
 private:
     const std::string & s_;
     size_t pos_ = 0;
+    size_t n_values_ = 0;
 
     [[noreturn]] void fail(const std::string & what) const {
         throw Error("malformed JSON at byte " + std::to_string(pos_) + ": " + what);
@@ -54,6 +55,9 @@ private:
         if (depth > 64) {
             fail("nesting deeper than 64 levels");
         }
+        if (++n_values_ > Json::MAX_VALUES) {
+            fail("more than " + std::to_string(Json::MAX_VALUES) + " values");
+        }
         skip_ws();
         if (pos_ >= s_.size()) {
             fail("unexpected end of input");
@@ -62,6 +66,7 @@ private:
         char c = s_[pos_];
         if (c == '{') {
             v.type_ = Json::JSON_OBJECT;
+            v.obj_ = std::make_shared<std::map<std::string, Json>>();
             pos_++;
             skip_ws();
             if (pos_ < s_.size() && s_[pos_] == '}') {
@@ -79,10 +84,10 @@ private:
                     fail("expected ':' after key \"" + key + "\"");
                 }
                 pos_++;
-                if (v.obj_.count(key)) {
+                if (v.obj_->count(key)) {
                     fail("duplicate key \"" + key + "\"");
                 }
-                v.obj_[key] = parse_value(depth + 1);
+                (*v.obj_)[key] = parse_value(depth + 1);
                 skip_ws();
                 if (pos_ < s_.size() && s_[pos_] == ',') {
                     pos_++;
@@ -97,6 +102,7 @@ private:
         }
         if (c == '[') {
             v.type_ = Json::JSON_ARRAY;
+            v.arr_ = std::make_shared<std::vector<Json>>();
             pos_++;
             skip_ws();
             if (pos_ < s_.size() && s_[pos_] == ']') {
@@ -104,7 +110,7 @@ private:
                 return v;
             }
             for (;;) {
-                v.arr_.push_back(parse_value(depth + 1));
+                v.arr_->push_back(parse_value(depth + 1));
                 skip_ws();
                 if (pos_ < s_.size() && s_[pos_] == ',') {
                     pos_++;
@@ -231,6 +237,37 @@ private:
         return v;
     }
 
+    // length of the well-formed UTF-8 sequence at pos_ (RFC 3629: shortest form, no surrogates,
+    // <= U+10FFFF); fails otherwise, so no invalid text reaches a caller (or Python's str)
+    size_t utf8_sequence_len() const {
+        const unsigned char c = (unsigned char) s_[pos_];
+        size_t n;
+        uint32_t cp, min;
+        if (c >= 0xC2 && c <= 0xDF) {
+            n = 2, cp = c & 0x1F, min = 0x80;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            n = 3, cp = c & 0x0F, min = 0x800;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            n = 4, cp = c & 0x07, min = 0x10000;
+        } else {
+            fail("invalid UTF-8 in string");
+        }
+        if (pos_ + n > s_.size()) {
+            fail("truncated UTF-8 sequence in string");
+        }
+        for (size_t i = 1; i < n; i++) {
+            const unsigned char k = (unsigned char) s_[pos_ + i];
+            if ((k & 0xC0) != 0x80) {
+                fail("invalid UTF-8 in string");
+            }
+            cp = (cp << 6) | (k & 0x3F);
+        }
+        if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) {
+            fail("invalid UTF-8 in string (overlong form, surrogate or above U+10FFFF)");
+        }
+        return n;
+    }
+
     std::string parse_string() {
         pos_++;  // opening quote
         std::string out;
@@ -244,6 +281,13 @@ private:
             }
             if ((unsigned char) c < 0x20) {
                 fail("control character in string");
+            }
+            if ((unsigned char) c >= 0x80) {
+                pos_--;
+                const size_t n = utf8_sequence_len();
+                out.append(s_, pos_, n);
+                pos_ += n;
+                continue;
             }
             if (c != '\\') {
                 out += c;
@@ -335,22 +379,22 @@ const std::string & Json::as_string(const char * what) const {
 
 const std::vector<Json> & Json::as_array(const char * what) const {
     json_expect(*this, JSON_ARRAY, what);
-    return arr_;
+    return *arr_;
 }
 
 const std::map<std::string, Json> & Json::as_object(const char * what) const {
     json_expect(*this, JSON_OBJECT, what);
-    return obj_;
+    return *obj_;
 }
 
 bool Json::contains(const std::string & key) const {
-    return type_ == JSON_OBJECT && obj_.count(key) != 0;
+    return type_ == JSON_OBJECT && obj_->count(key) != 0;
 }
 
 const Json & Json::at(const std::string & key) const {
     json_expect(*this, JSON_OBJECT, key.c_str());
-    auto it = obj_.find(key);
-    if (it == obj_.end()) {
+    auto it = obj_->find(key);
+    if (it == obj_->end()) {
         throw Error("missing key \"" + key + "\"");
     }
     return it->second;
@@ -360,8 +404,8 @@ const Json & Json::get(const std::string & key) const {
     if (type_ != JSON_OBJECT) {
         return json_null();
     }
-    auto it = obj_.find(key);
-    return it == obj_.end() ? json_null() : it->second;
+    auto it = obj_->find(key);
+    return it == obj_->end() ? json_null() : it->second;
 }
 
 int64_t Json::get_int(const std::string & key, int64_t def) const {

@@ -1,5 +1,7 @@
 // Minimal JSON value and parser for the model file's header and metadata strings.
-// Strict RFC 8259 parsing (no comments, no trailing commas); errors carry the byte offset.
+// Strict RFC 8259 parsing (no comments, no trailing commas, no duplicate keys, strings valid UTF-8);
+// errors carry the byte offset. The parsed tree is bounded: at most MAX_VALUES values and 64 levels per
+// document, so a hostile header costs at most MAX_VALUES * sizeof(Json) plus its own bytes.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +15,9 @@ namespace mq {
 class Json {
 public:
     enum Type { JSON_NULL, JSON_BOOL, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT };
+
+    // values per parsed document: a real model's header has a few per tensor (a 4096-layer model ~400k)
+    static constexpr size_t MAX_VALUES = 1u << 20;
 
     Json() = default;
     static Json parse(const std::string & text);  // throws mq::Error on malformed input
@@ -53,8 +58,10 @@ private:
     bool num_is_int_ = false;
     int64_t int_ = 0;
     std::string str_;
-    std::vector<Json> arr_;
-    std::map<std::string, Json> obj_;
+    // containers are immutable once parsed and shared between copies (a value stays small: no empty
+    // vector and map inline in every scalar)
+    std::shared_ptr<std::vector<Json>> arr_;
+    std::shared_ptr<std::map<std::string, Json>> obj_;
 };
 
 }  // namespace mq

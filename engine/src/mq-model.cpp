@@ -1,6 +1,7 @@
 #include "mq-model.h"
 
 #include "mq-error.h"
+#include "mq-memory.h"
 #include "mq-vocab.h"
 
 #include <cmath>
@@ -26,8 +27,21 @@ static int32_t config_int(const Json & j, const char * key, int64_t lo, int64_t 
     return (int32_t) v;
 }
 
+// a finite number in [lo, hi] (lo_open: lo itself excluded); docs/format.md states each field's range
+static float config_float(const Json & j, const char * key, double lo, bool lo_open, double hi) {
+    const double v = j.at(key).as_number(key);
+    if (!std::isfinite(v) || v < lo || (lo_open && v == lo) || v > hi) {
+        throw Error(std::string("config: ") + key + " = " + std::to_string(v) + " is out of range " +
+                    (lo_open ? "(" : "[") + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    }
+    return (float) v;
+}
+
 Config Config::from_json(const Json & j) {
     Config c;
+    if (!j.is_object()) {
+        throw Error("config is not a JSON object");
+    }
     c.architecture = j.at("architecture").as_string("config.architecture");
     if (c.architecture != "llama") {
         throw Error("unsupported architecture '" + c.architecture + "' (this engine runs 'llama')");
@@ -47,21 +61,34 @@ Config Config::from_json(const Json & j) {
     if (c.head_dim % 2 != 0) {
         throw Error("config: head_dim must be even for RoPE");
     }
-    c.rms_eps = (float) j.at("rms_norm_eps").as_number("config.rms_norm_eps");
-    c.rope.theta = (float) j.at("rope_theta").as_number("config.rope_theta");
+    // the widest row the engine indexes with 32-bit products: (H + 2 Hkv) * hd
+    if ((int64_t) (c.n_head + 2 * c.n_head_kv) * c.head_dim > (1 << 22)) {
+        throw Error("config: (num_attention_heads + 2 * num_key_value_heads) * head_dim = " +
+                    std::to_string((int64_t) (c.n_head + 2 * c.n_head_kv) * c.head_dim) + " exceeds 4194304");
+    }
+    // 1e-12 keeps 1/sqrt(mean + eps) finite in fp32 for a zero row; 1 is far above any trained value
+    c.rms_eps = config_float(j, "rms_norm_eps", 1e-12, false, 1.0);
+    c.rope.theta = config_float(j, "rope_theta", 1.0, false, 1e12);
     c.tied_embeddings = j.at("tie_word_embeddings").as_bool("config.tie_word_embeddings");
     const Json & rs = j.get("rope_scaling");
     c.rope.factor = 0.0f;
     if (!rs.is_null()) {
+        if (!rs.is_object()) {
+            throw Error("config: rope_scaling must be null or an object");
+        }
         std::string type = rs.get_string("rope_type", rs.get_string("type", ""));
         if (type != "llama3") {
             throw Error("config: unsupported rope_scaling type '" + type + "' (supported: llama3)");
         }
-        c.rope.factor = (float) rs.at("factor").as_number("rope_scaling.factor");
-        c.rope.low_freq_factor = (float) rs.at("low_freq_factor").as_number("rope_scaling.low_freq_factor");
-        c.rope.high_freq_factor = (float) rs.at("high_freq_factor").as_number("rope_scaling.high_freq_factor");
-        c.rope.original_max_pos =
-            (int32_t) rs.at("original_max_position_embeddings").as_int("rope_scaling.original_max_position_embeddings");
+        c.rope.factor = config_float(rs, "factor", 1.0, false, 1024.0);
+        c.rope.low_freq_factor = config_float(rs, "low_freq_factor", 0.0, true, 1024.0);
+        c.rope.high_freq_factor = config_float(rs, "high_freq_factor", 0.0, true, 1024.0);
+        // the smoothing divides by high_freq_factor - low_freq_factor (docs/numerics.md)
+        if (!(c.rope.high_freq_factor > c.rope.low_freq_factor)) {
+            throw Error("config: rope_scaling.high_freq_factor (" + std::to_string(c.rope.high_freq_factor) +
+                        ") must be greater than low_freq_factor (" + std::to_string(c.rope.low_freq_factor) + ")");
+        }
+        c.rope.original_max_pos = config_int(rs, "original_max_position_embeddings", 1, 1 << 24);
     }
     return c;
 }
@@ -105,13 +132,15 @@ Model::Model(const std::string & path, const ModelParams & params) {
     const Json & quant = file_->meta_json("quant");
     quant_method_ = quant.get_string("method", "f16");
     vocab_.reset(new Vocab(*file_));
-    // the embedding may have more rows than the tokenizer has tokens (padding), never fewer
-    if (vocab_->n_tokens() > config_.n_vocab) {
+    // every id the model can sample must be a token the tokenizer can decode (a padded embedding is
+    // written with padding tokens, docs/format.md), and every token must have an embedding row
+    if (vocab_->n_tokens() != config_.n_vocab) {
         throw Error("model file '" + path + "': tokenizer has " + std::to_string(vocab_->n_tokens()) +
-                    " tokens but config.vocab_size is only " + std::to_string(config_.n_vocab));
+                    " tokens but config.vocab_size is " + std::to_string(config_.n_vocab) + " (they must be equal)");
     }
     n_threads_ = params.n_threads > 0 ? params.n_threads : default_thread_count();
     backend_ = backend_select(params.device, n_threads_);
+    memory_check_weights(*backend_, *file_);
     try {
         load_weights(quant);
     } catch (...) {

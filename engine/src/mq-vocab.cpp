@@ -5,6 +5,7 @@
 #include "mq-error.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <queue>
 
@@ -24,20 +25,41 @@ static std::vector<std::string> read_blob(const File & file, const std::string &
     }
     const int32_t * off = offs.as<int32_t>();
     const int64_t n = offs.shape[0] - 1;
-    std::vector<std::string> out;
-    out.reserve(size_t(n));
     if (off[0] != 0 || off[n] != blob.shape[0]) {
         throw Error(file.path() + ": " + offsets_name + " must start at 0 and end at the size of " + blob_name +
                     " (" + std::to_string(blob.shape[0]) + "), got " + std::to_string(off[0]) + ".." +
                     std::to_string(off[n]));
     }
+    // the whole table first: non-decreasing from 0 to the blob size means every entry lies in the blob,
+    // so no slice is taken before the table is known good
     for (int64_t i = 0; i < n; ++i) {
         if (off[i + 1] < off[i]) {
-            throw Error(file.path() + ": " + offsets_name + " decreases at entry " + std::to_string(i));
+            throw Error(file.path() + ": " + offsets_name + " decreases at entry " + std::to_string(i + 1) + " (" +
+                        std::to_string(off[i]) + " then " + std::to_string(off[i + 1]) + ")");
         }
+    }
+    std::vector<std::string> out;
+    out.reserve(size_t(n));
+    for (int64_t i = 0; i < n; ++i) {
         out.emplace_back(reinterpret_cast<const char *>(blob.data) + off[i], size_t(off[i + 1] - off[i]));
     }
     return out;
+}
+
+// the byte of an SPM byte token: exactly "<0xNN>" with two hex digits (either case); -1 for anything else
+static int byte_token_value(const std::string & t) {
+    auto hex = [](char c) {
+        return c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+    };
+    if (t.size() != 6 || t.compare(0, 3, "<0x") != 0 || t[5] != '>' || hex(t[3]) < 0 || hex(t[4]) < 0) {
+        return -1;
+    }
+    return hex(t[3]) * 16 + hex(t[4]);
+}
+
+static std::string byte_token_name(int b) {
+    static const char * digits = "0123456789ABCDEF";
+    return std::string("<0x") + digits[b >> 4] + digits[b & 15] + ">";
 }
 
 static int32_t id_from_meta(const File & file, const Json & meta, const char * key, int64_t n) {
@@ -88,6 +110,10 @@ Vocab::Vocab(const File & file) : path_(file.path()) {
         if (types[i] < TOKEN_TYPE_NORMAL || types[i] > TOKEN_TYPE_BYTE) {
             throw Error(path_ + ": tokenizer.token_types[" + std::to_string(i) + "] = " + std::to_string(types[i]) +
                         " is not a token type (1..6)");
+        }
+        // SentencePiece orders merges by score: a NaN would break the queue's strict weak order
+        if (!std::isfinite(scores[i])) {
+            throw Error(path_ + ": tokenizer.scores[" + std::to_string(i) + "] is not finite");
         }
         types_[size_t(i)] = TokenType(types[i]);
         token_to_id_.emplace(tokens_[size_t(i)], int32_t(i));  // the first of duplicate texts wins
@@ -140,9 +166,15 @@ Vocab::Vocab(const File & file) : path_(file.path()) {
     } else {
         for (int32_t i = 0; i < int32_t(n); ++i) {
             const std::string & t = tokens_[size_t(i)];
-            unsigned v = 0;
-            if (types_[size_t(i)] == TOKEN_TYPE_BYTE && t.size() == 6 && std::sscanf(t.c_str(), "<0x%02X>", &v) == 1) {
-                byte_ids_[v] = i;
+            if (types_[size_t(i)] == TOKEN_TYPE_BYTE) {
+                const int v = byte_token_value(t);
+                if (v < 0) {
+                    throw Error(path_ + ": tokenizer token " + std::to_string(i) +
+                                " has the byte type but its text is not <0xNN> with two hex digits");
+                }
+                if (byte_ids_[v] < 0) {
+                    byte_ids_[v] = i;  // the first of duplicates wins, as for token texts
+                }
             }
         }
         spm_split_words_ = true;
@@ -155,7 +187,7 @@ Vocab::Vocab(const File & file) : path_(file.path()) {
         if (byte_fallback_) {
             for (int b = 0; b < 256; ++b) {
                 if (byte_ids_[b] < 0) {
-                    throw Error(path_ + ": byte_fallback tokenizer lacks the <0x" + std::to_string(b) + "> byte token");
+                    throw Error(path_ + ": byte_fallback tokenizer lacks the " + byte_token_name(b) + " byte token");
                 }
             }
         }
@@ -167,8 +199,8 @@ Vocab::Vocab(const File & file) : path_(file.path()) {
         const std::string & t = tokens_[i];
         std::string & p = pieces_[i];
         if (types_[i] == TOKEN_TYPE_BYTE) {
-            unsigned v = 0;
-            if (std::sscanf(t.c_str(), "<0x%02X>", &v) == 1) {
+            const int v = byte_token_value(t);
+            if (v >= 0) {
                 p = std::string(1, char(v));
             }
         } else if (types_[i] != TOKEN_TYPE_NORMAL) {

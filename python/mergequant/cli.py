@@ -34,7 +34,7 @@ def _add_model_args(p: argparse.ArgumentParser, optional: bool) -> None:
         p.add_argument("model", help="a .mq model file")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: one per core)")
-    p.add_argument("-c", "--ctx", type=int, default=None, help="context length in tokens (default: the model's)")
+    p.add_argument("-c", "--ctx", type=int, default=None, help="context length in tokens (default: min(the model's, 4096))")
     p.add_argument("--kv-cache", default="fp16", choices=KV_CACHE_TYPES,
                    help="KV cache type: fp16 (default) or int8 (needs a model converted with --kv-int8)")
 
@@ -151,6 +151,15 @@ def cmd_chat(a: argparse.Namespace) -> int:
 def cmd_inspect(a: argparse.Namespace) -> int:
     from .convert.inspect import inspect_model
     print(inspect_model(a.model))
+    # the memory plan at the default context (or --ctx), as the engine computes it before allocating
+    from . import _engine
+
+    plan = _engine.Model(a.model, device=a.device, n_threads=1).memory_plan(a.ctx or 0, 256, a.kv_cache)
+    mib = 1 << 20
+    avail = "unknown" if plan["available"] is None else f"{plan['available'] / mib:.1f} MiB"
+    print(f"memory on {plan['device']} at n_ctx {plan['n_ctx']} (kv_cache {plan['kv_cache']}, n_batch "
+          f"{plan['n_batch']}): weights {plan['weights'] / mib:.1f} MiB + KV cache {plan['kv_cache_bytes'] / mib:.1f} "
+          f"MiB + scratch {plan['scratch'] / mib:.1f} MiB = {plan['total'] / mib:.1f} MiB; available {avail}")
     return 0
 
 
@@ -275,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="print a model file's metadata and tensor table")
     i.add_argument("model", help="a .mq model file")
+    i.add_argument("--device", default="cpu", help="device the memory plan is for (default cpu)")
+    i.add_argument("-c", "--ctx", type=int, default=None, help="context length of the plan (default min(trained, 4096))")
+    i.add_argument("--kv-cache", default="fp16", choices=KV_CACHE_TYPES, help="KV cache type of the plan")
     i.set_defaults(func=cmd_inspect)
 
     e = sub.add_parser("eval", help="perplexity (and KL divergence vs a base model) on a text file",

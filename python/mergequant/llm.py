@@ -6,6 +6,7 @@ released; this module only validates arguments and turns bytes into text.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Iterator, Optional, Sequence, Union
 
 from . import _engine
@@ -34,10 +35,17 @@ class LLM:
         model: path of a .mq file (see `mergequant convert`); None uses the built-in default model
             (SmolLM2-135M-Instruct), converted on first use into the cache directory.
         device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
-        n_ctx: context length in tokens; None uses the model's trained context.
+        n_ctx: context length in tokens; None uses min(the model's trained context, 4096). A context
+            that does not fit in the free host (or GPU) memory is refused up front, naming the sizes and
+            the n_ctx that would fit (see `memory()`).
         threads: CPU threads; None uses one per core.
         kv_cache: "fp16" (default) or "int8" (1 byte per cached value instead of 2, with the static
             per-channel scales of a model converted with `--kv-int8`; docs/numerics.md).
+
+    Threads: one LLM may be shared. `generate`, `chat`, the scoring calls and `tokenize` are safe from any
+    thread (generations run one at a time, each in full); a `stream` that is not finished when another
+    generation starts raises EngineError ("interrupted") at its next piece. Several LLM objects work
+    side by side, each with its own cache.
     """
 
     def __init__(self, model: Union[str, os.PathLike, None] = None, device: str = "auto",
@@ -57,6 +65,8 @@ class LLM:
         self.path = path
         self._model = _engine.Model(path, device=device, n_threads=threads or 0)
         self._session = _engine.Session(self._model, n_ctx=n_ctx or 0, kv_cache=kv_cache)
+        # one generation at a time: generate() holds it from start to the last token
+        self._lock = threading.RLock()
 
     # --- properties ---------------------------------------------------------------------------
     @property
@@ -90,6 +100,11 @@ class LLM:
         """"stop" (end of turn, stop token or stop string) or "length" (max_tokens reached)."""
         return self._session.finish_reason
 
+    def memory(self) -> dict:
+        """The memory plan in bytes: {"device", "n_ctx", "n_batch", "kv_cache", "weights", "kv_cache_bytes",
+        "scratch", "total", "available"} ("available": free host or GPU memory now, None when unknown)."""
+        return self._session.memory()
+
     # --- tokens -------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, special: bool = False) -> list[int]:
         """Token ids of `text`; BOS/EOS added per the tokenizer's settings when `add_special`;
@@ -119,19 +134,22 @@ class LLM:
         """Yield the generated text piece by piece; every piece is valid UTF-8 and a stop string is
         never yielded (not even partly). Settings as in `generate`."""
         ids = self._prompt_ids(prompt, special)
-        self._start(ids, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, stop_token_ids)
-        return self._pieces()
+        with self._lock:
+            gen_id = self._start(ids, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop,
+                                 stop_token_ids)
+        return self._pieces(gen_id)
 
-    def _start(self, ids, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, stop_ids):
+    def _start(self, ids, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop,
+               stop_ids) -> int:
         if seed is not None and (not isinstance(seed, int) or seed < 0):
             raise ValueError(f"invalid seed {seed!r}: must be a non-negative integer or None")
-        self._session.start(ids, int(max_tokens), float(temperature), int(top_k), float(top_p), float(min_p),
-                            float(repetition_penalty), -1 if seed is None else int(seed), _stop_list(stop),
-                            list(stop_ids or []))
+        return self._session.start(ids, int(max_tokens), float(temperature), int(top_k), float(top_p), float(min_p),
+                                   float(repetition_penalty), -1 if seed is None else int(seed), _stop_list(stop),
+                                   list(stop_ids or []))
 
-    def _pieces(self) -> Iterator[str]:
+    def _pieces(self, gen_id: int) -> Iterator[str]:
         while True:
-            piece = self._session.next()
+            piece = self._session.next(gen_id)
             if piece is None:
                 return
             if piece:
@@ -151,8 +169,9 @@ class LLM:
         if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
             return [self.generate(p, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop,
                                   stop_token_ids, special) for p in prompt]
-        return "".join(self.stream(prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
-                                   stop, stop_token_ids, special))
+        with self._lock:
+            return "".join(self.stream(prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                                       seed, stop, stop_token_ids, special))
 
     def chat(self, messages: list[dict], max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
              top_p: float = 0.95, min_p: float = 0.05, repetition_penalty: float = 1.0, seed: Optional[int] = None,
@@ -169,8 +188,11 @@ class LLM:
                                     eos_token=self._token_text(self._model.eos_id))
         # the template already places BOS where the model wants it (as HF's apply_chat_template)
         ids = self.tokenize(text, add_special=False, special=True)
-        pieces = self.stream(ids, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
-        return pieces if stream else "".join(pieces)
+        if stream:
+            return self.stream(ids, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
+        with self._lock:
+            return "".join(self.stream(ids, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
+                                       stop))
 
     def _token_text(self, token_id: int) -> str:
         if token_id < 0:
@@ -180,14 +202,16 @@ class LLM:
     # --- evaluation ---------------------------------------------------------------------------
     def token_logprobs(self, ids: Sequence[int]):
         """log p(ids[i+1] | ids[:i+1]) for every i, in a fresh context (numpy float64 array)."""
-        return self._session.token_logprobs(list(ids))
+        with self._lock:
+            return self._session.token_logprobs(list(ids))
 
     def log_probs(self, ids: Sequence[int]):
         """Log-softmax of the next-token distribution after every token of `ids`, in a fresh context
         (numpy float32 [len(ids), n_vocab])."""
-        return self._session.log_probs(list(ids))
+        with self._lock:
+            return self._session.log_probs(list(ids))
 
     def logits(self, ids: Sequence[int]):
         """fp32 logits after `ids`, evaluated in a fresh context."""
-        self._session.reset()
-        return self._session.logits(list(ids))
+        with self._lock:
+            return self._session.logits(list(ids), fresh=True)

@@ -1,7 +1,14 @@
 // The nanobind extension `mergequant._engine`: a thin skin over the C++ engine. Long calls (load,
 // prefill, decode steps, scoring) release the GIL.
+//
+// Threads: a Model's backend (its thread pool, its device buffers) and a Session's context and generator
+// are used by one thread at a time. Every call that touches them runs under the model's lock, taken with
+// the GIL released (so a thread waiting for it never holds the GIL that the holder needs back); a
+// Session's generator is only ever replaced under that lock, and next() names the start() it continues,
+// so a stream whose generation was replaced raises instead of reading another one's state.
 #include "mq-context.h"
 #include "mq-error.h"
+#include "mq-memory.h"
 #include "mq-model.h"
 #include "mq-vocab.h"
 
@@ -15,6 +22,7 @@
 #include <cmath>
 #include <map>
 #include <memory>
+#include <mutex>
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -23,11 +31,54 @@ void bind_tokenizer(nb::module_ & m);
 
 namespace {
 
+// the lock of a model's backend, shared by every Session on it. Keyed by address: a later model at a
+// freed address reuses an idle mutex, so the table only grows with the number of models alive at once.
+std::mutex & model_lock(const mq::Model & md) {
+    static std::mutex table_lock;
+    static std::map<const mq::Model *, std::unique_ptr<std::mutex>> table;
+    std::lock_guard<std::mutex> g(table_lock);
+    std::unique_ptr<std::mutex> & m = table[&md];
+    if (!m) {
+        m.reset(new std::mutex());
+    }
+    return *m;
+}
+
+// fn() with the GIL released and the model locked; the lock is dropped before the GIL is taken back
+template <typename F> auto locked(const mq::Model & md, F && fn) -> decltype(fn()) {
+    nb::gil_scoped_release release;
+    std::lock_guard<std::mutex> lock(model_lock(md));
+    return fn();
+}
+
 struct Session {
     std::shared_ptr<mq::Model> model;
     std::unique_ptr<mq::Context> ctx;
     std::unique_ptr<mq::Generator> gen;
+    uint64_t gen_id = 0;  // the start() that made gen (1, 2, ...)
+    int32_t n_batch = 0;
+
+    template <typename F> auto locked(F && fn) -> decltype(fn()) { return ::locked(*model, std::forward<F>(fn)); }
 };
+
+// the memory plan of a context (mq-memory.h) as {n_ctx, n_batch, kv_cache, weights, kv_cache_bytes,
+// scratch, total, available (None when unknown)} in bytes
+nb::dict memory_dict(mq::Model & md, int32_t n_ctx, int32_t n_batch, mq::KvType kv) {
+    const mq::MemoryPlan p = mq::memory_plan(md, n_ctx, n_batch, kv);
+    size_t avail = 0;
+    const bool known = locked(md, [&] { return mq::memory_available(md.backend(), avail); });
+    nb::dict d;
+    d["device"] = md.backend().name();
+    d["n_ctx"] = p.n_ctx;
+    d["n_batch"] = p.n_batch;
+    d["kv_cache"] = std::string(mq::kv_type_name(p.kv_type));
+    d["weights"] = p.weights;
+    d["kv_cache_bytes"] = p.kv_cache;
+    d["scratch"] = p.scratch;
+    d["total"] = p.weights + p.context();
+    d["available"] = known ? nb::cast(avail) : nb::none();
+    return d;
+}
 
 nb::dict timings_dict(const mq::Timings & t) {
     nb::dict d;
@@ -117,6 +168,12 @@ NB_MODULE(_engine, m) {
             auto it = md.file().metadata().find(key);
             return it == md.file().metadata().end() ? std::string() : it->second;
         })
+        .def("memory_plan",
+             [](mq::Model & md, int32_t n_ctx, int32_t n_batch, const std::string & kv_cache) {
+                 return memory_dict(md, n_ctx, n_batch, mq::kv_type_parse(kv_cache));
+             },
+             "n_ctx"_a = 0, "n_batch"_a = 256, "kv_cache"_a = "fp16",
+             "the memory a context with these settings would take (n_ctx 0: min(trained context, 4096))")
         .def("tokenize",
              [](const mq::Model & md, const std::string & text, bool add_special, bool special) {
                  nb::gil_scoped_release release;
@@ -145,8 +202,7 @@ NB_MODULE(_engine, m) {
                  const int32_t m = (int32_t) a.shape(0);
                  mq::Backend & be = md.backend();
                  int32_t * out = new int32_t[(size_t) m * lin->n];
-                 {
-                     nb::gil_scoped_release release;
+                 locked(md, [&] {
                      void * a_dev = be.alloc(a.size());
                      void * acc_dev = be.alloc((size_t) m * lin->n * sizeof(int32_t));
                      be.upload(a_dev, a.data(), a.size());
@@ -154,7 +210,7 @@ NB_MODULE(_engine, m) {
                      be.download(out, acc_dev, (size_t) m * lin->n * sizeof(int32_t));
                      be.free(a_dev);
                      be.free(acc_dev);
-                 }
+                 });
                  nb::capsule owner(out, [](void * p) noexcept { delete[] (int32_t *) p; });
                  return nb::ndarray<nb::numpy, int32_t, nb::ndim<2>>(out, {(size_t) m, (size_t) lin->n}, owner);
              },
@@ -171,21 +227,23 @@ NB_MODULE(_engine, m) {
                  // the context first: a Session constructed in place before a throw would never be
                  // destroyed (nor the model it holds)
                  std::unique_ptr<mq::Context> ctx;
-                 {
-                     nb::gil_scoped_release release;
-                     ctx.reset(new mq::Context(model, p));
-                 }
+                 locked(*model, [&] { ctx.reset(new mq::Context(model, p)); });
                  new (self) Session();
                  self->model = model;
                  self->ctx = std::move(ctx);
+                 self->n_batch = std::min(n_batch, self->ctx->n_ctx());
              },
              "model"_a, "n_ctx"_a = 0, "n_batch"_a = 256, "kv_cache"_a = "fp16")
         .def_prop_ro("n_ctx", [](const Session & s) { return s.ctx->n_ctx(); })
+        .def("memory", [](Session & s) { return memory_dict(*s.model, s.ctx->n_ctx(), s.n_batch, s.ctx->kv_type()); },
+             "the memory plan of this context (weights, KV cache, scratch, what is available)")
         .def_prop_ro("kv_cache", [](const Session & s) { return std::string(mq::kv_type_name(s.ctx->kv_type())); })
-        .def_prop_ro("tokens", [](const Session & s) { return s.ctx->tokens(); })
+        .def_prop_ro("tokens", [](Session & s) { return s.locked([&] { return s.ctx->tokens(); }); })
         .def("reset", [](Session & s) {
-            s.gen.reset();
-            s.ctx->truncate(0);
+            s.locked([&] {
+                s.gen.reset();
+                s.ctx->truncate(0);
+            });
         })
         .def("start",
              [](Session & s, const std::vector<int32_t> & prompt, int32_t max_tokens, float temperature, int32_t top_k,
@@ -202,47 +260,64 @@ NB_MODULE(_engine, m) {
                  g.stop = stop;
                  g.stop_ids = stop_ids;
                  g.ignore_eos = ignore_eos;
-                 s.gen.reset();
-                 nb::gil_scoped_release release;
-                 s.gen.reset(new mq::Generator(*s.ctx, prompt, g));
+                 return s.locked([&] {
+                     s.gen.reset();
+                     s.gen_id++;
+                     s.gen.reset(new mq::Generator(*s.ctx, prompt, g));
+                     return s.gen_id;
+                 });
              },
              "prompt"_a, "max_tokens"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "repetition_penalty"_a,
              "seed"_a, "stop"_a, "stop_ids"_a, "ignore_eos"_a = false,
-             "validate the settings and prefill the prompt (reusing the cached prefix)")
+             "validate the settings and prefill the prompt (reusing the cached prefix); returns the id that "
+             "next() takes")
         .def("next",
-             [](Session & s) -> std::optional<nb::bytes> {
-                 if (!s.gen) {
-                     throw mq::ArgError("next() before start()");
-                 }
+             [](Session & s, uint64_t id) -> std::optional<nb::bytes> {
                  std::string text;
-                 bool more;
-                 {
-                     nb::gil_scoped_release release;
-                     more = s.gen->next(text);
-                 }
+                 const bool more = s.locked([&] {
+                     if (id == 0 || id > s.gen_id) {
+                         throw mq::ArgError("next(" + std::to_string(id) + "): not an id that start() returned");
+                     }
+                     if (id != s.gen_id || !s.gen) {
+                         throw mq::Error("this stream was interrupted: a later generation (or scoring call) on the "
+                                         "same model replaced it; finish or close a stream before starting another, "
+                                         "or use one LLM per concurrent stream");
+                     }
+                     return s.gen->next(text);
+                 });
                  if (!more && text.empty()) {
                      return std::nullopt;
                  }
                  return nb::bytes(text.data(), text.size());
              },
-             "one decode step: the newly completed UTF-8 bytes, or None when finished")
-        .def_prop_ro("finish_reason", [](const Session & s) { return s.gen ? s.gen->finish_reason() : std::string(); })
-        .def_prop_ro("output_tokens",
-                     [](const Session & s) { return s.gen ? s.gen->output_tokens() : std::vector<int32_t>(); })
-        .def_prop_ro("timings", [](const Session & s) { return timings_dict(s.gen ? s.gen->timings() : mq::Timings()); })
+             "id"_a, "one decode step of the generation start() returned `id` for: the newly completed UTF-8 "
+             "bytes, or None when finished")
+        .def_prop_ro("finish_reason", [](Session & s) {
+            return s.locked([&] { return s.gen ? s.gen->finish_reason() : std::string(); });
+        })
+        .def_prop_ro("output_tokens", [](Session & s) {
+            return s.locked([&] { return s.gen ? s.gen->output_tokens() : std::vector<int32_t>(); });
+        })
+        .def_prop_ro("timings", [](Session & s) {
+            return timings_dict(s.locked([&] { return s.gen ? s.gen->timings() : mq::Timings(); }));
+        })
         .def("logits",
-             [](Session & s, const std::vector<int32_t> & ids) {
+             [](Session & s, const std::vector<int32_t> & ids, bool fresh) {
                  const int32_t nv = s.model->config().n_vocab;
-                 float * out = new float[nv];
-                 {
-                     nb::gil_scoped_release release;
+                 std::unique_ptr<float[]> out(new float[nv]);
+                 s.locked([&] {
+                     if (fresh) {
+                         s.gen.reset();
+                         s.ctx->truncate(0);
+                     }
                      const std::vector<float> & l = s.ctx->eval(ids, false);
-                     std::copy(l.begin(), l.begin() + nv, out);
-                 }
-                 nb::capsule owner(out, [](void * p) noexcept { delete[] (float *) p; });
-                 return nb::ndarray<nb::numpy, float, nb::ndim<1>>(out, {(size_t) nv}, owner);
+                     std::copy(l.begin(), l.begin() + nv, out.get());
+                 });
+                 nb::capsule owner(out.get(), [](void * p) noexcept { delete[] (float *) p; });
+                 return nb::ndarray<nb::numpy, float, nb::ndim<1>>(out.release(), {(size_t) nv}, owner);
              },
-             "ids"_a, "append ids to the cache and return the fp32 logits of the last one")
+             "ids"_a, "fresh"_a = false,
+             "append ids to the cache (to an empty one when fresh) and return the fp32 logits of the last one")
         .def("token_logprobs",
              [](Session & s, const std::vector<int32_t> & ids) {
                  // log p(ids[i+1] | ids[..i]) for i < n-1
@@ -251,12 +326,11 @@ NB_MODULE(_engine, m) {
                      throw mq::ArgError("token_logprobs needs at least 2 tokens");
                  }
                  std::unique_ptr<double[]> out(new double[n - 1]);
-                 {
-                     nb::gil_scoped_release release;
+                 s.locked([&] {
                      eval_positions(s, ids, n - 1, [&](int32_t i, const float * row, double lse) {
                          out[i] = (double) row[ids[i + 1]] - lse;
                      });
-                 }
+                 });
                  nb::capsule owner(out.get(), [](void * p) noexcept { delete[] (double *) p; });
                  return nb::ndarray<nb::numpy, double, nb::ndim<1>>(out.release(), {(size_t) (n - 1)}, owner);
              },
@@ -270,25 +344,28 @@ NB_MODULE(_engine, m) {
                  }
                  const int32_t nv = s.model->config().n_vocab;
                  std::unique_ptr<float[]> out(new float[(size_t) n * nv]);
-                 {
-                     nb::gil_scoped_release release;
+                 s.locked([&] {
                      eval_positions(s, ids, n, [&](int32_t i, const float * row, double lse) {
                          float * o = out.get() + (size_t) i * nv;
                          for (int32_t j = 0; j < nv; j++) {
                              o[j] = (float) ((double) row[j] - lse);
                          }
                      });
-                 }
+                 });
                  nb::capsule owner(out.get(), [](void * p) noexcept { delete[] (float *) p; });
                  return nb::ndarray<nb::numpy, float, nb::ndim<2>>(out.release(), {(size_t) n, (size_t) nv}, owner);
              },
              "ids"_a)
         .def("kv_cache_rows",
-             [](const Session & s, int32_t layer) {
+             [](Session & s, int32_t layer) {
                  // layer's K and V cache rows of the cached tokens as stored: uint16 fp16 bits or int8 codes
                  std::vector<uint8_t> rows[2];
-                 s.ctx->read_kv(layer, rows[0], rows[1]);
-                 const size_t kv_dim = (size_t) s.model->config().kv_dim(), n = s.ctx->tokens().size();
+                 size_t n = 0;
+                 s.locked([&] {
+                     s.ctx->read_kv(layer, rows[0], rows[1]);
+                     n = s.ctx->tokens().size();
+                 });
+                 const size_t kv_dim = (size_t) s.model->config().kv_dim();
                  nb::dict out;
                  for (int i = 0; i < 2; i++) {
                      uint8_t * buf = new uint8_t[std::max<size_t>(rows[i].size(), 1)];
@@ -309,8 +386,7 @@ NB_MODULE(_engine, m) {
                  // the int4 input codes of every w4a4 linear while evaluating ids in a fresh context
                  std::map<std::string, std::vector<int8_t>> codes;
                  std::map<std::string, int64_t> widths;
-                 {
-                     nb::gil_scoped_release release;
+                 s.locked([&] {
                      s.gen.reset();
                      s.ctx->truncate(0);
                      s.ctx->set_code_trace([&](const std::string & name, const std::vector<int8_t> & c, int32_t,
@@ -326,7 +402,7 @@ NB_MODULE(_engine, m) {
                          throw;
                      }
                      s.ctx->set_code_trace(nullptr);
-                 }
+                 });
                  nb::dict out;
                  for (auto & kv : codes) {
                      const int64_t kp = widths[kv.first];

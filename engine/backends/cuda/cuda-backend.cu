@@ -72,6 +72,11 @@ public:
 
     std::string name() const override { return "cuda"; }
 
+    bool free_device_memory(size_t & bytes) override {
+        size_t total = 0;
+        return cudaSetDevice(device_) == cudaSuccess && cudaMemGetInfo(&bytes, &total) == cudaSuccess;
+    }
+
     void * alloc(size_t bytes) override {
         void * p = nullptr;
         const cudaError_t err = cudaMalloc(&p, std::max<size_t>(bytes, 256));
