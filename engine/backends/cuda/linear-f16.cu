@@ -11,6 +11,7 @@
 //    (gemm-mma.cuh) runs twice, the second pass accumulating.
 #include "linear-f16.cuh"
 #include "cuda-common.cuh"
+#include "cuda-backend.cuh"
 #include "gemm-mma.cuh"
 
 #include <cstdlib>
@@ -175,5 +176,27 @@ void cuda_linear_f16(const void * w, int64_t n, int64_t k, const float * x, int3
                                                           (int) (2 * k), GEMM_ACCUMULATE);
     cuda_check_launch("gemm_mma_kernel<f16> (lo)");
 }
+
+
+// --- scheme f16 on the CUDA backend (its entry in cuda-backend.cu's table) -------------------------------------
+
+static void prepare_f16(Backend & be, Linear & lin) {
+    if (lin.tensors.size() != 1) throw Error("linear '" + lin.name + "': the f16 linear needs one weight tensor");
+    lin.prepared = cuda_of(be).copy_tensor(lin.tensors[0]);
+}
+
+static void release_f16(Backend & be, Linear & lin) {
+    if (lin.prepared) be.free(lin.prepared);
+    lin.prepared = nullptr;
+}
+
+static void run_f16(Backend & be, const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) {
+    BackendCuda & b = cuda_of(be);
+    void * scratch = b.scratch_for(cuda_linear_f16_scratch(m, lin.k));
+    cuda_linear_f16(lin.prepared, lin.n, lin.k, x, m, y, accumulate, scratch, b.stream());
+}
+
+// K % 8: the GEMV's 16-byte loads of fp16 rows
+const LinearKernels cuda_linear_f16_kernels = {"f16", 8, 0, prepare_f16, release_f16, run_f16, nullptr, nullptr};
 
 }  // namespace mq

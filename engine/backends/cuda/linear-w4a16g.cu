@@ -11,6 +11,7 @@
 //    (the second accumulating). Exact products, fp32 sums: the same result up to summation order.
 #include "linear-w4a16g.cuh"
 #include "cuda-common.cuh"
+#include "cuda-backend.cuh"
 #include "linear-f16.cuh"
 #include "mma.cuh"
 
@@ -196,5 +197,19 @@ void cuda_linear_w4a16g(const void * qweight, const void * scale, int64_t n, int
     cuda_linear_f16(whi, n, k, x, m, y, accumulate, f16_scratch, st);
     cuda_linear_f16(wlo, n, k, x, m, y, true, f16_scratch, st);
 }
+
+
+// --- scheme w4a16g on the CUDA backend (its entry in cuda-backend.cu's table) ----------------------------------
+
+static void run_w4a16g(Backend & be, const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) {
+    BackendCuda & b = cuda_of(be);
+    const CudaLinear4 & p = cuda_linear4(lin);
+    void * scratch = b.scratch_for(cuda_linear_w4a16g_scratch(m, lin.n, lin.k));
+    cuda_linear_w4a16g(p.qweight, p.scale, lin.n, lin.k, lin.group, x, m, y, accumulate, scratch, b.stream());
+}
+
+// K and the group multiples of 64: the GEMV's 64-byte chunks of K never straddle a group
+const LinearKernels cuda_linear_w4a16g_kernels = {"w4a16g", 64, 64, cuda_prepare_linear4, cuda_release_linear4,
+                                                  run_w4a16g, nullptr, nullptr};
 
 }  // namespace mq
