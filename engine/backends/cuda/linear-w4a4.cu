@@ -13,6 +13,7 @@
 //  - prefill (m > 16): the tiled GEMM of gemm-mma.cuh.
 #include "linear-w4a4.cuh"
 #include "cuda-common.cuh"
+#include "splitk.cuh"
 #include "cuda-backend.cuh"
 #include "quantize.cuh"
 #include "gemm-mma.cuh"
@@ -107,12 +108,8 @@ static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t 
         }
     }
 
-    __shared__ int32_t red[W4_WARPS][NT][4][32];
-#pragma unroll
-    for (int i = 0; i < NT; i++)
-#pragma unroll
-        for (int r = 0; r < 4; r++) red[warp][i][r][lane] = c[i][r];
-    __syncthreads();
+    __shared__ SplitK<int32_t, W4_WARPS, NT> red;
+    splitk_store<int32_t, W4_WARPS, NT>(red, c, warp, lane);
     // thread p: tile p / 64, lane (p / 2) % 32, register pair p % 2 (row g or g + 8, columns 2t, 2t + 1)
     const int p = threadIdx.x;
     if constexpr (SWIGLU) {
@@ -121,9 +118,8 @@ static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t 
             const int i = p >> 6, l = (p >> 1) & 31, h = p & 1;
             const int m = (l >> 2) + 8 * h, c = 2 * (l & 3), n = tile_row(i, c);
             if (m < M) {
-                int32_t s0 = 0, s1 = 0;
-#pragma unroll
-                for (int v = 0; v < W4_WARPS; v++) s0 += red[v][i][2 * h][l], s1 += red[v][i][2 * h + 1][l];
+                const int32_t s0 = splitk_sum<int32_t, W4_WARPS, NT>(red, i, 2 * h, l);
+                const int32_t s1 = splitk_sum<int32_t, W4_WARPS, NT>(red, i, 2 * h + 1, l);
                 const float * ad = add ? add + (size_t) m * N + n : nullptr;
                 gu[i][c][m] = gemm_value<Fmt>(s0, scale, n) + (ad ? ad[0] : 0.0f);
                 gu[i][c + 1][m] = gemm_value<Fmt>(s1, scale, n + 1) + (ad ? ad[1] : 0.0f);
@@ -145,9 +141,8 @@ static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t 
     const int i = p >> 6, l = (p >> 1) & 31, h = p & 1;
     const int m = (l >> 2) + 8 * h, n = (blockIdx.x * NT + i) * 8 + 2 * (l & 3);
     if (m >= M || n >= N) return;
-    int32_t s0 = 0, s1 = 0;
-#pragma unroll
-    for (int v = 0; v < W4_WARPS; v++) s0 += red[v][i][2 * h][l], s1 += red[v][i][2 * h + 1][l];
+    const int32_t s0 = splitk_sum<int32_t, W4_WARPS, NT>(red, i, 2 * h, l);
+    const int32_t s1 = splitk_sum<int32_t, W4_WARPS, NT>(red, i, 2 * h + 1, l);
     float * yo = y + (size_t) m * N + n;
     const float * ad = add ? add + (size_t) m * N + n : nullptr;
     // v·1.0f is exact: no effect without a row scale; __fmul_rn rounds the product before the accumulate (no
