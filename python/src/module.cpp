@@ -28,6 +28,7 @@ namespace nb = nanobind;
 using namespace nb::literals;
 
 void bind_tokenizer(nb::module_ & m);
+void bind_ops(nb::module_ & m);
 
 namespace {
 
@@ -417,4 +418,5 @@ NB_MODULE(_engine, m) {
              "ids"_a);
 
     bind_tokenizer(m);
+    bind_ops(m);
 }

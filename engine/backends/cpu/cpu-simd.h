@@ -1,0 +1,82 @@
+// SIMD inner loops of the CPU backend. They are compiled once per instruction set (kernels/, see kernels.h) and one
+// set is picked once, at the first use, by the features of the CPU the process runs on: avx512 (AVX-512 F, BW, DQ,
+// VL and VNNI), avx2 (AVX2, FMA, F16C) or scalar (portable C++). MERGEQUANT_CPU=avx512|avx2|scalar forces a set
+// (tests run every path this way); asking for one the CPU lacks is an error. The integer results are the same on
+// every path; fp32 sums differ in their order (docs/numerics.md).
+#pragma once
+
+#include <cstdint>
+
+namespace mq {
+
+// Activations prepared for the int4 GEMM: even and odd slots apart (they meet the low and high nibbles of the
+// packed weights) and the row sum (the kernel works on w + 8, see kernels/gemm-int4.cpp).
+struct CodesPrepared {
+    int8_t * even;  // [m, kp/2]
+    int8_t * odd;   // [m, kp/2]
+    int32_t * sum;  // [m]
+};
+
+struct CpuKernels {
+    const char * isa;  // "avx512", "avx2" or "scalar"
+    void (*f16_to_f32)(const uint16_t * x, float * y, int64_t n);
+    void (*f32_to_f16)(const float * x, uint16_t * y, int64_t n);
+    void (*i8_to_f32_scaled)(const int8_t * x, const float * s, float * y, int64_t n);
+    void (*f32_to_i8_scaled)(const float * x, const float * inv, int8_t * y, int64_t n);
+    float (*dot_f32)(const float * a, const float * b, int64_t n);
+    double (*dot_f64)(const float * a, const float * b, int64_t n);
+    void (*axpy_f64)(double a, const float * x, double * y, int64_t n);
+    void (*gemm_f16)(const uint16_t * w, const float * x, float * y, int64_t m, int64_t n, int64_t k, int64_t n_begin,
+                     int64_t n_end, bool accumulate);
+    void (*gemm_w4a4)(const uint8_t * qw, const CodesPrepared & a, int64_t m, int64_t kp, int64_t n, int64_t r0,
+                      int64_t r1, int32_t * acc);
+    void (*gemm_w4a16g)(const uint8_t * qw, const uint16_t * scale, const float * x, float * y, int64_t m, int64_t n,
+                        int64_t k, int64_t group, int64_t r0, int64_t r1, bool accumulate);
+};
+
+// the set this process runs (chosen at the first call; throws mq::Error for a bad MERGEQUANT_CPU)
+const CpuKernels & cpu_kernels();
+
+inline void cpu_f16_to_f32(const uint16_t * x, float * y, int64_t n) {
+    cpu_kernels().f16_to_f32(x, y, n);
+}
+// round to nearest even
+inline void cpu_f32_to_f16(const float * x, uint16_t * y, int64_t n) {
+    cpu_kernels().f32_to_f16(x, y, n);
+}
+// int8 KV cache rows: y = float(x) * s (one fp32 multiply per value)
+inline void cpu_i8_to_f32_scaled(const int8_t * x, const float * s, float * y, int64_t n) {
+    cpu_kernels().i8_to_f32_scaled(x, s, y, n);
+}
+// y = clamp(rint(x * inv), -127, 127) (fp32 multiply, round half to even; NaN gives 0)
+inline void cpu_f32_to_i8_scaled(const float * x, const float * inv, int8_t * y, int64_t n) {
+    cpu_kernels().f32_to_i8_scaled(x, inv, y, n);
+}
+inline float cpu_dot_f32(const float * a, const float * b, int64_t n) {
+    return cpu_kernels().dot_f32(a, b, n);
+}
+// Σ a[i]·b[i] accumulated in float64 (each product of two fp32 values is exact there)
+inline double cpu_dot_f64(const float * a, const float * b, int64_t n) {
+    return cpu_kernels().dot_f64(a, b, n);
+}
+// y += a * x in float64
+inline void cpu_axpy_f64(double a, const float * x, double * y, int64_t n) {
+    cpu_kernels().axpy_f64(a, x, y, n);
+}
+// y[m, n] (+)= sum_k x[m, k] * w[n, k] for rows n in [n_begin, n_end); w fp16 [N, K] row-major
+inline void cpu_gemm_f16(const uint16_t * w, const float * x, float * y, int64_t m, int64_t n, int64_t k,
+                         int64_t n_begin, int64_t n_end, bool accumulate) {
+    cpu_kernels().gemm_f16(w, x, y, m, n, k, n_begin, n_end, accumulate);
+}
+// acc[t, r] = Σ_k a[t, k] · q[r, k] (exact int32) for rows [r0, r1); qw packed [N, kp/2]; acc [m, n]
+inline void cpu_gemm_w4a4(const uint8_t * qw, const CodesPrepared & a, int64_t m, int64_t kp, int64_t n, int64_t r0,
+                          int64_t r1, int32_t * acc) {
+    cpu_kernels().gemm_w4a4(qw, a, m, kp, n, r0, r1, acc);
+}
+// y[t, r] = Σ_k x[t, k] · q[r, k] · s[r, k / group] for rows [r0, r1) (weight-only 4-bit, fp16 group scales)
+inline void cpu_gemm_w4a16g(const uint8_t * qw, const uint16_t * scale, const float * x, float * y, int64_t m,
+                            int64_t n, int64_t k, int64_t group, int64_t r0, int64_t r1, bool accumulate) {
+    cpu_kernels().gemm_w4a16g(qw, scale, x, y, m, n, k, group, r0, r1, accumulate);
+}
+
+}  // namespace mq
