@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import zlib
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,10 @@ GGUF_TYPES = (("f16", "F16"), ("q4_0", "Q4_0"), ("q4_k_m", "Q4_K_M"))
 
 def gguf_path(d: Path, shape: str, kind: str) -> Path:
     return d / f"llama2-{shape}-{kind}.gguf"
+
+
+def llama_config(s: rw.Shape) -> LlamaConfig:
+    return LlamaConfig(architecture="llama", rope_scaling=None, tie_word_embeddings=False, **asdict(s))
 
 
 def linear_shapes(c: LlamaConfig) -> dict[str, tuple[int, int]]:
@@ -382,7 +387,7 @@ def main() -> int:
     ap.add_argument("--build-only", action="store_true", help="write the files and check them on the CPU engine; no GPU")
     ap.add_argument("--profile", action="store_true", help="print each engine model's device time per decode token by kernel")
     args = ap.parse_args()
-    c = rw.SHAPES[args.shape]
+    c = llama_config(rw.SHAPES[args.shape])
     schemes = args.schemes.split(",")
     bad = [x for x in schemes if x not in SCHEMES]
     if bad:

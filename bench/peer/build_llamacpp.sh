@@ -13,9 +13,9 @@ kind="${1:?usage: build_llamacpp.sh cpu|cuda [JOBS]}"
 jobs="${2:-$(nproc)}"
 here="$(cd "$(dirname "$0")" && pwd)"
 cache="$here/cache"
-tarball="${LLAMA_CPP_TARBALL:-$(ls "$cache"/llama.cpp-from-llama-cpp-python-*.tar.gz 2>/dev/null | sort | tail -n 1)}"
+tarball="${LLAMA_CPP_TARBALL:-$( (ls "$cache"/carry/llama.cpp-from-llama-cpp-python-*.tar.gz 2>/dev/null || true) | sort | tail -n 1)}"
 if [[ -z "$tarball" || ! -f "$tarball" ]]; then
-    echo "build_llamacpp.sh: no trimmed llama.cpp tarball in $cache: run python3 bench/peer/fetch_llamacpp.py" >&2
+    echo "build_llamacpp.sh: no trimmed llama.cpp tarball in $cache/carry: run python3 bench/peer/fetch_llamacpp.py" >&2
     exit 1
 fi
 src="$cache/src-$(basename "$tarball" .tar.gz)"

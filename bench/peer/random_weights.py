@@ -13,27 +13,39 @@ from __future__ import annotations
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
-from mergequant.convert.config import LlamaConfig
 
-LLAMA2_7B = LlamaConfig(architecture="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
-                        max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
-                        tie_word_embeddings=False)
+@dataclass(frozen=True)
+class Shape:
+    """A Llama's hyperparameters, named as mergequant.convert.config.LlamaConfig names them (this module
+    does not import mergequant, whose package needs the built engine: the GGUF writer runs before it is)."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+
+LLAMA2_7B = Shape(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, head_dim=128)
 # the same structure at a size that the tests and this 2-core machine handle in seconds
-TINY = LlamaConfig(architecture="llama", vocab_size=32000, hidden_size=256, intermediate_size=704,
-                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=64,
-                   max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
-                   tie_word_embeddings=False)
+TINY = Shape(vocab_size=32000, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=4, head_dim=64)
 SHAPES = {"7b": LLAMA2_7B, "tiny": TINY}
 
 SD = 0.02
 ROWS_PER_BLOCK = 256
 
 
-def block_tensors(c: LlamaConfig) -> dict[str, tuple[int, int]]:
+def block_tensors(c: Shape) -> dict[str, tuple[int, int]]:
     """(N, K) of each linear of a block, by its short name (HF order of rows)."""
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     d, f = c.hidden_size, c.intermediate_size
@@ -68,15 +80,15 @@ def weight(name: str, n: int, k: int) -> np.ndarray:
     return out
 
 
-def embedding(c: LlamaConfig) -> np.ndarray:
+def embedding(c: Shape) -> np.ndarray:
     return weight("token_embd", c.vocab_size, c.hidden_size)
 
 
-def output(c: LlamaConfig) -> np.ndarray:
+def output(c: Shape) -> np.ndarray:
     return weight("output", c.vocab_size, c.hidden_size)
 
 
-def linear(c: LlamaConfig, layer: int, short: str) -> np.ndarray:
+def linear(c: Shape, layer: int, short: str) -> np.ndarray:
     n, k = block_tensors(c)[short]
     return weight(f"blk.{layer}.{short}", n, k)
 

@@ -24,8 +24,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import random_weights as rw  # noqa: E402
 
-from mergequant.convert.config import LlamaConfig  # noqa: E402
-
 F16_FILE_TYPE = 1  # llama_ftype LLAMA_FTYPE_MOSTLY_F16
 
 
@@ -87,7 +85,7 @@ def write_smollm2(out: Path, src: Path) -> None:
     sw.write(produce)
 
 
-def add_llama_config(w: gguf.GGUFWriter, c: LlamaConfig, name: str) -> None:
+def add_llama_config(w: gguf.GGUFWriter, c: rw.Shape, name: str) -> None:
     w.add_name(name)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -134,7 +132,7 @@ GGUF_LINEAR = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
                "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
 
 
-def write_random(out: Path, c: LlamaConfig, tokenizer_dir: Path, label: str) -> None:
+def write_random(out: Path, c: rw.Shape, tokenizer_dir: Path, label: str) -> None:
     sw = StreamingWriter(out, "llama")
     add_llama_config(sw.w, c, label)
     add_spm_tokenizer(sw.w, tokenizer_dir, c.vocab_size)
