@@ -1,111 +1,232 @@
-"""CPU benchmark: prefill and decode tokens/s of a model on this machine with 1 and 2 threads, next to
-the machine's measured streaming-read bandwidth and the share of it that decode's weight reads reach.
+"""CPU benchmark, side by side with llama.cpp: SmolLM2-135M-Instruct (the built-in default model), a prompt of
+512 tokens then 128 greedy tokens, on this engine's files and on llama.cpp's `llama-bench`, with 1 thread,
+2 threads, and 2 threads beside a busy process (one core spinning), in one run.
 
-    python3 bench/bench_cpu.py [MODEL ...] [--prompt-tokens 256] [--decode-tokens 128] [--write]
+    python3 bench/bench_cpu.py [--mergequant FILE.mq] [--rounds 3] [--md OUT.md]
 
-MODEL defaults to the built-in SmolLM2 f16 model. --write appends the table to bench/RESULTS.md.
+Files (made on first use and cached in bench/peer/cache/models/ unless given):
+- mergequant: the default `mergequant convert <GGUF> -o F --method mergequant` (what a user gets);
+- f16: the built-in f16 file (mergequant.default_model);
+- RTN W4A4 static and dynamic: `--method rtn-w4a4-static` / `rtn-w4a4-dynamic`;
+- llama.cpp F16: bench/peer/write_gguf.py smollm2 (the same dequantized values as the f16 file), and Q4_0:
+  llama.cpp's own llama-quantize of that F16 file. llama.cpp: bench/peer/build_llamacpp.sh cpu.
+
+Every configuration runs every engine once per round, engines interleaved (A B C ... A B C ...) so that
+drift of a shared machine hits all alike; the best round of each is reported. llama.cpp runs as
+llama-bench pp512 (prompt, empty context) and tg128 at depth 512 (decode after 512 tokens of context),
+which is what this engine's prefill and decode time here. Decode bytes per token: the bytes of every tensor
+a decode step reads once (all linears, the output matrix, norms, split maps and low-rank factors; the
+embedding table only where tied to the output); achieved GB/s = decode tok/s × that, against the streaming
+read bandwidth measured (bench/membw.cpp) in the same configuration.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import os
-import platform
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergequant import LLM
-from mergequant.convert.mqfile import read_mq
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "peer"))
+import llamacpp  # noqa: E402
+
+from mergequant import LLM  # noqa: E402
+from mergequant.convert.mqfile import read_mq  # noqa: E402
+
+MODELS = HERE / "peer" / "cache" / "models"
+CONFIGS = ((1, False, "1 thread"), (2, False, "2 threads"), (2, True, "2 threads + busy neighbour"))
+CPU_FEATURES = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                "avx512_fp16", "avx512vbmi", "amx_tile", "amx_int8", "amx_bf16")
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+def lscpu() -> tuple[str, str]:
+    """(model name, the SIMD flags that matter here) from lscpu."""
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = set(info.get("Flags", "").split())
+    return info.get("Model name", "?").strip(), " ".join(f for f in CPU_FEATURES if f in flags)
 
 
 def memory_bandwidth(threads: int) -> float:
-    """GB/s of a streaming read over 1 GiB, measured by bench/membw.cpp."""
-    exe = Path(tempfile.gettempdir()) / "mergequant-membw"
+    """GB/s of a streaming read over 1 GiB (bench/membw.cpp), built once per source version."""
+    src = HERE / "membw.cpp"
+    exe = Path(tempfile.gettempdir()) / f"mergequant-membw-{int(src.stat().st_mtime)}"
     if not exe.exists():
-        subprocess.run(["g++", "-O3", "-march=native", "-pthread", str(HERE / "membw.cpp"), "-o", str(exe)], check=True)
+        subprocess.run(["g++", "-O3", "-march=native", "-pthread", str(src), "-o", str(exe)], check=True)
     out = subprocess.run([str(exe), str(threads), "1024"], check=True, capture_output=True, text=True).stdout
     return float(out.strip())
 
 
-def weight_bytes_per_token(path: str) -> int:
-    """Bytes decode reads from weights per token: every linear (and the lm_head) once; embeddings and
-    norms are a row or a vector, negligible."""
-    f = read_mq(path)
-    total = 0
-    for name in f.names():
-        if name.startswith("blk.") and not name.endswith("norm.weight"):
-            total += f.nbytes(name)
-    total += f.nbytes("output.weight" if "output.weight" in f.names() else "token_embd.weight")
-    return total
+def mq_decode_bytes(path: Path) -> int:
+    """Same rule as llamacpp.decode_bytes: every tensor but the tokenizer's and an untied embedding table."""
+    f = read_mq(str(path))
+    names = set(f.names())
+    return sum(f.nbytes(n) for n in names if not n.startswith("tokenizer.")
+               and not (n == "token_embd.weight" and "output.weight" in names))
 
 
-def run(path: str, threads: int, n_prompt: int, n_decode: int) -> tuple[float, float]:
-    llm = LLM(path, device="cpu", threads=threads, n_ctx=n_prompt + n_decode + 8)
-    text = open(HERE.parent.parent / "shared" / "data" / "eval" / "wiki.test.raw", encoding="utf-8").read(200000) \
-        if (HERE.parent.parent / "shared").exists() else "hello world " * 2000
-    ids = llm.tokenize(text, add_special=False)[:n_prompt]
-    llm.generate(ids[:16], max_tokens=4, temperature=0.0)  # warm-up (page in the weights)
-    best_pf, best_dc = 0.0, 0.0
-    for _ in range(2):
-        llm._session.reset()
-        llm.generate(ids, max_tokens=n_decode, temperature=0.0, stop_token_ids=None)
+def prompt_ids(llm: LLM, n: int) -> list[int]:
+    text_file = HERE.parent.parent / "shared" / "data" / "eval" / "wiki.test.raw"
+    text = text_file.read_text(encoding="utf-8")[:200000] if text_file.is_file() else "hello world " * 4000
+    ids = llm.tokenize(text, add_special=False)[:n]
+    if len(ids) < n:
+        raise ValueError(f"prompt text gave {len(ids)} tokens, {n} wanted")
+    return ids
+
+
+@dataclass
+class Engine:
+    label: str
+    engine: str   # "mergequant" or "llama.cpp"
+    path: Path
+    decode_bytes: int = 0
+    build: str = ""  # llama.cpp's build string, from llama-bench
+    best: dict = field(default_factory=dict)  # config label → (prefill tok/s, decode tok/s)
+    _llms: dict = field(default_factory=dict)
+
+    def run(self, threads: int, n_prompt: int, n_gen: int) -> tuple[float, float]:
+        if self.engine == "llama.cpp":
+            r = llamacpp.bench("cpu", self.path, threads=threads, n_prompt=n_prompt, n_gen=n_gen, depth=n_prompt)
+            self.build = str(r["build"])
+            return float(r[f"pp{n_prompt}"]), float(r[f"tg{n_gen}"])
+        if threads not in self._llms:
+            llm = LLM(str(self.path), device="cpu", threads=threads, n_ctx=n_prompt + n_gen + 8)
+            llm.generate(prompt_ids(llm, 16), max_tokens=4, temperature=0.0)  # warm-up: page the weights in
+            self._llms[threads] = (llm, prompt_ids(llm, n_prompt))
+        llm, ids = self._llms[threads]
+        s = llm._session
+        s.reset()
+        # greedy, exactly n_gen tokens: the end-of-turn token does not end the run (ignore_eos)
+        s.start(ids, n_gen, 0.0, 0, 1.0, 0.0, 1.0, -1, [], [], True)
+        while s.next() is not None:
+            pass
         t = llm.last_timings
-        # generation may end early at an end-of-turn token; the rates use the tokens actually decoded
-        best_pf = max(best_pf, t["n_prefill"] / (t["prefill_ms"] / 1e3))
-        if t["n_decode"]:
-            best_dc = max(best_dc, t["n_decode"] / (t["decode_ms"] / 1e3))
-    return best_pf, best_dc
+        return t["n_prefill"] / (t["prefill_ms"] / 1e3), t["n_decode"] / (t["decode_ms"] / 1e3)
+
+
+def convert(src: Path, out: Path, args: list[str]) -> Path:
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".part.mq")
+        cmd = [sys.executable, "-c", "import sys; from mergequant.cli import main; sys.exit(main())",
+               "convert", str(src), "-o", str(tmp), "-q", *args]
+        print("+", shlex.join(cmd), file=sys.stderr, flush=True)
+        t0 = time.time()
+        subprocess.run(cmd, check=True)
+        tmp.replace(out)
+        print(f"  converted in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    return out
+
+
+def build_files(a: argparse.Namespace) -> list[Engine]:
+    from mergequant.default_model import default_gguf_path, default_model_path
+
+    gguf_src = default_gguf_path()
+    extra = shlex.split(a.convert_opts)
+    tag = "-" + "".join(c for c in a.convert_opts if c.isalnum()) if extra else ""
+    engines = [
+        Engine("mergequant (default --method mergequant)", "mergequant",
+               Path(a.mergequant) if a.mergequant else
+               convert(gguf_src, MODELS / f"smollm2-mergequant{tag}.mq", ["--method", "mergequant", *extra])),
+        Engine("mergequant f16", "mergequant", default_model_path("f16")),
+        Engine("mergequant RTN W4A4 static", "mergequant",
+               convert(gguf_src, MODELS / f"smollm2-rtn-w4a4-static{tag}.mq", ["--method", "rtn-w4a4-static", *extra])),
+        Engine("mergequant RTN W4A4 dynamic", "mergequant",
+               convert(gguf_src, MODELS / "smollm2-rtn-w4a4-dynamic.mq", ["--method", "rtn-w4a4-dynamic"])),
+    ]
+    f16_gguf = MODELS / "smollm2-135m-f16.gguf"
+    if not f16_gguf.is_file():
+        subprocess.run([sys.executable, str(HERE / "peer" / "write_gguf.py"), "smollm2", str(f16_gguf)], check=True)
+    q4_gguf = llamacpp.quantize("cpu", f16_gguf, MODELS / "smollm2-135m-q4_0.gguf", "Q4_0", os.cpu_count() or 1)
+    engines += [Engine("llama.cpp Q4_0", "llama.cpp", q4_gguf), Engine("llama.cpp F16", "llama.cpp", f16_gguf)]
+    for e in engines:
+        e.decode_bytes = mq_decode_bytes(e.path) if e.engine == "mergequant" else llamacpp.decode_bytes(e.path)
+    return engines
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("models", nargs="*")
-    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--mergequant", default=None, help="the default --method mergequant file (else converted here)")
+    ap.add_argument("--convert-opts", default="", help="extra options for the static conversions (e.g. a short "
+                    "calibration for a quick check: '--calib-n 2 --calib-len 64'; changes no shape, so no speed)")
+    ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=128)
-    ap.add_argument("--write", action="store_true", help="append the results to bench/RESULTS.md")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configuration (best kept)")
+    ap.add_argument("--configs", default="1,2,2busy", help="subset of 1,2,2busy")
+    ap.add_argument("--md", default=str(HERE / "peer" / "cache" / "bench_cpu.md"), help="write the markdown here")
     a = ap.parse_args()
-    if not a.models:
-        from mergequant.default_model import default_model_path
-        a.models = [str(default_model_path())]
-    bw = {t: memory_bandwidth(t) for t in (1, 2)}
-    rows = []
-    for path in a.models:
-        wbytes = weight_bytes_per_token(path)
-        for t in (1, 2):
-            pf, dc = run(path, t, a.prompt_tokens, a.decode_tokens)
-            eff = dc * wbytes / 1e9
-            rows.append(f"| {Path(path).name} | {t} | {pf:.1f} | {dc:.1f} | {wbytes / 1e6:.1f} | {eff:.2f} | "
-                        f"{bw[t]:.2f} | {eff / bw[t]:.0%} |")
-    cmd = "python3 bench/bench_cpu.py " + " ".join(sys.argv[1:])
-    out = "\n".join([
-        f"### CPU engine: prefill and decode ({datetime.date.today().isoformat()})",
-        "",
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores. Command: `{cmd.strip()}`. Prompt {a.prompt_tokens} tokens "
-        f"of wiki.test.raw, then up to {a.decode_tokens} greedy tokens; best of 2 runs. Memory bandwidth: streaming "
-        "read of 1 GiB (bench/membw.cpp) with the same thread count. Effective = decode tok/s x weight bytes per token.",
-        "",
-        "| model | threads | prefill tok/s | decode tok/s | weight MB/token | effective GB/s | memory GB/s | share |",
-        "|---|---|---|---|---|---|---|---|",
-        *rows, ""])
-    print(out)
-    if a.write:
-        with open(HERE / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write("\n" + out)
+    wanted = set(a.configs.split(","))
+    configs = [c for c in CONFIGS if (f"{c[0]}busy" if c[1] else str(c[0])) in wanted]
+    engines = build_files(a)
+    bw: dict[str, float] = {}
+    for threads, busy, label in configs:
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+        try:
+            time.sleep(0.5 if busy else 0)
+            bw[label] = memory_bandwidth(threads)
+            for r in range(a.rounds):
+                for e in engines:
+                    pf, dc = e.run(threads, a.prompt_tokens, a.decode_tokens)
+                    old = e.best.get(label, (0.0, 0.0))
+                    e.best[label] = (max(old[0], pf), max(old[1], dc))
+                    print(f"[{label}, round {r + 1}] {e.label}: prefill {pf:.1f} tok/s, decode {dc:.1f} tok/s",
+                          file=sys.stderr, flush=True)
+        finally:
+            if hog is not None:
+                hog.kill()
+                hog.wait()
+
+    model, flags = lscpu()
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    build = engines[-1].build
+    cmd = "python3 bench/bench_cpu.py " + shlex.join(sys.argv[1:])
+    lines = [f"## CPU: mergequant vs llama.cpp, SmolLM2-135M ({now})", "",
+             f"Command: `{cmd.strip()}`  ",
+             f"CPU: {model}, {os.cpu_count()} logical CPUs; flags: {flags}  ",
+             f"llama.cpp: {build} (llama-cpp-python sdist's vendored llama.cpp, bench/peer/build_llamacpp.sh cpu: "
+             "GGML_NATIVE, AMX off, OpenMP); llama-bench pp{0} and tg{1} at depth {0}.  ".format(
+                 a.prompt_tokens, a.decode_tokens),
+             f"Prompt {a.prompt_tokens} tokens, then {a.decode_tokens} greedy tokens; best of {a.rounds} interleaved "
+             "rounds. Busy neighbour: one process spinning on a core. Read BW: bench/membw.cpp, same threads, same "
+             "configuration.", "",
+             "| configuration | engine, file | file MB | decode MB/token | prefill tok/s | decode tok/s | achieved GB/s "
+             "| read BW GB/s | share |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for _, _, label in configs:
+        for e in engines:
+            pf, dc = e.best[label]
+            gbs = dc * e.decode_bytes / 1e9
+            lines.append(f"| {label} | {e.label} | {e.path.stat().st_size / 1e6:.1f} | {e.decode_bytes / 1e6:.1f} | "
+                         f"{pf:.1f} | {dc:.1f} | {gbs:.2f} | {bw[label]:.2f} | {gbs / bw[label]:.0%} |")
+    by = {e.label: e for e in engines}
+    mq, q4, mf, lf = (by["mergequant (default --method mergequant)"], by["llama.cpp Q4_0"], by["mergequant f16"],
+                      by["llama.cpp F16"])
+    lines += ["", "| configuration | mergequant / llama.cpp Q4_0, prefill | decode | mergequant f16 / llama.cpp F16, "
+              "prefill | decode |", "|---|---|---|---|---|"]
+    for _, _, label in configs:
+        rat = lambda x, y, i: x.best[label][i] / y.best[label][i]  # noqa: E731
+        lines.append(f"| {label} | {rat(mq, q4, 0):.2f}x | {rat(mq, q4, 1):.2f}x | {rat(mf, lf, 0):.2f}x | "
+                     f"{rat(mf, lf, 1):.2f}x |")
+    scaling = []
+    for e in engines:
+        one, two, busy = (e.best.get(c[2]) for c in CONFIGS)
+        if one and two:
+            s = f"{e.label}: 1→2 threads decode {two[1] / one[1]:.2f}x, prefill {two[0] / one[0]:.2f}x"
+            if busy:
+                s += f"; beside a busy process 2 threads decode at {busy[1] / two[1]:.0%} of quiet"
+            scaling.append("- " + s)
+    lines += ["", *scaling, ""]
+    md = "\n".join(lines)
+    print(md)
+    Path(a.md).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.md).write_text(md, encoding="utf-8")
+    print(f"(markdown written to {a.md})", file=sys.stderr)
     return 0
 
 
