@@ -18,6 +18,7 @@ import pytest
 
 from mergequant import _engine
 from mergequant.convert.quant.int4 import pack_int4, round_codes
+from mergequant.convert.schemes import get_scheme
 from mergequant.convert.quant.simulate import KVInt8, SimLinear, causal_attention, expand_slots, rms_factor, swiglu
 from mergequant.convert.reference import rope, rope_cos_sin
 
@@ -181,7 +182,8 @@ def w4a4_tensors(rng, n: int, kp: int, rank: int = 0) -> dict[str, np.ndarray]:
 
 
 def sim(scheme: str, tensors: dict[str, np.ndarray]) -> SimLinear:
-    return SimLinear.from_tensors(scheme, lambda name: tensors.get(name))
+    """The simulator's path for one linear of `scheme` (its entry in the converter's scheme table)."""
+    return get_scheme(scheme).simulate(lambda name: tensors.get(name))
 
 
 @pytest.mark.parametrize("m", [1, 3, 8])
@@ -231,12 +233,12 @@ def test_linear_codes_w4a4(ops, rng, m, rank):
     acc = np.empty((m, n), np.int32)
     ops.int_gemm("w4a4", t, n, k, a, acc)
     s = sim("w4a4", t)
-    want_acc = s.int_gemm(a.astype(np.float32))
+    want_acc = s.int_gemm(a.astype(np.float32), None, "")
     np.testing.assert_array_equal(acc, want_acc.astype(np.int32))
     out = np.empty((m, n), np.float32)
     ops.linear_codes("w4a4", t, n, k, a, out)
     # float(acc) · scale, plus the low-rank branch rounded once from float64: the same fp32 values
-    np.testing.assert_array_equal(out, s.epilogue(want_acc, a.astype(np.float32)))
+    np.testing.assert_array_equal(out, s(a.astype(np.float32)))
 
 
 def test_scheme_errors(ops, rng):
