@@ -46,7 +46,8 @@ from mergequant.convert.config import LlamaConfig  # noqa: E402
 from mergequant.convert.mqfile import read_mq, write_mq  # noqa: E402
 from mergequant.convert.quant.mergequant import Options  # noqa: E402
 from mergequant.convert.quant.split import build_in_map, extra_slots  # noqa: E402
-from mergequant.convert.schemes import get_scheme, pad_k  # noqa: E402
+from mergequant.convert.quant.int4 import pad_k  # noqa: E402
+from mergequant.convert.schemes import get_scheme  # noqa: E402
 from mergequant.convert.tokenizer import export_source  # noqa: E402
 
 PROMPT, DECODE, PREFILLS = 512, 128, (512, 2048)
