@@ -220,8 +220,8 @@ def profile_decode(llm: "LLM", prompt: list[int], n: int = 32, top: int = 12) ->
 def greedy(llm: "LLM", ids: list[int], n: int) -> None:
     """n greedy tokens after `ids`, not stopped by the end-of-turn token (ignore_eos)."""
     s = llm._session
-    s.start(ids, n, 0.0, 0, 1.0, 0.0, 1.0, -1, [], [], True)
-    while s.next() is not None:
+    sid = s.start(ids, n, 0.0, 0, 1.0, 0.0, 1.0, -1, [], [], True)
+    while s.next(sid) is not None:
         pass
 
 
