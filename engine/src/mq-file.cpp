@@ -239,11 +239,7 @@ File::File(const std::string & path) : path_(path) {
         const bool digits = !vs.empty() && vs.size() <= 9 && vs[0] != '0' &&
                             vs.find_first_not_of("0123456789") == std::string::npos;
         if (!digits) {
-            std::string shown;
-            for (char ch : vs) {
-                shown += (unsigned char) ch < 0x20 ? "\\x" + std::to_string((unsigned char) ch) : std::string(1, ch);
-            }
-            throw Error("invalid format_version '" + shown + "': expected a positive decimal integer");
+            throw Error("invalid format_version '" + vs + "': expected a positive decimal integer");
         }
         const long v = std::stol(vs);
         if (v > FORMAT_VERSION) {
