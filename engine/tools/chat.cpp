@@ -13,6 +13,7 @@
 #include "mq-vocab.h"
 
 #include <csignal>
+#include <new>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -287,5 +288,10 @@ int main(int argc, char ** argv) {
         }
     } catch (const mq::Error & e) {
         die(e.what());
+    } catch (const std::bad_alloc &) {
+        // the memory plan refuses what it can foresee; anything else is still one line, not an abort
+        die("out of memory");
+    } catch (const std::exception & e) {
+        die(std::string("internal error: ") + e.what());
     }
 }
