@@ -74,7 +74,7 @@ void usage(FILE * out) {
             "  --seed S                random seed (default: random)\n"
             "  --device D              auto | cpu | cuda | cuda:N (default auto)\n"
             "  -t, --threads N         CPU threads (default: one per core)\n"
-            "  -c, --ctx-size N        context length (default: the model's)\n"
+            "  -c, --ctx-size N        context length (default: min(the model's, 4096))\n"
             "  --kv-cache T            KV cache type: fp16 (default) or int8 (a model converted with --kv-int8)\n"
             "  --timings               print prefill and decode tokens/s after each reply\n"
             "  -h, --help              this help\n");
