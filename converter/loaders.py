@@ -20,6 +20,7 @@ _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np
               "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
               "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
 _FLOAT_DTYPES = ("F32", "F16", "BF16")
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
 
 def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -55,15 +56,47 @@ class SafetensorsFile:
                 raise ValueError(f"{self.path}: shorter than the 8-byte safetensors header length")
             (n,) = struct.unpack("<Q", head)
             size = self.path.stat().st_size
+            if n > _MAX_HEADER_BYTES:
+                raise ValueError(f"{self.path}: header length {n} exceeds the safetensors limit of {_MAX_HEADER_BYTES} "
+                                 "bytes (corrupt, or not a safetensors file)")
             if 8 + n > size:
-                raise ValueError(f"{self.path}: header length {n} runs past the end of the file ({size} bytes)")
-            header = json.loads(fh.read(n))
+                raise ValueError(f"{self.path}: header length {n} runs past the end of the file ({size} bytes): "
+                                 "truncated?")
+            try:
+                header = json.loads(fh.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{self.path}: safetensors header is not valid JSON ({e})") from None
         if not isinstance(header, dict):
             raise ValueError(f"{self.path}: safetensors header is not a JSON object")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.entries: dict[str, dict[str, Any]] = header
         self._data_start = 8 + n
         self._map: np.memmap | None = None
+        data_size = size - self._data_start
+        for name, entry in header.items():
+            self._check_entry(name, entry, data_size)
+
+    def _check_entry(self, name: str, entry: Any, data_size: int) -> None:
+        """Every entry described exactly and inside the file, so a truncated shard fails here, before any
+        conversion work or output file, instead of as a short read later."""
+        where = f"{self.path}: tensor {name!r}"
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise ValueError(f"{where}: header entry must have dtype, shape and data_offsets")
+        if entry["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{where} has unknown dtype {entry['dtype']!r}")
+        shape, offs = entry["shape"], entry["data_offsets"]
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ValueError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)
+                or not 0 <= offs[0] <= offs[1]):
+            raise ValueError(f"{where}: data_offsets {offs!r} are not [begin, end] with 0 <= begin <= end")
+        if offs[1] > data_size:
+            raise ValueError(f"{where}: data_offsets {offs} run past the end of the data ({data_size} bytes): "
+                             "the file is truncated")
+        want = int(np.prod(shape, dtype=object)) * np.dtype(_ST_DTYPES[entry["dtype"]]).itemsize
+        if offs[1] - offs[0] != want:
+            raise ValueError(f"{where}: {offs[1] - offs[0]} bytes of data for shape {shape} of {entry['dtype']} "
+                             f"(expected {want})")
 
     def dtype(self, name: str) -> str:
         return self.entries[name]["dtype"]
@@ -74,8 +107,6 @@ class SafetensorsFile:
     def raw(self, name: str) -> np.ndarray:
         """The stored array (a read-only view into the mapping); BF16 comes back as uint16 words."""
         entry = self.entries[name]
-        if entry["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{self.path}: tensor {name!r} has unknown dtype {entry['dtype']!r}")
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start)
         start, end = entry["data_offsets"]

@@ -3,6 +3,7 @@ format tag, its version, and the config / quant recipe / tokenizer settings as J
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,15 @@ def write_mq(path: str | Path, config: LlamaConfig | None, quant: dict[str, Any]
     if quant is not None:
         metadata["quant"] = json.dumps(quant)
     path = Path(path)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
+    # written under a temporary name in the same directory and renamed when complete, so an interrupted or
+    # failed write never leaves a half file under the final name
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

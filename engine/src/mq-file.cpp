@@ -68,6 +68,7 @@ static std::vector<int64_t> dims_of(const std::vector<Json> & dims) {
 
 // dimensions per tensor (the engine's tensors have at most 2; safetensors itself sets no limit)
 static constexpr size_t MAX_DIMS = 8;
+static constexpr int64_t MAX_DIM = int64_t(1) << 40;
 
 // header larger than this is refused before it is read (safetensors itself uses 100 MB)
 static constexpr uint64_t MAX_HEADER_BYTES = 100u * 1000u * 1000u;
@@ -171,8 +172,10 @@ File::File(const std::string & path) : path_(path) {
             uint64_t numel = 1;
             for (const Json & d : dims) {
                 int64_t v = d.as_int(("tensor '" + name + "' shape").c_str());
-                if (v < 0) {
-                    throw Error("tensor '" + name + "': negative dimension " + std::to_string(v));
+                // a bound of its own too: an empty tensor ([0, 2^62]) passes the byte-size check, and later
+                // code multiplies dimensions in int64
+                if (v < 0 || v > MAX_DIM) {
+                    throw Error("tensor '" + name + "': dimension " + std::to_string(v) + " is outside [0, 2^40]");
                 }
                 t.shape.push_back(v);
                 if (__builtin_mul_overflow(numel, (uint64_t) v, &numel)) {
@@ -239,11 +242,7 @@ File::File(const std::string & path) : path_(path) {
         const bool digits = !vs.empty() && vs.size() <= 9 && vs[0] != '0' &&
                             vs.find_first_not_of("0123456789") == std::string::npos;
         if (!digits) {
-            std::string shown;
-            for (char ch : vs) {
-                shown += (unsigned char) ch < 0x20 ? "\\x" + std::to_string((unsigned char) ch) : std::string(1, ch);
-            }
-            throw Error("invalid format_version '" + shown + "': expected a positive decimal integer");
+            throw Error("invalid format_version '" + vs + "': expected a positive decimal integer");
         }
         const long v = std::stol(vs);
         if (v > FORMAT_VERSION) {

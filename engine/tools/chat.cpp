@@ -13,6 +13,7 @@
 #include "mq-vocab.h"
 
 #include <csignal>
+#include <new>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -73,7 +74,7 @@ void usage(FILE * out) {
             "  --seed S                random seed (default: random)\n"
             "  --device D              auto | cpu | cuda | cuda:N (default auto)\n"
             "  -t, --threads N         CPU threads (default: one per core)\n"
-            "  -c, --ctx-size N        context length (default: the model's)\n"
+            "  -c, --ctx-size N        context length (default: min(the model's, 4096))\n"
             "  --kv-cache T            KV cache type: fp16 (default) or int8 (a model converted with --kv-int8)\n"
             "  --timings               print prefill and decode tokens/s after each reply\n"
             "  -h, --help              this help\n");
@@ -287,5 +288,10 @@ int main(int argc, char ** argv) {
         }
     } catch (const mq::Error & e) {
         die(e.what());
+    } catch (const std::bad_alloc &) {
+        // the memory plan refuses what it can foresee; anything else is still one line, not an abort
+        die("out of memory");
+    } catch (const std::exception & e) {
+        die(std::string("internal error: ") + e.what());
     }
 }
