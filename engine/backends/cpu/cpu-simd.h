@@ -37,6 +37,9 @@ struct CpuKernels {
 // the set this process runs (chosen at the first call; throws mq::Error for a bad MERGEQUANT_CPU)
 const CpuKernels & cpu_kernels();
 
+// the wrappers the backend's ops call (not seen by the kernels' own translation units, kernels/kernels.h)
+#ifndef MQ_CPU_ISA
+
 inline void cpu_f16_to_f32(const uint16_t * x, float * y, int64_t n) {
     cpu_kernels().f16_to_f32(x, y, n);
 }
@@ -78,5 +81,6 @@ inline void cpu_gemm_w4a16g(const uint8_t * qw, const uint16_t * scale, const fl
                             int64_t n, int64_t k, int64_t group, int64_t r0, int64_t r1, bool accumulate) {
     cpu_kernels().gemm_w4a16g(qw, scale, x, y, m, n, k, group, r0, r1, accumulate);
 }
+#endif
 
 }  // namespace mq
