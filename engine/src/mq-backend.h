@@ -1,5 +1,9 @@
-// The backend interface: a small set of ops over device memory. The CPU backend is the reference; the
-// CUDA backend implements the same ops and tests/test_backend_ops.py compares them op by op.
+// The backend interface: device memory, plus the ops of a forward pass dispatched through two tables each backend
+// fills once: BackendOps (one function per op: embed, norm -> codes, rope, KV store, attention, SwiGLU, sample)
+// and one LinearKernels entry per linear scheme it runs (mq-schemes.h). Each op's code lives in a file of the op's
+// name in every backend (engine/backends/cpu/rmsnorm.cpp <-> engine/backends/cuda/rmsnorm.cu; the table in
+// docs/architecture.md). The CPU backend is the reference; tests/test_ops.py compares the CPU ops with the
+// simulator and runs engine/backends/cuda/test-cuda-ops.cpp, which compares the CUDA ops with the CPU's.
 //
 // Memory: every pointer passed to an op is device memory obtained from alloc() (host memory for the CPU
 // backend). Positions are a device buffer of int32 so a captured decode step (CUDA graph) can be replayed
@@ -17,13 +21,16 @@ namespace mq {
 
 struct TensorView;
 struct SamplingParams;
+struct Scheme;
+struct LinearKernels;
+class Backend;
 
 // One linear layer y[M, N] = x[M, K] · Wᵀ in some scheme (docs/format.md, docs/numerics.md). The views
 // point into the file mapping (host memory); `prepared` is what the backend made of them (device copy,
 // repacked layout), owned by the backend.
 struct Linear {
     std::string name;    // file prefix, e.g. "blk.3.attn_qkv"
-    std::string scheme;  // "f16", "w4a16g", "w4a4d", "w4a4"
+    std::string scheme;  // a name of mq-schemes.h: "f16", "w4a16g", "w4a4d", "w4a4"
     int64_t n = 0, k = 0;
     int64_t kp = 0;    // 4-bit schemes: input slots (K padded to a multiple of 64, plus split channels)
     int64_t group = 0; // w4a16g: group size along K
@@ -35,6 +42,9 @@ struct Linear {
     const TensorView * in_map = nullptr;    // w4a4: I32 [kp, 3] input slot -> (source channel, part, parts)
     const TensorView * lora_a = nullptr;    // w4a4: F16 [rank, kp]
     const TensorView * lora_b = nullptr;    // w4a4: F16 [n, rank]
+    // set by Backend::prepare_linear: the scheme's entry and the backend's kernels for it
+    const Scheme * def = nullptr;
+    const LinearKernels * kernels = nullptr;
     void * prepared = nullptr;
 };
 
@@ -72,71 +82,153 @@ struct RopeParams {
     int32_t original_max_pos;
 };
 
+// One linear scheme's kernels on one backend: an entry of the backend's scheme table. The GEMV/GEMM choice by
+// token count is the kernels' own (inside `linear` / `linear_codes`, in the backend's linear-<scheme> file).
+struct LinearKernels {
+    const char * scheme;  // the Scheme's name
+    // this backend's limits beyond the format's (0: none): K a multiple of k_multiple, the group of group_multiple
+    int32_t k_multiple, group_multiple;
+    void (*prepare)(Backend & be, Linear & lin);  // copy/repack lin's tensors; nullptr: reads the file's as they are
+    void (*release)(Backend & be, Linear & lin);  // frees what prepare made (nullptr with prepare)
+    // y = x · Wᵀ (accumulate: y += x · Wᵀ), x [m, k] fp32, y [m, n] fp32; schemes that take floats
+    void (*linear)(Backend & be, const Linear & lin, const float * x, int32_t m, float * y, bool accumulate);
+    // the same on int4 codes a [m, kp] (one per int8): y = float(a · qweightᵀ) * scale (+ low-rank branch);
+    // schemes that take codes
+    void (*linear_codes)(Backend & be, const Linear & lin, const int8_t * a, int32_t m, float * y, bool accumulate);
+    // acc = a · qweightᵀ exact in int32 [m, n], the integer core of the 4-bit schemes (exposed for tests)
+    void (*int_gemm)(Backend & be, const Linear & lin, const int8_t * a, int32_t m, int32_t * acc);
+};
+
+// The ops of a forward pass on one backend, one function each (the forwarders of Backend document them).
+// attention_quant, linear_codes_swiglu_quant and sample may be nullptr: the composition of the plainer ops
+// (sample: the host samples).
+struct BackendOps {
+    void (*embed)(Backend &, const void * table, const int32_t * ids, int32_t n, int32_t dim, float * out);
+    void (*rmsnorm)(Backend &, const float * x, const float * w, int32_t n_rows, int32_t dim, float eps, float * out);
+    void (*rmsnorm_quant)(Backend &, const float * x, const Linear & consumer, int32_t m, int32_t dim, float eps,
+                          int8_t * out);
+    void (*quantize_codes)(Backend &, const float * x, int32_t m, int32_t k, const Linear & consumer, int8_t * out);
+    void (*rope)(Backend &, float * qkv, int32_t n_tokens, int32_t row_stride, int32_t n_head, int32_t n_head_kv,
+                 int32_t head_dim, const int32_t * pos, const RopeParams & rp);
+    void (*kv_store)(Backend &, const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
+                     const int32_t * pos, const KvScales & sc, void * k_cache, void * v_cache);
+    void (*attention)(Backend &, const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
+                      const int32_t * pos, const KvScales & sc, const void * k_cache, const void * v_cache, float * out);
+    void (*attention_quant)(Backend &, const float * qkv, int32_t n_tokens, int32_t row_stride,
+                            const AttentionShape & s, const int32_t * pos, const KvScales & sc, const void * k_cache,
+                            const void * v_cache, float * out, const Linear & consumer, int8_t * codes);
+    void (*swiglu)(Backend &, const float * gu, int32_t m, int32_t n_ff, float * out);
+    void (*swiglu_quant)(Backend &, const float * gu, const Linear & consumer, int32_t m, int32_t n_ff, int8_t * out);
+    void (*linear_codes_swiglu_quant)(Backend &, const Linear & gate_up, const int8_t * a, int32_t m,
+                                      const Linear & down, int32_t n_ff, float * gu, int8_t * out);
+    int32_t (*sample)(Backend &, const float * logits, int32_t n_vocab, const SamplingParams & sp, double u,
+                      const std::vector<int32_t> & penalty_ids);
+};
+
 class Backend {
 public:
+    // ops: copied (a backend may clear an optional op for its configuration); kernels: one entry per scheme
+    Backend(const BackendOps & ops, const std::vector<LinearKernels> & kernels) : ops_(ops), kernels_(kernels) {}
     virtual ~Backend() = default;
+    Backend(const Backend &) = delete;
+    Backend & operator=(const Backend &) = delete;
     virtual std::string name() const = 0;
 
+    // --- device memory -------------------------------------------------------------------------------
     virtual void * alloc(size_t bytes) = 0;
     virtual void free(void * p) = 0;
     virtual void upload(void * dst, const void * src, size_t bytes) = 0;
     virtual void download(void * dst, const void * src, size_t bytes) = 0;
     virtual void synchronize() = 0;
-
-    // make a linear ready (copy/repack); throws mq::Error for a scheme it does not know
-    virtual void prepare_linear(Linear & lin) = 0;
-    virtual void release_linear(Linear & lin) = 0;
     // a device copy of a host array (norm weights, embeddings); free with free()
-    virtual void * upload_copy(const void * src, size_t bytes) = 0;
+    void * upload_copy(const void * src, size_t bytes) {
+        void * p = alloc(bytes);
+        upload(p, src, bytes);
+        return p;
+    }
 
-    // out[i, :] = float(table[ids[i], :]) for an fp16 table [n_vocab, dim]
-    virtual void embed_f16(const void * table, const int32_t * ids, int32_t n, int32_t dim, float * out) = 0;
-    // out = x / sqrt(mean(x²) + eps) * w, row by row
-    virtual void rmsnorm(const float * x, const float * w, int32_t n_rows, int32_t dim, float eps, float * out) = 0;
+    // --- linears ---------------------------------------------------------------------------------------
+    // this backend's kernels for `scheme`, or nullptr
+    const LinearKernels * kernels_for(const std::string & scheme) const;
+    // binds lin to its scheme and this backend's kernels, checks their limits and prepares it; throws mq::Error
+    // naming the linear, the scheme and this backend when the backend lacks the scheme or the shape breaks a limit
+    void prepare_linear(Linear & lin);
+    void release_linear(Linear & lin);
     // y = x · Wᵀ (accumulate: y += x · Wᵀ); x [M, K] fp32, y [M, N] fp32; schemes with float inputs:
     // f16, w4a16g, w4a4d (per-token dynamic quantization inside)
-    virtual void linear(const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) = 0;
+    void linear(const Linear & lin, const float * x, int32_t m, float * y, bool accumulate);
+    // y = float(a · qweightᵀ) * scale (+ low-rank branch); accumulate: y += ...; schemes with code inputs (w4a4)
+    void linear_codes(const Linear & lin, const int8_t * a, int32_t m, float * y, bool accumulate);
+    // acc = a · qweightᵀ, exact int32 [m, n] (the integer core of the 4-bit schemes, exposed for tests)
+    void int_gemm(const Linear & lin, const int8_t * a, int32_t m, int32_t * acc);
+
+    // --- ops ---------------------------------------------------------------------------------------------
+    // out[i, :] = float(table[ids[i], :]) for an fp16 table [n_vocab, dim]
+    void embed_f16(const void * table, const int32_t * ids, int32_t n, int32_t dim, float * out) {
+        ops_.embed(*this, table, ids, n, dim, out);
+    }
+    // out = x / sqrt(mean(x²) + eps) * w, row by row
+    void rmsnorm(const float * x, const float * w, int32_t n_rows, int32_t dim, float eps, float * out) {
+        ops_.rmsnorm(*this, x, w, n_rows, dim, eps, out);
+    }
     // rotate q and k in place (HF rotate_half layout); qkv rows are [q heads | k heads | v heads]
-    virtual void rope(float * qkv, int32_t n_tokens, int32_t row_stride, int32_t n_head, int32_t n_head_kv,
-                      int32_t head_dim, const int32_t * pos, const RopeParams & rp) = 0;
+    void rope(float * qkv, int32_t n_tokens, int32_t row_stride, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
+              const int32_t * pos, const RopeParams & rp) {
+        ops_.rope(*this, qkv, n_tokens, row_stride, n_head, n_head_kv, head_dim, pos, rp);
+    }
     // write k and v of each token to the layer's caches at pos[i], as s.kv_type (int8: with the steps sc)
-    virtual void kv_store(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
-                          const int32_t * pos, const KvScales & sc, void * k_cache, void * v_cache) = 0;
+    void kv_store(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
+                  const int32_t * pos, const KvScales & sc, void * k_cache, void * v_cache) {
+        ops_.kv_store(*this, qkv, n_tokens, row_stride, s, pos, sc, k_cache, v_cache);
+    }
     // causal attention of each token i over cache rows [0, pos[i]]; out [n_tokens, n_head*head_dim]
-    virtual void attention(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
-                           const int32_t * pos, const KvScales & sc, const void * k_cache, const void * v_cache,
-                           float * out) = 0;
+    void attention(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
+                   const int32_t * pos, const KvScales & sc, const void * k_cache, const void * v_cache, float * out) {
+        ops_.attention(*this, qkv, n_tokens, row_stride, s, pos, sc, k_cache, v_cache, out);
+    }
     // out[m, j] = silu(gu[m, j]) * gu[m, n_ff + j]
-    virtual void swiglu(const float * gu, int32_t m, int32_t n_ff, float * out) = 0;
+    void swiglu(const float * gu, int32_t m, int32_t n_ff, float * out) { ops_.swiglu(*this, gu, m, n_ff, out); }
 
     // --- static W4A4 (docs/numerics.md): int4 codes, one per int8, flow between these ops ---------
     // fused RMSNorm + static quantization into `consumer`'s input slots: z_j = (x_j * r) * in_scale[j]
-    virtual void rmsnorm_quant(const float * x, const Linear & consumer, int32_t m, int32_t dim, float eps,
-                               int8_t * out) = 0;
-    // codes = clamp(rint(x), -8, 7) for the k channels of each row, 0 up to consumer.kp
-    virtual void quantize_codes(const float * x, int32_t m, int32_t k, const Linear & consumer, int8_t * out) = 0;
-    // attention (into out) and its output rounded to `consumer`'s codes as quantize_codes does, the codes
-    // those of the exact arithmetic of docs/numerics.md (a backend whose attention() computes it otherwise
-    // mends the codes near a rounding boundary); the default: attention() then quantize_codes()
-    virtual void attention_quant(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
-                                 const int32_t * pos, const KvScales & sc, const void * k_cache, const void * v_cache,
-                                 float * out, const Linear & consumer, int8_t * codes) {
-        attention(qkv, n_tokens, row_stride, s, pos, sc, k_cache, v_cache, out);
-        quantize_codes(out, n_tokens, s.n_head * s.head_dim, consumer, codes);
+    void rmsnorm_quant(const float * x, const Linear & consumer, int32_t m, int32_t dim, float eps, int8_t * out) {
+        ops_.rmsnorm_quant(*this, x, consumer, m, dim, eps, out);
     }
+    // codes = clamp(rint(x), -8, 7) for the k channels of each row, 0 up to consumer.kp
+    void quantize_codes(const float * x, int32_t m, int32_t k, const Linear & consumer, int8_t * out) {
+        ops_.quantize_codes(*this, x, m, k, consumer, out);
+    }
+    // attention (into out) and its output rounded to `consumer`'s codes as quantize_codes does, the codes
+    // those of the exact arithmetic of docs/numerics.md (a backend whose attention computes it otherwise
+    // mends the codes near a rounding boundary); without the op: attention() then quantize_codes()
+    void attention_quant(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
+                         const int32_t * pos, const KvScales & sc, const void * k_cache, const void * v_cache,
+                         float * out, const Linear & consumer, int8_t * codes);
     // z_j = silu(g_j) * u_j into `consumer`'s input slots
-    virtual void swiglu_quant(const float * gu, const Linear & consumer, int32_t m, int32_t n_ff, int8_t * out) = 0;
+    void swiglu_quant(const float * gu, const Linear & consumer, int32_t m, int32_t n_ff, int8_t * out) {
+        ops_.swiglu_quant(*this, gu, consumer, m, n_ff, out);
+    }
     // the static W4A4 MLP's middle: linear_codes(gate_up) into gu [m, 2·n_ff] (scratch), then swiglu_quant into
     // `down`'s codes `out` (a buffer other than a); a backend may fuse them and skip gu
-    virtual void linear_codes_swiglu_quant(const Linear & gate_up, const int8_t * a, int32_t m, const Linear & down,
-                                           int32_t n_ff, float * gu, int8_t * out) {
-        linear_codes(gate_up, a, m, gu, false);
-        swiglu_quant(gu, down, m, n_ff, out);
+    void linear_codes_swiglu_quant(const Linear & gate_up, const int8_t * a, int32_t m, const Linear & down,
+                                   int32_t n_ff, float * gu, int8_t * out);
+    // the unfused forms of the two optional ops (a backend's op falls back on them where it does not apply)
+    void attention_then_quantize(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
+                                 const int32_t * pos, const KvScales & sc, const void * k_cache, const void * v_cache,
+                                 float * out, const Linear & consumer, int8_t * codes);
+    void linear_codes_then_swiglu_quant(const Linear & gate_up, const int8_t * a, int32_t m, const Linear & down,
+                                        int32_t n_ff, float * gu, int8_t * out);
+
+    // --- sampling on the device (optional) -------------------------------------------------------------
+    // With a sample op, sample() picks the next token from the logits row `logits` [n_vocab] (device memory)
+    // by mq::Sampler's rules (mq-sampling.h) with the uniform draw u, penalizing `penalty_ids` (host memory,
+    // distinct ids; used when the repetition penalty is not 1). It returns -1 where it cannot decide exactly on
+    // the device; the caller then samples on the host with the same draw. Only the token id crosses to the host.
+    bool samples_on_device() const { return ops_.sample != nullptr; }
+    int32_t sample(const float * logits, int32_t n_vocab, const SamplingParams & sp, double u,
+                   const std::vector<int32_t> & penalty_ids) {
+        return ops_.sample ? ops_.sample(*this, logits, n_vocab, sp, u, penalty_ids) : -1;
     }
-    // acc = a · qweightᵀ, exact int32 [m, n] (the integer core of linear_codes, exposed for tests)
-    virtual void int_gemm(const Linear & lin, const int8_t * a, int32_t m, int32_t * acc) = 0;
-    // y = float(a · qweightᵀ) * scale (+ low-rank branch); accumulate: y += ...
-    virtual void linear_codes(const Linear & lin, const int8_t * a, int32_t m, float * y, bool accumulate) = 0;
 
     // --- whole-step replay (the decode step) ----------------------------------------------------------
     // Runs the ops that record() issues. A backend may capture them on a first call for `key` and replay
@@ -150,18 +242,11 @@ public:
     // drops what run_step kept for `key` (its owner is going away)
     virtual void forget_step(const void * key) { (void) key; }
 
-    // --- sampling on the device (optional) -------------------------------------------------------------
-    // A backend that samples on the device returns true here, and sample() picks the next token from the
-    // logits row `logits` [n_vocab] (device memory) by mq::Sampler's rules (mq-sampling.h) with the uniform
-    // draw u, penalizing `penalty_ids` (host memory, distinct ids; used when the repetition penalty is not
-    // 1). It returns -1 where it cannot decide exactly on the device; the caller then samples on the host
-    // with the same draw. Only the token id crosses to the host.
-    virtual bool samples_on_device() const { return false; }
-    virtual int32_t sample(const float * logits, int32_t n_vocab, const SamplingParams & sp, double u,
-                           const std::vector<int32_t> & penalty_ids) {
-        (void) logits, (void) n_vocab, (void) sp, (void) u, (void) penalty_ids;
-        return -1;
-    }
+protected:
+    BackendOps ops_;
+
+private:
+    const std::vector<LinearKernels> & kernels_;
 };
 
 std::unique_ptr<Backend> backend_cpu_create(int32_t n_threads);

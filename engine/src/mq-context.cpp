@@ -179,45 +179,67 @@ void Context::forward_chunk(const int32_t * ids, int32_t m, int32_t pos0, bool a
     }
 }
 
-// The ops of one forward pass over m tokens whose ids and positions are in ids_/pos_; the final norm and
-// lm_head for rows [first, first + rows) when first >= 0.
+// The model's forward pass over m tokens whose ids and positions are in ids_/pos_: the embedding, every
+// block's attention and MLP (each added to the residual stream x_), then the final norm and lm_head for rows
+// [first, first + rows) when first >= 0. A static W4A4 block (docs/numerics.md) passes int4 codes between its ops.
 void Context::forward_ops(int32_t m, const AttentionShape & as, int32_t first, int32_t rows) {
     const Model & M = *model_;
     const Config & c = M.config();
     be_.embed_f16(M.token_embd, ids_, m, c.n_embd, x_);
     for (int32_t l = 0; l < c.n_layer; l++) {
-        const LayerWeights & L = M.layers[l];
-        if (L.static_w4a4) {
-            forward_layer_w4a4(l, m, as);
-            continue;
+        if (M.layers[l].static_w4a4) {
+            attention_block_w4a4(l, m, as);
+            mlp_block_w4a4(l, m);
+        } else {
+            attention_block(l, m, as);
+            mlp_block(l, m);
         }
-        be_.rmsnorm(x_, (const float *) L.attn_norm, m, c.n_embd, c.rms_eps, h_);
-        be_.linear(L.attn_qkv, h_, m, qkv_, false);
-        attention_ops(l, m, as);
-        be_.linear(L.attn_output, attn_, m, x_, true);  // residual: x += attn · Woᵀ
-        be_.rmsnorm(x_, (const float *) L.ffn_norm, m, c.n_embd, c.rms_eps, h_);
-        be_.linear(L.ffn_gate_up, h_, m, gu_, false);
-        be_.swiglu(gu_, m, c.n_ff, act_);
-        be_.linear(L.ffn_down, act_, m, x_, true);  // residual: x += act · Wdᵀ
     }
-    if (first < 0) {
-        return;
+    if (first >= 0) {
+        be_.rmsnorm(x_ + (size_t) first * c.n_embd, (const float *) M.output_norm, rows, c.n_embd, c.rms_eps, h_);
+        be_.linear(M.output, h_, rows, logits_, false);
     }
-    be_.rmsnorm(x_ + (size_t) first * c.n_embd, (const float *) M.output_norm, rows, c.n_embd, c.rms_eps, h_);
-    be_.linear(M.output, h_, rows, logits_, false);
 }
 
-// A static W4A4 block (docs/numerics.md): int4 codes between the ops, floats only for q/k/v, gate/up
-// and the residual adds.
-void Context::forward_layer_w4a4(int32_t l, int32_t m, const AttentionShape & as) {
+// x += attention(rmsnorm(x) · Wqkvᵀ) · Woᵀ
+void Context::attention_block(int32_t l, int32_t m, const AttentionShape & as) {
+    const Config & c = model_->config();
+    const LayerWeights & L = model_->layers[l];
+    be_.rmsnorm(x_, (const float *) L.attn_norm, m, c.n_embd, c.rms_eps, h_);
+    be_.linear(L.attn_qkv, h_, m, qkv_, false);
+    rope_and_cache(l, m, as);
+    be_.attention(qkv_, m, c.qkv_dim(), as, pos_, kv_scales(l), k_cache_[l], v_cache_[l], attn_);
+    be_.linear(L.attn_output, attn_, m, x_, true);
+}
+
+// x += swiglu(rmsnorm(x) · Wguᵀ) · Wdᵀ
+void Context::mlp_block(int32_t l, int32_t m) {
+    const Config & c = model_->config();
+    const LayerWeights & L = model_->layers[l];
+    be_.rmsnorm(x_, (const float *) L.ffn_norm, m, c.n_embd, c.rms_eps, h_);
+    be_.linear(L.ffn_gate_up, h_, m, gu_, false);
+    be_.swiglu(gu_, m, c.n_ff, act_);
+    be_.linear(L.ffn_down, act_, m, x_, true);
+}
+
+// the same in a static W4A4 block: the norm writes q/k/v's input codes, attention o_proj's
+void Context::attention_block_w4a4(int32_t l, int32_t m, const AttentionShape & as) {
     const Config & c = model_->config();
     const LayerWeights & L = model_->layers[l];
     be_.rmsnorm_quant(x_, L.attn_qkv, m, c.n_embd, c.rms_eps, codes_);
     trace_codes(L.attn_qkv, m, codes_);
     be_.linear_codes(L.attn_qkv, codes_, m, qkv_, false);
-    attention_ops(l, m, as, &L.attn_output);
+    rope_and_cache(l, m, as);
+    be_.attention_quant(qkv_, m, c.qkv_dim(), as, pos_, kv_scales(l), k_cache_[l], v_cache_[l], attn_, L.attn_output,
+                        codes_);
     trace_codes(L.attn_output, m, codes_);
     be_.linear_codes(L.attn_output, codes_, m, x_, true);
+}
+
+// the norm writes gate/up's codes, gate/up + SwiGLU down_proj's
+void Context::mlp_block_w4a4(int32_t l, int32_t m) {
+    const Config & c = model_->config();
+    const LayerWeights & L = model_->layers[l];
     be_.rmsnorm_quant(x_, L.ffn_gate_up, m, c.n_embd, c.rms_eps, codes_);
     trace_codes(L.ffn_gate_up, m, codes_);
     be_.linear_codes_swiglu_quant(L.ffn_gate_up, codes_, m, L.ffn_down, c.n_ff, gu_, codes_down_);
@@ -225,18 +247,15 @@ void Context::forward_layer_w4a4(int32_t l, int32_t m, const AttentionShape & as
     be_.linear_codes(L.ffn_down, codes_down_, m, x_, true);
 }
 
-// RoPE on q and k of qkv_, k and v into layer l's caches, attention into attn_ (both kinds of block); with
-// `quant` (a static W4A4 block), also its output rounded to quant's input codes in codes_
-void Context::attention_ops(int32_t l, int32_t m, const AttentionShape & as, const Linear * quant) {
+// RoPE on q and k of qkv_, then k and v into layer l's caches
+void Context::rope_and_cache(int32_t l, int32_t m, const AttentionShape & as) {
     const Config & c = model_->config();
-    const KvScales sc = kv_type_ == KV_TYPE_I8 ? model_->layers[l].kv_scales : KvScales();
     be_.rope(qkv_, m, c.qkv_dim(), c.n_head, c.n_head_kv, c.head_dim, pos_, c.rope);
-    be_.kv_store(qkv_, m, c.qkv_dim(), as, pos_, sc, k_cache_[l], v_cache_[l]);
-    if (quant) {
-        be_.attention_quant(qkv_, m, c.qkv_dim(), as, pos_, sc, k_cache_[l], v_cache_[l], attn_, *quant, codes_);
-    } else {
-        be_.attention(qkv_, m, c.qkv_dim(), as, pos_, sc, k_cache_[l], v_cache_[l], attn_);
-    }
+    be_.kv_store(qkv_, m, c.qkv_dim(), as, pos_, kv_scales(l), k_cache_[l], v_cache_[l]);
+}
+
+KvScales Context::kv_scales(int32_t l) const {
+    return kv_type_ == KV_TYPE_I8 ? model_->layers[l].kv_scales : KvScales();
 }
 
 void Context::read_kv(int32_t l, std::vector<uint8_t> & k, std::vector<uint8_t> & v) const {

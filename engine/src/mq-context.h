@@ -60,12 +60,16 @@ public:
     void read_kv(int32_t l, std::vector<uint8_t> & k, std::vector<uint8_t> & v) const;
 
 private:
-    void forward_layer_w4a4(int32_t l, int32_t m, const AttentionShape & as);
     void trace_codes(const Linear & lin, int32_t m, const int8_t * codes);
     void eval_chunks(const std::vector<int32_t> & tokens, bool all_logits, bool download);
     void forward_chunk(const int32_t * ids, int32_t n, int32_t pos0, bool all_logits, bool logits, float * logits_out);
     void forward_ops(int32_t m, const AttentionShape & as, int32_t first, int32_t rows);
-    void attention_ops(int32_t l, int32_t m, const AttentionShape & as, const Linear * quant = nullptr);
+    void attention_block(int32_t l, int32_t m, const AttentionShape & as);
+    void mlp_block(int32_t l, int32_t m);
+    void attention_block_w4a4(int32_t l, int32_t m, const AttentionShape & as);
+    void mlp_block_w4a4(int32_t l, int32_t m);
+    void rope_and_cache(int32_t l, int32_t m, const AttentionShape & as);
+    KvScales kv_scales(int32_t l) const;  // layer l's int8 cache steps (none for an fp16 cache)
 
     std::shared_ptr<const Model> model_;
     Backend & be_;

@@ -1,6 +1,7 @@
 #include "mq-model.h"
 
 #include "mq-error.h"
+#include "mq-schemes.h"
 #include "mq-vocab.h"
 
 #include <cmath>
@@ -145,8 +146,8 @@ void Model::load_weights(const Json & quant) {
         load_linear(L.ffn_gate_up, p + "ffn_gate_up", 2 * (int64_t) c.n_ff, c.n_embd, quant, LINEAR_INPUT_NORM);
         load_linear(L.ffn_down, p + "ffn_down", c.n_embd, c.n_ff, quant, LINEAR_INPUT_SLOTS);
         // static W4A4 is a property of the whole block: integer codes flow from op to op
-        const int n_static = (L.attn_qkv.scheme == "w4a4") + (L.attn_output.scheme == "w4a4") +
-                             (L.ffn_gate_up.scheme == "w4a4") + (L.ffn_down.scheme == "w4a4");
+        const int n_static = L.attn_qkv.def->takes_codes + L.attn_output.def->takes_codes +
+                             L.ffn_gate_up.def->takes_codes + L.ffn_down.def->takes_codes;
         if (n_static != 0 && n_static != 4) {
             throw Error("model file '" + path + "': layer " + std::to_string(i) +
                         " mixes w4a4 with other schemes; a static W4A4 block has all four linears in w4a4");
@@ -214,7 +215,7 @@ KvScales Model::load_kv_scales(int32_t l) {
     return ks;
 }
 
-// the tensors each scheme stores for a linear [n, k] (docs/format.md), validated before use
+// a linear [n, k]: its scheme from quant.linears, the scheme's tensors (mq-schemes.cpp), its backend kernels
 void Model::load_linear(Linear & lin, const std::string & name, int64_t n, int64_t k, const Json & quant,
                         LinearInput input) {
     lin.name = name;
@@ -223,67 +224,20 @@ void Model::load_linear(Linear & lin, const std::string & name, int64_t n, int64
     const Json & linears = quant.get("linears");
     lin.scheme = linears.is_null() ? "f16" : linears.get_string(name, "");
     const std::string & path = file_->path();
-    auto err = [&](const std::string & what) { return Error("model file '" + path + "': linear '" + name + "': " + what); };
     if (lin.scheme.empty()) {
         throw Error("model file '" + path + "': quant.linears has no scheme for '" + name + "'");
     }
-    if (lin.scheme == "f16") {
-        lin.tensors = {&file_->tensor(name + ".weight", DTYPE_F16, {n, k})};
-    } else if (lin.scheme == "w4a16g" || lin.scheme == "w4a4d" || lin.scheme == "w4a4") {
-        const TensorView & qw = file_->tensor(name + ".qweight");
-        if (qw.dtype != DTYPE_U8 || qw.shape.size() != 2 || qw.shape[0] != n) {
-            throw err("qweight must be U8 [" + std::to_string(n) + ", Kp/2]");
-        }
-        lin.kp = 2 * qw.shape[1];
-        lin.qweight = &qw;
-        if (lin.scheme == "w4a16g") {
-            if (lin.kp != k) {
-                throw err("w4a16g qweight has " + std::to_string(lin.kp) + " columns, expected " + std::to_string(k));
-            }
-            const TensorView & sc = file_->tensor(name + ".scale");
-            if (sc.dtype != DTYPE_F16 || sc.shape.size() != 2 || sc.shape[0] != n || sc.shape[1] < 1 ||
-                k % sc.shape[1] != 0 || (k / sc.shape[1]) % 16 != 0) {
-                throw err("w4a16g scale must be F16 [" + std::to_string(n) + ", K/group] with a group a multiple of 16");
-            }
-            lin.group = k / sc.shape[1];
-            lin.scale = &sc;
-        } else {
-            if (lin.kp % 64 != 0 || lin.kp < k) {
-                throw err("input slots Kp = " + std::to_string(lin.kp) + " must be a multiple of 64 and >= K = " +
-                          std::to_string(k));
-            }
-            lin.scale = &file_->tensor(name + ".scale", DTYPE_F32, {n});
-        }
-        if (lin.scheme == "w4a4") {
-            if (input == LINEAR_INPUT_NORM) {
-                lin.in_scale = &file_->tensor(name + ".in_scale", DTYPE_F32, {k});
-            }
-            if (input != LINEAR_INPUT_CODES) {
-                lin.in_map = &file_->tensor(name + ".in_map", DTYPE_I32, {lin.kp, 3});
-                const int32_t * mp = lin.in_map->as<int32_t>();
-                for (int64_t s = 0; s < lin.kp; s++) {
-                    const int32_t src = mp[3 * s], part = mp[3 * s + 1], parts = mp[3 * s + 2];
-                    if (src < -1 || src >= k || parts < 1 || parts > 64 || part < 0 || part >= parts) {
-                        throw err("in_map row " + std::to_string(s) + " = (" + std::to_string(src) + ", " +
-                                  std::to_string(part) + ", " + std::to_string(parts) +
-                                  ") is invalid: expected (channel in [-1, K), part in [0, parts), parts in [1, 64])");
-                    }
-                }
-            }
-            if (file_->has(name + ".lora_a") || file_->has(name + ".lora_b")) {
-                const TensorView & a = file_->tensor(name + ".lora_a");
-                if (a.dtype != DTYPE_F16 || a.shape.size() != 2 || a.shape[1] != lin.kp || a.shape[0] < 1) {
-                    throw err("lora_a must be F16 [rank, " + std::to_string(lin.kp) + "]");
-                }
-                lin.rank = a.shape[0];
-                lin.lora_a = &a;
-                lin.lora_b = &file_->tensor(name + ".lora_b", DTYPE_F16, {n, lin.rank});
-            }
-        }
-    } else {
-        throw err("uses scheme '" + lin.scheme + "', which this engine does not support");
+    const Scheme * def = scheme_find(lin.scheme);
+    if (!def) {
+        throw Error("model file '" + path + "': linear '" + name + "': uses scheme '" + lin.scheme +
+                    "', which this engine does not support (it runs " + scheme_names() + ")");
     }
-    backend_->prepare_linear(lin);
+    def->load(*file_, lin, input);
+    try {
+        backend_->prepare_linear(lin);
+    } catch (const Error & e) {
+        throw Error("model file '" + path + "': " + e.what());
+    }
 }
 
 Model::~Model() {

@@ -4,6 +4,7 @@
 
 #include "mq-backend.h"
 #include "mq-file.h"
+#include "mq-schemes.h"
 
 #include <memory>
 #include <string>
@@ -33,13 +34,6 @@ struct LayerWeights {
     Linear attn_qkv, attn_output, ffn_gate_up, ffn_down;
     bool static_w4a4 = false;  // all four linears w4a4: integer codes between the ops
     KvScales kv_scales;        // the int8 KV cache's steps (device), null when the file has none
-};
-
-// where a w4a4 linear's input codes come from (which tensors it carries, docs/numerics.md)
-enum LinearInput {
-    LINEAR_INPUT_NORM,   // RMSNorm output: in_scale + in_map
-    LINEAR_INPUT_SLOTS,  // another op's step-unit values (SwiGLU): in_map
-    LINEAR_INPUT_CODES,  // attention output rounded directly: neither
 };
 
 struct ModelParams {

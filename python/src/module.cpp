@@ -20,6 +20,7 @@ namespace nb = nanobind;
 using namespace nb::literals;
 
 void bind_tokenizer(nb::module_ & m);
+void bind_ops(nb::module_ & m);
 
 namespace {
 
@@ -341,4 +342,5 @@ NB_MODULE(_engine, m) {
              "ids"_a);
 
     bind_tokenizer(m);
+    bind_ops(m);
 }

@@ -11,6 +11,8 @@
 //    (gemm-mma.cuh) runs twice, the second pass accumulating.
 #include "linear-f16.cuh"
 #include "cuda-common.cuh"
+#include "splitk.cuh"
+#include "cuda-backend.cuh"
 #include "gemm-mma.cuh"
 
 #include <cstdlib>
@@ -99,31 +101,9 @@ static __global__ void __launch_bounds__(256, 1) gemv_f16_kernel(const float * _
         }
     }
 
-    __shared__ float red[GEMV_WARPS][NT][4][32];
-#pragma unroll
-    for (int i = 0; i < NT; i++)
-#pragma unroll
-        for (int r = 0; r < 4; r++) red[warp][i][r][lane] = c[i][r];
-    __syncthreads();
-    // thread p: tile p / 32, the lane's pair of columns; y = Σ_warps hi-row + Σ_warps lo-row
-    const int p = threadIdx.x;
-    if (p >= NT * 32) return;
-    const int i = p >> 5, l = p & 31;
-    const int m = l >> 2, n = (blockIdx.x * NT + i) * 8 + 2 * (l & 3);
-    if (m >= M || n >= N) return;
-    float h0 = 0, h1 = 0, l0 = 0, l1 = 0;
-#pragma unroll
-    for (int v = 0; v < GEMV_WARPS; v++) {
-        h0 += red[v][i][0][l], h1 += red[v][i][1][l], l0 += red[v][i][2][l], l1 += red[v][i][3][l];
-    }
-    float * yo = y + (size_t) m * N + n;
-    if (accumulate) {
-        yo[0] += h0 + l0;
-        if (n + 1 < N) yo[1] += h1 + l1;
-    } else {
-        yo[0] = h0 + l0;
-        if (n + 1 < N) yo[1] = h1 + l1;
-    }
+    __shared__ SplitK<float, GEMV_WARPS, NT> red;
+    splitk_store<float, GEMV_WARPS, NT>(red, c, warp, lane);
+    splitk_store_hi_lo<GEMV_WARPS, NT>(red, y, M, N, accumulate);
 }
 
 static __global__ void split_hi_lo_kernel(const float * __restrict__ x, int64_t total, __half * __restrict__ hi,
@@ -175,5 +155,27 @@ void cuda_linear_f16(const void * w, int64_t n, int64_t k, const float * x, int3
                                                           (int) (2 * k), GEMM_ACCUMULATE);
     cuda_check_launch("gemm_mma_kernel<f16> (lo)");
 }
+
+
+// --- scheme f16 on the CUDA backend (its entry in cuda-backend.cu's table) -------------------------------------
+
+static void prepare_f16(Backend & be, Linear & lin) {
+    if (lin.tensors.size() != 1) throw Error("linear '" + lin.name + "': the f16 linear needs one weight tensor");
+    lin.prepared = cuda_of(be).copy_tensor(lin.tensors[0]);
+}
+
+static void release_f16(Backend & be, Linear & lin) {
+    if (lin.prepared) be.free(lin.prepared);
+    lin.prepared = nullptr;
+}
+
+static void run_f16(Backend & be, const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) {
+    BackendCuda & b = cuda_of(be);
+    void * scratch = b.scratch_for(cuda_linear_f16_scratch(m, lin.k));
+    cuda_linear_f16(lin.prepared, lin.n, lin.k, x, m, y, accumulate, scratch, b.stream());
+}
+
+// K % 8: the GEMV's 16-byte loads of fp16 rows
+const LinearKernels cuda_linear_f16_kernels = {"f16", 8, 0, prepare_f16, release_f16, run_f16, nullptr, nullptr};
 
 }  // namespace mq

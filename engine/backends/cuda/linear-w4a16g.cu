@@ -11,6 +11,8 @@
 //    (the second accumulating). Exact products, fp32 sums: the same result up to summation order.
 #include "linear-w4a16g.cuh"
 #include "cuda-common.cuh"
+#include "splitk.cuh"
+#include "cuda-backend.cuh"
 #include "linear-f16.cuh"
 #include "mma.cuh"
 
@@ -121,31 +123,9 @@ static __global__ void __launch_bounds__(256, 1) gemv_w4a16g_kernel(const uint4 
         }
     }
 
-    __shared__ float red[W16_WARPS][NT][4][32];
-#pragma unroll
-    for (int i = 0; i < NT; i++)
-#pragma unroll
-        for (int r = 0; r < 4; r++) red[warp][i][r][lane] = c[i][r];
-    __syncthreads();
-    // thread p: tile p / 32, the lane's pair of columns; y = Σ_warps hi-row + Σ_warps lo-row
-    const int p = threadIdx.x;
-    if (p >= NT * 32) return;
-    const int i = p >> 5, l = p & 31;
-    const int m = l >> 2, n = (blockIdx.x * NT + i) * 8 + 2 * (l & 3);
-    if (m >= M || n >= N) return;
-    float h0 = 0, h1 = 0, l0 = 0, l1 = 0;
-#pragma unroll
-    for (int v = 0; v < W16_WARPS; v++) {
-        h0 += red[v][i][0][l], h1 += red[v][i][1][l], l0 += red[v][i][2][l], l1 += red[v][i][3][l];
-    }
-    float * yo = y + (size_t) m * N + n;
-    if (accumulate) {
-        yo[0] += h0 + l0;
-        if (n + 1 < N) yo[1] += h1 + l1;
-    } else {
-        yo[0] = h0 + l0;
-        if (n + 1 < N) yo[1] = h1 + l1;
-    }
+    __shared__ SplitK<float, W16_WARPS, NT> red;
+    splitk_store<float, W16_WARPS, NT>(red, c, warp, lane);
+    splitk_store_hi_lo<W16_WARPS, NT>(red, y, M, N, accumulate);
 }
 
 // w[n, k] = q · s exactly as whi + wlo (fp16 each); one thread per packed byte (two codes), rows over y
@@ -196,5 +176,19 @@ void cuda_linear_w4a16g(const void * qweight, const void * scale, int64_t n, int
     cuda_linear_f16(whi, n, k, x, m, y, accumulate, f16_scratch, st);
     cuda_linear_f16(wlo, n, k, x, m, y, true, f16_scratch, st);
 }
+
+
+// --- scheme w4a16g on the CUDA backend (its entry in cuda-backend.cu's table) ----------------------------------
+
+static void run_w4a16g(Backend & be, const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) {
+    BackendCuda & b = cuda_of(be);
+    const CudaLinear4 & p = cuda_linear4(lin);
+    void * scratch = b.scratch_for(cuda_linear_w4a16g_scratch(m, lin.n, lin.k));
+    cuda_linear_w4a16g(p.qweight, p.scale, lin.n, lin.k, lin.group, x, m, y, accumulate, scratch, b.stream());
+}
+
+// K and the group multiples of 64: the GEMV's 64-byte chunks of K never straddle a group
+const LinearKernels cuda_linear_w4a16g_kernels = {"w4a16g", 64, 64, cuda_prepare_linear4, cuda_release_linear4,
+                                                  run_w4a16g, nullptr, nullptr};
 
 }  // namespace mq

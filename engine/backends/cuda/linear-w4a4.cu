@@ -13,10 +13,14 @@
 //  - prefill (m > 16): the tiled GEMM of gemm-mma.cuh.
 #include "linear-w4a4.cuh"
 #include "cuda-common.cuh"
+#include "splitk.cuh"
+#include "cuda-backend.cuh"
+#include "quantize.cuh"
 #include "gemm-mma.cuh"
 
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 namespace mq {
 
@@ -104,12 +108,8 @@ static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t 
         }
     }
 
-    __shared__ int32_t red[W4_WARPS][NT][4][32];
-#pragma unroll
-    for (int i = 0; i < NT; i++)
-#pragma unroll
-        for (int r = 0; r < 4; r++) red[warp][i][r][lane] = c[i][r];
-    __syncthreads();
+    __shared__ SplitK<int32_t, W4_WARPS, NT> red;
+    splitk_store<int32_t, W4_WARPS, NT>(red, c, warp, lane);
     // thread p: tile p / 64, lane (p / 2) % 32, register pair p % 2 (row g or g + 8, columns 2t, 2t + 1)
     const int p = threadIdx.x;
     if constexpr (SWIGLU) {
@@ -118,9 +118,8 @@ static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t 
             const int i = p >> 6, l = (p >> 1) & 31, h = p & 1;
             const int m = (l >> 2) + 8 * h, c = 2 * (l & 3), n = tile_row(i, c);
             if (m < M) {
-                int32_t s0 = 0, s1 = 0;
-#pragma unroll
-                for (int v = 0; v < W4_WARPS; v++) s0 += red[v][i][2 * h][l], s1 += red[v][i][2 * h + 1][l];
+                const int32_t s0 = splitk_sum<int32_t, W4_WARPS, NT>(red, i, 2 * h, l);
+                const int32_t s1 = splitk_sum<int32_t, W4_WARPS, NT>(red, i, 2 * h + 1, l);
                 const float * ad = add ? add + (size_t) m * N + n : nullptr;
                 gu[i][c][m] = gemm_value<Fmt>(s0, scale, n) + (ad ? ad[0] : 0.0f);
                 gu[i][c + 1][m] = gemm_value<Fmt>(s1, scale, n + 1) + (ad ? ad[1] : 0.0f);
@@ -142,9 +141,8 @@ static __global__ void __launch_bounds__(256, 1) gemv_w4a4_kernel(const uint8_t 
     const int i = p >> 6, l = (p >> 1) & 31, h = p & 1;
     const int m = (l >> 2) + 8 * h, n = (blockIdx.x * NT + i) * 8 + 2 * (l & 3);
     if (m >= M || n >= N) return;
-    int32_t s0 = 0, s1 = 0;
-#pragma unroll
-    for (int v = 0; v < W4_WARPS; v++) s0 += red[v][i][2 * h][l], s1 += red[v][i][2 * h + 1][l];
+    const int32_t s0 = splitk_sum<int32_t, W4_WARPS, NT>(red, i, 2 * h, l);
+    const int32_t s1 = splitk_sum<int32_t, W4_WARPS, NT>(red, i, 2 * h + 1, l);
     float * yo = y + (size_t) m * N + n;
     const float * ad = add ? add + (size_t) m * N + n : nullptr;
     // v·1.0f is exact: no effect without a row scale; __fmul_rn rounds the product before the accumulate (no
@@ -265,5 +263,105 @@ void cuda_linear_w4a4_swiglu(const void * qweight, const float * scale, const fl
                (const uint8_t *) qweight, scale, add, (const float *) nullptr, (float *) nullptr, m, 2 * so.n_ff,
                (int) (kp / 2), 0, cuda_pdl_mode() == 2 ? 1 : 0, so);
 }
+
+
+// --- schemes w4a4d and w4a4 on the CUDA backend (their entries in cuda-backend.cu's table) ---------------------
+
+// w4a4d: per-token codes and steps, then the w4a4 GEMV/GEMM with the step in its epilogue:
+// y = (float(acc) · scale[n]) · step[t]
+static void run_w4a4d(Backend & be, const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) {
+    BackendCuda & b = cuda_of(be);
+    const CudaLinear4 & p = cuda_linear4(lin);
+    const size_t packed_bytes = ((size_t) m * lin.kp / 2 + 255) / 256 * 256;
+    uint8_t * packed = (uint8_t *) b.scratch_for(packed_bytes + (size_t) m * sizeof(float));
+    float * step = (float *) (packed + packed_bytes);
+    cuda_quantize_dynamic(x, m, (int32_t) lin.k, lin.kp, packed, step, b.stream());
+    cuda_linear_w4a4(p.qweight, p.scale, nullptr, step, lin.n, lin.kp, packed, false, m, y, accumulate, b.w4a4_mma(),
+                     b.stream());
+}
+
+static void int_gemm_w4(Backend & be, const Linear & lin, const int8_t * a, int32_t m, int32_t * acc) {
+    BackendCuda & b = cuda_of(be);
+    const CudaLinear4 & p = cuda_linear4(lin);
+    uint8_t * packed = (uint8_t *) b.scratch_for((size_t) m * lin.kp / 2);
+    cuda_pack_codes(a, m, lin.kp, packed, b.stream());
+    cuda_int_gemm(p.qweight, lin.n, lin.kp, packed, m, acc, b.stream());
+}
+
+// scratch of `bytes` (a multiple of 256) followed by the low-rank branch of lin on codes a, computed into it
+// (lora = nullptr without one)
+static void * scratch_with_lora(BackendCuda & b, const Linear & lin, const int8_t * a, int32_t m, size_t bytes,
+                                float *& lora) {
+    const size_t lora_bytes = lin.rank > 0 ? (size_t) m * (lin.rank * sizeof(double) + lin.n * sizeof(float)) : 0;
+    uint8_t * buf = (uint8_t *) b.scratch_for(bytes + lora_bytes);
+    lora = nullptr;
+    if (lin.rank > 0) {
+        const CudaLinear4 & p = cuda_linear4(lin);
+        double * l = (double *) (buf + bytes);
+        lora = (float *) (l + (size_t) m * lin.rank);
+        cuda_lora(p.lora_a, p.lora_b, lin.rank, lin.n, lin.kp, a, m, l, lora, b.stream());
+    }
+    return buf;
+}
+
+// the GEMV (decode) reads the int8 codes as they are; the GEMM reads packed codes, made by a pack pass
+// (m·kp bytes, small next to the weights); the low-rank branch, when present, is added in the epilogue
+static void run_w4a4(Backend & be, const Linear & lin, const int8_t * a, int32_t m, float * y, bool accumulate) {
+    BackendCuda & b = cuda_of(be);
+    const CudaLinear4 & p = cuda_linear4(lin);
+    const bool codes8 = m <= W4A4_GEMV_MAX_M;
+    const size_t packed_bytes = codes8 ? 0 : ((size_t) m * lin.kp / 2 + 255) / 256 * 256;
+    float * lora = nullptr;
+    uint8_t * packed = (uint8_t *) scratch_with_lora(b, lin, a, m, packed_bytes, lora);
+    if (!codes8) cuda_pack_codes(a, m, lin.kp, packed, b.stream());
+    cuda_linear_w4a4(p.qweight, p.scale, lora, nullptr, lin.n, lin.kp, codes8 ? (const void *) a : packed, codes8, m, y,
+                     accumulate, b.w4a4_mma(), b.stream());
+}
+
+// down_proj's in_map by source channel for the fused SwiGLU epilogue (SwigluOut); padding slots go with the
+// last channel, parts 0
+static void build_swiglu_map(BackendCuda & b, const Linear & down, int32_t n_ff, CudaLinear4 & dp) {
+    if (!down.in_map) throw Error("linear '" + down.name + "': the fused SwiGLU needs its in_map");
+    const int32_t * im = down.in_map->as<int32_t>();
+    std::vector<std::vector<int4>> by(n_ff);
+    for (int64_t s = 0; s < down.kp; s++) {
+        const int32_t j = im[3 * s], k = im[3 * s + 1], parts = im[3 * s + 2];
+        if (j >= n_ff) throw Error("linear '" + down.name + "': in_map slot " + std::to_string(s) + " reads channel " +
+                                   std::to_string(j) + " of " + std::to_string(n_ff));
+        by[j >= 0 ? j : n_ff - 1].push_back(make_int4((int) s, j >= 0 ? k : 0, j >= 0 ? parts : 0, 0));
+    }
+    std::vector<int32_t> start(n_ff + 1, 0);
+    std::vector<int4> slots;
+    for (int32_t j = 0; j < n_ff; j++) {
+        slots.insert(slots.end(), by[j].begin(), by[j].end());
+        start[j + 1] = (int32_t) slots.size();
+    }
+    dp.swiglu_start = (int32_t *) b.upload_copy(start.data(), start.size() * sizeof(int32_t));
+    dp.swiglu_slots = (int4 *) b.upload_copy(slots.data(), slots.size() * sizeof(int4));
+}
+
+// at decode sizes the gate/up GEMV's epilogue computes SwiGLU and writes down_proj's codes (no gu round trip,
+// one launch fewer); prefill sizes take the two ops
+void cuda_op_linear_codes_swiglu_quant(Backend & be, const Linear & gate_up, const int8_t * a, int32_t m,
+                                       const Linear & down, int32_t n_ff, float * gu, int8_t * out) {
+    BackendCuda & b = cuda_of(be);
+    if (m > W4A4_GEMV_MAX_M || n_ff % 8 != 0 || gate_up.n != 2 * (int64_t) n_ff) {
+        b.linear_codes_then_swiglu_quant(gate_up, a, m, down, n_ff, gu, out);
+        return;
+    }
+    const CudaLinear4 & p = cuda_linear4(gate_up);
+    CudaLinear4 & dp = const_cast<CudaLinear4 &>(cuda_linear4(down));  // the map is made once, at the first (eager) call
+    if (!dp.swiglu_start) build_swiglu_map(b, down, n_ff, dp);
+    float * lora = nullptr;
+    scratch_with_lora(b, gate_up, a, m, 0, lora);
+    SwigluOut so;
+    so.start = dp.swiglu_start, so.slots = dp.swiglu_slots, so.out = out, so.kp = down.kp, so.n_ff = n_ff;
+    cuda_linear_w4a4_swiglu(p.qweight, p.scale, lora, gate_up.kp, a, m, so, b.w4a4_mma(), b.stream());
+}
+
+const LinearKernels cuda_linear_w4a4d_kernels = {"w4a4d", 0, 0, cuda_prepare_linear4, cuda_release_linear4, run_w4a4d,
+                                                 nullptr, int_gemm_w4};
+const LinearKernels cuda_linear_w4a4_kernels = {"w4a4", 0, 0, cuda_prepare_linear4, cuda_release_linear4, nullptr,
+                                                run_w4a4, int_gemm_w4};
 
 }  // namespace mq

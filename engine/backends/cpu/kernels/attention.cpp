@@ -4,10 +4,8 @@
 // float64 once and used by every head, the p·v accumulators stay in registers (G heads × hd/8 vectors), and
 // exp runs on 8 scores at a time. Any summation order and an exp accurate to a few ulp of a double give the
 // same fp32 result except with probability about 2⁻²⁹ per value (docs/numerics.md, the f64 rule). Other
-// shapes and instruction sets take the per-head loop below.
-#include "cpu-attention.h"
-
-#include "cpu-ops.h"
+// shapes and instruction sets take the per-head loop below. Compiled once per instruction set (kernels.h).
+#include "kernels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -17,14 +15,14 @@
 #include <immintrin.h>
 #endif
 
-namespace mq {
+namespace mq::MQ_CPU_ISA {
 
 // row j of a cache as fp32 (fp16 widened, or int8 codes times their steps)
 static void load_row_f32(const void * cache, const float * steps, bool i8, int64_t off, int32_t hd, float * dst) {
     if (i8) {
-        cpu_i8_to_f32_scaled((const int8_t *) cache + off, steps, dst, hd);
+        i8_to_f32_scaled((const int8_t *) cache + off, steps, dst, hd);
     } else {
-        cpu_f16_to_f32((const uint16_t *) cache + off, dst, hd);
+        f16_to_f32((const uint16_t *) cache + off, dst, hd);
     }
 }
 
@@ -37,7 +35,7 @@ static void heads_generic(const float * q, int32_t g, int32_t hd, const KvRows &
         double mx = -INFINITY;
         for (int32_t j = 0; j < n_kv; j++) {
             load_row_f32(kv.k, kv.k_step, kv.i8, j * kv.stride, hd, row.data());
-            scores[j] = cpu_dot_f64(qh, row.data(), hd);
+            scores[j] = dot_f64(qh, row.data(), hd);
             mx = std::max(mx, scores[j]);
         }
         double sum = 0.0;
@@ -46,7 +44,7 @@ static void heads_generic(const float * q, int32_t g, int32_t hd, const KvRows &
             const double p = std::exp(scores[j] - mx);
             sum += p;
             load_row_f32(kv.v, kv.v_step, kv.i8, j * kv.stride, hd, row.data());
-            cpu_axpy_f64(p, row.data(), acc.data(), hd);
+            axpy_f64(p, row.data(), acc.data(), hd);
         }
         for (int32_t i = 0; i < hd; i++) {
             out[(size_t) h * hd + i] = (float) (acc[i] / sum);
@@ -198,7 +196,7 @@ static void heads_pass(const float * q, int32_t g, int32_t d8, const Rows & rows
 
 #endif
 
-void cpu_attention_heads(const float * q, int32_t g, int32_t hd, const KvRows & kv, int32_t n_kv, float * out) {
+void attention_heads(const float * q, int32_t g, int32_t hd, const KvRows & kv, int32_t n_kv, float * out) {
 #if defined(__AVX512F__)
     const int32_t d8 = hd % 8 == 0 ? hd / 8 : 0;
     const int32_t per_pass = heads_per_pass(d8);
@@ -223,4 +221,4 @@ void cpu_attention_heads(const float * q, int32_t g, int32_t hd, const KvRows & 
     heads_generic(q, g, hd, kv, n_kv, out);
 }
 
-}  // namespace mq
+}  // namespace mq::MQ_CPU_ISA

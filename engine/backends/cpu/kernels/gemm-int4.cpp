@@ -1,66 +1,18 @@
-// Integer kernels for the 4-bit schemes. The int4 GEMM uses AVX-512 VNNI (vpdpbusd: u8 x s8 -> s32) when
-// the compiler targets it: each packed weight byte is XORed with 0x88, which turns both nibbles into
-// w + 8 in [0, 15] (unsigned), so Σ (w + 8)·a = Σ w·a + 8·Σ a, and the kernel subtracts 8·Σ a per token.
-// The low nibbles hold even k and the high nibbles odd k, so the activations are split into even and odd
-// slots once per call and every byte lane lines up without shuffles.
-#include "cpu-quant.h"
+// Integer kernels for the 4-bit schemes, compiled once per instruction set (kernels.h). The int4 GEMM uses
+// AVX-512 VNNI (vpdpbusd: u8 x s8 -> s32) when this translation unit targets it: each packed weight byte is
+// XORed with 0x88, which turns both nibbles into w + 8 in [0, 15] (unsigned), so Σ (w + 8)·a = Σ w·a + 8·Σ a,
+// and the kernel subtracts 8·Σ a per token. The low nibbles hold even k and the high nibbles odd k, so the
+// activations are split into even and odd slots once per call (cpu_codes_prepare) and every byte lane lines up
+// without shuffles.
+#include "kernels.h"
 
-#include "cpu-ops.h"
-
-#include <cmath>
-#include <cstring>
 #include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
-namespace mq {
-
-int32_t cpu_round_clamp(float x, int32_t lo, int32_t hi) {
-    const float r = std::nearbyint(x);  // default rounding mode: half to even
-    if (!(r >= (float) lo)) {           // also catches NaN
-        return r != r ? 0 : lo;
-    }
-    return r > (float) hi ? hi : (int32_t) r;
-}
-
-static inline int32_t floordiv(int32_t a, int32_t m) {
-    return (a >= 0 ? a : a - m + 1) / m;
-}
-
-void cpu_expand_slots(const float * z, const int32_t * in_map, int64_t kp, int8_t * a) {
-    for (int64_t s = 0; s < kp; s++) {
-        const int32_t j = in_map[3 * s], part = in_map[3 * s + 1], parts = in_map[3 * s + 2];
-        if (j < 0) {
-            a[s] = 0;
-            continue;
-        }
-        const int32_t t = cpu_round_clamp(z[j], -8 * parts, 7 * parts);
-        a[s] = (int8_t) floordiv(t + part, parts);
-    }
-}
-
-void cpu_round_codes(const float * x, int64_t k, int64_t kp, int8_t * a) {
-    for (int64_t i = 0; i < k; i++) {
-        a[i] = (int8_t) cpu_round_clamp(x[i], -8, 7);
-    }
-    memset(a + k, 0, (size_t) (kp - k));
-}
-
-void cpu_codes_prepare(const int8_t * a, int64_t m, int64_t kp, CodesPrepared & out) {
-    const int64_t h = kp / 2;
-    for (int64_t t = 0; t < m; t++) {
-        const int8_t * src = a + t * kp;
-        int32_t sum = 0;
-        for (int64_t i = 0; i < h; i++) {
-            out.even[t * h + i] = src[2 * i];
-            out.odd[t * h + i] = src[2 * i + 1];
-            sum += src[2 * i] + src[2 * i + 1];
-        }
-        out.sum[t] = sum;
-    }
-}
+namespace mq::MQ_CPU_ISA {
 
 // one row, one token: Σ_k q[k]·a[k] over the packed row (kp/2 bytes)
 static int32_t dot_w4a4_scalar(const uint8_t * q, const int8_t * even, const int8_t * odd, int64_t h) {
@@ -72,7 +24,7 @@ static int32_t dot_w4a4_scalar(const uint8_t * q, const int8_t * even, const int
     return acc;
 }
 
-void cpu_gemm_w4a4(const uint8_t * qw, const CodesPrepared & a, int64_t m, int64_t kp, int64_t n, int64_t r0,
+void gemm_w4a4(const uint8_t * qw, const CodesPrepared & a, int64_t m, int64_t kp, int64_t n, int64_t r0,
                    int64_t r1, int32_t * acc) {
     const int64_t h = kp / 2;  // bytes per packed row; a multiple of 32
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -129,7 +81,7 @@ void cpu_gemm_w4a4(const uint8_t * qw, const CodesPrepared & a, int64_t m, int64
 #endif
 }
 
-void cpu_gemm_w4a16g(const uint8_t * qw, const uint16_t * scale, const float * x, float * y, int64_t m, int64_t n,
+void gemm_w4a16g(const uint8_t * qw, const uint16_t * scale, const float * x, float * y, int64_t m, int64_t n,
                      int64_t k, int64_t group, int64_t r0, int64_t r1, bool accumulate) {
     // w[r, k] = q[r, k] · s[r, k / group]: dequantize one row to fp32 once, then dot with every token
     std::vector<float> wrow(k), srow(k / group);
@@ -138,7 +90,7 @@ void cpu_gemm_w4a16g(const uint8_t * qw, const uint16_t * scale, const float * x
     const int64_t n_groups = k / group;
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t * q = qw + r * (k / 2);
-        cpu_f16_to_f32(scale + r * n_groups, s, n_groups);
+        f16_to_f32(scale + r * n_groups, s, n_groups);
         for (int64_t i = 0; i < k / 2; i++) {
             const int32_t lo = q[i] & 0xF, hi = q[i] >> 4;
             const int64_t g = (2 * i) / group;
@@ -146,10 +98,10 @@ void cpu_gemm_w4a16g(const uint8_t * qw, const uint16_t * scale, const float * x
             w[2 * i + 1] = (float) (hi - 16 * (hi >= 8)) * s[g];
         }
         for (int64_t t = 0; t < m; t++) {
-            const float v = cpu_dot_f32(w, x + t * k, k);
+            const float v = dot_f32(w, x + t * k, k);
             y[t * n + r] = accumulate ? y[t * n + r] + v : v;
         }
     }
 }
 
-}  // namespace mq
+}  // namespace mq::MQ_CPU_ISA

@@ -1,0 +1,48 @@
+// Causal attention over the KV cache, one (token, kv head) per task (kernels/attention.cpp), sums and exp in float64 (docs/numerics.md).
+#include "cpu-backend.h"
+#include "cpu-simd.h"
+
+#include "../../src/mq-error.h"
+
+#include <algorithm>
+#include <vector>
+
+namespace mq::cpu {
+
+void attention(Backend & be, const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
+               const int32_t * pos, const KvScales & sc, const void * k_cache, const void * v_cache, float * out) {
+    // qc = fp32(fp16(q) * c), c = fp32(1/sqrt(hd)); over cache rows 0..pos: s_j = qc · k_j, p_j = exp(s_j - max),
+    // o = (Σ p_j v_j) / Σ p_j; the sums and exp in float64, o rounded once to fp32 (docs/numerics.md).
+    // k_j, v_j are the cache rows as fp32: fp16 widened, or int8 codes times their steps float(code) * s_c.
+    const int32_t hd = s.head_dim, kv_dim = s.n_head_kv * hd, group = s.n_head / s.n_head_kv;
+    const float scale = (float) (1.0 / std::sqrt((double) hd));
+    const bool i8 = s.kv_type == KV_TYPE_I8;
+    if (i8 && (!sc.k_scale || !sc.v_scale)) {
+        throw Error("attention: the int8 KV cache needs its scales");
+    }
+    // one task per (token, kv head), for the query heads that read it; a chunk takes every nth task so the long
+    // causal rows of the last tokens spread over all chunks
+    const int64_t n_work = (int64_t) n_tokens * s.n_head_kv;
+    cpu_of(be).pool().run([&](int32_t ith, int32_t nth) {
+        std::vector<float> q((size_t) group * hd);
+        std::vector<uint16_t> qh((size_t) group * hd);
+        for (int64_t w = ith; w < n_work; w += nth) {
+            const int32_t t = (int32_t) (w / s.n_head_kv), kvh = (int32_t) (w % s.n_head_kv);
+            const size_t h0 = (size_t) kvh * group * hd;
+            cpu_f32_to_f16(qkv + (size_t) t * row_stride + h0, qh.data(), (int64_t) group * hd);
+            cpu_f16_to_f32(qh.data(), q.data(), (int64_t) group * hd);
+            for (float & v : q) {
+                v *= scale;
+            }
+            const size_t off = (size_t) kvh * hd;
+            const KvRows rows{i8 ? (const void *) ((const int8_t *) k_cache + off)
+                                 : (const void *) ((const uint16_t *) k_cache + off),
+                              i8 ? (const void *) ((const int8_t *) v_cache + off)
+                                 : (const void *) ((const uint16_t *) v_cache + off),
+                              i8 ? sc.k_scale + off : nullptr, i8 ? sc.v_scale + off : nullptr, kv_dim, i8};
+            cpu_attention_heads(q.data(), group, hd, rows, pos[t] + 1, out + (size_t) t * s.n_head * hd + h0);
+        }
+    });
+}
+
+}  // namespace mq::cpu

@@ -1,0 +1,102 @@
+// SIMD inner loops of the CPU backend. They are compiled once per instruction set (kernels/, see kernels.h) and one
+// set is picked once, at the first use, by the features of the CPU the process runs on: avx512 (AVX-512 F, BW, DQ,
+// VL and VNNI), avx2 (AVX2, FMA, F16C) or scalar (portable C++). MERGEQUANT_CPU=avx512|avx2|scalar forces a set
+// (tests run every path this way); asking for one the CPU lacks is an error. The integer results are the same on
+// every path; fp32 sums differ in their order (docs/numerics.md).
+#pragma once
+
+#include <cstdint>
+
+namespace mq {
+
+// Activations prepared for the int4 GEMM: even and odd slots apart (they meet the low and high nibbles of the
+// packed weights) and the row sum (the kernel works on w + 8, see kernels/gemm-int4.cpp).
+struct CodesPrepared {
+    int8_t * even;  // [m, kp/2]
+    int8_t * odd;   // [m, kp/2]
+    int32_t * sum;  // [m]
+};
+
+// The rows of one kv head in a layer's K and V caches: row j of K is at k + j·stride elements (fp16, or
+// int8 codes read back as float(code) · k_step[d]).
+struct KvRows {
+    const void * k;
+    const void * v;
+    const float * k_step;  // int8 cache: the steps of this head's hd channels; null for fp16
+    const float * v_step;
+    int64_t stride;        // elements between rows (n_head_kv · hd)
+    bool i8;
+};
+
+struct CpuKernels {
+    const char * isa;  // "avx512", "avx2" or "scalar"
+    void (*f16_to_f32)(const uint16_t * x, float * y, int64_t n);
+    void (*f32_to_f16)(const float * x, uint16_t * y, int64_t n);
+    void (*i8_to_f32_scaled)(const int8_t * x, const float * s, float * y, int64_t n);
+    void (*f32_to_i8_scaled)(const float * x, const float * inv, int8_t * y, int64_t n);
+    float (*dot_f32)(const float * a, const float * b, int64_t n);
+    double (*dot_f64)(const float * a, const float * b, int64_t n);
+    void (*axpy_f64)(double a, const float * x, double * y, int64_t n);
+    void (*gemm_f16)(const uint16_t * w, const float * x, float * y, int64_t m, int64_t n, int64_t k, int64_t n_begin,
+                     int64_t n_end, bool accumulate);
+    void (*gemm_w4a4)(const uint8_t * qw, const CodesPrepared & a, int64_t m, int64_t kp, int64_t n, int64_t r0,
+                      int64_t r1, int32_t * acc);
+    void (*gemm_w4a16g)(const uint8_t * qw, const uint16_t * scale, const float * x, float * y, int64_t m, int64_t n,
+                        int64_t k, int64_t group, int64_t r0, int64_t r1, bool accumulate);
+    void (*attention_heads)(const float * q, int32_t g, int32_t hd, const KvRows & kv, int32_t n_kv, float * out);
+};
+
+// the set this process runs (chosen at the first call; throws mq::Error for a bad MERGEQUANT_CPU)
+const CpuKernels & cpu_kernels();
+
+inline void cpu_f16_to_f32(const uint16_t * x, float * y, int64_t n) {
+    cpu_kernels().f16_to_f32(x, y, n);
+}
+// round to nearest even
+inline void cpu_f32_to_f16(const float * x, uint16_t * y, int64_t n) {
+    cpu_kernels().f32_to_f16(x, y, n);
+}
+// int8 KV cache rows: y = float(x) * s (one fp32 multiply per value)
+inline void cpu_i8_to_f32_scaled(const int8_t * x, const float * s, float * y, int64_t n) {
+    cpu_kernels().i8_to_f32_scaled(x, s, y, n);
+}
+// y = clamp(rint(x * inv), -127, 127) (fp32 multiply, round half to even; NaN gives 0)
+inline void cpu_f32_to_i8_scaled(const float * x, const float * inv, int8_t * y, int64_t n) {
+    cpu_kernels().f32_to_i8_scaled(x, inv, y, n);
+}
+inline float cpu_dot_f32(const float * a, const float * b, int64_t n) {
+    return cpu_kernels().dot_f32(a, b, n);
+}
+// Σ a[i]·b[i] accumulated in float64 (each product of two fp32 values is exact there)
+inline double cpu_dot_f64(const float * a, const float * b, int64_t n) {
+    return cpu_kernels().dot_f64(a, b, n);
+}
+// y += a * x in float64
+inline void cpu_axpy_f64(double a, const float * x, double * y, int64_t n) {
+    cpu_kernels().axpy_f64(a, x, y, n);
+}
+// y[m, n] (+)= sum_k x[m, k] * w[n, k] for rows n in [n_begin, n_end); w fp16 [N, K] row-major
+inline void cpu_gemm_f16(const uint16_t * w, const float * x, float * y, int64_t m, int64_t n, int64_t k,
+                         int64_t n_begin, int64_t n_end, bool accumulate) {
+    cpu_kernels().gemm_f16(w, x, y, m, n, k, n_begin, n_end, accumulate);
+}
+// acc[t, r] = Σ_k a[t, k] · q[r, k] (exact int32) for rows [r0, r1); qw packed [N, kp/2]; acc [m, n]
+inline void cpu_gemm_w4a4(const uint8_t * qw, const CodesPrepared & a, int64_t m, int64_t kp, int64_t n, int64_t r0,
+                          int64_t r1, int32_t * acc) {
+    cpu_kernels().gemm_w4a4(qw, a, m, kp, n, r0, r1, acc);
+}
+// y[t, r] = Σ_k x[t, k] · q[r, k] · s[r, k / group] for rows [r0, r1) (weight-only 4-bit, fp16 group scales)
+inline void cpu_gemm_w4a16g(const uint8_t * qw, const uint16_t * scale, const float * x, float * y, int64_t m,
+                            int64_t n, int64_t k, int64_t group, int64_t r0, int64_t r1, bool accumulate) {
+    cpu_kernels().gemm_w4a16g(qw, scale, x, y, m, n, k, group, r0, r1, accumulate);
+}
+
+// Attention of one query token over rows [0, n_kv) of one kv head, for the g query heads q [g, hd] that read it
+// (fp32, already fp32(fp16(q)) · c): s_j = Σ_d q[d]·k_j[d], p_j = exp(s_j − max_j s_j),
+// out[d] = fp32((Σ_j p_j·v_j[d]) / Σ_j p_j), s, p and the sums in float64 (docs/numerics.md). out [g, hd].
+inline void cpu_attention_heads(const float * q, int32_t g, int32_t hd, const KvRows & kv, int32_t n_kv,
+                                float * out) {
+    cpu_kernels().attention_heads(q, g, hd, kv, n_kv, out);
+}
+
+}  // namespace mq

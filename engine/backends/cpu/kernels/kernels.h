@@ -1,0 +1,30 @@
+// The SIMD kernels of the CPU backend, declared for one instruction set: the translation units of this folder
+// are compiled once per set (CMakeLists.txt: avx512 = x86-64-v4 + VNNI, avx2 = x86-64-v3, scalar = the baseline),
+// each into namespace mq::<set> by MQ_CPU_ISA; cpu-simd.cpp includes this header once per set and picks one
+// table at startup. No include guard: it is meant to be included once per set.
+#include "../cpu-simd.h"
+
+#include <cstdint>
+
+#ifndef MQ_CPU_ISA
+#error "kernels.h needs MQ_CPU_ISA (avx512, avx2 or scalar)"
+#endif
+
+namespace mq::MQ_CPU_ISA {
+
+void f16_to_f32(const uint16_t * x, float * y, int64_t n);
+void f32_to_f16(const float * x, uint16_t * y, int64_t n);
+void i8_to_f32_scaled(const int8_t * x, const float * s, float * y, int64_t n);
+void f32_to_i8_scaled(const float * x, const float * inv, int8_t * y, int64_t n);
+float dot_f32(const float * a, const float * b, int64_t n);
+double dot_f64(const float * a, const float * b, int64_t n);
+void axpy_f64(double a, const float * x, double * y, int64_t n);
+void gemm_f16(const uint16_t * w, const float * x, float * y, int64_t m, int64_t n, int64_t k, int64_t n_begin,
+              int64_t n_end, bool accumulate);
+void gemm_w4a4(const uint8_t * qw, const CodesPrepared & a, int64_t m, int64_t kp, int64_t n, int64_t r0, int64_t r1,
+               int32_t * acc);
+void gemm_w4a16g(const uint8_t * qw, const uint16_t * scale, const float * x, float * y, int64_t m, int64_t n,
+                 int64_t k, int64_t group, int64_t r0, int64_t r1, bool accumulate);
+void attention_heads(const float * q, int32_t g, int32_t hd, const KvRows & kv, int32_t n_kv, float * out);
+
+}  // namespace mq::MQ_CPU_ISA

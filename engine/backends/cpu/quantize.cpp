@@ -1,0 +1,102 @@
+// The ops that make int4 codes for the static W4A4 linears (docs/numerics.md, "Input slots"): RMSNorm and
+// SwiGLU fused with the static quantization into a consumer's input slots, and the plain rounding of attention's
+// output; and the slot expansion and code rounding they share with linear-w4a4.cpp.
+#include "quantize.h"
+
+#include "cpu-backend.h"
+#include "cpu-simd.h"
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace mq {
+
+int32_t cpu_round_clamp(float x, int32_t lo, int32_t hi) {
+    const float r = std::nearbyint(x);  // default rounding mode: half to even
+    if (!(r >= (float) lo)) {           // also catches NaN
+        return r != r ? 0 : lo;
+    }
+    return r > (float) hi ? hi : (int32_t) r;
+}
+
+static inline int32_t floordiv(int32_t a, int32_t m) {
+    return (a >= 0 ? a : a - m + 1) / m;
+}
+
+void cpu_expand_slots(const float * z, const int32_t * in_map, int64_t kp, int8_t * a) {
+    for (int64_t s = 0; s < kp; s++) {
+        const int32_t j = in_map[3 * s], part = in_map[3 * s + 1], parts = in_map[3 * s + 2];
+        if (j < 0) {
+            a[s] = 0;
+            continue;
+        }
+        const int32_t t = cpu_round_clamp(z[j], -8 * parts, 7 * parts);
+        a[s] = (int8_t) floordiv(t + part, parts);
+    }
+}
+
+void cpu_round_codes(const float * x, int64_t k, int64_t kp, int8_t * a) {
+    for (int64_t i = 0; i < k; i++) {
+        a[i] = (int8_t) cpu_round_clamp(x[i], -8, 7);
+    }
+    memset(a + k, 0, (size_t) (kp - k));
+}
+
+void cpu_codes_prepare(const int8_t * a, int64_t m, int64_t kp, CodesPrepared & out) {
+    const int64_t h = kp / 2;
+    for (int64_t t = 0; t < m; t++) {
+        const int8_t * src = a + t * kp;
+        int32_t sum = 0;
+        for (int64_t i = 0; i < h; i++) {
+            out.even[t * h + i] = src[2 * i];
+            out.odd[t * h + i] = src[2 * i + 1];
+            sum += src[2 * i] + src[2 * i + 1];
+        }
+        out.sum[t] = sum;
+    }
+}
+
+namespace cpu {
+
+void rmsnorm_quant(Backend & be, const float * x, const Linear & c, int32_t m, int32_t dim, float eps, int8_t * out) {
+    const float * in_scale = c.in_scale->as<float>();
+    const int32_t * in_map = c.in_map->as<int32_t>();
+    cpu_of(be).run_rows(m, [&](int32_t ith, int32_t nth) {
+        int64_t b, e;
+        split_range(m, ith, nth, b, e);
+        std::vector<float> z(dim);
+        for (int64_t r = b; r < e; r++) {
+            const float * xr = x + r * dim;
+            // z_j = (x_j * r) * in_scale_j
+            const float inv = rms_factor(xr, dim, eps);
+            for (int32_t i = 0; i < dim; i++) {
+                z[i] = (xr[i] * inv) * in_scale[i];
+            }
+            cpu_expand_slots(z.data(), in_map, c.kp, out + r * c.kp);
+        }
+    });
+}
+
+void quantize_codes(Backend &, const float * x, int32_t m, int32_t k, const Linear & c, int8_t * out) {
+    for (int32_t t = 0; t < m; t++) {
+        cpu_round_codes(x + (size_t) t * k, k, c.kp, out + (size_t) t * c.kp);
+    }
+}
+
+void swiglu_quant(Backend &, const float * gu, const Linear & c, int32_t m, int32_t n_ff, int8_t * out) {
+    const int32_t * in_map = c.in_map->as<int32_t>();
+    std::vector<float> z(n_ff);
+    for (int32_t t = 0; t < m; t++) {
+        const float * g = gu + (size_t) t * 2 * n_ff;
+        const float * u = g + n_ff;
+        for (int32_t j = 0; j < n_ff; j++) {
+            z[j] = swiglu_value(g[j], u[j]);
+        }
+        cpu_expand_slots(z.data(), in_map, c.kp, out + (size_t) t * c.kp);
+    }
+}
+
+}  // namespace cpu
+
+}  // namespace mq
