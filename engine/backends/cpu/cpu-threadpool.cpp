@@ -7,13 +7,9 @@
 
 namespace mq {
 
-// how long an idle thread waits before it blocks (microseconds): long enough to cover the gap between two ops
+// how long an idle thread spins before it blocks (microseconds): long enough to cover the gap between two ops
 // of one decode step, short enough not to steal a shared core for long
 static constexpr int64_t SPIN_US = 200;
-// pause-spins before a waiting thread starts yielding its core: a few microseconds at most, so on a busy
-// machine the waiter hands its time slice to whoever needs the core (the thread it waits for, or another
-// process) instead of burning it
-static constexpr int32_t PAUSE_SPINS = 64;
 // chunks per thread: small chunks keep the work a descheduled thread holds up small
 static constexpr int32_t CHUNKS_PER_THREAD = 4;
 
@@ -23,20 +19,16 @@ static int64_t now_us() {
         .count();
 }
 
-// One wait before blocking: step() pauses (then yields) once and says whether the wait may go on; the clock
-// is read every 16 steps only (a clock read costs as much as the spin it times).
+// One wait before blocking: step() pauses once and says whether the wait may go on; the clock is read every
+// 16 steps only (a clock read costs as much as the pause it times).
 class SpinWait {
 public:
     SpinWait() : t0_(now_us()) {}
     bool step() {
-        if (++n_ <= PAUSE_SPINS) {
 #if defined(__x86_64__)
-            _mm_pause();
+        _mm_pause();
 #endif
-        } else {
-            std::this_thread::yield();
-        }
-        return n_ % 16 != 0 || now_us() - t0_ <= SPIN_US;
+        return ++n_ % 16 != 0 || now_us() - t0_ <= SPIN_US;
     }
 
 private:

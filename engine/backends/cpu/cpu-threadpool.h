@@ -3,9 +3,8 @@
 // A job is cut into more chunks than there are threads, and every thread (the caller included) claims
 // chunks from one atomic counter. A thread that the OS has descheduled (another process on the same
 // core) therefore holds up nothing it has not claimed: the running threads take the rest. Idle workers
-// wait briefly (decode issues hundreds of short jobs per token): a few pause-spins, then yielding the core
-// at every step, so a busy neighbour runs instead of a spin, and after 200 µs they sleep on a condition
-// variable.
+// spin briefly (decode issues hundreds of short jobs per token) and then sleep on a condition variable,
+// so they do not burn a shared core in spin barriers.
 #pragma once
 
 #include <atomic>
