@@ -226,7 +226,7 @@ def test_linear_w4a4d(ops, rng, m):
 
 
 @pytest.mark.parametrize("rank", [0, 8])
-@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("m", [1, 5, 11])  # token blocks of 4 and single tokens
 def test_linear_codes_w4a4(ops, rng, m, rank):
     n, k, kp = 48, 120, 192
     t = w4a4_tensors(rng, n, kp, rank)
