@@ -58,18 +58,23 @@ static void int_gemm_epilogue(Backend & be, const Linear & lin, const int8_t * a
     const LoraF32 * lora = lin.rank > 0 ? (const LoraF32 *) lin.prepared : nullptr;
     // low-rank branch in float64, rounded once: l[t, i] = Σ_s A[i, s] · a[t, s] is exact there (fp16 times
     // int4), then lora[t, r] = fp32(Σ_i B[r, i] · l[t, i])
+    // (the tokens of a prefill split across the threads)
     std::vector<double> l;
     if (lora) {
         l.resize((size_t) m * lin.rank);
-        std::vector<float> af(kp);
-        for (int32_t t = 0; t < m; t++) {
-            for (int64_t s = 0; s < kp; s++) {
-                af[s] = a[t * kp + s];
+        cpu_of(be).run_rows(m, [&](int32_t ith, int32_t nth) {
+            int64_t b, e;
+            split_range(m, ith, nth, b, e);
+            std::vector<float> af(kp);
+            for (int64_t t = b; t < e; t++) {
+                for (int64_t s = 0; s < kp; s++) {
+                    af[s] = a[t * kp + s];
+                }
+                for (int64_t i = 0; i < lin.rank; i++) {
+                    l[t * lin.rank + i] = cpu_dot_f64(lora->a.data() + i * kp, af.data(), kp);
+                }
             }
-            for (int64_t i = 0; i < lin.rank; i++) {
-                l[t * lin.rank + i] = cpu_dot_f64(lora->a.data() + i * kp, af.data(), kp);
-            }
-        }
+        });
     }
     // thread_local names inside the job would resolve to each worker's own copy: pass pointers
     int32_t * accp = acc.data();
