@@ -44,6 +44,8 @@ struct CpuKernels {
     void (*gemm_w4a16g)(const uint8_t * qw, const uint16_t * scale, const float * x, float * y, int64_t m, int64_t n,
                         int64_t k, int64_t group, int64_t r0, int64_t r1, bool accumulate);
     void (*attention_heads)(const float * q, int32_t g, int32_t hd, const KvRows & kv, int32_t n_kv, float * out);
+    void (*lora_rows)(const double * l, int64_t rank, const float * bt, int64_t n, int64_t r0, int64_t r1,
+                      double * out);
 };
 
 // the set this process runs (chosen at the first call; throws mq::Error for a bad MERGEQUANT_CPU)
@@ -97,6 +99,13 @@ inline void cpu_gemm_w4a16g(const uint8_t * qw, const uint16_t * scale, const fl
 inline void cpu_attention_heads(const float * q, int32_t g, int32_t hd, const KvRows & kv, int32_t n_kv,
                                 float * out) {
     cpu_kernels().attention_heads(q, g, hd, kv, n_kv, out);
+}
+
+// the low-rank branch for rows [r0, r1): out[r - r0] = Σ_i l[i]·bt[i·n + r] in float64, i = 0, 1, ... (bt: Bᵀ
+// as fp32 [rank, n])
+inline void cpu_lora_rows(const double * l, int64_t rank, const float * bt, int64_t n, int64_t r0, int64_t r1,
+                          double * out) {
+    cpu_kernels().lora_rows(l, rank, bt, n, r0, r1, out);
 }
 
 }  // namespace mq
