@@ -315,3 +315,13 @@ def test_cuda_ops_against_cpu():
     tail = r.stdout[-6000:]
     assert r.returncode == 0, tail
     assert " passed, 0 failed" in r.stdout, tail
+
+
+def test_cuda_sources_include_nothing_from_the_cpu_backend():
+    """The backends meet only in engine/src: a CUDA source that includes backends/cpu would tie them together."""
+    bad = []
+    for p in sorted((ROOT / "engine" / "backends" / "cuda").iterdir()):
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            if line.lstrip().startswith("#include") and "cpu/" in line:
+                bad.append(f"{p.name}:{i}: {line.strip()}")
+    assert not bad, bad

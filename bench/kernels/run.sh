@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# Builds the kernel lab and runs every check and benchmark; logs go to $OUT (or build/) as well.
+# Builds the kernel lab (bench/kernels/linear.cu, linked with the engine library) and runs every check and
+# timing; logs go to $OUT (or build/kernels/) as well. BUILD: the CMake build directory (default build/kernels).
 set -euo pipefail
-cd "$(dirname "$0")"
-out="${OUT:-build}"
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+build="${BUILD:-$root/build/kernels}"
+out="${OUT:-$build}"
 mkdir -p "$out"
-make -s all 2>&1 | grep -v "ptxas info" || true
+cmake -S "$root" -B "$build" -DMERGEQUANT_CUDA=ON -DMERGEQUANT_PYTHON=OFF > "$out/cmake.txt"
+cmake --build "$build" --target bench-kernels -j "$(nproc)" >> "$out/cmake.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
-status=0
-for b in gemv gemm; do
-    ./build/$b "$@" 2>&1 | tee "$out/$b.log" || status=1
-done
-exit $status
+"$build/bench-kernels" 2>&1 | tee "$out/linear.log"

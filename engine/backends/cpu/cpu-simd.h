@@ -51,6 +51,9 @@ struct CpuKernels {
 // the set this process runs (chosen at the first call; throws mq::Error for a bad MERGEQUANT_CPU)
 const CpuKernels & cpu_kernels();
 
+// the wrappers the backend's ops call (not seen by the kernels' own translation units, kernels/kernels.h)
+#ifndef MQ_CPU_ISA
+
 inline void cpu_f16_to_f32(const uint16_t * x, float * y, int64_t n) {
     cpu_kernels().f16_to_f32(x, y, n);
 }
@@ -92,6 +95,7 @@ inline void cpu_gemm_w4a16g(const uint8_t * qw, const uint16_t * scale, const fl
                             int64_t n, int64_t k, int64_t group, int64_t r0, int64_t r1, bool accumulate) {
     cpu_kernels().gemm_w4a16g(qw, scale, x, y, m, n, k, group, r0, r1, accumulate);
 }
+#endif
 
 // Attention of one query token over rows [0, n_kv) of one kv head, for the g query heads q [g, hd] that read it
 // (fp32, already fp32(fp16(q)) · c): s_j = Σ_d q[d]·k_j[d], p_j = exp(s_j − max_j s_j),

@@ -4,7 +4,7 @@
 // A 128x128 output tile per block of 8 warps (2 x 4, warp tile 64x32). K advances in chunks of 64 bytes
 // per row (128 int4 or 32 fp16 values) staged in shared memory by cp.async, 4 stages deep, zero-filled
 // past M, N and K; fragments are read with 16-byte shared loads (a quarter-warp reads 128 contiguous
-// bytes: no bank conflicts) and fed to the MMA as mma.cuh describes. Measured in bench/kernels/gemm.cu.
+// bytes: no bank conflicts) and fed to the MMA as mma.cuh describes. Measured where it runs, in bench/kernels/linear.cu.
 #pragma once
 
 #include "mma.cuh"

@@ -6,7 +6,7 @@
 // summation order.
 //  - decode (m <= 8): a GEMV where MMA rows g carry hi of token g and rows g + 8 its lo, so the split costs
 //    no extra MMA (those rows would be idle); the weights, the bytes that matter, are read once with
-//    16-byte streaming loads, 8 warps splitting K, 4 chunks per thread in flight (bench/kernels/gemv.cu).
+//    16-byte streaming loads, 8 warps splitting K, 4 chunks per thread in flight (measured in bench/kernels/linear.cu).
 //  - prefill (m > 8): x is split into two fp16 matrices in the scratch buffer and the tiled GEMM
 //    (gemm-mma.cuh) runs twice, the second pass accumulating.
 #include "linear-f16.cuh"

@@ -2,7 +2,7 @@
 // operands are unpacked in registers to int8 lanes holding 16·x (FmtI4), multiplied with mma.m16n8k32 s8, and
 // the int32 sum (256 times the true one) is shifted back; on sm_80/86/89 the packed words feed the native
 // mma.m16n8k64 s4 as they are (FmtS4). Either way the exact int32 sum gets one fp32 multiply by scale[n]:
-// bit-identical to the CPU and numpy integer reference. Kernels measured in bench/kernels/gemv.cu (v2) and gemm.cu (v2):
+// bit-identical to the CPU and numpy integer reference. Kernels measured in bench/kernels/linear.cu:
 //  - decode (m <= 16): GEMV; a block of 8 warps owns 16 weight rows and the warps split K, each thread
 //    keeps 2 chunks x (2 weight + 1-2 activation) 16-byte loads in flight (68 registers: 3 blocks per
 //    SM); partial sums meet in shared memory (integer sums: exact in any order). Launched with PDL

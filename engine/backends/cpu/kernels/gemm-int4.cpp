@@ -6,8 +6,6 @@
 // without shuffles.
 #include "kernels.h"
 
-#include <vector>
-
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -110,10 +108,10 @@ void gemm_w4a4(const uint8_t * qw, const CodesPrepared & a, int64_t m, int64_t k
 void gemm_w4a16g(const uint8_t * qw, const uint16_t * scale, const float * x, float * y, int64_t m, int64_t n,
                      int64_t k, int64_t group, int64_t r0, int64_t r1, bool accumulate) {
     // w[r, k] = q[r, k] · s[r, k / group]: dequantize one row to fp32 once, then dot with every token
-    std::vector<float> wrow(k), srow(k / group);
-    float * w = wrow.data();
-    float * s = srow.data();
+    // plain new[]: no std template instantiated here (see kernels.h)
     const int64_t n_groups = k / group;
+    float * w = new float[k + n_groups];
+    float * s = w + k;
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t * q = qw + r * (k / 2);
         f16_to_f32(scale + r * n_groups, s, n_groups);
@@ -128,6 +126,7 @@ void gemm_w4a16g(const uint8_t * qw, const uint16_t * scale, const float * x, fl
             y[t * n + r] = accumulate ? y[t * n + r] + v : v;
         }
     }
+    delete[] w;
 }
 
 }  // namespace mq::MQ_CPU_ISA

@@ -2,6 +2,9 @@
 // are compiled once per set (CMakeLists.txt: avx512 = x86-64-v4 + VNNI, avx2 = x86-64-v3, scalar = the baseline),
 // each into namespace mq::<set> by MQ_CPU_ISA; cpu-simd.cpp includes this header once per set and picks one
 // table at startup. No include guard: it is meant to be included once per set.
+// These translation units define no inline function or template instance that another one also defines (no std
+// containers, no inline wrappers): such a copy would be compiled with this set's instructions, and the linker may
+// pick it for the whole program, where a CPU without the set would fault on it.
 #include "../cpu-simd.h"
 
 #include <cstdint>
