@@ -95,7 +95,6 @@ inline void cpu_gemm_w4a16g(const uint8_t * qw, const uint16_t * scale, const fl
                             int64_t n, int64_t k, int64_t group, int64_t r0, int64_t r1, bool accumulate) {
     cpu_kernels().gemm_w4a16g(qw, scale, x, y, m, n, k, group, r0, r1, accumulate);
 }
-#endif
 
 // Attention of one query token over rows [0, n_kv) of one kv head, for the g query heads q [g, hd] that read it
 // (fp32, already fp32(fp16(q)) · c): s_j = Σ_d q[d]·k_j[d], p_j = exp(s_j − max_j s_j),
@@ -111,5 +110,7 @@ inline void cpu_lora_rows(const double * l, int64_t rank, const float * bt, int6
                           double * out) {
     cpu_kernels().lora_rows(l, rank, bt, n, r0, r1, out);
 }
+
+#endif
 
 }  // namespace mq

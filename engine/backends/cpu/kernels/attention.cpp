@@ -7,9 +7,7 @@
 // shapes and instruction sets take the per-head loop below. Compiled once per instruction set (kernels.h).
 #include "kernels.h"
 
-#include <algorithm>
 #include <cmath>
-#include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -28,28 +26,34 @@ static void load_row_f32(const void * cache, const float * steps, bool i8, int64
 
 // one head at a time: any instruction set, any head size
 static void heads_generic(const float * q, int32_t g, int32_t hd, const KvRows & kv, int32_t n_kv, float * out) {
-    std::vector<double> scores(n_kv), acc(hd);
-    std::vector<float> row(hd);
+    // plain new[]: no std template instantiated here (kernels.h)
+    double * scores = new double[(size_t) n_kv + hd];
+    double * acc = scores + n_kv;
+    float * row = new float[hd];
     for (int32_t h = 0; h < g; h++) {
         const float * qh = q + (size_t) h * hd;
         double mx = -INFINITY;
         for (int32_t j = 0; j < n_kv; j++) {
-            load_row_f32(kv.k, kv.k_step, kv.i8, j * kv.stride, hd, row.data());
-            scores[j] = dot_f64(qh, row.data(), hd);
-            mx = std::max(mx, scores[j]);
+            load_row_f32(kv.k, kv.k_step, kv.i8, j * kv.stride, hd, row);
+            scores[j] = dot_f64(qh, row, hd);
+            mx = scores[j] > mx ? scores[j] : mx;
         }
         double sum = 0.0;
-        std::fill(acc.begin(), acc.end(), 0.0);
+        for (int32_t i = 0; i < hd; i++) {
+            acc[i] = 0.0;
+        }
         for (int32_t j = 0; j < n_kv; j++) {
             const double p = std::exp(scores[j] - mx);
             sum += p;
-            load_row_f32(kv.v, kv.v_step, kv.i8, j * kv.stride, hd, row.data());
-            axpy_f64(p, row.data(), acc.data(), hd);
+            load_row_f32(kv.v, kv.v_step, kv.i8, j * kv.stride, hd, row);
+            axpy_f64(p, row, acc, hd);
         }
         for (int32_t i = 0; i < hd; i++) {
             out[(size_t) h * hd + i] = (float) (acc[i] / sum);
         }
     }
+    delete[] scores;
+    delete[] row;
 }
 
 #if defined(__AVX512F__)
@@ -131,7 +135,7 @@ static void heads_avx512(const float * q, const Rows & rows, int32_t n_kv, doubl
         for (int h = 0; h < G; h++) {
             const double v = _mm512_reduce_add_pd(a[h]);
             s[(size_t) h * n_kv + j] = v;
-            mx[h] = std::max(mx[h], v);
+            mx[h] = v > mx[h] ? v : mx[h];
         }
     }
     // p_j = exp(s_j - max) in place, and Σ p
@@ -201,20 +205,20 @@ void attention_heads(const float * q, int32_t g, int32_t hd, const KvRows & kv, 
     const int32_t d8 = hd % 8 == 0 ? hd / 8 : 0;
     const int32_t per_pass = heads_per_pass(d8);
     if (per_pass > 0) {
-        thread_local std::vector<double> scores;
-        scores.resize((size_t) per_pass * n_kv);
+        double * scores = new double[(size_t) per_pass * n_kv];
         for (int32_t h0 = 0; h0 < g; h0 += per_pass) {
-            const int32_t gp = std::min(per_pass, g - h0);
+            const int32_t gp = per_pass < g - h0 ? per_pass : g - h0;
             const float * qp = q + (size_t) h0 * hd;
             float * op = out + (size_t) h0 * hd;
             if (kv.i8) {
                 const RowsI8 rows{(const int8_t *) kv.k, (const int8_t *) kv.v, kv.k_step, kv.v_step, kv.stride};
-                heads_pass(qp, gp, d8, rows, n_kv, scores.data(), op);
+                heads_pass(qp, gp, d8, rows, n_kv, scores, op);
             } else {
                 const RowsF16 rows{(const uint16_t *) kv.k, (const uint16_t *) kv.v, kv.stride};
-                heads_pass(qp, gp, d8, rows, n_kv, scores.data(), op);
+                heads_pass(qp, gp, d8, rows, n_kv, scores, op);
             }
         }
+        delete[] scores;
         return;
     }
 #endif
