@@ -140,9 +140,12 @@ def test_rope(ops, rng, scaling):
     close(got, want, ONE_ROUNDING_TOL)
 
 
+# head shapes (n_head, n_head_kv, head_dim): the AVX-512 kernel's passes of 1-3 heads with hd = 32, 64, 128
+# (4 heads a group: a pass of 3 and one of 1), and hd = 48, which takes the per-head loop
+@pytest.mark.parametrize("shape", [(4, 2, 32), (9, 3, 64), (8, 2, 64), (2, 2, 128), (3, 1, 48)])
 @pytest.mark.parametrize("kv", ["fp16", "int8"])
-def test_kv_store_and_attention(ops, rng, kv):
-    h, hkv, hd, t, n_ctx = 4, 2, 32, 9, 16
+def test_kv_store_and_attention(ops, rng, kv, shape):
+    (h, hkv, hd), t, n_ctx = shape, 21, 32
     q_dim, kv_dim = h * hd, hkv * hd
     qkv = rng.standard_normal((t, q_dim + 2 * kv_dim)).astype(np.float32)
     pos = np.arange(t, dtype=np.int32)
@@ -225,7 +228,7 @@ def test_linear_w4a4d(ops, rng, m):
 
 
 @pytest.mark.parametrize("rank", [0, 8])
-@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("m", [1, 5, 11])  # token blocks of 4 and single tokens
 def test_linear_codes_w4a4(ops, rng, m, rank):
     n, k, kp = 48, 120, 192
     t = w4a4_tensors(rng, n, kp, rank)

@@ -24,7 +24,8 @@ namespace mq {
 #define MQ_KERNEL_TABLE(set)                                                                                     \
     CpuKernels {                                                                                                 \
         #set, set::f16_to_f32, set::f32_to_f16, set::i8_to_f32_scaled, set::f32_to_i8_scaled, set::dot_f32,      \
-            set::dot_f64, set::axpy_f64, set::gemm_f16, set::gemm_w4a4, set::gemm_w4a16g                         \
+            set::dot_f64, set::axpy_f64, set::gemm_f16, set::gemm_w4a4, set::gemm_w4a16g,      \
+            set::attention_heads, set::lora_rows                                                                 \
     }
 
 // 2: avx512, 1: avx2, 0: scalar

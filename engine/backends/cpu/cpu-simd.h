@@ -17,6 +17,17 @@ struct CodesPrepared {
     int32_t * sum;  // [m]
 };
 
+// The rows of one kv head in a layer's K and V caches: row j of K is at k + j·stride elements (fp16, or
+// int8 codes read back as float(code) · k_step[d]).
+struct KvRows {
+    const void * k;
+    const void * v;
+    const float * k_step;  // int8 cache: the steps of this head's hd channels; null for fp16
+    const float * v_step;
+    int64_t stride;        // elements between rows (n_head_kv · hd)
+    bool i8;
+};
+
 struct CpuKernels {
     const char * isa;  // "avx512", "avx2" or "scalar"
     void (*f16_to_f32)(const uint16_t * x, float * y, int64_t n);
@@ -32,6 +43,9 @@ struct CpuKernels {
                       int64_t r1, int32_t * acc);
     void (*gemm_w4a16g)(const uint8_t * qw, const uint16_t * scale, const float * x, float * y, int64_t m, int64_t n,
                         int64_t k, int64_t group, int64_t r0, int64_t r1, bool accumulate);
+    void (*attention_heads)(const float * q, int32_t g, int32_t hd, const KvRows & kv, int32_t n_kv, float * out);
+    void (*lora_rows)(const double * l, int64_t rank, const float * bt, int64_t n, int64_t r0, int64_t r1,
+                      double * out);
 };
 
 // the set this process runs (chosen at the first call; throws mq::Error for a bad MERGEQUANT_CPU)
@@ -81,6 +95,22 @@ inline void cpu_gemm_w4a16g(const uint8_t * qw, const uint16_t * scale, const fl
                             int64_t n, int64_t k, int64_t group, int64_t r0, int64_t r1, bool accumulate) {
     cpu_kernels().gemm_w4a16g(qw, scale, x, y, m, n, k, group, r0, r1, accumulate);
 }
+
+// Attention of one query token over rows [0, n_kv) of one kv head, for the g query heads q [g, hd] that read it
+// (fp32, already fp32(fp16(q)) · c): s_j = Σ_d q[d]·k_j[d], p_j = exp(s_j − max_j s_j),
+// out[d] = fp32((Σ_j p_j·v_j[d]) / Σ_j p_j), s, p and the sums in float64 (docs/numerics.md). out [g, hd].
+inline void cpu_attention_heads(const float * q, int32_t g, int32_t hd, const KvRows & kv, int32_t n_kv,
+                                float * out) {
+    cpu_kernels().attention_heads(q, g, hd, kv, n_kv, out);
+}
+
+// the low-rank branch for rows [r0, r1): out[r - r0] = Σ_i l[i]·bt[i·n + r] in float64, i = 0, 1, ... (bt: Bᵀ
+// as fp32 [rank, n])
+inline void cpu_lora_rows(const double * l, int64_t rank, const float * bt, int64_t n, int64_t r0, int64_t r1,
+                          double * out) {
+    cpu_kernels().lora_rows(l, rank, bt, n, r0, r1, out);
+}
+
 #endif
 
 }  // namespace mq

@@ -7,23 +7,34 @@
 
 namespace mq {
 
-// how long an idle thread spins before it blocks (microseconds): long enough to cover the gap between
-// two ops of one decode step, short enough not to steal a shared core for long
+// how long an idle thread spins before it blocks (microseconds): long enough to cover the gap between two ops
+// of one decode step, short enough not to steal a shared core for long
 static constexpr int64_t SPIN_US = 200;
 // chunks per thread: small chunks keep the work a descheduled thread holds up small
 static constexpr int32_t CHUNKS_PER_THREAD = 4;
-
-static inline void cpu_relax() {
-#if defined(__x86_64__)
-    _mm_pause();
-#endif
-}
 
 static int64_t now_us() {
     return std::chrono::duration_cast<std::chrono::microseconds>(
                std::chrono::steady_clock::now().time_since_epoch())
         .count();
 }
+
+// One wait before blocking: step() pauses once and says whether the wait may go on; the clock is read every
+// 16 steps only (a clock read costs as much as the pause it times).
+class SpinWait {
+public:
+    SpinWait() : t0_(now_us()) {}
+    bool step() {
+#if defined(__x86_64__)
+        _mm_pause();
+#endif
+        return ++n_ % 16 != 0 || now_us() - t0_ <= SPIN_US;
+    }
+
+private:
+    int64_t t0_;
+    int32_t n_ = 0;
+};
 
 ThreadPool::ThreadPool(int32_t n_threads)
     : n_threads_(n_threads < 1 ? 1 : n_threads), n_chunks_(n_threads_ * CHUNKS_PER_THREAD) {
@@ -75,29 +86,26 @@ void ThreadPool::run(const std::function<void(int32_t, int32_t)> & fn) {
     }
     wake_.notify_all();
     work_on(gen);
-    const int64_t t0 = now_us();
+    SpinWait wait;
     while (done_.load(std::memory_order_acquire) != n_chunks_) {
-        if (now_us() - t0 > SPIN_US) {
+        if (!wait.step()) {
             std::unique_lock<std::mutex> lock(mutex_);
             finished_.wait(lock, [this] { return done_.load() == n_chunks_; });
             break;
         }
-        cpu_relax();
     }
 }
 
 void ThreadPool::worker() {
     uint64_t seen = 0;
     for (;;) {
-        const int64_t t0 = now_us();
-        uint64_t gen;
-        while ((gen = work_.load(std::memory_order_acquire) >> 32) == seen && !stop_.load()) {
-            if (now_us() - t0 > SPIN_US) {
+        SpinWait wait;
+        while ((work_.load(std::memory_order_acquire) >> 32) == seen && !stop_.load()) {
+            if (!wait.step()) {
                 std::unique_lock<std::mutex> lock(mutex_);
                 wake_.wait(lock, [this, seen] { return (work_.load() >> 32) != seen || stop_.load(); });
                 break;
             }
-            cpu_relax();
         }
         if (stop_.load()) {
             return;

@@ -12,7 +12,7 @@ namespace mq::cpu {
 
 // the CPU reads every weight straight from the mapping; only the low-rank branch is widened to fp32: A (its
 // float64 dot with the codes is exact) and B transposed, so lora[r] = Σ_i B[r, i]·l[i] runs in float64 as
-// rank vector updates over the rows r, summed in the order i = 0, 1, ...
+// vector sums over blocks of rows r (kernels/lora.cpp), in the order i = 0, 1, ...
 struct LoraF32 {
     std::vector<float> a;   // [rank, kp]
     std::vector<float> bt;  // [rank, n]
@@ -58,18 +58,23 @@ static void int_gemm_epilogue(Backend & be, const Linear & lin, const int8_t * a
     const LoraF32 * lora = lin.rank > 0 ? (const LoraF32 *) lin.prepared : nullptr;
     // low-rank branch in float64, rounded once: l[t, i] = Σ_s A[i, s] · a[t, s] is exact there (fp16 times
     // int4), then lora[t, r] = fp32(Σ_i B[r, i] · l[t, i])
+    // (the tokens of a prefill split across the threads)
     std::vector<double> l;
     if (lora) {
         l.resize((size_t) m * lin.rank);
-        std::vector<float> af(kp);
-        for (int32_t t = 0; t < m; t++) {
-            for (int64_t s = 0; s < kp; s++) {
-                af[s] = a[t * kp + s];
+        cpu_of(be).run_rows(m, [&](int32_t ith, int32_t nth) {
+            int64_t b, e;
+            split_range(m, ith, nth, b, e);
+            std::vector<float> af(kp);
+            for (int64_t t = b; t < e; t++) {
+                for (int64_t s = 0; s < kp; s++) {
+                    af[s] = a[t * kp + s];
+                }
+                for (int64_t i = 0; i < lin.rank; i++) {
+                    l[t * lin.rank + i] = cpu_dot_f64(lora->a.data() + i * kp, af.data(), kp);
+                }
             }
-            for (int64_t i = 0; i < lin.rank; i++) {
-                l[t * lin.rank + i] = cpu_dot_f64(lora->a.data() + i * kp, af.data(), kp);
-            }
-        }
+        });
     }
     // thread_local names inside the job would resolve to each worker's own copy: pass pointers
     int32_t * accp = acc.data();
@@ -79,10 +84,7 @@ static void int_gemm_epilogue(Backend & be, const Linear & lin, const int8_t * a
         lsum.resize(r1 - r0);
         for (int32_t t = 0; t < m; t++) {
             if (lora) {
-                std::fill(lsum.begin(), lsum.end(), 0.0);
-                for (int64_t i = 0; i < lin.rank; i++) {
-                    cpu_axpy_f64(l[t * lin.rank + i], lora->bt.data() + i * n + r0, lsum.data(), r1 - r0);
-                }
+                cpu_lora_rows(l.data() + t * lin.rank, lin.rank, lora->bt.data(), n, r0, r1, lsum.data());
             }
             for (int64_t r = r0; r < r1; r++) {
                 float v = (float) accp[t * n + r] * scale[r];

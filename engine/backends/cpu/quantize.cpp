@@ -12,14 +12,6 @@
 
 namespace mq {
 
-int32_t cpu_round_clamp(float x, int32_t lo, int32_t hi) {
-    const float r = std::nearbyint(x);  // default rounding mode: half to even
-    if (!(r >= (float) lo)) {           // also catches NaN
-        return r != r ? 0 : lo;
-    }
-    return r > (float) hi ? hi : (int32_t) r;
-}
-
 static inline int32_t floordiv(int32_t a, int32_t m) {
     return (a >= 0 ? a : a - m + 1) / m;
 }

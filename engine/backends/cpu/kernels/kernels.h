@@ -28,5 +28,7 @@ void gemm_w4a4(const uint8_t * qw, const CodesPrepared & a, int64_t m, int64_t k
                int32_t * acc);
 void gemm_w4a16g(const uint8_t * qw, const uint16_t * scale, const float * x, float * y, int64_t m, int64_t n,
                  int64_t k, int64_t group, int64_t r0, int64_t r1, bool accumulate);
+void lora_rows(const double * l, int64_t rank, const float * bt, int64_t n, int64_t r0, int64_t r1, double * out);
+void attention_heads(const float * q, int32_t g, int32_t hd, const KvRows & kv, int32_t n_kv, float * out);
 
 }  // namespace mq::MQ_CPU_ISA

@@ -1,0 +1,228 @@
+// Attention of one query token over one kv head's cache rows, float64 throughout (docs/numerics.md).
+//
+// With AVX-512 the query heads of a group are computed together: each cache row is loaded and widened to
+// float64 once and used by every head, the p·v accumulators stay in registers (G heads × hd/8 vectors), and
+// exp runs on 8 scores at a time. Any summation order and an exp accurate to a few ulp of a double give the
+// same fp32 result except with probability about 2⁻²⁹ per value (docs/numerics.md, the f64 rule). Other
+// shapes and instruction sets take the per-head loop below. Compiled once per instruction set (kernels.h).
+#include "kernels.h"
+
+#include <cmath>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace mq::MQ_CPU_ISA {
+
+// row j of a cache as fp32 (fp16 widened, or int8 codes times their steps)
+static void load_row_f32(const void * cache, const float * steps, bool i8, int64_t off, int32_t hd, float * dst) {
+    if (i8) {
+        i8_to_f32_scaled((const int8_t *) cache + off, steps, dst, hd);
+    } else {
+        f16_to_f32((const uint16_t *) cache + off, dst, hd);
+    }
+}
+
+// one head at a time: any instruction set, any head size
+static void heads_generic(const float * q, int32_t g, int32_t hd, const KvRows & kv, int32_t n_kv, float * out) {
+    // plain new[]: no std template instantiated here (kernels.h)
+    double * scores = new double[(size_t) n_kv + hd];
+    double * acc = scores + n_kv;
+    float * row = new float[hd];
+    for (int32_t h = 0; h < g; h++) {
+        const float * qh = q + (size_t) h * hd;
+        double mx = -INFINITY;
+        for (int32_t j = 0; j < n_kv; j++) {
+            load_row_f32(kv.k, kv.k_step, kv.i8, j * kv.stride, hd, row);
+            scores[j] = dot_f64(qh, row, hd);
+            mx = scores[j] > mx ? scores[j] : mx;
+        }
+        double sum = 0.0;
+        for (int32_t i = 0; i < hd; i++) {
+            acc[i] = 0.0;
+        }
+        for (int32_t j = 0; j < n_kv; j++) {
+            const double p = std::exp(scores[j] - mx);
+            sum += p;
+            load_row_f32(kv.v, kv.v_step, kv.i8, j * kv.stride, hd, row);
+            axpy_f64(p, row, acc, hd);
+        }
+        for (int32_t i = 0; i < hd; i++) {
+            out[(size_t) h * hd + i] = (float) (acc[i] / sum);
+        }
+    }
+    delete[] scores;
+    delete[] row;
+}
+
+#if defined(__AVX512F__)
+
+// e^x for x ≤ 0 in float64: x = n·ln2 + r with |r| ≤ ln2/2 (ln2 in two parts: n·LN2_HI is exact for
+// |n| < 2^20), e^r by its Taylor series to degree 13 (remainder below 5e-18), times 2^n by vscalefpd (which
+// also gives the subnormals and 0 far below). Error a few ulp; NaN stays NaN.
+static inline __m512d exp_f64(__m512d x) {
+    const double LN2_HI = 6.93147180369123816490e-01, LN2_LO = 1.90821492927058770002e-10;
+    const double LOG2E = 1.44269504088896338700e+00;
+    x = _mm512_max_pd(_mm512_set1_pd(-746.0), x);  // e^-746 rounds to 0; max(c, NaN) is NaN
+    const __m512d n =
+        _mm512_roundscale_pd(_mm512_mul_pd(x, _mm512_set1_pd(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(LN2_HI), x);
+    r = _mm512_fnmadd_pd(n, _mm512_set1_pd(LN2_LO), r);
+    // 1/k! for k = 13 .. 0, Horner
+    static const double inv_fact[14] = {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
+                                        1.0 / 362880.0,     1.0 / 40320.0,     1.0 / 5040.0,      1.0 / 720.0,
+                                        1.0 / 120.0,        1.0 / 24.0,        1.0 / 6.0,         0.5,
+                                        1.0,                1.0};
+    __m512d p = _mm512_set1_pd(inv_fact[0]);
+    for (int i = 1; i < 14; i++) {
+        p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(inv_fact[i]));
+    }
+    return _mm512_scalef_pd(p, n);
+}
+
+// chunk c (8 values) of row j, widened to float64
+struct RowsF16 {
+    const uint16_t * k;
+    const uint16_t * v;
+    int64_t stride;
+    static __m512d load(const uint16_t * p) {
+        return _mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) p)));
+    }
+    __m512d key(int64_t j, int c) const { return load(k + j * stride + 8 * c); }
+    __m512d value(int64_t j, int c) const { return load(v + j * stride + 8 * c); }
+};
+
+struct RowsI8 {
+    const int8_t * k;
+    const int8_t * v;
+    const float * k_step;
+    const float * v_step;
+    int64_t stride;
+    // float(code) · step in fp32 (one multiply, as the contract reads the int8 cache), then widened
+    static __m512d load(const int8_t * p, const float * step) {
+        const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) p)));
+        return _mm512_cvtps_pd(_mm256_mul_ps(f, _mm256_loadu_ps(step)));
+    }
+    __m512d key(int64_t j, int c) const { return load(k + j * stride + 8 * c, k_step + 8 * c); }
+    __m512d value(int64_t j, int c) const { return load(v + j * stride + 8 * c, v_step + 8 * c); }
+};
+
+// G heads of hd = 8·D8 together; G·D8 ≤ 24 keeps the accumulators in registers. s: scratch [G, n_kv].
+template <int G, int D8, class Rows>
+static void heads_avx512(const float * q, const Rows & rows, int32_t n_kv, double * s, float * out) {
+    constexpr int HD = 8 * D8;
+    alignas(64) double qd[G * HD];
+    for (int i = 0; i < G * HD; i++) {
+        qd[i] = q[i];
+    }
+    // scores s_j = Σ_d q[d]·k_j[d]
+    double mx[G];
+    for (int h = 0; h < G; h++) {
+        mx[h] = -INFINITY;
+    }
+    for (int32_t j = 0; j < n_kv; j++) {
+        __m512d a[G];
+        for (int h = 0; h < G; h++) {
+            a[h] = _mm512_setzero_pd();
+        }
+        for (int c = 0; c < D8; c++) {
+            const __m512d kc = rows.key(j, c);
+            for (int h = 0; h < G; h++) {
+                a[h] = _mm512_fmadd_pd(_mm512_load_pd(qd + h * HD + 8 * c), kc, a[h]);
+            }
+        }
+        for (int h = 0; h < G; h++) {
+            const double v = _mm512_reduce_add_pd(a[h]);
+            s[(size_t) h * n_kv + j] = v;
+            mx[h] = v > mx[h] ? v : mx[h];
+        }
+    }
+    // p_j = exp(s_j - max) in place, and Σ p
+    double sum[G];
+    for (int h = 0; h < G; h++) {
+        double * sh = s + (size_t) h * n_kv;
+        const __m512d m = _mm512_set1_pd(mx[h]);
+        __m512d acc = _mm512_setzero_pd();
+        for (int32_t j = 0; j < n_kv; j += 8) {
+            const __mmask8 live = n_kv - j >= 8 ? (__mmask8) 0xFF : (__mmask8) ((1u << (n_kv - j)) - 1);
+            const __m512d p = _mm512_maskz_mov_pd(live, exp_f64(_mm512_sub_pd(_mm512_maskz_loadu_pd(live, sh + j), m)));
+            _mm512_mask_storeu_pd(sh + j, live, p);
+            acc = _mm512_add_pd(acc, p);
+        }
+        sum[h] = _mm512_reduce_add_pd(acc);
+    }
+    // o = (Σ_j p_j · v_j) / Σ p
+    __m512d o[G][D8];
+    for (int h = 0; h < G; h++) {
+        for (int c = 0; c < D8; c++) {
+            o[h][c] = _mm512_setzero_pd();
+        }
+    }
+    for (int32_t j = 0; j < n_kv; j++) {
+        __m512d p[G];
+        for (int h = 0; h < G; h++) {
+            p[h] = _mm512_set1_pd(s[(size_t) h * n_kv + j]);
+        }
+        for (int c = 0; c < D8; c++) {
+            const __m512d vc = rows.value(j, c);
+            for (int h = 0; h < G; h++) {
+                o[h][c] = _mm512_fmadd_pd(p[h], vc, o[h][c]);
+            }
+        }
+    }
+    for (int h = 0; h < G; h++) {
+        const __m512d d = _mm512_set1_pd(sum[h]);
+        for (int c = 0; c < D8; c++) {
+            _mm256_storeu_ps(out + h * HD + 8 * c, _mm512_cvtpd_ps(_mm512_div_pd(o[h][c], d)));
+        }
+    }
+}
+
+// the largest head count of one pass for hd = 8·d8, and the pass for g ≤ that count heads
+static int32_t heads_per_pass(int32_t d8) {
+    return d8 == 4 ? 3 : d8 == 8 ? 3 : d8 == 16 ? 1 : 0;
+}
+
+template <class Rows>
+static void heads_pass(const float * q, int32_t g, int32_t d8, const Rows & rows, int32_t n_kv, double * s,
+                       float * out) {
+    if (d8 == 16) {
+        heads_avx512<1, 16>(q, rows, n_kv, s, out);
+    } else if (d8 == 8) {
+        g == 1 ? heads_avx512<1, 8>(q, rows, n_kv, s, out)
+               : g == 2 ? heads_avx512<2, 8>(q, rows, n_kv, s, out) : heads_avx512<3, 8>(q, rows, n_kv, s, out);
+    } else {
+        g == 1 ? heads_avx512<1, 4>(q, rows, n_kv, s, out)
+               : g == 2 ? heads_avx512<2, 4>(q, rows, n_kv, s, out) : heads_avx512<3, 4>(q, rows, n_kv, s, out);
+    }
+}
+
+#endif
+
+void attention_heads(const float * q, int32_t g, int32_t hd, const KvRows & kv, int32_t n_kv, float * out) {
+#if defined(__AVX512F__)
+    const int32_t d8 = hd % 8 == 0 ? hd / 8 : 0;
+    const int32_t per_pass = heads_per_pass(d8);
+    if (per_pass > 0) {
+        double * scores = new double[(size_t) per_pass * n_kv];
+        for (int32_t h0 = 0; h0 < g; h0 += per_pass) {
+            const int32_t gp = per_pass < g - h0 ? per_pass : g - h0;
+            const float * qp = q + (size_t) h0 * hd;
+            float * op = out + (size_t) h0 * hd;
+            if (kv.i8) {
+                const RowsI8 rows{(const int8_t *) kv.k, (const int8_t *) kv.v, kv.k_step, kv.v_step, kv.stride};
+                heads_pass(qp, gp, d8, rows, n_kv, scores, op);
+            } else {
+                const RowsF16 rows{(const uint16_t *) kv.k, (const uint16_t *) kv.v, kv.stride};
+                heads_pass(qp, gp, d8, rows, n_kv, scores, op);
+            }
+        }
+        delete[] scores;
+        return;
+    }
+#endif
+    heads_generic(q, g, hd, kv, n_kv, out);
+}
+
+}  // namespace mq::MQ_CPU_ISA
