@@ -45,6 +45,7 @@ ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
     "ridge0.1": ("+ act-order, GPTQ target: least squares shrunk to W̃ (ridge 0.1)", "mergequant",
                  {"act_order": True, "gptq_target": "ridge", "ridge": 0.1}),
     "ls": ("+ act-order, GPTQ target: plain least squares", "mergequant", {"act_order": True, "gptq_target": "ls"}),
+    "budget0.1": ("split budget 10% of K (3% before)", "mergequant", {"budget": 0.1}),
     "rank32": ("+ act-order, rank 32", "mergequant", {"act_order": True, "rank": 32}),
     "default": ("MergeQuant default (this commit)", "mergequant", {}),
 }
