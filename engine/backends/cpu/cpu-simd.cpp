@@ -8,6 +8,7 @@
 #include <string>
 
 #if defined(MQ_CPU_X86)
+#include <cpuid.h>
 #define MQ_CPU_ISA avx512
 #include "kernels/kernels.h"
 #undef MQ_CPU_ISA
@@ -28,6 +29,14 @@ namespace mq {
             set::attention_heads, set::lora_rows                                                                 \
     }
 
+#if defined(MQ_CPU_X86)
+// F16C (CPUID leaf 1, ECX bit 29): read directly, since not every compiler's __builtin_cpu_supports knows it
+static bool cpu_has_f16c() {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29)) != 0;
+}
+#endif
+
 // 2: avx512, 1: avx2, 0: scalar
 static int cpu_best_level() {
 #if defined(MQ_CPU_X86)
@@ -37,7 +46,7 @@ static int cpu_best_level() {
         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         return 2;
     }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c()) {
         return 1;
     }
 #endif
