@@ -1,4 +1,4 @@
-"""MergeQuant (METHODS.md §1): W4A4 with static per-channel activation steps migrated into the producers
+"""MergeQuant: W4A4 with static per-channel activation steps migrated into the producers
 (quantization step migration, QSM), so every linear is an int4×int4 GEMM with a per-row epilogue:
 - q/k/v and gate/up inputs: 1/Δ folded into the RMSNorm weight (`in_scale` = γ/Δ);
 - o_proj input: v_proj rows divided by Δᵒ (tied across the query heads of a KV group), attention emits
