@@ -1,5 +1,5 @@
 """Adaptive clipping: the static range c_j of each activation channel and the step δ_n of each weight
-row, chosen by searching a grid of clip ratios of the absolute maximum (METHODS.md §1)."""
+row, chosen by searching a grid of clip ratios of the absolute maximum."""
 from __future__ import annotations
 
 import numpy as np
