@@ -103,8 +103,8 @@ class Engine:
         s = llm._session
         s.reset()
         # greedy, exactly n_gen tokens: the end-of-turn token does not end the run (ignore_eos)
-        s.start(ids, n_gen, 0.0, 0, 1.0, 0.0, 1.0, -1, [], [], True)
-        while s.next() is not None:
+        sid = s.start(ids, n_gen, 0.0, 0, 1.0, 0.0, 1.0, -1, [], [], True)
+        while s.next(sid) is not None:
             pass
         t = llm.last_timings
         return t["n_prefill"] / (t["prefill_ms"] / 1e3), t["n_decode"] / (t["decode_ms"] / 1e3)
