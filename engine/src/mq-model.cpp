@@ -132,7 +132,13 @@ Model::Model(const std::string & path, const ModelParams & params) {
     }
     const Json & quant = file_->meta_json("quant");
     quant_method_ = quant.get_string("method", "f16");
-    vocab_.reset(new Vocab(*file_));
+    try {
+        vocab_.reset(new Vocab(*file_));
+    } catch (const Error & e) {
+        // a malformed tokenizer table is a malformed file: the error names it (the vocab's own checks do)
+        const std::string what = e.what();
+        throw Error(what.find(path) != std::string::npos ? what : "model file '" + path + "': tokenizer: " + what);
+    }
     // every id the model can sample must be a token the tokenizer can decode (a padded embedding is
     // written with padding tokens, docs/format.md), and every token must have an embedding row
     if (vocab_->n_tokens() != config_.n_vocab) {
