@@ -475,12 +475,9 @@ static __global__ void __launch_bounds__(ATT_THREADS) attention_prefill_kernel(
 // ranges per (token, head) of the split kernel: up to about 4 blocks per SM over the whole launch
 static int32_t att_splits(int32_t n_tokens, int32_t n_head, int32_t n_ctx) {
     if (n_tokens > ATT_SPLIT_MAX_T || (int64_t) n_tokens * n_head > ATT_TICKETS) return 1;
-    static int sms = 0;
-    if (!sms) {
-        int dev = 0;
-        cuda_check(cudaGetDevice(&dev), "cudaGetDevice");
-        cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
-    }
+    int sms = 0;  // of the current device (a cached attribute: cheap)
+    cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, cuda_current_device()),
+               "cudaDeviceGetAttribute");
     const int64_t want = ceil_div(4 * (int64_t) sms, (int64_t) n_head * n_tokens);
     return (int32_t) std::max<int64_t>(1, std::min<int64_t>({want, ceil_div(n_ctx, ATT_MIN_RANGE), (int64_t) ATT_THREADS}));
 }
@@ -495,13 +492,12 @@ template <int HD, typename T>
 static void launch_prefill(const float * qkv, int32_t n_tokens, int32_t row_stride, int32_t n_head, int32_t n_head_kv,
                            const int32_t * pos, const T * kc, const T * vc, const float * ks, const float * vs,
                            float * out, cudaStream_t st) {
-    static bool smem_set = false;  // one device per process is what the engine uses
-    if (!smem_set) {
+    static std::atomic<uint64_t> smem_set{0};
+    cuda_once_per_device(smem_set, [] {
         cuda_check(cudaFuncSetAttribute(attention_prefill_kernel<HD, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         att_prefill_smem<HD, T>()),
                    "cudaFuncSetAttribute(attention_prefill_kernel)");
-        smem_set = true;
-    }
+    });
     const dim3 grid((unsigned) ceil_div(n_tokens, ATT_BQ), (unsigned) n_head);
     attention_prefill_kernel<HD, T><<<grid, ATT_THREADS, att_prefill_smem<HD, T>(), st>>>(
         qkv, row_stride, n_tokens, n_head, n_head_kv, pos, kc, vc, ks, vs, out);

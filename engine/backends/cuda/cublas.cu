@@ -6,6 +6,7 @@
 #include <dlfcn.h>
 
 #include <cstdlib>
+#include <map>
 #include <mutex>
 #include <string>
 
@@ -24,11 +25,14 @@ using set_stream_fn = int (*)(handle_t, cudaStream_t);
 using gemm_ex_fn = int (*)(handle_t, int, int, int, int, int, const void *, const void *, int, int, const void *, int,
                            int, const void *, void *, int, int, int, int);
 
+// the library, loaded once, and one handle per device (a cuBLAS handle belongs to the device current when it is
+// created), each made at its device's first GEMM; calls on one handle take turns
 struct Cublas {
-    handle_t handle = nullptr;
+    create_fn create = nullptr;
     set_stream_fn set_stream = nullptr;
     gemm_ex_fn gemm_ex = nullptr;
-    std::mutex mu;  // one handle: calls from several contexts take turns
+    std::mutex mu;
+    std::map<int, handle_t> handles;  // by device; nullptr: creating it failed
 };
 
 Cublas * cublas_load() {
@@ -41,17 +45,29 @@ Cublas * cublas_load() {
             if (name && *name && (so = dlopen(name, RTLD_NOW | RTLD_LOCAL))) break;
         }
         if (!so) return nullptr;
-        auto create = (create_fn) dlsym(so, "cublasCreate_v2");
         auto c = new Cublas();
+        c->create = (create_fn) dlsym(so, "cublasCreate_v2");
         c->set_stream = (set_stream_fn) dlsym(so, "cublasSetStream_v2");
         c->gemm_ex = (gemm_ex_fn) dlsym(so, "cublasGemmEx");
-        if (!create || !c->set_stream || !c->gemm_ex || create(&c->handle) != 0) {
+        if (!c->create || !c->set_stream || !c->gemm_ex) {
             delete c;
             return nullptr;
         }
         return c;
     }();
     return lib;
+}
+
+// the current device's handle (c->mu held), or nullptr where cuBLAS cannot make one
+handle_t cublas_handle(Cublas * c) {
+    const int dev = cuda_current_device();
+    auto it = c->handles.find(dev);
+    if (it == c->handles.end()) {
+        handle_t h = nullptr;
+        if (c->create(&h) != 0) h = nullptr;
+        it = c->handles.emplace(dev, h).first;
+    }
+    return it->second;
 }
 
 }  // namespace
@@ -61,11 +77,13 @@ bool cuda_cublas_gemm_f16(const __half * w, int64_t n, int64_t k, const __half *
     Cublas * c = cublas_load();
     if (!c) return false;
     std::lock_guard<std::mutex> lock(c->mu);
+    handle_t handle = cublas_handle(c);
+    if (!handle) return false;
     // column-major view: yᵀ [n, m] = wᵀ' · xᵀ with w [n, k] row-major read as the k x n column-major matrix, transposed
     const float alpha = 1.0f;
-    int err = c->set_stream(c->handle, st);
+    int err = c->set_stream(handle, st);
     if (err == 0) {
-        err = c->gemm_ex(c->handle, CUBLAS_OP_T, CUBLAS_OP_N, (int) n, m, (int) k, &alpha, w, CUDA_R_16F_, (int) k, x,
+        err = c->gemm_ex(handle, CUBLAS_OP_T, CUBLAS_OP_N, (int) n, m, (int) k, &alpha, w, CUDA_R_16F_, (int) k, x,
                          CUDA_R_16F_, (int) k, &beta, y, CUDA_R_32F_, (int) n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     }
     if (err != 0) throw Error("CUDA f16 GEMM: cublasGemmEx failed with status " + std::to_string(err));

@@ -126,6 +126,7 @@ static void op_swiglu_quant(Backend & be, const float * gu, const Linear & c, in
 static int32_t op_sample(Backend & be, const float * logits, int32_t n_vocab, const SamplingParams & sp, double u,
                          const std::vector<int32_t> & penalty_ids) {
     BackendCuda & b = cuda_of(be);
+    b.bind();
     // [work: n_vocab floats | the picked id | penalty ids]
     const size_t work_bytes = ((size_t) n_vocab * sizeof(float) + 255) / 256 * 256;
     const size_t n_pen = sp.repetition_penalty != 1.0f ? penalty_ids.size() : 0;
@@ -189,6 +190,7 @@ BackendCuda::BackendCuda(int32_t device) : Backend(cuda_ops(), cuda_schemes()), 
 }
 
 BackendCuda::~BackendCuda() {
+    cudaSetDevice(device_);
     for (auto & kv : steps_) if (kv.second.exec) cudaGraphExecDestroy(kv.second.exec);
     for (auto & kv : inv_freq_) cudaFree(kv.second);
     if (scratch_) cudaFree(scratch_);
@@ -200,6 +202,7 @@ BackendCuda::~BackendCuda() {
 }
 
 void * BackendCuda::alloc(size_t bytes) {
+    bind();
     void * p = nullptr;
     const cudaError_t err = cudaMalloc(&p, std::max<size_t>(bytes, 256));
     if (err != cudaSuccess) {
@@ -210,20 +213,24 @@ void * BackendCuda::alloc(size_t bytes) {
 }
 
 void BackendCuda::free(void * p) {
+    bind();
     cuda_check(cudaFree(p), "cudaFree");
 }
 
 void BackendCuda::upload(void * dst, const void * src, size_t bytes) {
+    bind();
     cuda_check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "upload (cudaMemcpyAsync)");
     cuda_check(cudaStreamSynchronize(stream_), "upload (synchronize)");
 }
 
 void BackendCuda::download(void * dst, const void * src, size_t bytes) {
+    bind();
     cuda_check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_), "download (cudaMemcpyAsync)");
     cuda_check(cudaStreamSynchronize(stream_), "download (synchronize)");
 }
 
 void BackendCuda::synchronize() {
+    bind();
     cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
 }
 
@@ -231,6 +238,7 @@ void BackendCuda::synchronize() {
 // outside a capture. Second call: capture them into a graph and launch it. Later calls: launch it. The
 // graph holds the buffer pointers of the capture, so it is dropped when the scratch buffer moves.
 void BackendCuda::run_step(const void * key, const std::function<void()> & record) {
+    bind();
     if (!graphs_) {
         record();
         return;

@@ -48,6 +48,9 @@ public:
     void run_step(const void * key, const std::function<void()> & record) override;
     void forget_step(const void * key) override;
 
+    // makes this backend's device the calling thread's current one (CUDA's current device is per host thread:
+    // a model may be used from a thread other than the one that loaded it); the memory calls and run_step do it
+    void bind() const { cuda_bind_device(device_); }
     cudaStream_t stream() const { return stream_; }
     W4A4Mma w4a4_mma() const { return w4a4_mma_; }  // the w4a4 tensor-core path of this device (linear-w4a4.cuh)
     bool exact_codes() const { return exact_codes_; }  // MERGEQUANT_CUDA_EXACT_CODES=1: attention-quant.cuh

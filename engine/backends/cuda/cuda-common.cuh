@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -22,6 +23,28 @@ inline void cuda_check_launch(const char * kernel) {
 }
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The device current on the calling host thread. CUDA's current device is per host thread, so the backend binds
+// its device (cuda_bind_device) wherever a call may arrive from a thread other than the one that created it.
+inline int cuda_current_device() {
+    int d = 0;
+    cuda_check(cudaGetDevice(&d), "cudaGetDevice");
+    return d;
+}
+inline void cuda_bind_device(int device) {
+    if (cuda_current_device() != device) cuda_check(cudaSetDevice(device), "cudaSetDevice");
+}
+
+// Per-device one-time settings (a kernel's dynamic shared-memory opt-in holds for the device current when it is
+// set): f() runs once for each device it is called on (devices 0..63; any other device gets it every call).
+// Two threads may both run it the first time: f must be idempotent, as cudaFuncSetAttribute is.
+template <class F> void cuda_once_per_device(std::atomic<uint64_t> & done, F && f) {
+    const int d = cuda_current_device();
+    const uint64_t bit = d >= 0 && d < 64 ? uint64_t(1) << d : 0;
+    if (bit && (done.load(std::memory_order_acquire) & bit)) return;
+    f();
+    done.fetch_or(bit, std::memory_order_release);
+}
 
 // Programmatic dependent launch (sm_90+; no-ops elsewhere and for kernels launched without the attribute).
 // The decode path's kernels are launched with it (launch_pdl) and call pdl_trigger() first: that only lets

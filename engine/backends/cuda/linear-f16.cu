@@ -147,12 +147,11 @@ void cuda_linear_f16(const void * w, int64_t n, int64_t k, const float * x, int3
         cuda_cublas_gemm_f16((const __half *) w, n, k, lo, m, y, 1.0f, st);
         return;
     }
-    static bool smem_set = false;  // one device per process is what the engine uses
-    if (!smem_set) {
+    static std::atomic<uint64_t> smem_set{0};
+    cuda_once_per_device(smem_set, [] {
         cuda_check(cudaFuncSetAttribute(gemm_mma_kernel<FmtF16>, cudaFuncAttributeMaxDynamicSharedMemorySize, GEMM_SMEM),
                    "cudaFuncSetAttribute(gemm_mma_kernel<f16>)");
-        smem_set = true;
-    }
+    });
     const dim3 grid((unsigned) ceil_div(n, GEMM_BN), (unsigned) ceil_div(m, GEMM_BM));
     gemm_mma_kernel<FmtF16><<<grid, 256, GEMM_SMEM, st>>>((const uint8_t *) hi, (const uint8_t *) w, nullptr, nullptr, nullptr, y, m, (int) n,
                                                           (int) (2 * k), accumulate ? GEMM_ACCUMULATE : GEMM_STORE);

@@ -297,12 +297,11 @@ W4A4Mma cuda_w4a4_mma_default() {
 template <class Fmt> static void launch_gemm(const void * a, const void * qweight, const float * scale, const float * add,
                                              const float * row_scale, float * y, int32_t m, int64_t n, int kb,
                                              bool accumulate, cudaStream_t st) {
-    static bool smem_set = false;
-    if (!smem_set) {
+    static std::atomic<uint64_t> smem_set{0};
+    cuda_once_per_device(smem_set, [] {
         cuda_check(cudaFuncSetAttribute(gemm_mma_kernel<Fmt>, cudaFuncAttributeMaxDynamicSharedMemorySize, GEMM_SMEM),
                    "cudaFuncSetAttribute(gemm_mma_kernel<w4a4>)");
-        smem_set = true;
-    }
+    });
     const dim3 grid((unsigned) ceil_div(n, GEMM_BN), (unsigned) ceil_div(m, GEMM_BM));
     gemm_mma_kernel<Fmt><<<grid, 256, GEMM_SMEM, st>>>((const uint8_t *) a, (const uint8_t *) qweight, scale, add, row_scale, y,
                                                        m, (int) n, kb, accumulate ? GEMM_ACCUMULATE : GEMM_STORE);
