@@ -183,3 +183,29 @@ def test_default_model_int8_kv_matches_cpu(smollm2_f16_kv_mq, smollm2_mergequant
         if path == smollm2_mergequant_kv_mq:
             assert cpu.generate(prompt, max_tokens=32, temperature=0.0) == gpu.generate(prompt, max_tokens=32,
                                                                                        temperature=0.0)
+
+
+def test_model_used_from_other_threads_matches_cpu(tiny_mq):
+    """A CUDA model loaded on one thread and used from others (CUDA's current device is per host thread; the
+    backend binds its device on each call): the greedy tokens equal the CPU's, every thread the same."""
+    import threading
+
+    gpu = _cuda_llm(tiny_mq)
+    cpu = LLM(tiny_mq, device="cpu")
+    want_text = cpu.generate(PROMPTS[0], max_tokens=24, temperature=0)
+    got: list[str] = []
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            got.append(gpu.generate(PROMPTS[0], max_tokens=24, temperature=0))
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert got == [want_text] * 3
