@@ -46,6 +46,9 @@ ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
                  {"act_order": True, "gptq_target": "ridge", "ridge": 0.1}),
     "ls": ("+ act-order, GPTQ target: plain least squares", "mergequant", {"act_order": True, "gptq_target": "ls"}),
     "budget0.1": ("split budget 10% of K (3% before)", "mergequant", {"budget": 0.1}),
+    "down0.1": ("split budget 10% of K for ffn_down only", "mergequant", {"budget_down": 0.1}),
+    "down0.2": ("split budget 20% of K for ffn_down only", "mergequant", {"budget_down": 0.2}),
+    "down0.35": ("split budget 35% of K for ffn_down only", "mergequant", {"budget_down": 0.35}),
     "rank32": ("+ act-order, rank 32", "mergequant", {"act_order": True, "rank": 32}),
     "default": ("MergeQuant default (this commit)", "mergequant", {}),
 }

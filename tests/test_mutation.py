@@ -21,10 +21,15 @@ from mergequant.convert.convert import convert
 
 N_CASES = int(os.environ.get("MERGEQUANT_MUTATION_CASES", "2000"))
 MEMORY_CAP = 3 << 30  # RLIMIT_AS of the worker: a bounded reader stays far below it
+# Under AddressSanitizer (.ci/run's sanitized step preloads it) RLIMIT_AS cannot be used (the shadow memory is
+# reserved up front): the sanitizer's own cap on one allocation stands in for it, a larger request failing as
+# std::bad_alloc does under the limit
+UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
 
 WORKER = textwrap.dedent("""
     import json, resource, sys
-    resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))
+    if int(sys.argv[1]) > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))
     from mergequant import LLM, EngineError
     for line in sys.stdin:
         path = line.strip()
@@ -136,7 +141,12 @@ def run_worker(paths: list[Path]) -> dict[str, dict]:
     results: dict[str, dict] = {}
     todo = [str(p) for p in paths]
     while todo:
-        proc = subprocess.Popen([sys.executable, "-c", WORKER, str(MEMORY_CAP)], stdin=subprocess.PIPE,
+        env = dict(os.environ)
+        if UNDER_ASAN:
+            env["ASAN_OPTIONS"] = ":".join(filter(None, [env.get("ASAN_OPTIONS", ""), "allocator_may_return_null=1",
+                                                         f"max_allocation_size_mb={MEMORY_CAP >> 20}"]))
+        proc = subprocess.Popen([sys.executable, "-c", WORKER, "0" if UNDER_ASAN else str(MEMORY_CAP)], env=env,
+                                stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out, err = proc.communicate("\n".join(todo) + "\n", timeout=900)
         current = None

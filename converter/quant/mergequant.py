@@ -38,6 +38,7 @@ class Options:
     clip: bool = True          # adaptive clipping of activation ranges and weight-row steps
     split: bool = True         # channel splitting into the K padding plus `budget`·K slots
     budget: float = 0.03
+    budget_down: float | None = None  # ffn_down's own split budget (its SwiGLU input carries the most error); None: budget
     rank: int = 16             # low-rank compensation rank (0: off)
     gptq: bool = True          # GPTQ codes instead of RTN (the low-rank branch then fits what GPTQ leaves)
     gptq_target: str = "w"     # "w": the folded weight W̃; "ls": least-squares fit of X·Wᵀ on the int4 inputs;
@@ -127,16 +128,18 @@ def choose_ranges(xs: np.ndarray, w: np.ndarray, parts: np.ndarray, opts: Option
 
 
 def quantize_input(x: np.ndarray, w: np.ndarray, rows: np.ndarray, opts: Options, splittable: bool,
-                   tie: Callable[[np.ndarray], np.ndarray] = lambda c: c) -> InputQuant:
-    """Static quantization of an input x [M, K] (fp, from the quantized stream) consumed by W [N, K]."""
+                   tie: Callable[[np.ndarray], np.ndarray] = lambda c: c, budget: float | None = None) -> InputQuant:
+    """Static quantization of an input x [M, K] (fp, from the quantized stream) consumed by W [N, K]; `budget`:
+    the split budget (opts.budget when None)."""
     k = x.shape[1]
+    budget = opts.budget if budget is None else budget
     xs = x[rows]
     parts = np.ones(k, np.int64)
     c = choose_ranges(xs, w, parts, opts, tie)
     if splittable and opts.split:
-        parts = allocate_parts(c, np.sum(w * w, axis=0), extra_slots(k, opts.budget))
+        parts = allocate_parts(c, np.sum(w * w, axis=0), extra_slots(k, budget))
         c = choose_ranges(xs, w, parts, opts, tie)
-        kp = pad_k(k + extra_slots(k, opts.budget))
+        kp = pad_k(k + extra_slots(k, budget))
     else:
         kp = pad_k(k)
     c = np.maximum(c, 1e-6 * max(float(c.max()), 1e-30)).astype(np.float32)
@@ -228,7 +231,8 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
 
     def split_input_linear(x: np.ndarray, name: str) -> tuple[InputQuant, LinearQuant]:
         """A linear on a splittable input: its input steps and slots, then its weights on those codes."""
-        inp = quantize_input(x, fused[p + name], rows, opts, splittable=True)
+        budget = opts.budget_down if name == "ffn_down" and opts.budget_down is not None else opts.budget
+        inp = quantize_input(x, fused[p + name], rows, opts, splittable=True, budget=budget)
         return inp, record(name, quantize_linear(inp.codes(x), x, fused[p + name], inp, opts, fit))
 
     # attention: q/k/v input (norm output), Δ folded into the norm weight
@@ -297,7 +301,7 @@ def w4a4_static(ck: Checkpoint, quant: dict[str, Any], opts: Options, calib: Cal
 def mergequant(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] | None = None, *,
                no_clip: bool = False, no_split: bool = False, rank: int = Options.rank, gptq: bool = Options.gptq,
                gptq_target: str = Options.gptq_target, act_order: bool = Options.act_order,
-               ridge: float = Options.ridge, budget: float = Options.budget,
+               ridge: float = Options.ridge, budget: float = Options.budget, budget_down: float | None = None,
                calib: str = "wikitext2+c4", calib_n: int = CalibrationSpec.n, calib_len: int = CalibrationSpec.length,
                seed: int = 0, tokenizer: str | None = None, report: str | None = None,
                report_n: int = 4) -> Iterator[dict[str, np.ndarray]]:
@@ -306,7 +310,7 @@ def mergequant(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] 
     check_scheme("mergequant", "w4a4", scheme)
     if gptq_target not in ("w", "ls", "ridge"):
         raise ValueError(f"mergequant: gptq_target must be 'w', 'ls' or 'ridge', got {gptq_target!r}")
-    opts = Options(clip=not no_clip, split=not no_split, budget=budget, rank=rank, gptq=gptq, gptq_target=gptq_target,
+    opts = Options(clip=not no_clip, split=not no_split, budget=budget, budget_down=budget_down, rank=rank, gptq=gptq, gptq_target=gptq_target,
                    act_order=act_order, ridge=ridge)
     return w4a4_static(ck, {} if quant is None else quant, opts,
                        CalibrationSpec(calib, calib_n, calib_len, seed, tokenizer), report, report_n)
