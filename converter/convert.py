@@ -25,11 +25,13 @@ from .tokenizer import export_tokenizer
 
 
 def convert(src: str | Path, out: str | Path, scheme: str = "f16", method: str | None = None,
-            progress: bool = True, kv_int8: bool = False, **method_args: Any) -> Path:
+            progress: bool = True, kv_int8: bool = False, scheme_params: dict[str, Any] | None = None,
+            **method_args: Any) -> Path:
     """Convert a HF directory or GGUF file into the .mq file `out`; returns its path. With `kv_int8`, the
     finished model's int8 KV-cache steps are calibrated too (quant/kv_cache.py) on the calibration options
     among `method_args` (calib, calib_n, calib_len, seed, tokenizer; default 8 x 512 tokens), which a
-    method that takes calibration options gets as well."""
+    method that takes calibration options gets as well. With no method, `scheme_params` go to the scheme's
+    packer (converter/schemes.py; e.g. {"bits": 6} for W6A6 in scheme w8a8)."""
     get_scheme(scheme)  # refuse an unknown scheme and method before any work
     if method is not None and method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
@@ -42,8 +44,12 @@ def convert(src: str | Path, out: str | Path, scheme: str = "f16", method: str |
     if method is None:
         if method_args:
             raise TypeError(f"arguments {sorted(method_args)} need a method (method=None)")
-        blocks = plain_blocks(ck, scheme, quant)
+        blocks = plain_blocks(ck, scheme, quant, **(scheme_params or {}))
+        if scheme_params:
+            quant["params"]["scheme_params"] = dict(scheme_params)
     else:
+        if scheme_params:
+            raise TypeError("scheme_params apply only without a method (a method packs its own linears)")
         blocks = METHODS[method](ck, scheme=scheme, quant=quant, **method_args)
     cfg = ck.config
     for block in tqdm(blocks, total=cfg.num_hidden_layers, desc=f"convert {Path(src).name}",

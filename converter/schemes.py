@@ -4,7 +4,8 @@ scheme. A linear `y = x · Wᵀ` (W [N, K]) with prefix P is stored as tensors `
 - `layout(N, K)`: the tensors its packer writes, {suffix: (dtype, shape)} (what the engine validates;
   docs/format.md, "Linear schemes", lists the same), and `method_tensors`: the further tensors a method
   writes beside them (read by the simulator and the engine when present);
-- `pack(W, **params)`: W float32 → those tensors;
+- `pack(W, **params)`: W float32 → those tensors (and, where a method passes them, the `method_layout`
+  tensors such as `bias`); every packer's parameters are documented at its definition below;
 - `simulate(get)`: the simulator's linear path (quant/simulate_linear.py) built from the tensors, and
   `inputs`: "float" (the linear takes the fp32 input) or "codes" (the producer upstream emits int4 codes);
 - its limits: `k_multiple` (K must be a multiple of it), `k_pad` (K is stored padded to a multiple of it),
@@ -21,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from .quant.int4 import K_ALIGN, pack_int4, pad_columns, pad_k, quant_groups, quant_rows
-from .quant.simulate_linear import (SimLinear, TensorGetter, f16_linear, w4a4_linear, w4a4d_linear,
-                                    w4a16g_linear)
+from .quant.int4 import (K_ALIGN, QMAX, QMIN, QQQ_GMAX, pack_int4, pad_columns, pad_k, qmax_for_bits, quant_groups,
+                         quant_qqq, quant_rows, quant_rows_sym)
+from .quant.simulate_linear import (SimLinear, TensorGetter, f16_linear, w4a4_linear, w4a4d_linear, w4a8_linear,
+                                    w4a8g_linear, w4a16g_linear, w8a8_linear)
 
 Layout = dict[str, tuple[np.dtype, tuple[int, ...]]]
 
@@ -39,6 +41,7 @@ class Scheme:
     k_pad: int = 1
     group: Callable[[int], int] | None = None            # K → group size along K
     method_tensors: tuple[str, ...] = ()
+    method_layout: Callable[[int, int], Layout] | None = None  # (N, K) → layout of method tensors a packer may take
     parity_tests: tuple[str, ...] = ()
 
     def check_k(self, k: int, prefix: str) -> None:
@@ -85,6 +88,90 @@ def _w4a4_pack(w: np.ndarray, scale: np.ndarray | None = None,
     return {"qweight": pack_int4(pad_columns(codes, pad_k(w.shape[1]))), "scale": np.asarray(scale, np.float32)}
 
 
+def _bias_layout(n: int, k: int) -> Layout:
+    return {"bias": (np.dtype(np.float32), (n,))}
+
+
+def _with_bias(out: dict[str, np.ndarray], bias: np.ndarray | None) -> dict[str, np.ndarray]:
+    if bias is not None:
+        out["bias"] = np.asarray(bias, np.float32)
+    return out
+
+
+def _check_codes(name: str, codes: np.ndarray, lo: int, hi: int, shape: tuple[int, ...]) -> np.ndarray:
+    codes = np.asarray(codes)
+    if codes.shape != shape:
+        raise ValueError(f"{name}: codes of shape {codes.shape}, expected {shape}")
+    if codes.size and (codes.min() < lo or codes.max() > hi):
+        raise ValueError(f"{name}: codes outside [{lo}, {hi}] (got [{codes.min()}, {codes.max()}])")
+    return codes.astype(np.int8)
+
+
+def _w8a8_layout(n: int, k: int) -> Layout:
+    return {"qweight": (np.dtype(np.int8), (n, k)), "scale": (np.dtype(np.float32), (n,)),
+            "bits": (np.dtype(np.int32), (1,))}
+
+
+def _w8a8_pack(w: np.ndarray, bits: int = 8, codes: np.ndarray | None = None, scale: np.ndarray | None = None,
+               bias: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """w8a8 (W6A6 with bits=6, any width in [2, 8]): pack(W, bits=8, codes=None, scale=None, bias=None).
+    qmax = 2^(bits-1) - 1. Without `codes`: per-row RTN on [-qmax, qmax] with δ_n = `scale` (default
+    max_k |W[n, k]| / qmax). With `codes` (int [N, K] in [-qmax, qmax], chosen by a method) `scale` [N] is
+    required. `bias` [N] (fp32) is stored as P.bias when given."""
+    qmax = qmax_for_bits(bits)
+    if codes is None:
+        codes, scale = quant_rows_sym(w, qmax, scale)
+    elif scale is None:
+        raise ValueError("w8a8 pack: explicit codes need their scale")
+    codes = _check_codes("w8a8 pack", codes, -qmax, qmax, w.shape)
+    return _with_bias({"qweight": codes, "scale": np.asarray(scale, np.float32),
+                       "bits": np.array([bits], np.int32)}, bias)
+
+
+def _w4a8_pack(w: np.ndarray, codes: np.ndarray | None = None, scale: np.ndarray | None = None,
+               bias: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """w4a8 (per-channel int4): pack(W, codes=None, scale=None, bias=None). Without `codes`: per-row RTN
+    on [-8, 7] with δ_n = `scale` (default max_k |W[n, k]| / 7). With `codes` (int [N, K] in [-8, 7])
+    `scale` [N] is required. K is padded with zero codes to a multiple of 64; `bias` [N] as P.bias."""
+    if codes is None:
+        codes, scale = quant_rows(w, scale)
+    elif scale is None:
+        raise ValueError("w4a8 pack: explicit codes need their scale")
+    codes = _check_codes("w4a8 pack", codes, QMIN, QMAX, w.shape)
+    return _with_bias({"qweight": pack_int4(pad_columns(codes, pad_k(w.shape[1]))),
+                       "scale": np.asarray(scale, np.float32)}, bias)
+
+
+def _w4a8_layout(n: int, k: int) -> Layout:
+    return {"qweight": (np.dtype(np.uint8), (n, pad_k(k) // 2)), "scale": (np.dtype(np.float32), (n,))}
+
+
+def _w4a8g_layout(n: int, k: int) -> Layout:
+    return {"qweight": (np.dtype(np.uint8), (n, k // 2)),
+            "gscale": (np.dtype(np.uint8), (n, k // w4a16g_group(k))),
+            "scale": (np.dtype(np.float32), (n,))}
+
+
+def _w4a8g_pack(w: np.ndarray, codes: np.ndarray | None = None, gscale: np.ndarray | None = None,
+                scale: np.ndarray | None = None, bias: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """w4a8g (group-128 int4, two-level scales): pack(W, codes=None, gscale=None, scale=None, bias=None).
+    The weight is W ≈ scale[n] · gscale[n, k/g] · q[n, k], g = 128 (64 where K % 128 != 0), gscale an
+    integer in [1, 16]. Without `codes`: RTN on the grid (gscale, scale), by default quant/int4.qqq_grid's
+    (scale = max|W[n]| / 112, gscale = ceil(group max / (7 · scale)) clamped to [1, 16]); a method choosing
+    its own codes (GPTQ on that grid) passes `codes` (int [N, K] in [-8, 7]) with `gscale` and `scale`."""
+    g = w4a16g_group(w.shape[1])
+    if codes is None:
+        codes, gscale, scale = quant_qqq(w, g, gscale, scale)
+    elif gscale is None or scale is None:
+        raise ValueError("w4a8g pack: explicit codes need gscale and scale")
+    codes = _check_codes("w4a8g pack", codes, QMIN, QMAX, w.shape)
+    gscale = np.asarray(gscale)
+    if gscale.size and (gscale.min() < 1 or gscale.max() > QQQ_GMAX):
+        raise ValueError(f"w4a8g pack: group scales outside [1, {QQQ_GMAX}]")
+    return _with_bias({"qweight": pack_int4(codes), "gscale": gscale.astype(np.uint8),
+                       "scale": np.asarray(scale, np.float32)}, bias)
+
+
 _ENGINE_VS_SIM = "tests/test_w4a4_cpu.py::test_tiny_every_scheme"
 _NAIVE_VS_SIM = "tests/test_quant_simulate.py::test_simulator_matches_naive_engine"
 
@@ -101,6 +188,16 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
            method_tensors=("in_scale", "in_map", "lora_a", "lora_b"),
            parity_tests=(f"{_ENGINE_VS_SIM}[rtn-w4a4-static]", f"{_ENGINE_VS_SIM}[mergequant]",
                          f"{_NAIVE_VS_SIM}[mergequant]", "tests/test_w4a4_cpu.py")),
+    # per-token dynamic int8 activations (docs/numerics.md, "Dynamic int8 activations"); bias is optional
+    Scheme("w8a8", _w8a8_layout, _w8a8_pack, w8a8_linear, "float", method_tensors=("bias",),
+           method_layout=_bias_layout,
+           parity_tests=(f"{_ENGINE_VS_SIM}[w8a8]", f"{_ENGINE_VS_SIM}[w6a6]", "tests/test_ops.py::test_linear_w8a8")),
+    Scheme("w4a8", _w4a8_layout, _w4a8_pack, w4a8_linear, "float", k_pad=K_ALIGN, method_tensors=("bias",),
+           method_layout=_bias_layout,
+           parity_tests=(f"{_ENGINE_VS_SIM}[w4a8]", "tests/test_ops.py::test_linear_w4a8")),
+    Scheme("w4a8g", _w4a8g_layout, _w4a8g_pack, w4a8g_linear, "float", k_multiple=64, group=w4a16g_group,
+           method_tensors=("bias",), method_layout=_bias_layout,
+           parity_tests=(f"{_ENGINE_VS_SIM}[w4a8g]", "tests/test_ops.py::test_linear_w4a8g")),
 )}
 
 
@@ -120,8 +217,10 @@ def pack_linear(prefix: str, w: np.ndarray, scheme: str, quant: dict[str, Any],
     s.check_k(w.shape[1], prefix)
     packed = s.pack(np.asarray(w, dtype=np.float32), **params)
     layout = s.layout(*w.shape)
-    if packed.keys() != layout.keys():
+    extra = s.method_layout(*w.shape) if s.method_layout else {}
+    if not layout.keys() <= packed.keys() <= layout.keys() | extra.keys():
         raise ValueError(f"scheme {scheme!r} packed {sorted(packed)} for {prefix!r}, layout says {sorted(layout)}")
+    layout = layout | {key: extra[key] for key in packed.keys() - layout.keys()}
     for suffix, (dtype, shape) in layout.items():
         a = packed[suffix]
         if a.dtype != dtype or a.shape != shape:

@@ -244,6 +244,81 @@ def test_linear_codes_w4a4(ops, rng, m, rank):
     np.testing.assert_array_equal(out, s(a.astype(np.float32)))
 
 
+def int8_case(rng, scheme: str, n: int, k: int, group: int = 0, bits: int = 8, bias: bool = False,
+              extreme: bool = False) -> dict[str, np.ndarray]:
+    """Random tensors of an int8-input linear (docs/format.md): codes drawn over the whole range (or all at the
+    extreme codes, to reach the largest sums), scales, and an optional bias."""
+    if scheme == "w8a8":
+        qmax = (1 << (bits - 1)) - 1
+        q = np.full((n, k), qmax, np.int8) if extreme else rng.integers(-qmax, qmax + 1, (n, k)).astype(np.int8)
+        t = {"qweight": q, "bits": np.array([bits], np.int32)}
+    else:
+        kp = k if scheme == "w4a8g" else -(-k // 64) * 64
+        q = np.zeros((n, kp), np.int8)
+        q[:, :k] = np.full((n, k), 7) if extreme else rng.integers(-8, 8, (n, k))
+        t = {"qweight": pack_int4(q)}
+        if scheme == "w4a8g":
+            t["gscale"] = (np.full((n, k // group), 16) if extreme else rng.integers(1, 17, (n, k // group))
+                           ).astype(np.uint8)
+    t["scale"] = rng.uniform(0.001, 0.01, n).astype(np.float32)
+    if bias:
+        t["bias"] = rng.standard_normal(n).astype(np.float32)
+    return t
+
+
+def check_int8_linear(ops, scheme: str, t: dict[str, np.ndarray], x: np.ndarray) -> None:
+    """The engine's y bit for bit the simulator's (the same integer sums, the same fp32 epilogue), with and without
+    accumulating, and its int32 GEMM on the simulator's codes the simulator's acc."""
+    m, k = x.shape
+    n = t["scale"].shape[0]
+    record: dict[str, np.ndarray] = {}
+    want = sim(scheme, t)(x, record, "l")
+    out = np.empty((m, n), np.float32)
+    ops.linear(scheme, t, n, x, out)
+    np.testing.assert_array_equal(out, want)
+    out = np.full((m, n), 0.25, np.float32)
+    ops.linear(scheme, t, n, x, out, accumulate=True)
+    np.testing.assert_array_equal(out, np.float32(0.25) + want)
+    acc = np.empty((m, n), np.int32)
+    ops.int_gemm(scheme, t, n, k, record["l.in"], acc)
+    np.testing.assert_array_equal(acc, record["l"])
+
+
+def int8_input(rng, m: int, k: int) -> np.ndarray:
+    x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 10, (m, 1))).astype(np.float32)
+    x[-1] = 0.0 if m > 2 else x[-1]  # a zero row: amax 0, codes 0, y = bias
+    return x
+
+
+@pytest.mark.parametrize("bits", [8, 6])
+@pytest.mark.parametrize("m, k", [(1, 96), (3, 100), (8, 192), (13, 64)])  # K tails of 32 and 36; token blocks
+def test_linear_w8a8(ops, rng, m, k, bits):
+    n = 42  # 10 blocks of 4 rows and a tail of 2
+    check_int8_linear(ops, "w8a8", int8_case(rng, "w8a8", n, k, bits=bits, bias=m == 3), int8_input(rng, m, k))
+
+
+@pytest.mark.parametrize("m, k", [(1, 100), (5, 128), (11, 192)])
+def test_linear_w4a8(ops, rng, m, k):
+    n = 42
+    check_int8_linear(ops, "w4a8", int8_case(rng, "w4a8", n, k, bias=m == 5), int8_input(rng, m, k))
+
+
+@pytest.mark.parametrize("m, k, group", [(1, 192, 64), (5, 192, 64), (11, 384, 128), (4, 256, 128), (6, 320, 64)])
+def test_linear_w4a8g(ops, rng, m, k, group):
+    n = 42
+    check_int8_linear(ops, "w4a8g", int8_case(rng, "w4a8g", n, k, group=group, bias=m == 5), int8_input(rng, m, k))
+
+
+@pytest.mark.parametrize("scheme, k, group", [("w8a8", 70016, 0), ("w4a8g", 71680, 128), ("w4a8", 71680, 0)])
+def test_int8_linear_largest_sums(ops, rng, scheme, k, group):
+    """Codes at their extremes over a long K: the sums with the kernels' offsets (a + 128, q + 8) pass 2^31 before
+    the offset comes off, the true acc does not; every path must still give the exact acc."""
+    t = int8_case(rng, scheme, 8, k, group=group, extreme=True)
+    x = np.ones((2, k), np.float32)
+    x[1, ::3] = -1.0
+    check_int8_linear(ops, scheme, t, x)
+
+
 def test_scheme_errors(ops, rng):
     with pytest.raises(RuntimeError, match="unknown scheme 'w3a3'"):
         ops.linear("w3a3", {"weight": np.zeros((4, 8), np.float16)}, 4, np.zeros((1, 8), np.float32),

@@ -20,8 +20,13 @@ def dequantized(name: str, packed: dict[str, np.ndarray], k: int) -> np.ndarray:
         return packed["weight"].astype(np.float64)
     q = unpack_int4(packed["qweight"]).astype(np.float64)[:, :k]
     s = packed["scale"].astype(np.float64)
+    if name == "w8a8":
+        return packed["qweight"].astype(np.float64) * s[:, None]
     if name == "w4a16g":
         return q * np.repeat(s, k // s.shape[1], axis=1)
+    if name == "w4a8g":  # int4 code · integer group scale · channel scale
+        g = packed["gscale"].astype(np.float64)
+        return q * np.repeat(g, k // g.shape[1], axis=1) * s[:, None]
     return q * s[:, None]
 
 
@@ -52,6 +57,11 @@ def test_pack_and_simulate_agree(name):
         a = np.clip(np.rint(x.astype(np.float64) * 7 / amax), -8, 7)
         want = (a @ w_hat.T) * amax / 7
         y = lin(x)
+    elif name in ("w8a8", "w4a8", "w4a8g"):  # per-token dynamic int8 activations
+        amax = np.abs(x).max(axis=1, keepdims=True)
+        a = np.clip(np.rint(x.astype(np.float64) * 127 / amax), -127, 127)
+        want = (a @ w_hat.T) * amax / 127
+        y = lin(x)
     else:
         want = x.astype(np.float64) @ w_hat.T
         y = lin(x)
@@ -80,3 +90,33 @@ def test_parity_tests_exist(name):
         assert defs, f"{node}: no test {func} in {path}"
         if param:  # the parametrize list of the file holds the id as a string
             assert f'"{param[:-1]}"' in src, f"{node}: parameter {param[:-1]!r} not in {path}"
+
+
+def test_w6a6_and_explicit_codes():
+    """w8a8 takes its bit width (W6A6: codes and activations in [-31, 31], recorded in P.bits) and explicit
+    codes/scales from a method; w4a8g takes a method's codes on its two-level grid; bias rides along."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((16, 128)).astype(np.float32)
+    out = pack_linear("blk.0.attn_output", w, "w8a8", {}, bits=6)
+    assert out["blk.0.attn_output.bits"].tolist() == [6]
+    q = out["blk.0.attn_output.qweight"]
+    assert q.min() == -31 and q.max() == 31
+    lin = SCHEMES["w8a8"].simulate(lambda s: out.get(f"blk.0.attn_output.{s}"))
+    record: dict = {}
+    lin(rng.standard_normal((3, 128)).astype(np.float32), record, "l")
+    assert np.abs(record["l.in"]).max() == 31
+    codes = np.clip(np.rint(w * 10), -31, 31).astype(np.int8)
+    bias = rng.standard_normal(16).astype(np.float32)
+    out = pack_linear("p", w, "w8a8", {}, bits=6, codes=codes, scale=np.full(16, 0.1, np.float32), bias=bias)
+    np.testing.assert_array_equal(out["p.qweight"], codes)
+    np.testing.assert_array_equal(out["p.bias"], bias)
+    with pytest.raises(ValueError, match=r"codes outside \[-31, 31\]"):
+        pack_linear("p", w, "w8a8", {}, bits=6, codes=codes * 2, scale=np.ones(16, np.float32))
+    with pytest.raises(ValueError, match="need their scale"):
+        pack_linear("p", w, "w8a8", {}, codes=codes)
+    g = np.full((16, 1), 3, np.uint8)
+    c4 = np.clip(np.rint(w * 2), -8, 7).astype(np.int8)
+    out = pack_linear("p", w, "w4a8g", {}, codes=c4, gscale=g, scale=np.full(16, 0.5, np.float32))
+    np.testing.assert_array_equal(out["p.gscale"], g)
+    with pytest.raises(ValueError, match=r"group scales outside \[1, 16\]"):
+        pack_linear("p", w, "w4a8g", {}, codes=c4, gscale=g * 6, scale=np.ones(16, np.float32))

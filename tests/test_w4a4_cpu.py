@@ -77,10 +77,36 @@ def tiny_ck(tiny_hf_checkpoint):
     return tiny_hf_checkpoint()
 
 
-@pytest.mark.parametrize("method", ["rtn-w4a16", "rtn-w4a4-dynamic", "rtn-w4a4-static", "mergequant"])
+# schemes packed by RTN with no method (convert --scheme): case → (scheme, packer parameters)
+PLAIN_SCHEMES = {"w8a8": ("w8a8", {}), "w6a6": ("w8a8", {"bits": 6}), "w4a8": ("w4a8", {}),
+                 "w4a8g": ("w4a8g", {}), "w4a8-bias": ("w4a8", {})}
+
+
+def add_biases(path, seed: int = 0) -> None:
+    """Give every linear of a file a random fp32 bias [N] (P.bias, the optional tensor of the int8-input schemes)."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+    t = load_file(str(path))
+    with safe_open(str(path), "np") as f:
+        meta = dict(f.metadata())
+    rng = np.random.default_rng(seed)
+    for name in [k for k in t if k.endswith(".scale") and k.count(".") == 3]:
+        prefix = name[: -len(".scale")]
+        t[prefix + ".bias"] = (0.1 * rng.standard_normal(t[name].shape[0])).astype(np.float32)
+    save_file(t, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("method", ["rtn-w4a16", "rtn-w4a4-dynamic", "rtn-w4a4-static", "mergequant",
+                                    "w8a8", "w6a6", "w4a8", "w4a8g", "w4a8-bias"])
 def test_tiny_every_scheme(tiny_ck, tmp_path, method):
-    out = convert(tiny_ck.path, tmp_path / f"{method}.mq", method=method, progress=False,
-                  **({} if method in ("rtn-w4a16", "rtn-w4a4-dynamic") else dict(calib_n=2, calib_len=32)))
+    if method in PLAIN_SCHEMES:
+        scheme, params = PLAIN_SCHEMES[method]
+        out = convert(tiny_ck.path, tmp_path / f"{method}.mq", scheme=scheme, scheme_params=params, progress=False)
+        if method.endswith("-bias"):
+            add_biases(out)
+    else:
+        out = convert(tiny_ck.path, tmp_path / f"{method}.mq", method=method, progress=False,
+                      **({} if method in ("rtn-w4a16", "rtn-w4a4-dynamic") else dict(calib_n=2, calib_len=32)))
     sim = SimModel.from_mq(out)
     llm = LLM(out, device="cpu")
     ids = [5, 17, 99, 3, 42, 7, 200, 11, 64, 9]
@@ -90,3 +116,58 @@ def test_tiny_every_scheme(tiny_ck, tmp_path, method):
     for key in [k for k in record if k.endswith(".in")]:
         np.testing.assert_array_equal(llm._model.int_gemm(key[:-3], np.ascontiguousarray(record[key])),
                                       record[key[:-3]])
+    if method in PLAIN_SCHEMES:
+        if method == "w6a6":
+            assert max(int(np.abs(record[k]).max()) for k in record if k.endswith(".in")) <= 31
+        # greedy continuation: every token the simulator's argmax after the same prefix
+        llm.generate(ids, max_tokens=12, temperature=0.0, stop_token_ids=None)
+        got = llm._session.output_tokens
+        logits = sim.forward(np.array(ids + got))
+        assert got == [int(np.argmax(logits[len(ids) - 1 + i])) for i in range(len(got))]
+
+
+@pytest.fixture(scope="module")
+def tiny_int8_files(tiny_ck, tmp_path_factory):
+    d = tmp_path_factory.mktemp("int8")
+    return {s: convert(tiny_ck.path, d / f"{s}.mq", scheme=s, progress=False) for s in ("w8a8", "w4a8", "w4a8g")}
+
+
+def _edited(src, dst, fn):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+    t = load_file(str(src))
+    with safe_open(str(src), "np") as f:
+        meta = dict(f.metadata())
+    fn(t)
+    save_file(t, str(dst), metadata=meta)
+    return dst
+
+
+def _set(name, value):
+    def fn(t):
+        t[name] = value(t[name]) if callable(value) else value
+    return fn
+
+
+@pytest.mark.parametrize("scheme, edit, match", [
+    ("w8a8", _set("blk.0.attn_qkv.bits", np.array([9], np.int32)),
+     r"linear 'blk.0.attn_qkv': tensor 'blk.0.attn_qkv.bits' is 9, expected a bit width in \[2, 8\]"),
+    ("w8a8", _set("blk.0.attn_qkv.bits", np.array([6], np.int32)),
+     r"'blk.0.attn_qkv.qweight' has codes in \[-127, 127\], outside \[-31, 31\] of 6 bits"),
+    ("w8a8", _set("blk.1.ffn_down.qweight", lambda w: w.view(np.uint8)),
+     r"tensor 'blk.1.ffn_down.qweight' is U8 \[64, 128\], expected I8 \[64, 128\]"),
+    ("w8a8", _set("blk.0.ffn_down.scale", lambda s: s[:-1].copy()), r"tensor 'blk.0.ffn_down.scale' is F32 \[63\]"),
+    ("w8a8", lambda t: t.pop("blk.0.attn_output.bits"), r"missing tensor 'blk.0.attn_output.bits'"),
+    ("w8a8", _set("blk.0.attn_qkv.bias", np.zeros(3, np.float32)), r"tensor 'blk.0.attn_qkv.bias' is F32 \[3\]"),
+    ("w4a8", _set("blk.0.attn_qkv.qweight", lambda w: np.concatenate([w, w], axis=1)),
+     r"linear 'blk.0.attn_qkv': w4a8 qweight has 128 columns, expected K = 64"),
+    ("w4a8g", _set("blk.0.ffn_gate_up.gscale", lambda g: g * 0 + 17),
+     r"'blk.0.ffn_gate_up.gscale' has a group scale 17 at 0, outside \[1, 16\]"),
+    ("w4a8g", _set("blk.0.ffn_down.gscale", lambda g: np.concatenate([g, g, g], axis=1)),
+     r"'blk.0.ffn_down.gscale' must be U8 \[64, K/group\] with a group a multiple of 64"),
+])
+def test_int8_schemes_bad_tensors_named(tiny_int8_files, tmp_path, scheme, edit, match):
+    """The engine's loaders check every tensor of the int8-input schemes, naming the linear and the tensor."""
+    bad = _edited(tiny_int8_files[scheme], tmp_path / "bad.mq", edit)
+    with pytest.raises(RuntimeError, match=match):
+        LLM(bad, device="cpu")

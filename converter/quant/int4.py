@@ -71,3 +71,57 @@ def pad_columns(w: np.ndarray, kp: int) -> np.ndarray:
     out = np.zeros((w.shape[0], kp), w.dtype)
     out[:, :w.shape[1]] = w
     return out
+
+
+# --- 8-bit codes and the two-level int4 grid of w4a8g (docs/numerics.md, "Dynamic int8 activations") ------
+
+def qmax_for_bits(bits: int) -> int:
+    """Symmetric code range [-qmax, qmax] of a `bits`-wide integer: qmax = 2^(bits-1) - 1 (bits in [2, 8])."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bit width {bits} outside [2, 8]")
+    return (1 << (bits - 1)) - 1
+
+
+def quant_rows_sym(w: np.ndarray, qmax: int, scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-output-row symmetric RTN on [-qmax, qmax]: δ_n = max_k |W[n, k]| / qmax unless given;
+    q = clamp(rint(W / δ_n), -qmax, qmax) (0 where δ_n = 0); returns (codes int8, δ fp32)."""
+    if scale is None:
+        scale = np.abs(w).max(axis=1) / np.float32(qmax)
+    scale = np.asarray(scale, np.float32)
+    safe = np.where(scale > 0, scale, 1).astype(np.float32)
+    q = round_codes(w / safe[:, None], -qmax, qmax)
+    q[scale == 0] = 0
+    return q.astype(np.int8), scale
+
+
+QQQ_GMAX = 16               # largest integer group scale of w4a8g: |q · g| <= 8 · 16 = 128 fits int8
+QQQ_VMAX = QMAX * QQQ_GMAX  # 112: the row's largest |W| in units of the channel scale
+
+
+def qqq_grid(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two-level grid of w4a8g for W [N, K]: a channel scale s_n = max_k |W[n, k]| / 112 (fp32) and an
+    integer group scale g[n, j] = clamp(ceil(max_{k in group j} |W[n, k]| / (7 · s_n)), 1, 16) (1 where
+    s_n = 0), so the step of group j is s_n · g[n, j] and no weight of the group lies beyond 7 steps.
+    Returns (g uint8 [N, K/group], s fp32 [N])."""
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"qqq_grid: K={k} is not a multiple of group {group}")
+    s = (np.abs(w).max(axis=1) / np.float32(QQQ_VMAX)).astype(np.float32)
+    safe = np.where(s > 0, s, 1).astype(np.float32)
+    gmax = np.abs(w).reshape(n, k // group, group).max(axis=2) / safe[:, None]
+    g = np.clip(np.ceil(gmax / np.float32(QMAX)), 1, QQQ_GMAX)
+    g[s == 0] = 1
+    return g.astype(np.uint8), s
+
+
+def quant_qqq(w: np.ndarray, group: int, gscale: np.ndarray | None = None, scale: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """RTN on the w4a8g grid (qqq_grid's unless both `gscale` and `scale` are given):
+    q = clamp(rint(W / (s_n · g[n, k / group])), -8, 7); returns (codes int8 [N, K], g uint8, s fp32)."""
+    if gscale is None or scale is None:
+        gscale, scale = qqq_grid(w, group)
+    step = np.repeat(gscale.astype(np.float32), group, axis=1) * np.asarray(scale, np.float32)[:, None]
+    safe = np.where(step > 0, step, 1).astype(np.float32)
+    q = round_codes(w / safe)
+    q[step == 0] = 0
+    return q.astype(np.int8), np.asarray(gscale, np.uint8), np.asarray(scale, np.float32)

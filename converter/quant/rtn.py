@@ -14,15 +14,16 @@ from ..loaders import Checkpoint
 from ..schemes import pack_linear
 
 
-def plain_blocks(ck: Checkpoint, scheme: str, quant: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
-    """Each layer's `blk.{i}.*` tensors with every linear packed by `scheme`, norms as float32."""
+def plain_blocks(ck: Checkpoint, scheme: str, quant: dict[str, Any], **params: Any) -> Iterator[dict[str, np.ndarray]]:
+    """Each layer's `blk.{i}.*` tensors with every linear packed by `scheme` (with the packer's `params`,
+    e.g. bits=6 for w8a8), norms as float32."""
     for i in range(ck.config.num_hidden_layers):
         out: dict[str, np.ndarray] = {}
         for name, w in fused_layer(ck, i).items():
             if name.endswith("norm.weight"):
                 out[name] = w.astype(np.float32)
             else:
-                out |= pack_linear(name, w, scheme, quant)
+                out |= pack_linear(name, w, scheme, quant, **params)
         yield out
 
 

@@ -2,9 +2,10 @@
 its packed tensors and how it computes y from its input. converter/schemes.py registers each path beside the
 scheme's layout and packer; quant/simulate.py runs blocks of them.
 
-Two kinds of input: `float` (f16, w4a16g, w4a4d: the linear quantizes its input itself, if at all) and
-`codes` (w4a4: the producer upstream emits the int4 input slots, so the linear runs the integer GEMM on them).
-Integer GEMMs run as fp32 BLAS on the codes: every partial sum is an integer below 2^24, hence exact."""
+Two kinds of input: `float` (f16, w4a16g, w4a4d, w8a8, w4a8, w4a8g: the linear quantizes its input itself, if
+at all) and `codes` (w4a4: the producer upstream emits the int4 input slots, so the linear runs the integer GEMM
+on them). Int4 x int4 GEMMs run as fp32 BLAS on the codes: every partial sum is an integer below 2^24, hence
+exact; the 8-bit activation schemes' sums can pass 2^24, so they run in float64 (exact below 2^53)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -54,6 +55,8 @@ class SimLinear:
     in_map: np.ndarray | None = None
     lora_a: np.ndarray | None = None
     lora_b: np.ndarray | None = None
+    qmax: int = 0                     # w8a8, w4a8, w4a8g: the activation codes' range [-qmax, qmax]
+    bias: np.ndarray | None = None    # w8a8, w4a8, w4a8g: optional fp32 bias [N], added last
 
     @property
     def kp(self) -> int:
@@ -62,6 +65,14 @@ class SimLinear:
     def __call__(self, x: np.ndarray, record: Record = None, name: str = "") -> np.ndarray:
         """y [M, N] for the input x [M, K] (float input) or a [M, Kp] (int4 codes), per `inputs`."""
         return self.path(self, x, record, name)
+
+    def int_gemm_exact(self, a: np.ndarray, record: Record, name: str) -> np.ndarray:
+        """acc = a · wᵀ on integer codes in float64 (exact for |acc| < 2^53), returned as fp32 the way an
+        engine converts its int32 acc (round to nearest even); recorded as int32 with a under `name`."""
+        acc = a.astype(np.float64) @ self.w.astype(np.float64).T
+        if record is not None:
+            record[name], record[name + ".in"] = acc.astype(np.int32), a.astype(np.int8)
+        return acc.astype(np.float32)
 
     def int_gemm(self, a: np.ndarray, record: Record, name: str) -> np.ndarray:
         """acc = a · qᵀ on int4 codes; fp32 holding exact int32 values (recorded with a under `name`)."""
@@ -118,3 +129,36 @@ def w4a4_linear(get: TensorGetter) -> SimLinear:
     return SimLinear("w4a4", "codes", static_path, unpack_int4(np.asarray(get("qweight"))), _f32(get, "scale"),
                      _f32(get, "in_scale"), None if in_map is None else np.asarray(in_map, np.int64),
                      _f32(get, "lora_a"), _f32(get, "lora_b"))
+
+
+# w8a8, w4a8, w4a8g: per-token dynamic int8 activations a = clamp(rint(x · (qmax / absmax)), -qmax, qmax),
+# y = ((float(acc) · scale[n]) · (absmax / qmax)) (+ bias[n]); acc over the integer weights (int8 codes, int4
+# codes, or int4 codes times their integer group scale)
+def int8_dynamic_path(lin: SimLinear, x: np.ndarray, record: Record, name: str) -> np.ndarray:
+    qmax = np.float32(lin.qmax)
+    amax = np.abs(x).max(axis=1, keepdims=True)
+    safe = np.where(amax > 0, amax, 1).astype(np.float32)
+    a = pad_columns(round_codes(x * (qmax / safe), -lin.qmax, lin.qmax), lin.kp)
+    y = (lin.int_gemm_exact(a, record, name) * lin.scale) * (amax / qmax)
+    if lin.bias is not None:
+        y = y + lin.bias
+    return y
+
+
+def w8a8_linear(get: TensorGetter) -> SimLinear:
+    bits = int(np.asarray(get("bits")).reshape(-1)[0])
+    return SimLinear("w8a8", "float", int8_dynamic_path, np.asarray(get("qweight"), np.int8), _f32(get, "scale"),
+                     qmax=(1 << (bits - 1)) - 1, bias=_f32(get, "bias"))
+
+
+def w4a8_linear(get: TensorGetter) -> SimLinear:
+    return SimLinear("w4a8", "float", int8_dynamic_path, unpack_int4(np.asarray(get("qweight"))),
+                     _f32(get, "scale"), qmax=127, bias=_f32(get, "bias"))
+
+
+def w4a8g_linear(get: TensorGetter) -> SimLinear:
+    """The integer weight is q[n, k] · g[n, k / group] (int4 code times its integer group scale, in [-128, 112])."""
+    codes = unpack_int4(np.asarray(get("qweight"))).astype(np.int16)
+    g = np.asarray(get("gscale")).astype(np.int16)
+    w = codes * np.repeat(g, codes.shape[1] // g.shape[1], axis=1)
+    return SimLinear("w4a8g", "float", int8_dynamic_path, w, _f32(get, "scale"), qmax=127, bias=_f32(get, "bias"))

@@ -33,15 +33,18 @@ struct Linear {
     std::string scheme;  // a name of mq-schemes.h: "f16", "w4a16g", "w4a4d", "w4a4"
     int64_t n = 0, k = 0;
     int64_t kp = 0;    // 4-bit schemes: input slots (K padded to a multiple of 64, plus split channels)
-    int64_t group = 0; // w4a16g: group size along K
+    int64_t group = 0; // w4a16g, w4a8g: group size along K
     int64_t rank = 0;  // w4a4: rows of the low-rank branch (0: none)
     std::vector<const TensorView *> tensors;  // f16: {weight}
-    const TensorView * qweight = nullptr;   // U8 [n, kp/2], two codes a byte, even k in the low nibble
-    const TensorView * scale = nullptr;     // F32 [n] (w4a4, w4a4d) or F16 [n, k/group] (w4a16g)
+    const TensorView * qweight = nullptr;   // U8 [n, kp/2], two codes a byte, even k in the low nibble (w8a8: I8 [n, k])
+    const TensorView * scale = nullptr;     // F32 [n] (w4a4, w4a4d, w8a8, w4a8, w4a8g) or F16 [n, k/group] (w4a16g)
     const TensorView * in_scale = nullptr;  // w4a4, norm-fed: F32 [k], norm weight with 1/step folded in
     const TensorView * in_map = nullptr;    // w4a4: I32 [kp, 3] input slot -> (source channel, part, parts)
     const TensorView * lora_a = nullptr;    // w4a4: F16 [rank, kp]
     const TensorView * lora_b = nullptr;    // w4a4: F16 [n, rank]
+    const TensorView * gscale = nullptr;    // w4a8g: U8 [n, k/group] integer group scales in [1, 16]
+    const TensorView * bias = nullptr;      // w8a8, w4a8, w4a8g: optional F32 [n], added last
+    int32_t qmax = 0;  // w8a8, w4a8, w4a8g: codes of the dynamic int8 input in [-qmax, qmax] (w8a8: 2^(bits-1) - 1)
     // set by Backend::prepare_linear: the scheme's entry and the backend's kernels for it
     const Scheme * def = nullptr;
     const LinearKernels * kernels = nullptr;

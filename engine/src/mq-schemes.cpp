@@ -6,6 +6,8 @@
 #include "mq-error.h"
 #include "mq-file.h"
 
+#include <algorithm>
+
 namespace mq {
 
 static Error linear_error(const File & f, const Linear & lin, const std::string & what) {
@@ -91,12 +93,91 @@ static void load_w4a4(const File & f, Linear & lin, LinearInput input) {
     }
 }
 
+// the dynamic int8 input of w8a8, w4a8, w4a8g: every partial sum of the int32 GEMM stays below 2^31 for
+// K <= 2^17 (|a| <= 127, |w| <= 128), and the optional bias F32 [n]
+static void load_int8_input(const File & f, Linear & lin) {
+    if (lin.k > (int64_t(1) << 17)) {
+        throw linear_error(f, lin, "K = " + std::to_string(lin.k) + " is above 131072, the int32 GEMM's limit of " +
+                                       lin.scheme);
+    }
+    lin.scale = &f.tensor(lin.name + ".scale", DTYPE_F32, {lin.n});
+    if (f.has(lin.name + ".bias")) {
+        lin.bias = &f.tensor(lin.name + ".bias", DTYPE_F32, {lin.n});
+    }
+}
+
+// w8a8: qweight I8 [n, k], scale F32 [n], bits I32 [1] in [2, 8]; every weight code in [-qmax, qmax]
+static void load_w8a8(const File & f, Linear & lin, LinearInput) {
+    const TensorView & bits = f.tensor(lin.name + ".bits", DTYPE_I32, {1});
+    const int32_t b = bits.as<int32_t>()[0];
+    if (b < 2 || b > 8) {
+        throw linear_error(f, lin, "tensor '" + lin.name + ".bits' is " + std::to_string(b) + ", expected a bit width in [2, 8]");
+    }
+    lin.qmax = (1 << (b - 1)) - 1;
+    lin.qweight = &f.tensor(lin.name + ".qweight", DTYPE_I8, {lin.n, lin.k});
+    lin.kp = lin.k;
+    const int8_t * q = lin.qweight->as<int8_t>();
+    const int64_t count = lin.n * lin.k;
+    int32_t lo = 0, hi = 0;
+    for (int64_t i = 0; i < count; i++) {
+        lo = std::min<int32_t>(lo, q[i]);
+        hi = std::max<int32_t>(hi, q[i]);
+    }
+    if (lo < -lin.qmax || hi > lin.qmax) {
+        throw linear_error(f, lin, "tensor '" + lin.name + ".qweight' has codes in [" + std::to_string(lo) + ", " +
+                                       std::to_string(hi) + "], outside [-" + std::to_string(lin.qmax) + ", " +
+                                       std::to_string(lin.qmax) + "] of " + std::to_string(b) + " bits");
+    }
+    load_int8_input(f, lin);
+}
+
+// w4a8: qweight U8 [n, kp/2] (kp a multiple of 64, >= k), scale F32 [n]
+static void load_w4a8(const File & f, Linear & lin, LinearInput) {
+    load_qweight(f, lin);
+    check_slots(f, lin);
+    if (lin.kp >= lin.k + 64) {
+        throw linear_error(f, lin, "w4a8 qweight has " + std::to_string(lin.kp) + " columns, expected K = " +
+                                       std::to_string(lin.k) + " rounded up to a multiple of 64");
+    }
+    lin.qmax = 127;
+    load_int8_input(f, lin);
+}
+
+// w4a8g: qweight U8 [n, k/2], gscale U8 [n, k/group] (group a multiple of 64) with values in [1, 16], scale F32 [n]
+static void load_w4a8g(const File & f, Linear & lin, LinearInput) {
+    load_qweight(f, lin);
+    if (lin.kp != lin.k) {
+        throw linear_error(f, lin, "w4a8g qweight has " + std::to_string(lin.kp) + " columns, expected K = " +
+                                       std::to_string(lin.k));
+    }
+    const TensorView & gs = f.tensor(lin.name + ".gscale");
+    if (gs.dtype != DTYPE_U8 || gs.shape.size() != 2 || gs.shape[0] != lin.n || gs.shape[1] < 1 ||
+        lin.k % gs.shape[1] != 0 || (lin.k / gs.shape[1]) % 64 != 0) {
+        throw linear_error(f, lin, "tensor '" + lin.name + ".gscale' must be U8 [" + std::to_string(lin.n) +
+                                       ", K/group] with a group a multiple of 64 (K = " + std::to_string(lin.k) + ")");
+    }
+    const uint8_t * g = gs.as<uint8_t>();
+    for (int64_t i = 0; i < gs.numel(); i++) {
+        if (g[i] < 1 || g[i] > 16) {
+            throw linear_error(f, lin, "tensor '" + lin.name + ".gscale' has a group scale " + std::to_string(g[i]) +
+                                           " at " + std::to_string(i) + ", outside [1, 16]");
+        }
+    }
+    lin.group = lin.k / gs.shape[1];
+    lin.gscale = &gs;
+    lin.qmax = 127;
+    load_int8_input(f, lin);
+}
+
 const std::vector<Scheme> & schemes() {
     static const std::vector<Scheme> table = {
         {"f16", false, 0, 0, load_f16, "fp16 weights, fp32 activations"},
         {"w4a16g", false, 0, 16, load_w4a16g, "int4 weights with fp16 scales per group along K, fp32 activations"},
         {"w4a4d", false, 64, 0, load_w4a4d, "int4 weights and per-token dynamic int4 activations"},
         {"w4a4", true, 64, 0, load_w4a4, "int4 weights and static int4 activation codes (MergeQuant)"},
+        {"w8a8", false, 0, 0, load_w8a8, "int8 (or narrower, P.bits) weights per channel, per-token dynamic int8 activations"},
+        {"w4a8", false, 64, 0, load_w4a8, "int4 weights per channel, per-token dynamic int8 activations"},
+        {"w4a8g", false, 0, 64, load_w4a8g, "int4 weights with integer group scales and a channel scale, per-token dynamic int8 activations"},
     };
     return table;
 }

@@ -68,11 +68,21 @@ struct TestLinear {
         lin.in_map = view("in_map");
         lin.lora_a = view("lora_a");
         lin.lora_b = view("lora_b");
+        lin.gscale = view("gscale");
+        lin.bias = view("bias");
+        if (const mq::TensorView * bits = view("bits")) {  // w8a8: I32 [1]
+            lin.qmax = (1 << (bits->as<int32_t>()[0] - 1)) - 1;
+        } else if (scheme == "w4a8" || scheme == "w4a8g") {
+            lin.qmax = 127;
+        }
         if (lin.qweight) {
-            lin.kp = 2 * lin.qweight->shape[1];
+            lin.kp = scheme == "w8a8" ? lin.qweight->shape[1] : 2 * lin.qweight->shape[1];
         }
         if (scheme == "w4a16g" && lin.scale) {
             lin.group = k / lin.scale->shape[1];
+        }
+        if (scheme == "w4a8g" && lin.gscale) {
+            lin.group = k / lin.gscale->shape[1];
         }
         if (lin.lora_a) {
             lin.rank = lin.lora_a->shape[0];

@@ -42,6 +42,9 @@ static const std::vector<LinearKernels> & cpu_schemes() {
         cpu::linear_w4a16g,  // linear-w4a16g.cpp
         cpu::linear_w4a4d,   // linear-w4a4.cpp
         cpu::linear_w4a4,    // linear-w4a4.cpp
+        cpu::linear_w8a8,    // linear-int8.cpp
+        cpu::linear_w4a8,    // linear-int8.cpp
+        cpu::linear_w4a8g,   // linear-int8.cpp
     };
     return table;
 }

@@ -69,6 +69,8 @@ void swiglu(Backend &, const float * gu, int32_t m, int32_t n_ff, float * out);
 
 // the scheme table's entries, each in linear-<scheme>.cpp
 extern const LinearKernels linear_f16, linear_w4a16g, linear_w4a4d, linear_w4a4;
+// linear-int8.cpp: the dynamic int8-activation schemes
+extern const LinearKernels linear_w8a8, linear_w4a8, linear_w4a8g;
 }  // namespace cpu
 
 }  // namespace mq

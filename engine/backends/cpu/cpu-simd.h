@@ -17,6 +17,14 @@ struct CodesPrepared {
     int32_t * sum;  // [m]
 };
 
+// int8 activation codes prepared for the int4-weight GEMM of w4a8/w4a8g: even and odd slots apart (as for the int4
+// GEMM) and the sum of the codes of every group along K (the kernels work on q + 8, kernels/gemm-int8.cpp)
+struct Int8Prepared {
+    const int8_t * even;   // [m, kp/2]
+    const int8_t * odd;    // [m, kp/2]
+    const int32_t * gsum;  // [m, kp/group]
+};
+
 // The rows of one kv head in a layer's K and V caches: row j of K is at k + j·stride elements (fp16, or
 // int8 codes read back as float(code) · k_step[d]).
 struct KvRows {
@@ -46,6 +54,12 @@ struct CpuKernels {
     void (*attention_heads)(const float * q, int32_t g, int32_t hd, const KvRows & kv, int32_t n_kv, float * out);
     void (*lora_rows)(const double * l, int64_t rank, const float * bt, int64_t n, int64_t r0, int64_t r1,
                       double * out);
+    // the dynamic int8-activation schemes (kernels/gemm-int8.cpp)
+    float (*quant_row_i8)(const float * x, int64_t k, int64_t kp, int32_t qmax, int8_t * a);
+    void (*gemm_w8a8)(const int8_t * w, const int32_t * wsum, const int8_t * a, int64_t ka, int64_t m, int64_t k,
+                      int64_t n, int64_t r0, int64_t r1, int32_t * acc);
+    void (*gemm_w4a8)(const uint8_t * qw, const uint8_t * gscale, int64_t group, const Int8Prepared & a, int64_t m,
+                      int64_t kp, int64_t n, int64_t r0, int64_t r1, int32_t * acc);
 };
 
 // the set this process runs (chosen at the first call; throws mq::Error for a bad MERGEQUANT_CPU)
@@ -109,6 +123,24 @@ inline void cpu_attention_heads(const float * q, int32_t g, int32_t hd, const Kv
 inline void cpu_lora_rows(const double * l, int64_t rank, const float * bt, int64_t n, int64_t r0, int64_t r1,
                           double * out) {
     cpu_kernels().lora_rows(l, rank, bt, n, r0, r1, out);
+}
+
+// one token's dynamic int8 codes: amax = max_i |x[i]|, a[i] = clamp(rint(x[i] * (qmax / amax)), -qmax, qmax)
+// (fp32 division and multiply, round half to even) for i < k, 0 up to kp; returns amax (0: every code 0)
+inline float cpu_quant_row_i8(const float * x, int64_t k, int64_t kp, int32_t qmax, int8_t * a) {
+    return cpu_kernels().quant_row_i8(x, k, kp, qmax, a);
+}
+// w8a8: acc[t, r] = Σ_{i<k} a[t·ka + i] · w[r, i] (exact int32) for rows [r0, r1); w int8 [n, k]; a int8 [m, ka] with
+// ka a multiple of 64 and zeros beyond k; wsum[r] = Σ_i w[r, i] (the AVX-512 path's offset)
+inline void cpu_gemm_w8a8(const int8_t * w, const int32_t * wsum, const int8_t * a, int64_t ka, int64_t m, int64_t k,
+                          int64_t n, int64_t r0, int64_t r1, int32_t * acc) {
+    cpu_kernels().gemm_w8a8(w, wsum, a, ka, m, k, n, r0, r1, acc);
+}
+// w4a8 (gscale null: one group of kp) and w4a8g: acc[t, r] = Σ_k a[t, k] · q[r, k] · g[r, k / group] (exact int32)
+// for rows [r0, r1); qw packed [n, kp/2]; group a multiple of 64 dividing kp
+inline void cpu_gemm_w4a8(const uint8_t * qw, const uint8_t * gscale, int64_t group, const Int8Prepared & a,
+                          int64_t m, int64_t kp, int64_t n, int64_t r0, int64_t r1, int32_t * acc) {
+    cpu_kernels().gemm_w4a8(qw, gscale, group, a, m, kp, n, r0, r1, acc);
 }
 
 #endif

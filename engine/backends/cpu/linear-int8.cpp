@@ -1,0 +1,132 @@
+// Schemes w8a8, w4a8 and w4a8g on the CPU (docs/numerics.md, "Dynamic int8 activations"): the linear quantizes
+// each token of its fp32 input to int8 codes itself (amax, then one multiply and a rounding per value), runs the
+// exact int32 GEMM over the file's integer weights (kernels/gemm-int8.cpp: GEMV for one token, blocks of rows and
+// tokens for several) and applies y = ((float(acc) * scale[n]) * (amax / qmax)) (+ bias[n]).
+#include "cpu-backend.h"
+#include "cpu-simd.h"
+
+#include <algorithm>
+#include <vector>
+
+namespace mq::cpu {
+
+// w8a8's weight row sums Σ_k w[n, k], the offset of the AVX-512 path's biased activations (made once at load)
+static void prepare_w8a8(Backend &, Linear & lin) {
+    int32_t * sums = new int32_t[lin.n];
+    const int8_t * w = lin.qweight->as<int8_t>();
+    for (int64_t r = 0; r < lin.n; r++) {
+        int32_t s = 0;
+        for (int64_t i = 0; i < lin.k; i++) {
+            s += w[r * lin.k + i];
+        }
+        sums[r] = s;
+    }
+    lin.prepared = sums;
+}
+
+static void release_w8a8(Backend &, Linear & lin) {
+    delete[] (int32_t *) lin.prepared;
+    lin.prepared = nullptr;
+}
+
+static int64_t round64(int64_t k) {
+    return (k + 63) / 64 * 64;
+}
+
+// the activation operand of the int4-weight GEMM: even and odd codes apart and each group's code sum
+struct Int8Operand {
+    std::vector<int8_t> even, odd;
+    std::vector<int32_t> gsum;
+    Int8Prepared view() const { return {even.data(), odd.data(), gsum.data()}; }
+};
+
+static int64_t w4a8_group(const Linear & lin) {
+    return lin.gscale ? lin.group : lin.kp;  // w4a8: one group of the whole (padded) row
+}
+
+static void prepare_operand(const Linear & lin, const int8_t * a, int32_t m, Int8Operand & op) {
+    const int64_t kp = lin.kp, h = kp / 2, group = w4a8_group(lin), ng = kp / group;
+    op.even.resize((size_t) m * h);
+    op.odd.resize((size_t) m * h);
+    op.gsum.assign((size_t) m * ng, 0);
+    for (int32_t t = 0; t < m; t++) {
+        const int8_t * src = a + (size_t) t * kp;
+        for (int64_t i = 0; i < h; i++) {
+            op.even[t * h + i] = src[2 * i];
+            op.odd[t * h + i] = src[2 * i + 1];
+        }
+        for (int64_t i = 0; i < kp; i++) {
+            op.gsum[t * ng + i / group] += src[i];
+        }
+    }
+}
+
+// acc [m, n] = a · wᵀ for codes a [m, ·] with rows `stride` apart (w8a8: a multiple of 64, zeros beyond k; the
+// 4-bit-weight schemes: lin.kp)
+static void gemm_rows(Backend & be, const Linear & lin, const int8_t * a, int64_t stride, int32_t m, int32_t * acc) {
+    if (lin.scheme == "w8a8") {
+        const int8_t * w = lin.qweight->as<int8_t>();
+        const int32_t * wsum = (const int32_t *) lin.prepared;
+        cpu_of(be).run_row_blocks(lin.n, [&](int64_t r0, int64_t r1) {
+            cpu_gemm_w8a8(w, wsum, a, stride, m, lin.k, lin.n, r0, r1, acc);
+        });
+        return;
+    }
+    Int8Operand op;
+    prepare_operand(lin, a, m, op);
+    const Int8Prepared view = op.view();
+    const uint8_t * gs = lin.gscale ? lin.gscale->as<uint8_t>() : nullptr;
+    const int64_t group = w4a8_group(lin);
+    cpu_of(be).run_row_blocks(lin.n, [&](int64_t r0, int64_t r1) {
+        cpu_gemm_w4a8(lin.qweight->data, gs, group, view, m, lin.kp, lin.n, r0, r1, acc);
+    });
+}
+
+// the rows of the codes the GEMM reads: w8a8's padded to a multiple of 64 (the kernels' unit of K)
+static int64_t code_stride(const Linear & lin) {
+    return lin.scheme == "w8a8" ? round64(lin.k) : lin.kp;
+}
+
+// the integer core on given codes a [m, lin.kp] (for tests)
+static void int_gemm(Backend & be, const Linear & lin, const int8_t * a, int32_t m, int32_t * acc) {
+    const int64_t stride = code_stride(lin);
+    std::vector<int8_t> padded((size_t) m * stride, 0);
+    for (int32_t t = 0; t < m; t++) {
+        std::copy(a + (size_t) t * lin.kp, a + (size_t) (t + 1) * lin.kp, padded.begin() + (size_t) t * stride);
+    }
+    gemm_rows(be, lin, padded.data(), stride, m, acc);
+}
+
+static void run_int8(Backend & be, const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) {
+    const int64_t k = lin.k, n = lin.n, stride = code_stride(lin);
+    // per-token dynamic quantization: a = clamp(rint(x * (qmax / amax)), -qmax, qmax), step = amax / qmax
+    std::vector<int8_t> codes((size_t) m * stride);
+    std::vector<float> step(m);
+    for (int32_t t = 0; t < m; t++) {
+        const float amax = cpu_quant_row_i8(x + (size_t) t * k, k, stride, lin.qmax, codes.data() + (size_t) t * stride);
+        step[t] = amax / (float) lin.qmax;
+    }
+    std::vector<int32_t> acc((size_t) m * n);
+    gemm_rows(be, lin, codes.data(), stride, m, acc.data());
+    const float * scale = lin.scale->as<float>();
+    const float * bias = lin.bias ? lin.bias->as<float>() : nullptr;
+    const int32_t * accp = acc.data();
+    const float * stepp = step.data();
+    cpu_of(be).run_row_blocks(n, [&](int64_t r0, int64_t r1) {
+        for (int32_t t = 0; t < m; t++) {
+            for (int64_t r = r0; r < r1; r++) {
+                float v = ((float) accp[t * n + r] * scale[r]) * stepp[t];
+                if (bias) {
+                    v = v + bias[r];
+                }
+                y[t * n + r] = accumulate ? y[t * n + r] + v : v;
+            }
+        }
+    });
+}
+
+const LinearKernels linear_w8a8 = {"w8a8", 0, 0, prepare_w8a8, release_w8a8, run_int8, nullptr, int_gemm};
+const LinearKernels linear_w4a8 = {"w4a8", 0, 0, nullptr, nullptr, run_int8, nullptr, int_gemm};
+const LinearKernels linear_w4a8g = {"w4a8g", 0, 64, nullptr, nullptr, run_int8, nullptr, int_gemm};
+
+}  // namespace mq::cpu
