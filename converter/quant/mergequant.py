@@ -39,6 +39,8 @@ class Options:
     split: bool = True         # channel splitting into the K padding plus `budget`·K slots
     budget: float = 0.03
     budget_down: float | None = None  # ffn_down's own split budget (its SwiGLU input carries the most error); None: budget
+    down_a8: bool = False      # mixed precision: ffn_down in w4a8 (per-token int8 inputs), not static W4A4
+    down_alpha: float = 0.5    # its smoothing exponent (SmoothQuant's α), the scales folded into the up rows
     rank: int = 16             # low-rank compensation rank (0: off)
     gptq: bool = True          # GPTQ codes instead of RTN (the low-rank branch then fits what GPTQ leaves)
     gptq_target: str = "w"     # "w": the folded weight W̃; "ls": least-squares fit of X·Wᵀ on the int4 inputs;
@@ -211,6 +213,28 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
     return lq
 
 
+def quantize_down_a8(m: np.ndarray, w: np.ndarray, opts: Options, fit: int) -> tuple[np.ndarray, np.ndarray,
+                                                                                      np.ndarray, np.ndarray]:
+    """ffn_down under the mixed-precision policy: its fp32 input m [M, K] (the SwiGLU output) smoothed per channel,
+    s_j = max|m_j|^α / max|W[:, j]|^(1−α) (the smoothed input m / s carries fewer outliers into the per-token int8
+    step; s is folded into the up rows upstream), then int4 weight codes for W·diag(s) on the Hessian of the
+    per-token int8 inputs (GPTQ, or RTN). Returns (s, W·diag(s), codes, scale)."""
+    a_max = np.abs(m[:fit]).max(axis=0).astype(np.float64)
+    w_max = np.abs(w).max(axis=0).astype(np.float64)
+    smooth = np.where((a_max > 0) & (w_max > 0),
+                      a_max ** opts.down_alpha / np.maximum(w_max, 1e-12) ** (1 - opts.down_alpha), 1.0)
+    smooth = np.maximum(smooth, 1e-6 * smooth.max()).astype(np.float32)
+    x = m[:fit] / smooth
+    w_s = (w * smooth).astype(np.float32)
+    amax = np.abs(x).max(axis=1, keepdims=True)
+    safe = np.where(amax > 0, amax, 1).astype(np.float32)
+    x_hat = round_codes(x * (np.float32(127) / safe), -127, 127) * (amax / np.float32(127))
+    gram = x_hat.T.astype(np.float64) @ x_hat.astype(np.float64)
+    scale = search_weight_scale(w_s, np.diag(gram)) if opts.clip else np.abs(w_s).max(axis=1) / QMAX
+    codes = gptq_codes(w_s, gram, scale, damp=opts.damp, act_order=opts.act_order) if opts.gptq else quant_rows(w_s, scale)[0]
+    return smooth, w_s, codes, scale.astype(np.float32)
+
+
 def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: LlamaConfig, opts: Options,
                    quant: dict[str, Any], rng: np.random.Generator, held_out: int = 0,
                    report: list[dict[str, Any]] | None = None) -> tuple[dict[str, np.ndarray], SimBlock]:
@@ -260,17 +284,23 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
     in_gu, gate_up = split_input_linear(x2, "ffn_gate_up")
     del x2
     m = swiglu(gate_up.y[:, :f], gate_up.y[:, f:])
-    in_down, down = split_input_linear(m, "ffn_down")
-    gate_up.fold_rows(slice(f, None), in_down.step)
+    if opts.down_a8:
+        smooth, w_down, codes, scale = quantize_down_a8(m, fused[p + "ffn_down"], opts, fit)
+        gate_up.fold_rows(slice(f, None), smooth)
+        down_tensors = pack_linear(p + "ffn_down", w_down, "w4a8", quant, codes=codes, scale=scale)
+    else:
+        in_down, down = split_input_linear(m, "ffn_down")
+        gate_up.fold_rows(slice(f, None), in_down.step)
+        down_tensors = down.tensors(p + "ffn_down", quant) | {p + "ffn_down.in_map": in_down.in_map}
     del m
 
     tensors = {p + "attn_norm.weight": g1.astype(np.float32), p + "ffn_norm.weight": g2.astype(np.float32)}
     tensors |= qkv.tensors(p + "attn_qkv", quant) | out.tensors(p + "attn_output", quant)
-    tensors |= gate_up.tensors(p + "ffn_gate_up", quant) | down.tensors(p + "ffn_down", quant)
+    tensors |= gate_up.tensors(p + "ffn_gate_up", quant) | down_tensors
     tensors |= {p + "attn_qkv.in_scale": (g1 / in_qkv.step).astype(np.float32),
                 p + "attn_qkv.in_map": in_qkv.in_map,
                 p + "ffn_gate_up.in_scale": (g2 / in_gu.step).astype(np.float32),
-                p + "ffn_gate_up.in_map": in_gu.in_map, p + "ffn_down.in_map": in_down.in_map}
+                p + "ffn_gate_up.in_map": in_gu.in_map}
     return tensors, load_block(config, tensors.get, quant["linears"], i)
 
 
@@ -302,6 +332,7 @@ def mergequant(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] 
                no_clip: bool = False, no_split: bool = False, rank: int = Options.rank, gptq: bool = Options.gptq,
                gptq_target: str = Options.gptq_target, act_order: bool = Options.act_order,
                ridge: float = Options.ridge, budget: float = Options.budget, budget_down: float | None = None,
+               down_a8: bool = Options.down_a8, down_alpha: float = Options.down_alpha,
                calib: str = "wikitext2+c4", calib_n: int = CalibrationSpec.n, calib_len: int = CalibrationSpec.length,
                seed: int = 0, tokenizer: str | None = None, report: str | None = None,
                report_n: int = 4) -> Iterator[dict[str, np.ndarray]]:
@@ -310,7 +341,7 @@ def mergequant(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] 
     check_scheme("mergequant", "w4a4", scheme)
     if gptq_target not in ("w", "ls", "ridge"):
         raise ValueError(f"mergequant: gptq_target must be 'w', 'ls' or 'ridge', got {gptq_target!r}")
-    opts = Options(clip=not no_clip, split=not no_split, budget=budget, budget_down=budget_down, rank=rank, gptq=gptq, gptq_target=gptq_target,
+    opts = Options(clip=not no_clip, split=not no_split, budget=budget, budget_down=budget_down, down_a8=down_a8, down_alpha=down_alpha, rank=rank, gptq=gptq, gptq_target=gptq_target,
                    act_order=act_order, ridge=ridge)
     return w4a4_static(ck, {} if quant is None else quant, opts,
                        CalibrationSpec(calib, calib_n, calib_len, seed, tokenizer), report, report_n)

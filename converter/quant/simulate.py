@@ -54,6 +54,12 @@ class SimBlock:
         """Int4-code inputs: the norms, attention and SwiGLU emit the codes the linears read."""
         return self.qkv.inputs == "codes"
 
+    @property
+    def down_codes(self) -> bool:
+        """ffn_down reads SwiGLU's int4 codes too; False in a static block whose ffn_down takes the fp32 SwiGLU
+        output and quantizes it itself (the mixed-precision policy: ffn_down in w4a8, docs/numerics.md)."""
+        return self.down.inputs == "codes"
+
 
 @dataclass(frozen=True)
 class KVInt8:
@@ -160,7 +166,7 @@ def block_forward(h: np.ndarray, blk: SimBlock, config: LlamaConfig, cos: np.nda
         y = blk.gate_up(flat(h * rms_factor(h, eps) * blk.ffn_norm), record, prefix + "ffn_gate_up")
     f = config.intermediate_size
     m = swiglu(y[:, :f], y[:, f:])
-    if blk.static:
+    if blk.static and blk.down_codes:
         out = blk.down(expand_slots(m, blk.down.in_map), record, prefix + "ffn_down")
     else:
         out = blk.down(m, record, prefix + "ffn_down")
@@ -172,9 +178,12 @@ def load_block(config: LlamaConfig, get: Callable[[str], np.ndarray | None], lin
     p = f"blk.{i}."
     lin: dict[str, SimLinear] = {n: get_scheme(linears[p + n]).simulate(lambda s, n=n: get(f"{p}{n}.{s}"))
                                  for n in LINEARS}
-    if len({x.inputs for x in lin.values()}) > 1:
-        raise ValueError(f"block {i}: a scheme with int4-code inputs must cover all four linears, got "
-                         f"{sorted(x.scheme for x in lin.values())}")
+    # int4-code inputs cover all four linears, or the first three with a float-input ffn_down (mixed precision)
+    first3 = {lin[n].inputs for n in LINEARS if n != "ffn_down"}
+    if len(first3) > 1 or (first3 == {"float"} and lin["ffn_down"].inputs == "codes"):
+        raise ValueError(f"block {i}: a scheme with int4-code inputs must cover attn_qkv, attn_output and "
+                         f"ffn_gate_up (and ffn_down, unless it takes float inputs), got "
+                         f"{[lin[n].scheme for n in LINEARS]}")
     f32 = lambda s: np.asarray(get(p + s), np.float32)  # noqa: E731
     return SimBlock(f32("attn_norm.weight"), f32("ffn_norm.weight"), lin["attn_qkv"], lin["attn_output"],
                     lin["ffn_gate_up"], lin["ffn_down"])

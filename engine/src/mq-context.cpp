@@ -244,6 +244,12 @@ void Context::mlp_block_w4a4(int32_t l, int32_t m) {
     const LayerWeights & L = model_->layers[l];
     be_.rmsnorm_quant(x_, L.ffn_gate_up, m, c.n_embd, c.rms_eps, codes_);
     trace_codes(L.ffn_gate_up, m, codes_);
+    if (!L.down_codes) {  // ffn_down takes the fp32 SwiGLU output (mixed precision, docs/numerics.md)
+        be_.linear_codes(L.ffn_gate_up, codes_, m, gu_, false);
+        be_.swiglu(gu_, m, c.n_ff, act_);
+        be_.linear(L.ffn_down, act_, m, x_, true);
+        return;
+    }
     be_.linear_codes_swiglu_quant(L.ffn_gate_up, codes_, m, L.ffn_down, c.n_ff, gu_, codes_down_);
     trace_codes(L.ffn_down, m, codes_down_);
     be_.linear_codes(L.ffn_down, codes_down_, m, x_, true);

@@ -180,14 +180,16 @@ void Model::load_weights(const Json & quant) {
         load_linear(L.attn_output, p + "attn_output", c.n_embd, c.q_dim(), quant, LINEAR_INPUT_CODES);
         load_linear(L.ffn_gate_up, p + "ffn_gate_up", 2 * (int64_t) c.n_ff, c.n_embd, quant, LINEAR_INPUT_NORM);
         load_linear(L.ffn_down, p + "ffn_down", c.n_embd, c.n_ff, quant, LINEAR_INPUT_SLOTS);
-        // static W4A4 is a property of the whole block: integer codes flow from op to op
-        const int n_static = L.attn_qkv.def->takes_codes + L.attn_output.def->takes_codes +
-                             L.ffn_gate_up.def->takes_codes + L.ffn_down.def->takes_codes;
-        if (n_static != 0 && n_static != 4) {
+        // static W4A4 is a property of the whole block: integer codes flow from op to op; ffn_down alone may take
+        // floats instead (the mixed-precision policy: it quantizes the SwiGLU output itself)
+        const int n_static = L.attn_qkv.def->takes_codes + L.attn_output.def->takes_codes + L.ffn_gate_up.def->takes_codes;
+        if ((n_static != 0 && n_static != 3) || (n_static == 0 && L.ffn_down.def->takes_codes)) {
             throw Error("model file '" + path + "': layer " + std::to_string(i) +
-                        " mixes w4a4 with other schemes; a static W4A4 block has all four linears in w4a4");
+                        " mixes w4a4 with other schemes; a static W4A4 block has attn_qkv, attn_output and ffn_gate_up "
+                        "in w4a4, and ffn_down in w4a4 or in a scheme that takes floats");
         }
-        L.static_w4a4 = n_static == 4;
+        L.static_w4a4 = n_static == 3;
+        L.down_codes = L.static_w4a4 && L.ffn_down.def->takes_codes;
         if (has_kv_scales_) {
             L.kv_scales = load_kv_scales(i);
         }

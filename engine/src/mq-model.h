@@ -32,7 +32,8 @@ struct LayerWeights {
     void * attn_norm = nullptr;  // device fp32 [n_embd]
     void * ffn_norm = nullptr;
     Linear attn_qkv, attn_output, ffn_gate_up, ffn_down;
-    bool static_w4a4 = false;  // all four linears w4a4: integer codes between the ops
+    bool static_w4a4 = false;  // attn_qkv, attn_output, ffn_gate_up (and ffn_down) w4a4: integer codes between the ops
+    bool down_codes = false;   // ffn_down too takes codes (else, in a static block, the fp32 SwiGLU output)
     KvScales kv_scales;        // the int8 KV cache's steps (device), null when the file has none
 };
 
