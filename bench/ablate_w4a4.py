@@ -49,6 +49,8 @@ ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
     "down0.1": ("split budget 10% of K for ffn_down only", "mergequant", {"budget_down": 0.1}),
     "down0.2": ("split budget 20% of K for ffn_down only", "mergequant", {"budget_down": 0.2}),
     "down0.35": ("split budget 35% of K for ffn_down only", "mergequant", {"budget_down": 0.35}),
+    "down-a8": ("mixed precision: ffn_down in w4a8 (per-token int8 inputs, smoothed α 0.5), not plain W4A4",
+                "mergequant", {"down_a8": True}),
     "rank32": ("+ act-order, rank 32", "mergequant", {"act_order": True, "rank": 32}),
     "default": ("MergeQuant default (this commit)", "mergequant", {}),
 }
