@@ -84,8 +84,8 @@ fi
 
 if has pytest; then
     echo "== pytest (CUDA files)"
-    files=(tests/test_cuda_parity.py)
-    [ -f tests/test_ops.py ] && files+=(tests/test_ops.py)
+    # GPU_PYTEST_FILES overrides the list (e.g. on a short device lease)
+    read -r -a files <<< "${GPU_PYTEST_FILES:-tests/test_cuda_parity.py tests/test_ops.py}"
     PYTHONUNBUFFERED=1 $py -m pytest -q -p no:cacheprovider "${files[@]}" -rs 2>&1 | tee "$OUT/pytest.log" | tail -25
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
