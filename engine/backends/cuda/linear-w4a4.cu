@@ -338,6 +338,23 @@ void cuda_linear_w4a4(const void * qweight, const float * scale, const float * a
     }
 }
 
+void cuda_linear_i8(const void * qweight, const float * scale, const float * row_scale, int64_t n, int64_t k,
+                    const int8_t * a, int32_t m, float * y, bool accumulate, cudaStream_t st) {
+    if (k % 16 != 0 || k <= 0 || k > (int64_t(1) << 17) || n <= 0) {
+        throw Error("CUDA int8 linear: K = " + std::to_string(k) + " must be a positive multiple of 16 up to 131072, N = " +
+                    std::to_string(n) + " positive");
+    }
+    if (m <= 0) return;
+    if (m <= W4_MAX_M) {
+        const gemv_fn f = m > 8 ? gemv_w4a4_kernel<FmtI8, false, 2, 2, true, false> : gemv_w4a4_kernel<FmtI8, false, 2, 2, false, false>;
+        launch_pdl(f, dim3((unsigned) ceil_div(n, 16)), dim3(256), 0, st, "gemv_w4a4_kernel<i8>", (const uint8_t *) a,
+                   (const uint8_t *) qweight, scale, (const float *) nullptr, row_scale, y, m, (int) n, (int) k,
+                   accumulate ? 1 : 0, cuda_pdl_mode() == 2 ? 1 : 0, SwigluOut(), LoraGemv());
+        return;
+    }
+    launch_gemm<FmtI8>(a, qweight, scale, nullptr, row_scale, y, m, n, (int) k, accumulate, st);
+}
+
 void cuda_linear_w4a4_swiglu(const void * qweight, const float * scale, const float * add, int64_t kp, const int8_t * codes,
                              int32_t m, const SwigluOut & so, W4A4Mma mma, cudaStream_t st, const LoraGemv & lo) {
     if (kp % 64 != 0 || kp <= 0 || kp >= 131072 || so.n_ff <= 0 || so.n_ff % 8 != 0 || m > W4_MAX_M) {

@@ -40,6 +40,11 @@ W4A4Mma cuda_w4a4_mma_default();
 void cuda_linear_w4a4(const void * qweight, const float * scale, const float * add, const float * row_scale, int64_t n,
                       int64_t kp, const void * a, bool codes8, int32_t m, float * y, bool accumulate, W4A4Mma mma,
                       cudaStream_t st, const LoraGemv & lo = LoraGemv());
+// y[m, n] (+)= (float(acc[m, n]) * scale[n]) * row_scale[m], acc = Σ_k a[m, k] · w[n, k] exact in int32, for int8
+// codes a [m, k] and int8 weights w [n, k] (scheme w8a8, linear-int8.cu): this file's GEMV (m <= 16) and tiled
+// GEMM with the FmtI8 fragments; k a positive multiple of 16 (16-byte rows), at most 131072
+void cuda_linear_i8(const void * qweight, const float * scale, const float * row_scale, int64_t n, int64_t k,
+                    const int8_t * a, int32_t m, float * y, bool accumulate, cudaStream_t st);
 // the static W4A4 gate/up linear [2·n_ff rows: gate, then up] at decode sizes (m <= W4A4_GEMV_MAX_M, int8 codes
 // in), fused with SwiGLU and the requantization to down_proj's codes: so.out = slots of swiglu(g, u) where
 // g, u = float(acc) · scale (+ add); n_ff a multiple of 8

@@ -86,6 +86,19 @@ struct FmtS4 : FragWordPairs {
     }
 };
 
+// FmtI8 (int8 codes, one per byte; 64 k per chunk; INT8 tensor cores): mma.m16n8k32 .s8 as FmtI4, but the words
+// are int8 lanes already: step s (0, 1) gives w[2s] to the "4t.." registers and w[2s+1] to the "16+4t.." ones, the
+// same assignment for A and B, and the int32 sum is the true one (w8a8: activations and weights in [-127, 127])
+struct FmtI8 : FragWordPairs {
+    using acc_t = int32_t;
+    static constexpr int k_per_chunk = 64;
+    static constexpr int steps = 2;
+    static constexpr int shift = 0;
+    __device__ __forceinline__ static void mma(int32_t c[4], const uint32_t a[4], const uint32_t b[2]) {
+        FmtI4::mma(c, a, b);
+    }
+};
+
 struct FmtF16 : FragWordPairs {
     using acc_t = float;
     static constexpr int k_per_chunk = 32;

@@ -1,0 +1,120 @@
+// Scheme w8a8 on the CUDA backend (docs/numerics.md, "Dynamic int8 activations"): the linear quantizes each token of
+// its fp32 input to int8 codes itself (one block per token: amax, then one fp32 multiply and a rounding per value),
+// runs the exact int32 GEMV/GEMM on INT8 tensor cores over the file's int8 weights (cuda_linear_i8, linear-w4a4.cu,
+// FmtI8 fragments of mma.cuh) with y = (float(acc) * scale[n]) * (amax / qmax) in its epilogue, and, where the file
+// has P.bias, adds it in a second pass in the CPU's order: y = y + (v + bias[n]). The same integers and the same fp32
+// operations in the same order as the CPU backend: bit-identical outputs. w4a8 and w4a8g have no CUDA entry yet: the
+// backend refuses them at load, naming itself.
+#include "cuda-backend.cuh"
+#include "cuda-common.cuh"
+#include "linear-w4a4.cuh"
+
+#include <string>
+
+namespace mq {
+
+namespace {
+
+struct CudaLinearI8 {
+    int8_t * qweight = nullptr;  // [n, k]
+    float * scale = nullptr;     // [n]
+    float * bias = nullptr;      // [n] or nullptr
+};
+
+constexpr int Q8_THREADS = 256;
+
+// row t of x [m, k] -> codes [m, stride] (zeros from k on) and step[t] = amax / qmax
+__global__ void __launch_bounds__(Q8_THREADS) quantize_i8_kernel(const float * __restrict__ x, int k, int stride,
+                                                                  int qmax, int8_t * __restrict__ codes,
+                                                                  float * __restrict__ step) {
+    pdl_trigger();
+    pdl_wait();  // launched with PDL: x comes from the kernel before
+    const float * xr = x + (size_t) blockIdx.x * k;
+    int8_t * out = codes + (size_t) blockIdx.x * stride;
+    float mx = 0.0f;
+    for (int i = threadIdx.x; i < k; i += Q8_THREADS) mx = fmaxf(mx, fabsf(xr[i]));
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    __shared__ float part[Q8_THREADS / 32];
+    __shared__ float amax_s;
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = mx;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float a = 0.0f;
+        for (int w = 0; w < Q8_THREADS / 32; w++) a = fmaxf(a, part[w]);
+        amax_s = a;
+        step[blockIdx.x] = a > 0.0f ? __fdiv_rn(a, (float) qmax) : 0.0f;
+    }
+    __syncthreads();
+    const float amax = amax_s;
+    if (!(amax > 0.0f)) {
+        for (int i = threadIdx.x; i < stride; i += Q8_THREADS) out[i] = 0;
+        return;
+    }
+    const float inv = __fdiv_rn((float) qmax, amax);
+    for (int i = threadIdx.x; i < stride; i += Q8_THREADS) {
+        out[i] = i < k ? (int8_t) round_clamp(__fmul_rn(xr[i], inv), -qmax, qmax) : (int8_t) 0;
+    }
+}
+
+// y[t, n] = (accumulate ? y[t, n] + (v + bias[n]) : v + bias[n]), v = tmp[t, n]
+__global__ void bias_epilogue_kernel(const float * __restrict__ tmp, const float * __restrict__ bias, int n, int total,
+                                     int accumulate, float * __restrict__ y) {
+    pdl_trigger();
+    pdl_wait();
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    const float v = __fadd_rn(tmp[i], bias[i % n]);
+    y[i] = accumulate ? __fadd_rn(y[i], v) : v;
+}
+
+void prepare_i8(Backend & be, Linear & lin) {
+    BackendCuda & b = cuda_of(be);
+    if (!lin.qweight || !lin.scale || lin.qmax <= 0) {
+        throw Error("linear '" + lin.name + "': " + lin.scheme + " needs qweight, scale and its bit width");
+    }
+    CudaLinearI8 * p = new CudaLinearI8();
+    p->qweight = (int8_t *) b.copy_tensor(lin.qweight);
+    p->scale = (float *) b.copy_tensor(lin.scale);
+    p->bias = (float *) b.copy_tensor(lin.bias);
+    lin.prepared = p;
+}
+
+void release_i8(Backend & be, Linear & lin) {
+    CudaLinearI8 * p = (CudaLinearI8 *) lin.prepared;
+    if (!p) return;
+    for (void * d : {(void *) p->qweight, (void *) p->scale, (void *) p->bias}) {
+        if (d) be.free(d);
+    }
+    delete p;
+    lin.prepared = nullptr;
+}
+
+void run_w8a8(Backend & be, const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) {
+    BackendCuda & b = cuda_of(be);
+    const CudaLinearI8 & p = *(const CudaLinearI8 *) lin.prepared;
+    if (m <= 0) return;
+    const size_t codes_bytes = ((size_t) m * lin.k + 255) / 256 * 256, step_bytes = ((size_t) m * 4 + 255) / 256 * 256;
+    const size_t tmp_bytes = p.bias ? (size_t) m * lin.n * sizeof(float) : 0;
+    uint8_t * buf = (uint8_t *) b.scratch_for(codes_bytes + step_bytes + tmp_bytes);
+    int8_t * codes = (int8_t *) buf;
+    float * step = (float *) (buf + codes_bytes);
+    launch_pdl(quantize_i8_kernel, dim3((unsigned) m), dim3(Q8_THREADS), 0, b.stream(), "quantize_i8_kernel", x,
+               (int) lin.k, (int) lin.k, (int) lin.qmax, codes, step);
+    if (!p.bias) {
+        cuda_linear_i8(p.qweight, p.scale, step, lin.n, lin.k, codes, m, y, accumulate, b.stream());
+        return;
+    }
+    float * tmp = (float *) (buf + codes_bytes + step_bytes);
+    cuda_linear_i8(p.qweight, p.scale, step, lin.n, lin.k, codes, m, tmp, false, b.stream());
+    const int total = (int) (m * lin.n);
+    launch_pdl(bias_epilogue_kernel, dim3((unsigned) ceil_div(total, 256)), dim3(256), 0, b.stream(),
+               "bias_epilogue_kernel", (const float *) tmp, (const float *) p.bias, (int) lin.n, total,
+               accumulate ? 1 : 0, y);
+}
+
+}  // namespace
+
+// K a multiple of 16: every row of codes and weights starts on a 16-byte boundary (the kernels' load unit)
+const LinearKernels cuda_linear_w8a8_kernels = {"w8a8", 16, 0, prepare_i8, release_i8, run_w8a8, nullptr, nullptr};
+
+}  // namespace mq
