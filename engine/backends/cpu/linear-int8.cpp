@@ -6,6 +6,7 @@
 #include "cpu-simd.h"
 
 #include <algorithm>
+#include <functional>
 #include <vector>
 
 namespace mq::cpu {
@@ -62,13 +63,18 @@ static void prepare_operand(const Linear & lin, const int8_t * a, int32_t m, Int
 }
 
 // acc [m, n] = a · wᵀ for codes a [m, ·] with rows `stride` apart (w8a8: a multiple of 64, zeros beyond k; the
-// 4-bit-weight schemes: lin.kp)
-static void gemm_rows(Backend & be, const Linear & lin, const int8_t * a, int64_t stride, int32_t m, int32_t * acc) {
+// 4-bit-weight schemes: lin.kp), rows split across the threads in blocks; `epilogue(r0, r1)`, when given, runs in
+// the same job on the rows just summed
+static void gemm_rows(Backend & be, const Linear & lin, const int8_t * a, int64_t stride, int32_t m, int32_t * acc,
+                      const std::function<void(int64_t, int64_t)> & epilogue) {
     if (lin.scheme == "w8a8") {
         const int8_t * w = lin.qweight->as<int8_t>();
         const int32_t * wsum = (const int32_t *) lin.prepared;
         cpu_of(be).run_row_blocks(lin.n, [&](int64_t r0, int64_t r1) {
             cpu_gemm_w8a8(w, wsum, a, stride, m, lin.k, lin.n, r0, r1, acc);
+            if (epilogue) {
+                epilogue(r0, r1);
+            }
         });
         return;
     }
@@ -79,6 +85,9 @@ static void gemm_rows(Backend & be, const Linear & lin, const int8_t * a, int64_
     const int64_t group = w4a8_group(lin);
     cpu_of(be).run_row_blocks(lin.n, [&](int64_t r0, int64_t r1) {
         cpu_gemm_w4a8(lin.qweight->data, gs, group, view, m, lin.kp, lin.n, r0, r1, acc);
+        if (epilogue) {
+            epilogue(r0, r1);
+        }
     });
 }
 
@@ -94,7 +103,7 @@ static void int_gemm(Backend & be, const Linear & lin, const int8_t * a, int32_t
     for (int32_t t = 0; t < m; t++) {
         std::copy(a + (size_t) t * lin.kp, a + (size_t) (t + 1) * lin.kp, padded.begin() + (size_t) t * stride);
     }
-    gemm_rows(be, lin, padded.data(), stride, m, acc);
+    gemm_rows(be, lin, padded.data(), stride, m, acc, nullptr);
 }
 
 static void run_int8(Backend & be, const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) {
@@ -107,12 +116,11 @@ static void run_int8(Backend & be, const Linear & lin, const float * x, int32_t 
         step[t] = amax / (float) lin.qmax;
     }
     std::vector<int32_t> acc((size_t) m * n);
-    gemm_rows(be, lin, codes.data(), stride, m, acc.data());
     const float * scale = lin.scale->as<float>();
     const float * bias = lin.bias ? lin.bias->as<float>() : nullptr;
     const int32_t * accp = acc.data();
     const float * stepp = step.data();
-    cpu_of(be).run_row_blocks(n, [&](int64_t r0, int64_t r1) {
+    gemm_rows(be, lin, codes.data(), stride, m, acc.data(), [&](int64_t r0, int64_t r1) {
         for (int32_t t = 0; t < m; t++) {
             for (int64_t r = r0; r < r1; r++) {
                 float v = ((float) accp[t * n + r] * scale[r]) * stepp[t];
