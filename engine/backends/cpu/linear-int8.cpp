@@ -111,10 +111,14 @@ static void run_int8(Backend & be, const Linear & lin, const float * x, int32_t 
     // per-token dynamic quantization: a = clamp(rint(x * (qmax / amax)), -qmax, qmax), step = amax / qmax
     std::vector<int8_t> codes((size_t) m * stride);
     std::vector<float> step(m);
-    for (int32_t t = 0; t < m; t++) {
-        const float amax = cpu_quant_row_i8(x + (size_t) t * k, k, stride, lin.qmax, codes.data() + (size_t) t * stride);
-        step[t] = amax / (float) lin.qmax;
-    }
+    cpu_of(be).run_rows(m, [&](int32_t ith, int32_t nth) {  // the tokens of a prefill split across the threads
+        int64_t b, e;
+        split_range(m, ith, nth, b, e);
+        for (int64_t t = b; t < e; t++) {
+            const float amax = cpu_quant_row_i8(x + t * k, k, stride, lin.qmax, codes.data() + t * stride);
+            step[t] = amax / (float) lin.qmax;
+        }
+    });
     std::vector<int32_t> acc((size_t) m * n);
     const float * scale = lin.scale->as<float>();
     const float * bias = lin.bias ? lin.bias->as<float>() : nullptr;
