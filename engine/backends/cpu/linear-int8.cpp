@@ -11,7 +11,8 @@
 
 namespace mq::cpu {
 
-// w8a8's weight row sums Σ_k w[n, k], the offset of the AVX-512 path's biased activations (made once at load)
+// w8a8's weight row sums Σ_k w[n, k], the offset of the AVX-512 path's biased activations (made once at load;
+// released by release_row_sums, as w4a8's)
 static void prepare_w8a8(Backend &, Linear & lin) {
     int32_t * sums = new int32_t[lin.n];
     const int8_t * w = lin.qweight->as<int8_t>();
@@ -25,7 +26,24 @@ static void prepare_w8a8(Backend &, Linear & lin) {
     lin.prepared = sums;
 }
 
-static void release_w8a8(Backend &, Linear & lin) {
+// w4a8/w4a8g's integer weight row sums Σ_k q[n, k] · g[n, k / group], likewise
+static void prepare_w4a8(Backend &, Linear & lin) {
+    int32_t * sums = new int32_t[lin.n];
+    const int64_t h = lin.kp / 2, group = lin.gscale ? lin.group : lin.kp, ng = lin.kp / group;
+    for (int64_t r = 0; r < lin.n; r++) {
+        const uint8_t * q = lin.qweight->data + r * h;
+        int32_t s = 0;
+        for (int64_t i = 0; i < h; i++) {
+            const int32_t lo = q[i] & 0xF, hi = q[i] >> 4;
+            const int32_t g = lin.gscale ? lin.gscale->as<uint8_t>()[r * ng + 2 * i / group] : 1;
+            s += g * ((lo - 16 * (lo >= 8)) + (hi - 16 * (hi >= 8)));
+        }
+        sums[r] = s;
+    }
+    lin.prepared = sums;
+}
+
+static void release_row_sums(Backend &, Linear & lin) {
     delete[] (int32_t *) lin.prepared;
     lin.prepared = nullptr;
 }
@@ -84,7 +102,7 @@ static void gemm_rows(Backend & be, const Linear & lin, const int8_t * a, int64_
     const uint8_t * gs = lin.gscale ? lin.gscale->as<uint8_t>() : nullptr;
     const int64_t group = w4a8_group(lin);
     cpu_of(be).run_row_blocks(lin.n, [&](int64_t r0, int64_t r1) {
-        cpu_gemm_w4a8(lin.qweight->data, gs, group, view, m, lin.kp, lin.n, r0, r1, acc);
+        cpu_gemm_w4a8(lin.qweight->data, gs, group, (const int32_t *) lin.prepared, view, m, lin.kp, lin.n, r0, r1, acc);
         if (epilogue) {
             epilogue(r0, r1);
         }
@@ -137,8 +155,8 @@ static void run_int8(Backend & be, const Linear & lin, const float * x, int32_t 
     });
 }
 
-const LinearKernels linear_w8a8 = {"w8a8", 0, 0, prepare_w8a8, release_w8a8, run_int8, nullptr, int_gemm};
-const LinearKernels linear_w4a8 = {"w4a8", 0, 0, nullptr, nullptr, run_int8, nullptr, int_gemm};
-const LinearKernels linear_w4a8g = {"w4a8g", 0, 64, nullptr, nullptr, run_int8, nullptr, int_gemm};
+const LinearKernels linear_w8a8 = {"w8a8", 0, 0, prepare_w8a8, release_row_sums, run_int8, nullptr, int_gemm};
+const LinearKernels linear_w4a8 = {"w4a8", 0, 0, prepare_w4a8, release_row_sums, run_int8, nullptr, int_gemm};
+const LinearKernels linear_w4a8g = {"w4a8g", 0, 64, prepare_w4a8, release_row_sums, run_int8, nullptr, int_gemm};
 
 }  // namespace mq::cpu
