@@ -57,16 +57,17 @@ CALIBRATED = {"gptq-w4a16", "smoothquant", "qqq"}
 BEGIN, END = "<!-- ablate_methods:begin -->", "<!-- ablate_methods:end -->"
 
 
-def engine_eval(path: Path, base: LLM | None, windows: list[list[int]]) -> tuple[float, float]:
-    """(perplexity, mean KL(P_base ‖ P_model) per predicted token; 0 without a base) by the CPU engine."""
+def engine_eval(path: Path, base: list[np.ndarray] | None, windows: list[list[int]]) -> tuple[float, float]:
+    """(perplexity, mean KL(P_base ‖ P_model) per predicted token; 0 without a base) by the CPU engine;
+    `base`: the f16 file's log-probabilities of every window (computed once, by the engine)."""
     llm = LLM(str(path), device="cpu")
     nll, kl, count = 0.0, 0.0, 0
-    for win in tqdm(windows, desc=f"eval {path.stem}", unit="window"):
-        lq = llm.log_probs(win)[:-1].astype(np.float64)
-        nll -= float(lq[np.arange(len(lq)), win[1:]].sum())
+    for w, win in enumerate(tqdm(windows, desc=f"eval {path.stem}", unit="window")):
+        lq = llm.log_probs(win)[:-1]
+        nll -= float(lq[np.arange(len(lq)), win[1:]].sum(dtype=np.float64))
         if base is not None:
-            lp = base.log_probs(win)[:-1].astype(np.float64)
-            kl += float((np.exp(lp) * (lp - lq)).sum())
+            lp = base[w]
+            kl += float((np.exp(lp) * (lp - lq)).sum(dtype=np.float64))
         count += len(lq)
     return math.exp(nll / count), kl / count
 
@@ -125,9 +126,12 @@ def main() -> None:
         t0 = time.perf_counter()
         convert(src, f16_path, progress=False)
         f16_seconds = time.perf_counter() - t0
-        base = LLM(str(f16_path), device="cpu")
-        ids = base.tokenize(TEXT.read_text(encoding="utf-8"), add_special=False)
+        f16 = LLM(str(f16_path), device="cpu")
+        ids = f16.tokenize(TEXT.read_text(encoding="utf-8"), add_special=False)
         windows = [ids[w * args.window:(w + 1) * args.window] for w in range(args.windows)]
+        base: list[np.ndarray] | None = None
+        if any(f"{k}@{tag}" not in cache for k in rows if k != "f16"):
+            base = [f16.log_probs(win)[:-1] for win in tqdm(windows, desc="f16 log-probs", unit="window")]
         for key in rows:
             label, method, opts = ROWS[key]
             ckey = f"{key}@{tag}"
