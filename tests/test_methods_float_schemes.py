@@ -221,8 +221,29 @@ def test_qqq_components_lower_the_error(outliers, group_size):
     assert min(thr["attn_qkv"]) < 1  # the planted outliers are smoothed
 
 
+def test_fptq_lae_and_policy(outliers):
+    """Layer 0's q/k/v norm weight becomes γ / s with s_j = max|X_j| / log2(2 + max|X_j|) computed here from
+    the checkpoint alone (its input precedes every quantized layer), where the recorded range max|X| lies in
+    [v0, v1]; with v0 above every range no point is equalized (the no-LAE model exactly)."""
+    _, ck, calib = outliers
+    lae = quantize(ck, "fptq", **calib)
+    x = layer0_input(ck, calib)
+    amax = np.abs(x).max(axis=0)
+    ranges = lae.quant["params"]["activation_ranges"]
+    assert set(ranges) == {"attn_qkv", "ffn_gate_up"}
+    assert abs(ranges["attn_qkv"][0] - amax.max()) <= 0.01
+    assert 15 <= amax.max() <= 150  # the planted outliers put layer 0 in the LAE band
+    g1 = ck.get("model.layers.0.input_layernorm.weight")
+    np.testing.assert_allclose(lae.blocks[0].attn_norm, g1 / (amax / np.log2(2 + amax)), rtol=1e-5)
+    plain = quantize(ck, "fptq", no_lae=True, **calib)
+    off = quantize(ck, "fptq", v0=1e6, v1=1e7, **calib)
+    for b0, b1 in zip(off.blocks, plain.blocks):
+        np.testing.assert_array_equal(b0.attn_norm, b1.attn_norm)
+        np.testing.assert_array_equal(b0.qkv.w, b1.qkv.w)
+
+
 CASES = {"gptq-w4a16": {}, "smoothquant": {}, "smoothquant-w6a6": {"bits": 6}, "qqq": {},
-         "qqq-g128": {"group_size": 128}}
+         "qqq-g128": {"group_size": 128}, "fptq": {}}
 
 
 @pytest.mark.parametrize("case", CASES)

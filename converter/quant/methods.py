@@ -11,6 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..loaders import Checkpoint
+from .fptq import fptq
 from .gptq_w4a16 import gptq_w4a16
 from .mergequant import mergequant, rtn_w4a4_static
 from .qqq import qqq
@@ -26,6 +27,7 @@ METHODS = {
     "gptq-w4a16": gptq_w4a16,
     "smoothquant": smoothquant,
     "qqq": qqq,
+    "fptq": fptq,
 }
 
 

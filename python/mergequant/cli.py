@@ -73,7 +73,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
                                       ("alpha", a.alpha), ("bits", a.bits), ("no_smooth", a.no_smooth or None),
                                       ("o_smooth", a.o_smooth), ("down_smooth", a.down_smooth),
                                       ("group_size", a.group_size), ("smooth_steps", a.smooth_steps),
-                                      ("smooth_rows", a.smooth_rows),
+                                      ("smooth_rows", a.smooth_rows), ("no_lae", a.no_lae or None),
+                                      ("no_policy", a.no_policy or None), ("v0", a.v0), ("v1", a.v1),
                                       ("calib", a.calib), ("calib_n", a.calib_n), ("calib_len", a.calib_len),
                                       ("seed", a.seed), ("report", a.report)) if v is not None}
     calib_only = a.kv_int8 and all(k in ("calib", "calib_n", "calib_len", "seed") for k in method_args)
@@ -261,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--scheme", default="f16", help="linear scheme when no --method is given (default f16)")
     c.add_argument("--method", default=None,
                    help="quantization method: mergequant (W4A4 static), rtn-w4a4-static, rtn-w4a4-dynamic, rtn-w4a16, "
-                        "gptq-w4a16 (GPTQ, w4a16g), smoothquant (W8A8), qqq (W4A8); none: plain --scheme")
+                        "gptq-w4a16 (GPTQ, w4a16g), smoothquant (W8A8), qqq (W4A8), fptq (W4A8); none: plain --scheme")
     m = c.add_argument_group("mergequant options (defaults: every component on)")
     m.add_argument("--no-clip", action="store_true", help="no adaptive clipping of activation ranges / weight steps")
     m.add_argument("--no-split", action="store_true", help="no dimensional reconstruction (channel splitting)")
@@ -272,9 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--report", metavar="FILE", default=None,
                    help="write a per-linear error report (JSON): output error from the weights alone, the input "
                         "quantization alone and both, on 4 held-out calibration windows")
-    g = c.add_argument_group("gptq-w4a16 / smoothquant / qqq options (docs/methods.md; defaults: the published "
+    g = c.add_argument_group("gptq-w4a16 / smoothquant / qqq / fptq options (docs/methods.md; defaults: the published "
                              "recipes)")
-    g.add_argument("--gptq", action="store_true", help="GPTQ weight codes where the method defaults to RTN (smoothquant)")
+    g.add_argument("--gptq", action="store_true", help="GPTQ weight codes where the method defaults to RTN (smoothquant, fptq)")
     g.add_argument("--act-order", dest="act_order", action="store_true", default=None,
                    help="GPTQ columns in decreasing input energy (default on for gptq-w4a16 and qqq)")
     g.add_argument("--no-act-order", dest="act_order", action="store_false", help="GPTQ columns in natural order")
@@ -288,9 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--down-smooth", default=None, choices=("up", "skip"),
                    help="smoothquant: down_proj input smoothing into the up rows (default) or skip")
     g.add_argument("--group-size", type=int, default=None, choices=(0, 128),
-                   help="qqq: 0 = per-channel int4 (w4a8, default), 128 = group-wise (w4a8g)")
+                   help="qqq / fptq: 0 = per-channel int4 (w4a8; qqq's default), 128 = group-wise (w4a8g; fptq's default)")
     g.add_argument("--smooth-steps", type=int, default=None, help="qqq: thresholds searched per point (default 100)")
     g.add_argument("--smooth-rows", type=int, default=None, help="qqq: tokens the smoothing loss uses (default 512)")
+    g.add_argument("--no-lae", action="store_true", help="fptq: no logarithmic activation equalization")
+    g.add_argument("--no-policy", action="store_true", help="fptq: LAE at every norm-fed point (no v0/v1 policy)")
+    g.add_argument("--v0", type=float, default=None, help="fptq: LAE only from this activation range up (default 15)")
+    g.add_argument("--v1", type=float, default=None, help="fptq: ... and up to this range (default 150)")
     c.add_argument("--kv-int8", action="store_true",
                    help="also calibrate static per-channel scales for the int8 KV cache (--kv-cache int8 at run "
                         "time), on the finished model (any --method); default calibration 8 x 512 tokens")
