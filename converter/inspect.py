@@ -28,6 +28,21 @@ def kv_cache_line(mq: MqFile) -> str:
     return f"kv cache: fp16 or int8 (attn_k_scale/attn_v_scale in {have} of {n} layers)"
 
 
+def recipe_lines(params: dict) -> list[str]:
+    """The method's recipe (quant.params), one line per entry: its options and calibration as key=value
+    lists (every ablation switch the method recorded), text entries as they are, other values as JSON."""
+    out = []
+    for key, value in params.items():
+        if isinstance(value, dict) and all(not isinstance(v, (dict, list)) for v in value.values()):
+            text = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+        elif isinstance(value, str):
+            text = value
+        else:
+            text = json.dumps(value)
+        out.append(f"  {key}: {text}")
+    return out
+
+
 def inspect_model(path: str | Path) -> str:
     mq = read_mq(path)
     lines = [f"{mq.path}: format {mq.metadata['format']} v{mq.metadata['format_version']}"]
@@ -37,8 +52,8 @@ def inspect_model(path: str | Path) -> str:
         schemes: dict[str, int] = {}
         for s in mq.quant.get("linears", {}).values():
             schemes[s] = schemes.get(s, 0) + 1
-        lines.append(f"quant: method {mq.quant.get('method')!r}, params {json.dumps(mq.quant.get('params', {}))}, "
-                     f"linears by scheme {schemes}")
+        lines.append(f"quant: method {mq.quant.get('method')!r}, linears by scheme {schemes}")
+        lines += recipe_lines(mq.quant.get("params", {}))
     if mq.config is not None:
         lines.append(kv_cache_line(mq))
     if mq.tokenizer is not None:

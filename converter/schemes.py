@@ -71,9 +71,16 @@ def _w4a16g_layout(n: int, k: int) -> Layout:
             "scale": (np.dtype(np.float16), (n, k // w4a16g_group(k)))}
 
 
-def _w4a16g_pack(w: np.ndarray) -> dict[str, np.ndarray]:
-    q, s = quant_groups(w, w4a16g_group(w.shape[1]))
-    return {"qweight": pack_int4(q), "scale": s}
+def _w4a16g_pack(w: np.ndarray, codes: np.ndarray | None = None, scale: np.ndarray | None = None
+                 ) -> dict[str, np.ndarray]:
+    """w4a16g: pack(W, codes=None, scale=None). Without `codes`: group-wise RTN (quant_groups). A method
+    choosing its own codes (GPTQ) passes `codes` (int [N, K] in [-8, 7]) with their fp16 `scale` [N, K/g]."""
+    if codes is None:
+        codes, scale = quant_groups(w, w4a16g_group(w.shape[1]))
+    elif scale is None:
+        raise ValueError("w4a16g pack: explicit codes need their scale")
+    codes = _check_codes("w4a16g pack", codes, QMIN, QMAX, w.shape)
+    return {"qweight": pack_int4(codes), "scale": np.asarray(scale, np.float16)}
 
 
 def _w4a4_layout(n: int, k: int) -> Layout:

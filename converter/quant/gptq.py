@@ -1,6 +1,12 @@
-"""GPTQ (Frantar et al. 2022) for int4 rows with a fixed per-row step: quantize columns in order and
-spread each column's rounding error over the columns not yet quantized, using the inverse Hessian of
-the layer-output error (H = aᵀa of the static int4 input codes)."""
+"""GPTQ (Frantar et al. 2022): quantize the columns of W [N, K] in order and spread each column's rounding
+error over the columns not yet quantized, using the inverse Hessian of the layer-output error
+‖X·Wᵀ − X·Ŵᵀ‖² (H = XᵀX of the linear's calibration inputs: the static int4 input codes for w4a4, the fp32
+inputs for the float-input schemes).
+
+The grid is given up front (static groups): a step per row [N] (per-channel schemes) or per element [N, K]
+(a group's step repeated over its columns: w4a16g, w4a8g), and the code range [qmin, qmax] of the scheme.
+With act-order, the columns are visited in decreasing order of H's diagonal and every column keeps the step
+of the group it sits in, so the stored layout stays contiguous groups (no column permutation in the file)."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,14 +14,21 @@ import numpy as np
 from .int4 import QMAX, QMIN
 
 
-def gptq_codes(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, block: int = 128,
-               damp: float = 0.01, act_order: bool = False) -> np.ndarray:
-    """Codes int8 [N, K] for W [N, K] on the steps `scale` [N], minimizing ‖a·Wᵀ − a·(δ·q)ᵀ‖². With
-    `act_order`, columns are quantized in decreasing order of H's diagonal (the input energy), so the
-    columns that matter most are rounded while the most columns remain to absorb their error."""
+def gptq_quantize(w: np.ndarray, hessian: np.ndarray, step: np.ndarray, qmin: int = QMIN, qmax: int = QMAX,
+                  block: int = 128, damp: float = 0.01, act_order: bool = False) -> np.ndarray:
+    """Codes int8 [N, K] in [qmin, qmax] for W [N, K] on the steps `step` ([N]: one per row, or [N, K]: one
+    per weight), minimizing ‖x·Wᵀ − x·(step ⊙ q)ᵀ‖² for inputs x with xᵀx = `hessian` [K, K]. `damp`: the
+    fraction of mean(diag H) added to the diagonal; `block`: columns whose error is applied lazily as one
+    GEMM (the result does not depend on it up to float rounding). A zero step gives code 0; a column that
+    no input reaches (H[j, j] = 0) is quantized from a zero weight."""
+    n, k = w.shape
+    if hessian.shape != (k, k):
+        raise ValueError(f"gptq: Hessian of shape {hessian.shape} for a weight of shape {w.shape}")
+    step = np.asarray(step, np.float64)
+    step = np.broadcast_to(step[:, None] if step.ndim == 1 else step, (n, k))
     if act_order:
         perm = np.argsort(-np.diag(hessian), kind="stable")
-        q = gptq_codes(w[:, perm], hessian[np.ix_(perm, perm)], scale, block, damp)
+        q = gptq_quantize(w[:, perm], hessian[np.ix_(perm, perm)], step[:, perm], qmin, qmax, block, damp)
         out = np.empty_like(q)
         out[:, perm] = q
         return out
@@ -24,21 +37,26 @@ def gptq_codes(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, block: int
     dead = np.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    h += damp * np.mean(np.diag(h)) * np.eye(len(h))
+    h += damp * np.mean(np.diag(h)) * np.eye(k)
     # Upper Cholesky factor of H⁻¹: row i holds the error-propagation weights of column i.
     hinv = np.linalg.cholesky(np.linalg.inv(h)).T
-    s = np.where(scale > 0, scale, 1).astype(np.float64)[:, None]
-    q = np.zeros(w.shape, np.int8)
-    n, k = w.shape
+    s = np.where(step > 0, step, 1)
+    q = np.zeros((n, k), np.int8)
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         err = np.zeros((n, b1 - b0))
         for i in range(b0, b1):
-            qi = np.clip(np.rint(w[:, i:i + 1] / s), QMIN, QMAX)
-            q[:, i] = qi[:, 0]
-            e = (w[:, i:i + 1] - qi * s) / hinv[i, i]
-            w[:, i + 1:b1] -= e * hinv[i, i + 1:b1]
-            err[:, i - b0] = e[:, 0]
+            qi = np.clip(np.rint(w[:, i] / s[:, i]), qmin, qmax)
+            qi[step[:, i] == 0] = 0
+            q[:, i] = qi
+            e = (w[:, i] - qi * step[:, i]) / hinv[i, i]
+            w[:, i + 1:b1] -= e[:, None] * hinv[i, i + 1:b1]
+            err[:, i - b0] = e
         w[:, b1:] -= err @ hinv[b0:b1, b1:]
-    q[scale == 0] = 0
     return q
+
+
+def gptq_codes(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, block: int = 128,
+               damp: float = 0.01, act_order: bool = False) -> np.ndarray:
+    """Int4 codes [-8, 7] on one step per row `scale` [N] (the w4a4 weights of quant/mergequant.py)."""
+    return gptq_quantize(w, hessian, scale, QMIN, QMAX, block, damp, act_order)

@@ -11,15 +11,23 @@ import numpy as np
 from tqdm import tqdm
 
 from ..loaders import Checkpoint
+from .fptq import fptq
+from .gptq_w4a16 import gptq_w4a16
 from .mergequant import mergequant, rtn_w4a4_static
+from .qqq import qqq
 from .rtn import plain_blocks, rtn_w4a4_dynamic, rtn_w4a16
 from .simulate import SimModel
+from .smoothquant import smoothquant
 
 METHODS = {
     "rtn-w4a16": rtn_w4a16,
     "rtn-w4a4-dynamic": rtn_w4a4_dynamic,
     "rtn-w4a4-static": rtn_w4a4_static,
     "mergequant": mergequant,
+    "gptq-w4a16": gptq_w4a16,
+    "smoothquant": smoothquant,
+    "qqq": qqq,
+    "fptq": fptq,
 }
 
 

@@ -17,6 +17,7 @@ EPILOG = """examples:
   mergequant generate -p "The capital of France is" -n 32          # built-in SmolLM2, converted on first use
   mergequant convert ./Llama-3.2-1B -o llama.mq                     # HF checkpoint directory -> f16 model file
   mergequant convert model.gguf -o model.mq --method mergequant     # GGUF -> W4A4 static (MergeQuant)
+  mergequant convert model.gguf -o model.mq --method qqq --group-size 128   # W4A8 (QQQ), group-wise
   mergequant convert model.gguf -o model.mq --kv-int8               # + scales for the int8 KV cache
   mergequant generate model.mq -p "Hello" --kv-cache int8           # run with the int8 KV cache
   mergequant chat llama.mq
@@ -65,8 +66,15 @@ def _load(a: argparse.Namespace):
 
 def cmd_convert(a: argparse.Namespace) -> int:
     from .convert.convert import convert
+    gptq = False if a.no_gptq else (True if a.gptq else None)
     method_args = {k: v for k, v in (("no_clip", a.no_clip or None), ("no_split", a.no_split or None),
-                                      ("rank", a.rank), ("gptq", False if a.no_gptq else None), ("budget", a.budget),
+                                      ("rank", a.rank), ("gptq", gptq), ("budget", a.budget),
+                                      ("act_order", a.act_order), ("damp", a.damp), ("block", a.gptq_block),
+                                      ("alpha", a.alpha), ("bits", a.bits), ("no_smooth", a.no_smooth or None),
+                                      ("o_smooth", a.o_smooth), ("down_smooth", a.down_smooth),
+                                      ("group_size", a.group_size), ("smooth_steps", a.smooth_steps),
+                                      ("smooth_rows", a.smooth_rows), ("no_lae", a.no_lae or None),
+                                      ("no_policy", a.no_policy or None), ("v0", a.v0), ("v1", a.v1),
                                       ("calib", a.calib), ("calib_n", a.calib_n), ("calib_len", a.calib_len),
                                       ("seed", a.seed), ("report", a.report)) if v is not None}
     calib_only = a.kv_int8 and all(k in ("calib", "calib_n", "calib_len", "seed") for k in method_args)
@@ -77,6 +85,17 @@ def cmd_convert(a: argparse.Namespace) -> int:
             raise SystemExit(f"--opt expects KEY=VALUE, got {kv!r}")
         k, v = kv.split("=", 1)
         method_args[k] = _parse_value(v)
+    if a.method:
+        import inspect
+
+        from .convert.quant.methods import METHODS
+        if a.method not in METHODS:
+            raise SystemExit(f"convert: unknown method {a.method!r}; known: {', '.join(METHODS)}")
+        takes = inspect.signature(METHODS[a.method]).parameters
+        foreign = [k for k in method_args if k not in takes]
+        if foreign:
+            flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
+            raise SystemExit(f"convert: {flags} do(es) not apply to --method {a.method}")
     t0 = time.time()
     convert(a.src, a.output, scheme=a.scheme, method=a.method, progress=not a.quiet, kv_int8=a.kv_int8,
             **method_args)
@@ -242,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="output .mq file")
     c.add_argument("--scheme", default="f16", help="linear scheme when no --method is given (default f16)")
     c.add_argument("--method", default=None,
-                   help="quantization method: mergequant (W4A4 static), rtn-w4a4-static, rtn-w4a4-dynamic, rtn-w4a16; "
-                        "none: plain --scheme")
+                   help="quantization method: mergequant (W4A4 static), rtn-w4a4-static, rtn-w4a4-dynamic, rtn-w4a16, "
+                        "gptq-w4a16 (GPTQ, w4a16g), smoothquant (W8A8), qqq (W4A8), fptq (W4A8); none: plain --scheme")
     m = c.add_argument_group("mergequant options (defaults: every component on)")
     m.add_argument("--no-clip", action="store_true", help="no adaptive clipping of activation ranges / weight steps")
     m.add_argument("--no-split", action="store_true", help="no dimensional reconstruction (channel splitting)")
@@ -254,6 +273,29 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--report", metavar="FILE", default=None,
                    help="write a per-linear error report (JSON): output error from the weights alone, the input "
                         "quantization alone and both, on 4 held-out calibration windows")
+    g = c.add_argument_group("gptq-w4a16 / smoothquant / qqq / fptq options (docs/methods.md; defaults: the published "
+                             "recipes)")
+    g.add_argument("--gptq", action="store_true", help="GPTQ weight codes where the method defaults to RTN (smoothquant, fptq)")
+    g.add_argument("--act-order", dest="act_order", action="store_true", default=None,
+                   help="GPTQ columns in decreasing input energy (default on for gptq-w4a16 and qqq)")
+    g.add_argument("--no-act-order", dest="act_order", action="store_false", help="GPTQ columns in natural order")
+    g.add_argument("--damp", type=float, default=None, help="GPTQ damping, a fraction of mean(diag H) (default 0.01)")
+    g.add_argument("--gptq-block", type=int, default=None, help="GPTQ lazy-update block in columns (default 128)")
+    g.add_argument("--alpha", type=float, default=None, help="smoothquant migration strength (default 0.5)")
+    g.add_argument("--bits", type=int, default=None, choices=(8, 6), help="smoothquant: W8A8 (8, default) or W6A6 (6)")
+    g.add_argument("--no-smooth", action="store_true", help="smoothquant / qqq: no smoothing (plain RTN or GPTQ)")
+    g.add_argument("--o-smooth", default=None, choices=("tie", "skip"),
+                   help="o_proj input smoothing: tie (into the v rows, tied per KV group; default) or skip")
+    g.add_argument("--down-smooth", default=None, choices=("up", "skip"),
+                   help="smoothquant: down_proj input smoothing into the up rows (default) or skip")
+    g.add_argument("--group-size", type=int, default=None, choices=(0, 128),
+                   help="qqq / fptq: 0 = per-channel int4 (w4a8; qqq's default), 128 = group-wise (w4a8g; fptq's default)")
+    g.add_argument("--smooth-steps", type=int, default=None, help="qqq: thresholds searched per point (default 100)")
+    g.add_argument("--smooth-rows", type=int, default=None, help="qqq: tokens the smoothing loss uses (default 512)")
+    g.add_argument("--no-lae", action="store_true", help="fptq: no logarithmic activation equalization")
+    g.add_argument("--no-policy", action="store_true", help="fptq: LAE at every norm-fed point (no v0/v1 policy)")
+    g.add_argument("--v0", type=float, default=None, help="fptq: LAE only from this activation range up (default 15)")
+    g.add_argument("--v1", type=float, default=None, help="fptq: ... and up to this range (default 150)")
     c.add_argument("--kv-int8", action="store_true",
                    help="also calibrate static per-channel scales for the int8 KV cache (--kv-cache int8 at run "
                         "time), on the finished model (any --method); default calibration 8 x 512 tokens")
