@@ -6,7 +6,6 @@
 #include "quantize.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <vector>
 
 namespace mq::cpu {
@@ -47,8 +46,7 @@ static void release_w4a4(Backend &, Linear & lin) {
 static constexpr int32_t TILES_MIN_M = 4;
 
 static bool use_tiles(int32_t m) {
-    static const bool off = getenv("MQ_NO_TILES") != nullptr;  // TEMP
-    return !off && m >= TILES_MIN_M && cpu_kernels().gemm_w4a4_tiles != nullptr;
+    return m >= TILES_MIN_M && cpu_kernels().gemm_w4a4_tiles != nullptr;
 }
 
 // the blocked GEMM over all of lin's units, the threads splitting the output columns: Σ a per token and the
