@@ -72,6 +72,8 @@ struct CpuKernels {
     void (*attention_heads)(const float * q, int32_t g, int32_t hd, const KvRows & kv, int32_t n_kv, float * out);
     void (*lora_rows)(const double * l, int64_t rank, const float * bt, int64_t n, int64_t r0, int64_t r1,
                       double * out);
+    // a w4a4 linear's input slots from step-unit values (quantize.h, cpu_expand_slots)
+    void (*expand_slots)(const float * z, const int32_t * in_map, int64_t kp, int8_t * a);
     // units [u0, u1) of the blocked W4A4 GEMM (W4a4Tiles); null where the set has none (the row kernels then)
     void (*gemm_w4a4_tiles)(const W4a4Tiles & g, int64_t u0, int64_t u1);
     // the low-rank branch's first product l[t, i] = Σ_s A[i, s]·a[t, s] in float64 (exact) for tokens [t0, t1)

@@ -12,20 +12,8 @@
 
 namespace mq {
 
-static inline int32_t floordiv(int32_t a, int32_t m) {
-    return (a >= 0 ? a : a - m + 1) / m;
-}
-
 void cpu_expand_slots(const float * z, const int32_t * in_map, int64_t kp, int8_t * a) {
-    for (int64_t s = 0; s < kp; s++) {
-        const int32_t j = in_map[3 * s], part = in_map[3 * s + 1], parts = in_map[3 * s + 2];
-        if (j < 0) {
-            a[s] = 0;
-            continue;
-        }
-        const int32_t t = cpu_round_clamp(z[j], -8 * parts, 7 * parts);
-        a[s] = (int8_t) floordiv(t + part, parts);
-    }
+    cpu_kernels().expand_slots(z, in_map, kp, a);
 }
 
 void cpu_round_codes(const float * x, int64_t k, int64_t kp, int8_t * a) {

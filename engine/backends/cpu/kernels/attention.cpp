@@ -62,6 +62,7 @@ static void heads_generic(const float * q, int32_t g, int32_t hd, const KvRows &
 
 // chunk c (8 values) of row j, widened to float64
 struct RowsF16 {
+    static constexpr bool direct = false;  // key() converts: one pass over the heads per key
     const uint16_t * k;
     const uint16_t * v;
     int64_t stride;
@@ -73,6 +74,7 @@ struct RowsF16 {
 };
 
 struct RowsI8 {
+    static constexpr bool direct = false;
     const int8_t * k;
     const int8_t * v;
     const float * k_step;
@@ -89,12 +91,27 @@ struct RowsI8 {
 
 // rows already widened to float64
 struct RowsF64 {
+    static constexpr bool direct = true;  // key() is a load: blocks of 8 keys, one pass per head
     const double * k;
     const double * v;
     int64_t stride;
     __m512d key(int64_t j, int c) const { return _mm512_loadu_pd(k + j * stride + 8 * c); }
     __m512d value(int64_t j, int c) const { return _mm512_loadu_pd(v + j * stride + 8 * c); }
 };
+
+// the lane sums of v[0 .. 8) as one vector: r[u] = Σ_i v[u][i] (pairs, then 128-bit halves, then 256-bit halves)
+static inline __m512d sum8(const __m512d * v) {
+    __m512d a[4];
+    for (int i = 0; i < 4; i++) {
+        a[i] = _mm512_add_pd(_mm512_unpacklo_pd(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_pd(v[2 * i], v[2 * i + 1]));
+    }
+    __m512d b[2];
+    for (int i = 0; i < 2; i++) {
+        b[i] = _mm512_add_pd(_mm512_shuffle_f64x2(a[2 * i], a[2 * i + 1], 0x88),
+                             _mm512_shuffle_f64x2(a[2 * i], a[2 * i + 1], 0xDD));
+    }
+    return _mm512_add_pd(_mm512_shuffle_f64x2(b[0], b[1], 0x88), _mm512_shuffle_f64x2(b[0], b[1], 0xDD));
+}
 
 // G heads of hd = 8·D8 together; G·D8 ≤ 24 keeps the accumulators in registers. s: scratch [G, n_kv].
 template <int G, int D8, class Rows>
@@ -109,7 +126,38 @@ static void heads_avx512(const float * q, const Rows & rows, int32_t n_kv, doubl
     for (int h = 0; h < G; h++) {
         mx[h] = -INFINITY;
     }
-    for (int32_t j = 0; j < n_kv; j++) {
+    int32_t j = 0;
+    if (Rows::direct) {
+        // 8 keys at a time for one head: 8 independent sums, then one transposed reduction to the 8 scores
+        __m512d mxv[G];
+        for (int h = 0; h < G; h++) {
+            mxv[h] = _mm512_set1_pd(-INFINITY);
+        }
+        for (; j + 8 <= n_kv; j += 8) {
+            for (int h = 0; h < G; h++) {
+                __m512d a[8];
+#pragma GCC unroll 8
+                for (int u = 0; u < 8; u++) {
+                    a[u] = _mm512_setzero_pd();
+                }
+#pragma GCC unroll 16
+                for (int c = 0; c < D8; c++) {
+                    const __m512d qc = _mm512_load_pd(qd + h * HD + 8 * c);
+#pragma GCC unroll 8
+                    for (int u = 0; u < 8; u++) {
+                        a[u] = _mm512_fmadd_pd(qc, rows.key(j + u, c), a[u]);
+                    }
+                }
+                const __m512d sc = sum8(a);
+                _mm512_storeu_pd(s + (size_t) h * n_kv + j, sc);
+                mxv[h] = _mm512_max_pd(sc, mxv[h]);  // a NaN score is passed over, as below
+            }
+        }
+        for (int h = 0; h < G; h++) {
+            mx[h] = _mm512_reduce_max_pd(mxv[h]);
+        }
+    }
+    for (; j < n_kv; j++) {
         __m512d a[G];
         for (int h = 0; h < G; h++) {
             a[h] = _mm512_setzero_pd();

@@ -370,6 +370,56 @@ void gemm_w4a4(const uint8_t * qw, const CodesPrepared & a, int64_t m, int64_t k
 #endif
 }
 
+// clamp(rint(x), lo, hi), NaN to 0 (quantize.h's cpu_round_clamp; a copy here, see kernels.h)
+static inline int32_t round_clamp(float x, int32_t lo, int32_t hi) {
+    if (!(x >= (float) lo)) {
+        return x != x ? 0 : lo;
+    }
+    if (x > (float) hi) {
+        return hi;
+    }
+    const float magic = 12582912.0f;  // 1.5 · 2^23
+    return (int32_t) ((x + magic) - magic);
+}
+
+void expand_slots(const float * z, const int32_t * in_map, int64_t kp, int8_t * a) {
+    int64_t s = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    // 16 slots at a time: the map's three columns and z_j gathered, then the same steps in 16 lanes: the clamp to
+    // [-8·parts, 7·parts] (NaN to 0), rint half to even (the default rounding of vcvtps2dq), and
+    // floordiv(t + part, parts) as floor of the fp32 quotient (exact: |t + part| < 2^24, and a quotient that is not
+    // an integer is at least 1/parts from one)
+    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(3));
+    for (; s + 16 <= kp; s += 16) {
+        const int32_t * mp = in_map + 3 * s;
+        const __m512i j = _mm512_i32gather_epi32(idx, mp, 4);
+        const __m512i part = _mm512_i32gather_epi32(idx, mp + 1, 4);
+        const __m512i parts = _mm512_i32gather_epi32(idx, mp + 2, 4);
+        const __mmask16 live = _mm512_cmpge_epi32_mask(j, _mm512_setzero_si512());
+        const __m512 x = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, j, z, 4);
+        const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_mullo_epi32(parts, _mm512_set1_epi32(-8)));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_mullo_epi32(parts, _mm512_set1_epi32(7)));
+        const __m512 c = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+        const __m512i t = _mm512_add_epi32(_mm512_maskz_mov_epi32((__mmask16) ~nan, _mm512_cvtps_epi32(c)), part);
+        const __m512 qf = _mm512_roundscale_ps(_mm512_div_ps(_mm512_cvtepi32_ps(t), _mm512_cvtepi32_ps(parts)),
+                                               _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        const __m512i q = _mm512_maskz_mov_epi32(live, _mm512_cvtps_epi32(qf));
+        _mm_storeu_si128((__m128i *) (a + s), _mm512_cvtepi32_epi8(q));
+    }
+#endif
+    for (; s < kp; s++) {
+        const int32_t j = in_map[3 * s], part = in_map[3 * s + 1], parts = in_map[3 * s + 2];
+        if (j < 0) {
+            a[s] = 0;
+            continue;
+        }
+        const int32_t t = round_clamp(z[j], -8 * parts, 7 * parts) + part;
+        a[s] = (int8_t) ((t >= 0 ? t : t - parts + 1) / parts);
+    }
+}
+
 void gemm_w4a16g(const uint8_t * qw, const uint16_t * scale, const float * x, float * y, int64_t m, int64_t n,
                      int64_t k, int64_t group, int64_t r0, int64_t r1, bool accumulate) {
     // w[r, k] = q[r, k] · s[r, k / group]: dequantize one row to fp32 once, then dot with every token
