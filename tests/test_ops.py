@@ -120,6 +120,24 @@ def test_swiglu_quant_codes_identical(ops, rng):
     np.testing.assert_array_equal(out, expand_slots(swiglu(gu[:, :n_ff], gu[:, n_ff:]), in_map).astype(np.int8))
 
 
+@pytest.mark.parametrize("m,n_ff,rank", [(1, 48, 0), (7, 48, 8), (26, 64, 16), (13, 40, 0)])
+def test_linear_codes_swiglu_quant_codes_identical(ops, rng, m, n_ff, rank):
+    """gate/up's GEMM with SwiGLU and the down_proj's quantization fused (m ≥ 4, n_ff a multiple of 16 on
+    AVX-512), else the two ops: the codes of the simulator's linear, swiglu and slot expansion."""
+    k, kp, kp_down = 120, 192, 128
+    gate_up = w4a4_tensors(rng, 2 * n_ff, kp, rank)
+    gate_up["scale"] *= 0.1  # SwiGLU values of a few steps, so that the codes are not all clamped
+    a = rng.integers(-8, 8, (m, kp)).astype(np.int8)
+    in_map = in_map_for(rng, n_ff, kp_down)
+    down = {"in_map": in_map, **w4a4_tensors(rng, 8, kp_down)}
+    out = np.empty((m, kp_down), np.int8)
+    ops.linear_codes_swiglu_quant(gate_up, k, a, down, 8, out)
+    y = sim("w4a4", gate_up)(a.astype(np.float32))
+    want = expand_slots(swiglu(y[:, :n_ff], y[:, n_ff:]), in_map).astype(np.int8)
+    assert len(np.unique(want)) > 8
+    np.testing.assert_array_equal(out, want)
+
+
 @pytest.mark.parametrize("scaling", [None, {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                            "original_max_position_embeddings": 64}])
 def test_rope(ops, rng, scaling):
@@ -227,10 +245,12 @@ def test_linear_w4a4d(ops, rng, m):
     np.testing.assert_array_equal(acc, record["l"])
 
 
-@pytest.mark.parametrize("rank", [0, 8])
-@pytest.mark.parametrize("m", [1, 5, 11])  # token blocks of 4 and single tokens
-def test_linear_codes_w4a4(ops, rng, m, rank):
-    n, k, kp = 48, 120, 192
+@pytest.mark.parametrize("rank", [0, 8, 21])
+# single tokens and the row kernels (m < 4); the blocked GEMM's 12-token tiles and their tails, units of 32 columns
+# with a last unit of 16 (n = 48) or of 8 live columns (n = 40)
+@pytest.mark.parametrize("m,n", [(1, 48), (3, 40), (5, 48), (11, 48), (29, 40), (40, 72)])
+def test_linear_codes_w4a4(ops, rng, m, n, rank):
+    k, kp = 120, 192
     t = w4a4_tensors(rng, n, kp, rank)
     a = rng.integers(-8, 8, (m, kp)).astype(np.int8)
     acc = np.empty((m, n), np.int32)

@@ -222,6 +222,17 @@ void bind_ops(nb::module_ & m) {
                  o.be->linear_codes(l.lin, a.data(), (int32_t) a.shape(0), out.data(), accumulate);
              },
              "scheme"_a, "tensors"_a, "n"_a, "k"_a, "a"_a, "out"_a, "accumulate"_a = false)
+        .def("linear_codes_swiglu_quant",
+             [](CpuOps & o, const Tensors & gate_up, int64_t k, Arr<const int8_t> a, const Tensors & down, int64_t n_down,
+                Arr<int8_t> out) {
+                 const int64_t n_ff = (int64_t) gate_up.at("qweight").shape(0) / 2;
+                 TestLinear gu(*o.be, "w4a4", 2 * n_ff, k, gate_up), d(*o.be, "w4a4", n_down, n_ff, down);
+                 need((int64_t) a.shape(1) == gu.lin.kp && out.size() == a.shape(0) * (size_t) d.lin.kp,
+                      "linear_codes_swiglu_quant: a must be [m, gate_up kp], out [m, down kp]");
+                 std::vector<float> scratch((size_t) a.shape(0) * 2 * n_ff);
+                 o.be->linear_codes_swiglu_quant(gu.lin, a.data(), (int32_t) a.shape(0), d.lin, (int32_t) n_ff,
+                                                 scratch.data(), out.data());
+             })
         .def("int_gemm",
              [](CpuOps & o, const std::string & scheme, const Tensors & t, int64_t n, int64_t k, Arr<const int8_t> a,
                 Arr<int32_t> out) {

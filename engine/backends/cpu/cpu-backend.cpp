@@ -30,7 +30,7 @@ static const BackendOps & cpu_ops() {
         nullptr,             // attention_quant: attention() is exact (docs/numerics.md), its codes are rounded after
         cpu::swiglu,         // swiglu.cpp
         cpu::swiglu_quant,   // quantize.cpp
-        nullptr,             // linear_codes_swiglu_quant: the two ops
+        cpu::linear_codes_swiglu_quant,  // linear-w4a4.cpp
         nullptr,             // sample: the host sampler (mq-sampling.cpp)
     };
     return ops;

@@ -66,6 +66,8 @@ void kv_store(Backend &, const float * qkv, int32_t n_tokens, int32_t row_stride
 void attention(Backend &, const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
                const int32_t * pos, const KvScales & sc, const void * k_cache, const void * v_cache, float * out);
 void swiglu(Backend &, const float * gu, int32_t m, int32_t n_ff, float * out);
+void linear_codes_swiglu_quant(Backend &, const Linear & gate_up, const int8_t * a, int32_t m, const Linear & down,
+                               int32_t n_ff, float * gu, int8_t * out);
 
 // the scheme table's entries, each in linear-<scheme>.cpp
 extern const LinearKernels linear_f16, linear_w4a16g, linear_w4a4d, linear_w4a4;

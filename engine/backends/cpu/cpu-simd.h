@@ -25,6 +25,28 @@ struct Int8Prepared {
     const int32_t * gsum;  // [m, kp/group]
 };
 
+// The blocked form of the W4A4 GEMM for a block of tokens (kernels/gemm-int4.cpp, AVX-512 VNNI only): the file's
+// packed weights [n, kp/2] and the codes a [m, kp] as they are, with the epilogue fused. The output columns go in
+// units: a unit is 32 columns (rows 32q .. 32q + 32 of the weights), or with n_ff > 0 (SwiGLU) the 16 gate rows
+// 16q .. 16q + 16 with the 16 up rows n_ff + 16q .. of the same channels. Each value takes the contract's fp32 steps
+// in order (docs/numerics.md): v = float(acc) * scale[c], v += fp32(lora[t, c]), v *= step[t], then y = y + v (or
+// y = v); with n_ff, z = f64(g / (1 + exp(-g)) * u) of the gate and up values into y [m, n_ff].
+struct W4a4Tiles {
+    const uint8_t * qw;     // [n, kp/2], two codes a byte, even k in the low nibble
+    int64_t n, kp, m;
+    const int8_t * a;       // [m, kp] codes in [-8, 7]
+    const int32_t * a_sum;  // [m] Σ_k a[t, k]
+    int32_t * acc;          // non-null: only the exact int32 acc [m, n] (no epilogue)
+    const float * scale;    // [n]
+    const double * l;       // [m, rank]: the low-rank branch's first product (or null: no branch)
+    const float * bt;       // [rank, n]: Bᵀ of the branch
+    int64_t rank;
+    const float * step;     // [m] per-token step (w4a4d) or null
+    float * y;              // [m, n], or [m, n_ff] with SwiGLU
+    bool accumulate;
+    int64_t n_ff;           // > 0: units of gate/up channels, SwiGLU into y
+};
+
 // The rows of one kv head in a layer's K and V caches: row j of K is at k + j·stride elements (fp16, or
 // int8 codes read back as float(code) · k_step[d]).
 struct KvRows {
@@ -34,6 +56,10 @@ struct KvRows {
     const float * v_step;
     int64_t stride;        // elements between rows (n_head_kv · hd)
     bool i8;
+    // optional: the same rows already as float64 (a prefill widens the cache once for all its queries), also
+    // stride elements apart; the AVX-512 kernel reads these when given
+    const double * k64 = nullptr;
+    const double * v64 = nullptr;
 };
 
 struct CpuKernels {
@@ -60,6 +86,13 @@ struct CpuKernels {
                       int64_t n, int64_t r0, int64_t r1, int32_t * acc);
     void (*gemm_w4a8)(const uint8_t * qw, const uint8_t * gscale, int64_t group, const int32_t * wsum,
                       const Int8Prepared & a, int64_t m, int64_t kp, int64_t n, int64_t r0, int64_t r1, int32_t * acc);
+    // a w4a4 linear's input slots from step-unit values (quantize.h, cpu_expand_slots)
+    void (*expand_slots)(const float * z, const int32_t * in_map, int64_t kp, int8_t * a);
+    // units [u0, u1) of the blocked W4A4 GEMM (W4a4Tiles); null where the set has none (the row kernels then)
+    void (*gemm_w4a4_tiles)(const W4a4Tiles & g, int64_t u0, int64_t u1);
+    // the low-rank branch's first product l[t, i] = Σ_s A[i, s]·a[t, s] in float64 (exact) for tokens [t0, t1)
+    void (*lora_first)(const float * a_f32, const int8_t * codes, int64_t kp, int64_t rank, int64_t t0, int64_t t1,
+                       double * l);
 };
 
 // the set this process runs (chosen at the first call; throws mq::Error for a bad MERGEQUANT_CPU)

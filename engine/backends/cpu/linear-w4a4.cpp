@@ -41,10 +41,76 @@ static void release_w4a4(Backend &, Linear & lin) {
     lin.prepared = nullptr;
 }
 
+// the blocked GEMM (W4a4Tiles, kernels/gemm-int4.cpp) takes blocks of this many tokens and more; a decode step
+// (and any short batch) takes the row kernels, which stream the weights once with no repacking
+static constexpr int32_t TILES_MIN_M = 4;
+
+static bool use_tiles(int32_t m) {
+    return m >= TILES_MIN_M && cpu_kernels().gemm_w4a4_tiles != nullptr;
+}
+
+// the blocked GEMM over all of lin's units, the threads splitting the output columns: Σ a per token and the
+// low-rank branch's first product (split by tokens) first
+static void run_tiles(Backend & be, const Linear & lin, const int8_t * a, int32_t m, W4a4Tiles g) {
+    const int64_t kp = lin.kp;
+    thread_local std::vector<int32_t> sums;
+    thread_local std::vector<double> l;
+    sums.resize(m);
+    const LoraF32 * lora = lin.rank > 0 && !g.acc ? (const LoraF32 *) lin.prepared : nullptr;
+    if (lora) {
+        l.resize((size_t) m * lin.rank);
+    }
+    int32_t * sp = sums.data();
+    double * lp = l.data();
+    cpu_of(be).run_rows(m, [&](int32_t ith, int32_t nth) {
+        int64_t b, e;
+        split_range(m, ith, nth, b, e);
+        for (int64_t t = b; t < e; t++) {
+            int32_t s = 0;
+            for (int64_t i = 0; i < kp; i++) {
+                s += a[t * kp + i];
+            }
+            sp[t] = s;
+        }
+        if (lora && b < e) {
+            cpu_kernels().lora_first(lora->a.data(), a, kp, lin.rank, b, e, lp);
+        }
+    });
+    g.qw = lin.qweight->data;
+    g.n = lin.n;
+    g.kp = kp;
+    g.m = m;
+    g.a = a;
+    g.a_sum = sp;
+    g.scale = lin.scale->as<float>();
+    if (lora) {
+        g.l = lp;
+        g.bt = lora->bt.data();
+        g.rank = lin.rank;
+    }
+    const int64_t units = g.n_ff > 0 ? g.n_ff / 16 : (lin.n + 31) / 32;
+    const auto tiles = cpu_kernels().gemm_w4a4_tiles;
+    cpu_of(be).pool().run([&](int32_t ith, int32_t nth) {
+        int64_t b, e;
+        split_range(units, ith, nth, b, e);
+        if (b < e) {
+            tiles(g, b, e);
+        }
+    });
+}
+
 // acc = a · qᵀ (int32, exact), then y = float(acc) * scale[n] (+ low-rank branch), times the token's
 // dynamic step when `step` is given; accumulate adds to y
 static void int_gemm_epilogue(Backend & be, const Linear & lin, const int8_t * a, int32_t m, float * y,
                               bool accumulate, const float * step) {
+    if (use_tiles(m)) {
+        W4a4Tiles g{};
+        g.step = step;
+        g.y = y;
+        g.accumulate = accumulate;
+        run_tiles(be, lin, a, m, g);
+        return;
+    }
     const int64_t n = lin.n, kp = lin.kp, h = kp / 2;
     thread_local std::vector<int8_t> even, odd;
     thread_local std::vector<int32_t> sums, acc;
@@ -101,6 +167,12 @@ static void int_gemm_epilogue(Backend & be, const Linear & lin, const int8_t * a
 }
 
 static void int_gemm(Backend & be, const Linear & lin, const int8_t * a, int32_t m, int32_t * acc) {
+    if (use_tiles(m)) {
+        W4a4Tiles g{};
+        g.acc = acc;
+        run_tiles(be, lin, a, m, g);
+        return;
+    }
     const int64_t h = lin.kp / 2;
     std::vector<int8_t> even(m * h), odd(m * h);
     std::vector<int32_t> sums(m);
@@ -138,6 +210,28 @@ static void run_w4a4d(Backend & be, const Linear & lin, const float * x, int32_t
         step[t] = amax / 7.0f;
     }
     int_gemm_epilogue(be, lin, codes.data(), m, y, accumulate, step.data());
+}
+
+// the static W4A4 MLP's middle: gate/up's GEMM with SwiGLU in its epilogue (z into gu, [m, n_ff]), then z into
+// down's input slots, the tokens split across the threads; short batches and other shapes take the two ops
+void linear_codes_swiglu_quant(Backend & be, const Linear & gate_up, const int8_t * a, int32_t m, const Linear & down,
+                               int32_t n_ff, float * gu, int8_t * out) {
+    if (!use_tiles(m) || gate_up.kernels->linear_codes != run_w4a4 || n_ff % 16 != 0 || gate_up.n != 2 * n_ff) {
+        be.linear_codes_then_swiglu_quant(gate_up, a, m, down, n_ff, gu, out);
+        return;
+    }
+    W4a4Tiles g{};
+    g.y = gu;
+    g.n_ff = n_ff;
+    run_tiles(be, gate_up, a, m, g);
+    const int32_t * in_map = down.in_map->as<int32_t>();
+    cpu_of(be).run_rows(m, [&](int32_t ith, int32_t nth) {
+        int64_t b, e;
+        split_range(m, ith, nth, b, e);
+        for (int64_t t = b; t < e; t++) {
+            cpu_expand_slots(gu + t * n_ff, in_map, down.kp, out + t * down.kp);
+        }
+    });
 }
 
 const LinearKernels linear_w4a4d = {"w4a4d", 0, 0, nullptr, nullptr, run_w4a4d, nullptr, int_gemm};

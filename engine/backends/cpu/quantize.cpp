@@ -12,20 +12,8 @@
 
 namespace mq {
 
-static inline int32_t floordiv(int32_t a, int32_t m) {
-    return (a >= 0 ? a : a - m + 1) / m;
-}
-
 void cpu_expand_slots(const float * z, const int32_t * in_map, int64_t kp, int8_t * a) {
-    for (int64_t s = 0; s < kp; s++) {
-        const int32_t j = in_map[3 * s], part = in_map[3 * s + 1], parts = in_map[3 * s + 2];
-        if (j < 0) {
-            a[s] = 0;
-            continue;
-        }
-        const int32_t t = cpu_round_clamp(z[j], -8 * parts, 7 * parts);
-        a[s] = (int8_t) floordiv(t + part, parts);
-    }
+    cpu_kernels().expand_slots(z, in_map, kp, a);
 }
 
 void cpu_round_codes(const float * x, int64_t k, int64_t kp, int8_t * a) {
@@ -70,23 +58,31 @@ void rmsnorm_quant(Backend & be, const float * x, const Linear & c, int32_t m, i
     });
 }
 
-void quantize_codes(Backend &, const float * x, int32_t m, int32_t k, const Linear & c, int8_t * out) {
-    for (int32_t t = 0; t < m; t++) {
-        cpu_round_codes(x + (size_t) t * k, k, c.kp, out + (size_t) t * c.kp);
-    }
+void quantize_codes(Backend & be, const float * x, int32_t m, int32_t k, const Linear & c, int8_t * out) {
+    cpu_of(be).run_rows(m, [&](int32_t ith, int32_t nth) {
+        int64_t b, e;
+        split_range(m, ith, nth, b, e);
+        for (int64_t t = b; t < e; t++) {
+            cpu_round_codes(x + t * k, k, c.kp, out + t * c.kp);
+        }
+    });
 }
 
-void swiglu_quant(Backend &, const float * gu, const Linear & c, int32_t m, int32_t n_ff, int8_t * out) {
+void swiglu_quant(Backend & be, const float * gu, const Linear & c, int32_t m, int32_t n_ff, int8_t * out) {
     const int32_t * in_map = c.in_map->as<int32_t>();
-    std::vector<float> z(n_ff);
-    for (int32_t t = 0; t < m; t++) {
-        const float * g = gu + (size_t) t * 2 * n_ff;
-        const float * u = g + n_ff;
-        for (int32_t j = 0; j < n_ff; j++) {
-            z[j] = swiglu_value(g[j], u[j]);
+    cpu_of(be).run_rows(m, [&](int32_t ith, int32_t nth) {
+        int64_t b, e;
+        split_range(m, ith, nth, b, e);
+        std::vector<float> z(n_ff);
+        for (int64_t t = b; t < e; t++) {
+            const float * g = gu + t * 2 * n_ff;
+            const float * u = g + n_ff;
+            for (int32_t j = 0; j < n_ff; j++) {
+                z[j] = swiglu_value(g[j], u[j]);
+            }
+            cpu_expand_slots(z.data(), in_map, c.kp, out + t * c.kp);
         }
-        cpu_expand_slots(z.data(), in_map, c.kp, out + (size_t) t * c.kp);
-    }
+    });
 }
 
 }  // namespace cpu

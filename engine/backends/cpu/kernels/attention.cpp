@@ -11,6 +11,8 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+
+#include "exp-f64.h"
 #endif
 
 namespace mq::MQ_CPU_ISA {
@@ -58,31 +60,9 @@ static void heads_generic(const float * q, int32_t g, int32_t hd, const KvRows &
 
 #if defined(__AVX512F__)
 
-// e^x for x ≤ 0 in float64: x = n·ln2 + r with |r| ≤ ln2/2 (ln2 in two parts: n·LN2_HI is exact for
-// |n| < 2^20), e^r by its Taylor series to degree 13 (remainder below 5e-18), times 2^n by vscalefpd (which
-// also gives the subnormals and 0 far below). Error a few ulp; NaN stays NaN.
-static inline __m512d exp_f64(__m512d x) {
-    const double LN2_HI = 6.93147180369123816490e-01, LN2_LO = 1.90821492927058770002e-10;
-    const double LOG2E = 1.44269504088896338700e+00;
-    x = _mm512_max_pd(_mm512_set1_pd(-746.0), x);  // e^-746 rounds to 0; max(c, NaN) is NaN
-    const __m512d n =
-        _mm512_roundscale_pd(_mm512_mul_pd(x, _mm512_set1_pd(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(LN2_HI), x);
-    r = _mm512_fnmadd_pd(n, _mm512_set1_pd(LN2_LO), r);
-    // 1/k! for k = 13 .. 0, Horner
-    static const double inv_fact[14] = {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
-                                        1.0 / 362880.0,     1.0 / 40320.0,     1.0 / 5040.0,      1.0 / 720.0,
-                                        1.0 / 120.0,        1.0 / 24.0,        1.0 / 6.0,         0.5,
-                                        1.0,                1.0};
-    __m512d p = _mm512_set1_pd(inv_fact[0]);
-    for (int i = 1; i < 14; i++) {
-        p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(inv_fact[i]));
-    }
-    return _mm512_scalef_pd(p, n);
-}
-
 // chunk c (8 values) of row j, widened to float64
 struct RowsF16 {
+    static constexpr bool direct = false;  // key() converts: one pass over the heads per key
     const uint16_t * k;
     const uint16_t * v;
     int64_t stride;
@@ -94,6 +74,7 @@ struct RowsF16 {
 };
 
 struct RowsI8 {
+    static constexpr bool direct = false;
     const int8_t * k;
     const int8_t * v;
     const float * k_step;
@@ -108,6 +89,30 @@ struct RowsI8 {
     __m512d value(int64_t j, int c) const { return load(v + j * stride + 8 * c, v_step + 8 * c); }
 };
 
+// rows already widened to float64
+struct RowsF64 {
+    static constexpr bool direct = true;  // key() is a load: blocks of 8 keys, one pass per head
+    const double * k;
+    const double * v;
+    int64_t stride;
+    __m512d key(int64_t j, int c) const { return _mm512_loadu_pd(k + j * stride + 8 * c); }
+    __m512d value(int64_t j, int c) const { return _mm512_loadu_pd(v + j * stride + 8 * c); }
+};
+
+// the lane sums of v[0 .. 8) as one vector: r[u] = Σ_i v[u][i] (pairs, then 128-bit halves, then 256-bit halves)
+static inline __m512d sum8(const __m512d * v) {
+    __m512d a[4];
+    for (int i = 0; i < 4; i++) {
+        a[i] = _mm512_add_pd(_mm512_unpacklo_pd(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_pd(v[2 * i], v[2 * i + 1]));
+    }
+    __m512d b[2];
+    for (int i = 0; i < 2; i++) {
+        b[i] = _mm512_add_pd(_mm512_shuffle_f64x2(a[2 * i], a[2 * i + 1], 0x88),
+                             _mm512_shuffle_f64x2(a[2 * i], a[2 * i + 1], 0xDD));
+    }
+    return _mm512_add_pd(_mm512_shuffle_f64x2(b[0], b[1], 0x88), _mm512_shuffle_f64x2(b[0], b[1], 0xDD));
+}
+
 // G heads of hd = 8·D8 together; G·D8 ≤ 24 keeps the accumulators in registers. s: scratch [G, n_kv].
 template <int G, int D8, class Rows>
 static void heads_avx512(const float * q, const Rows & rows, int32_t n_kv, double * s, float * out) {
@@ -121,7 +126,38 @@ static void heads_avx512(const float * q, const Rows & rows, int32_t n_kv, doubl
     for (int h = 0; h < G; h++) {
         mx[h] = -INFINITY;
     }
-    for (int32_t j = 0; j < n_kv; j++) {
+    int32_t j = 0;
+    if (Rows::direct) {
+        // 8 keys at a time for one head: 8 independent sums, then one transposed reduction to the 8 scores
+        __m512d mxv[G];
+        for (int h = 0; h < G; h++) {
+            mxv[h] = _mm512_set1_pd(-INFINITY);
+        }
+        for (; j + 8 <= n_kv; j += 8) {
+            for (int h = 0; h < G; h++) {
+                __m512d a[8];
+#pragma GCC unroll 8
+                for (int u = 0; u < 8; u++) {
+                    a[u] = _mm512_setzero_pd();
+                }
+#pragma GCC unroll 16
+                for (int c = 0; c < D8; c++) {
+                    const __m512d qc = _mm512_load_pd(qd + h * HD + 8 * c);
+#pragma GCC unroll 8
+                    for (int u = 0; u < 8; u++) {
+                        a[u] = _mm512_fmadd_pd(qc, rows.key(j + u, c), a[u]);
+                    }
+                }
+                const __m512d sc = sum8(a);
+                _mm512_storeu_pd(s + (size_t) h * n_kv + j, sc);
+                mxv[h] = _mm512_max_pd(sc, mxv[h]);  // a NaN score is passed over, as below
+            }
+        }
+        for (int h = 0; h < G; h++) {
+            mx[h] = _mm512_reduce_max_pd(mxv[h]);
+        }
+    }
+    for (; j < n_kv; j++) {
         __m512d a[G];
         for (int h = 0; h < G; h++) {
             a[h] = _mm512_setzero_pd();
@@ -210,7 +246,10 @@ void attention_heads(const float * q, int32_t g, int32_t hd, const KvRows & kv, 
             const int32_t gp = per_pass < g - h0 ? per_pass : g - h0;
             const float * qp = q + (size_t) h0 * hd;
             float * op = out + (size_t) h0 * hd;
-            if (kv.i8) {
+            if (kv.k64) {
+                const RowsF64 rows{kv.k64, kv.v64, kv.stride};
+                heads_pass(qp, gp, d8, rows, n_kv, scores, op);
+            } else if (kv.i8) {
                 const RowsI8 rows{(const int8_t *) kv.k, (const int8_t *) kv.v, kv.k_step, kv.v_step, kv.stride};
                 heads_pass(qp, gp, d8, rows, n_kv, scores, op);
             } else {

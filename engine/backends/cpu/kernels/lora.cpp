@@ -1,4 +1,6 @@
-// The low-rank branch's second product, compiled once per instruction set (kernels.h): for rows r of a w4a4
+// The low-rank branch's two products. The first, l[t, i] = Σ_s A[i, s]·a[t, s] over a token's int4 codes, is exact
+// in float64 (fp16 times int4), so any order gives the same l.
+// The second, compiled once per instruction set (kernels.h): for rows r of a w4a4
 // linear, out[r] = Σ_i l[i]·Bᵀ[i, r] in float64 (docs/numerics.md), summed in the order i = 0, 1, ... A block
 // of rows keeps its sums in registers across the rank instead of reading and writing them once per i.
 #include "kernels.h"
@@ -42,6 +44,38 @@ void lora_rows(const double * l, int64_t rank, const float * bt, int64_t n, int6
             acc += l[i] * (double) bt[i * n + r];
         }
         out[r - r0] = acc;
+    }
+}
+
+void lora_first(const float * af, const int8_t * codes, int64_t kp, int64_t rank, int64_t t0, int64_t t1, double * l) {
+    for (int64_t t = t0; t < t1; t++) {
+        const int8_t * a = codes + t * kp;
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        // 16 ranks at a time: each 8 codes widened once, then one fma per rank
+        for (; i + 16 <= rank; i += 16) {
+            __m512d s[16];
+            for (int j = 0; j < 16; j++) {
+                s[j] = _mm512_setzero_pd();
+            }
+            for (int64_t k = 0; k < kp; k += 8) {
+                const __m512d c = _mm512_cvtepi32_pd(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (a + k))));
+                for (int j = 0; j < 16; j++) {
+                    s[j] = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(af + (i + j) * kp + k)), c, s[j]);
+                }
+            }
+            for (int j = 0; j < 16; j++) {
+                l[t * rank + i + j] = _mm512_reduce_add_pd(s[j]);
+            }
+        }
+#endif
+        for (; i < rank; i++) {
+            double s = 0.0;
+            for (int64_t k = 0; k < kp; k++) {
+                s += (double) af[i * kp + k] * (double) a[k];
+            }
+            l[t * rank + i] = s;
+        }
     }
 }
 
