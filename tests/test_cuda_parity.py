@@ -35,7 +35,7 @@ def tiny_mq(tiny_hf_checkpoint, tmp_path_factory):
     return convert(ck.path, tmp_path_factory.mktemp("tiny_cuda") / "tiny-f16.mq", progress=False)
 
 
-@pytest.fixture(scope="module", params=["w4a16g", "w4a4d"])
+@pytest.fixture(scope="module", params=["w4a16g", "w4a4d", "w8a8"])
 def tiny_4bit_mq(request, tiny_hf_checkpoint, tmp_path_factory):
     from mergequant.convert import convert
 
