@@ -38,7 +38,8 @@ class Options:
     clip: bool = True          # adaptive clipping of activation ranges and weight-row steps
     split: bool = True         # channel splitting into the K padding plus `budget`·K slots
     budget: float = 0.03
-    budget_down: float | None = None  # ffn_down's own split budget (its SwiGLU input carries the most error); None: budget
+    budget_down: float | None = 0.2  # ffn_down's own split budget (its SwiGLU input carries the most error; the
+                                     # engine-measured curve is in bench/RESULTS.md); None: `budget`
     down_a8: bool = False      # mixed precision: ffn_down in w4a8 (per-token int8 inputs), not static W4A4
     down_alpha: float = 0.5    # its smoothing exponent (SmoothQuant's α), the scales folded into the up rows
     rank: int = 16             # low-rank compensation rank (0: off)
@@ -331,7 +332,7 @@ def w4a4_static(ck: Checkpoint, quant: dict[str, Any], opts: Options, calib: Cal
 def mergequant(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] | None = None, *,
                no_clip: bool = False, no_split: bool = False, rank: int = Options.rank, gptq: bool = Options.gptq,
                gptq_target: str = Options.gptq_target, act_order: bool = Options.act_order,
-               ridge: float = Options.ridge, budget: float = Options.budget, budget_down: float | None = None,
+               ridge: float = Options.ridge, budget: float = Options.budget, budget_down: float | None = Options.budget_down,
                down_a8: bool = Options.down_a8, down_alpha: float = Options.down_alpha,
                calib: str = "wikitext2+c4", calib_n: int = CalibrationSpec.n, calib_len: int = CalibrationSpec.length,
                seed: int = 0, tokenizer: str | None = None, report: str | None = None,
