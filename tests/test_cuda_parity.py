@@ -68,9 +68,11 @@ def test_tiny_4bit_logits_and_greedy_match_cpu(tiny_4bit_mq):
     gpu = _cuda_llm(tiny_4bit_mq)
     cpu = LLM(tiny_4bit_mq, device="cpu")
     rng = np.random.default_rng(1)
+    # the dynamic int8-input schemes drift further (docs/numerics.md, "Tolerances between backends")
+    tol = 2e-2 if tiny_4bit_mq.stem.endswith("w8a8") else 1e-3
     for n in (1, 9, 300):
         ids = rng.integers(0, cpu.n_vocab, n).tolist()
-        assert _max_rel(np.asarray(cpu.logits(ids)), np.asarray(gpu.logits(ids))) <= 1e-3
+        assert _max_rel(np.asarray(cpu.logits(ids)), np.asarray(gpu.logits(ids))) <= tol
     ids = rng.integers(0, cpu.n_vocab, 12).tolist()
     assert cpu.generate(ids, max_tokens=24, temperature=0.0) == gpu.generate(ids, max_tokens=24, temperature=0.0)
 
