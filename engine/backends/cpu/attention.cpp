@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <cstdlib>
 #include <vector>
 
 namespace mq::cpu {
@@ -30,7 +29,7 @@ void attention(Backend & be, const float * qkv, int32_t n_tokens, int32_t row_st
     static const bool wide_kernel = std::strcmp(cpu_kernels().isa, "avx512") == 0;
     thread_local std::vector<double> k64, v64;
     double * k64p = nullptr, * v64p = nullptr;
-    if (wide_kernel && n_tokens >= 4 && !getenv("MQ_TMP_NOWIDE")) {
+    if (wide_kernel && n_tokens >= 4) {
         int32_t n_rows = 0;
         for (int32_t t = 0; t < n_tokens; t++) {
             n_rows = std::max(n_rows, pos[t] + 1);

@@ -76,8 +76,9 @@ struct CpuKernels {
     void (*expand_slots)(const float * z, const int32_t * in_map, int64_t kp, int8_t * a);
     // units [u0, u1) of the blocked W4A4 GEMM (W4a4Tiles); null where the set has none (the row kernels then)
     void (*gemm_w4a4_tiles)(const W4a4Tiles & g, int64_t u0, int64_t u1);
-    // the low-rank branch's first product l[t, i] = Σ_s A[i, s]·a[t, s] in float64 (exact) for tokens [t0, t1)
-    void (*lora_first)(const float * a_f32, const int8_t * codes, int64_t kp, int64_t rank, int64_t t0, int64_t t1,
+    // the low-rank branch's first product l[t, i] = Σ_s A[i, s]·a[t, s] in float64 (exact) for tokens [t0, t1), from
+    // Aᵀ as fp32 [kp, rank]; l [m, rank]
+    void (*lora_first)(const float * at, const int8_t * codes, int64_t kp, int64_t rank, int64_t t0, int64_t t1,
                        double * l);
 };
 
