@@ -58,6 +58,35 @@ void attention(Backend & be, const float * qkv, int32_t n_tokens, int32_t row_st
             }
         });
     }
+    // with the widened rows, blocks of TQ tokens of one kv head per task (each row read once serves them all)
+    const auto tokens = cpu_kernels().attention_tokens;
+    constexpr int32_t TQ = 4;
+    if (k64p && tokens && (hd == 32 || hd == 64 || hd == 128)) {
+        const int64_t n_blocks = (n_tokens + TQ - 1) / TQ, n_tasks = n_blocks * s.n_head_kv;
+        cpu_of(be).pool().run([&](int32_t ith, int32_t nth) {
+            std::vector<float> q((size_t) TQ * group * hd);
+            std::vector<uint16_t> qh((size_t) group * hd);
+            int32_t n_kv[TQ];
+            for (int64_t w = ith; w < n_tasks; w += nth) {
+                const int32_t t0 = (int32_t) (w / s.n_head_kv) * TQ, kvh = (int32_t) (w % s.n_head_kv);
+                const int32_t nq = std::min(TQ, n_tokens - t0);
+                const size_t h0 = (size_t) kvh * group * hd;
+                for (int32_t u = 0; u < nq; u++) {
+                    float * qu = q.data() + (size_t) u * group * hd;
+                    cpu_f32_to_f16(qkv + (size_t) (t0 + u) * row_stride + h0, qh.data(), (int64_t) group * hd);
+                    cpu_f16_to_f32(qh.data(), qu, (int64_t) group * hd);
+                    for (int32_t i = 0; i < group * hd; i++) {
+                        qu[i] *= scale;
+                    }
+                    n_kv[u] = pos[t0 + u] + 1;
+                }
+                const size_t off = (size_t) kvh * hd;
+                tokens(q.data(), (int64_t) group * hd, nq, n_kv, group, hd, k64p + off, v64p + off, kv_dim,
+                       out + (size_t) t0 * s.n_head * hd + h0, (int64_t) s.n_head * hd);
+            }
+        });
+        return;
+    }
     cpu_of(be).pool().run([&](int32_t ith, int32_t nth) {
         std::vector<float> q((size_t) group * hd);
         std::vector<uint16_t> qh((size_t) group * hd);

@@ -72,6 +72,11 @@ struct CpuKernels {
     void (*attention_heads)(const float * q, int32_t g, int32_t hd, const KvRows & kv, int32_t n_kv, float * out);
     void (*lora_rows)(const double * l, int64_t rank, const float * bt, int64_t n, int64_t r0, int64_t r1,
                       double * out);
+    // attention of nq query tokens of one kv head over cache rows widened to float64 (KvRows' k64/v64, stride
+    // elements apart): token u's g query heads at q + u·q_stride (as attention_heads takes them), n_kv[u] rows, out
+    // at out + u·out_stride; false where the head size has no such kernel. Null where the set has none.
+    bool (*attention_tokens)(const float * q, int64_t q_stride, int32_t nq, const int32_t * n_kv, int32_t g, int32_t hd,
+                             const double * k, const double * v, int64_t stride, float * out, int64_t out_stride);
     // a w4a4 linear's input slots from step-unit values (quantize.h, cpu_expand_slots)
     void (*expand_slots)(const float * z, const int32_t * in_map, int64_t kp, int8_t * a);
     // units [u0, u1) of the blocked W4A4 GEMM (W4a4Tiles); null where the set has none (the row kernels then)
