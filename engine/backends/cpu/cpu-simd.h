@@ -48,10 +48,6 @@ struct KvRows {
     const float * v_step;
     int64_t stride;        // elements between rows (n_head_kv · hd)
     bool i8;
-    // optional: the same rows already as float64 (a prefill widens the cache once for all its queries), also
-    // stride elements apart; the AVX-512 kernel reads these when given
-    const double * k64 = nullptr;
-    const double * v64 = nullptr;
 };
 
 struct CpuKernels {
@@ -72,11 +68,11 @@ struct CpuKernels {
     void (*attention_heads)(const float * q, int32_t g, int32_t hd, const KvRows & kv, int32_t n_kv, float * out);
     void (*lora_rows)(const double * l, int64_t rank, const float * bt, int64_t n, int64_t r0, int64_t r1,
                       double * out);
-    // attention of nq query tokens of one kv head over cache rows widened to float64 (KvRows' k64/v64, stride
-    // elements apart): token u's g query heads at q + u·q_stride (as attention_heads takes them), n_kv[u] rows, out
-    // at out + u·out_stride; false where the head size has no such kernel. Null where the set has none.
+    // attention of nq query tokens of one kv head (a prefill): token u's g query heads at q + u·q_stride (as
+    // attention_heads takes them) over rows [0, n_kv[u]) of kv, out at out + u·out_stride; false where the head size
+    // has no such kernel. Null where the set has none (attention_heads per token then).
     bool (*attention_tokens)(const float * q, int64_t q_stride, int32_t nq, const int32_t * n_kv, int32_t g, int32_t hd,
-                             const double * k, const double * v, int64_t stride, float * out, int64_t out_stride);
+                             const KvRows & kv, float * out, int64_t out_stride);
     // a w4a4 linear's input slots from step-unit values (quantize.h, cpu_expand_slots)
     void (*expand_slots)(const float * z, const int32_t * in_map, int64_t kp, int8_t * a);
     // units [u0, u1) of the blocked W4A4 GEMM (W4a4Tiles); null where the set has none (the row kernels then)

@@ -36,7 +36,6 @@ extern void (*const gemm_w4a4_tiles)(const W4a4Tiles & g, int64_t u0, int64_t u1
 void attention_heads(const float * q, int32_t g, int32_t hd, const KvRows & kv, int32_t n_kv, float * out);
 // where the set has it (attention.cpp), else null
 extern bool (*const attention_tokens)(const float * q, int64_t q_stride, int32_t nq, const int32_t * n_kv, int32_t g,
-                                      int32_t hd, const double * k, const double * v, int64_t stride, float * out,
-                                      int64_t out_stride);
+                                      int32_t hd, const KvRows & kv, float * out, int64_t out_stride);
 
 }  // namespace mq::MQ_CPU_ISA
