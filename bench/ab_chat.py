@@ -5,7 +5,8 @@ slows both alike: the median prefill and decode tokens/s of each over the rounds
 
 Greedy decoding of one fixed prompt on the CPU; the two builds must also produce the same text (checked). The
 prompt is a short request, or with --prompt-tokens N the start of wikitext-2's test text cut to N tokens (the chat
-template adds a few), for prefill at a realistic length.
+template adds 30), for prefill at a realistic length (the model must then answer with more than one token: it
+may end its turn at once after some cuts).
 """
 from __future__ import annotations
 
@@ -64,13 +65,16 @@ def main() -> None:
             text, pre, dec, n_prefill = run(binary, args.model, args.threads, args.tokens, prompt)
             texts.setdefault(key, text)
             res[key].append((pre, dec))
+    if min(d for v in res.values() for _, d in v) <= 0:
+        raise SystemExit("a run generated no tokens (the reply ended at once): try another --prompt-tokens")
     same = texts["A"] == texts["B"]
     print(f"rounds {args.rounds}, threads {args.threads}, prompt {n_prefill} tokens, {args.tokens} tokens; "
           f"same text: {same}")
     med = {k: (statistics.median(p for p, _ in v), statistics.median(d for _, d in v)) for k, v in res.items()}
     for k in ("A", "B"):
         print(f"{k}: prefill {med[k][0]:.1f} tok/s, decode {med[k][1]:.1f} tok/s  "
-              f"(decode per round: {', '.join(f'{d:.1f}' for _, d in res[k])})")
+              f"(per round: prefill {', '.join(f'{p:.1f}' for p, _ in res[k])}; "
+              f"decode {', '.join(f'{d:.1f}' for _, d in res[k])})")
     print(f"B/A: prefill {med['B'][0] / med['A'][0]:.2f}, decode {med['B'][1] / med['A'][1]:.2f}")
     if not same:
         raise SystemExit("the two builds generated different text")

@@ -56,10 +56,6 @@ struct KvRows {
     const float * v_step;
     int64_t stride;        // elements between rows (n_head_kv · hd)
     bool i8;
-    // optional: the same rows already as float64 (a prefill widens the cache once for all its queries), also
-    // stride elements apart; the AVX-512 kernel reads these when given
-    const double * k64 = nullptr;
-    const double * v64 = nullptr;
 };
 
 struct CpuKernels {
@@ -86,12 +82,18 @@ struct CpuKernels {
                       int64_t n, int64_t r0, int64_t r1, int32_t * acc);
     void (*gemm_w4a8)(const uint8_t * qw, const uint8_t * gscale, int64_t group, const int32_t * wsum,
                       const Int8Prepared & a, int64_t m, int64_t kp, int64_t n, int64_t r0, int64_t r1, int32_t * acc);
+    // attention of nq query tokens of one kv head (a prefill): token u's g query heads at q + u·q_stride (as
+    // attention_heads takes them) over rows [0, n_kv[u]) of kv, out at out + u·out_stride; false where the head size
+    // has no such kernel. Null where the set has none (attention_heads per token then).
+    bool (*attention_tokens)(const float * q, int64_t q_stride, int32_t nq, const int32_t * n_kv, int32_t g, int32_t hd,
+                             const KvRows & kv, float * out, int64_t out_stride);
     // a w4a4 linear's input slots from step-unit values (quantize.h, cpu_expand_slots)
     void (*expand_slots)(const float * z, const int32_t * in_map, int64_t kp, int8_t * a);
     // units [u0, u1) of the blocked W4A4 GEMM (W4a4Tiles); null where the set has none (the row kernels then)
     void (*gemm_w4a4_tiles)(const W4a4Tiles & g, int64_t u0, int64_t u1);
-    // the low-rank branch's first product l[t, i] = Σ_s A[i, s]·a[t, s] in float64 (exact) for tokens [t0, t1)
-    void (*lora_first)(const float * a_f32, const int8_t * codes, int64_t kp, int64_t rank, int64_t t0, int64_t t1,
+    // the low-rank branch's first product l[t, i] = Σ_s A[i, s]·a[t, s] in float64 (exact) for tokens [t0, t1), from
+    // Aᵀ as fp32 [kp, rank]; l [m, rank]
+    void (*lora_first)(const float * at, const int8_t * codes, int64_t kp, int64_t rank, int64_t t0, int64_t t1,
                        double * l);
 };
 

@@ -11,10 +11,11 @@
 namespace mq::cpu {
 
 // the CPU reads every weight straight from the mapping; only the low-rank branch is widened to fp32: A (its
-// float64 dot with the codes is exact) and B transposed, so lora[r] = Σ_i B[r, i]·l[i] runs in float64 as
+// float64 dot with the codes is exact), A transposed (the blocked GEMM's form) and B transposed, so lora[r] = Σ_i B[r, i]·l[i] runs in float64 as
 // vector sums over blocks of rows r (kernels/lora.cpp), in the order i = 0, 1, ...
 struct LoraF32 {
     std::vector<float> a;   // [rank, kp]
+    std::vector<float> at;  // [kp, rank]: Aᵀ, for the blocked GEMM's first product over a block of tokens
     std::vector<float> bt;  // [rank, n]
 };
 
@@ -24,6 +25,12 @@ static void prepare_w4a4(Backend &, Linear & lin) {
         l->a.resize(lin.rank * lin.kp);
         l->bt.resize(lin.n * lin.rank);
         cpu_f16_to_f32(lin.lora_a->as<uint16_t>(), l->a.data(), (int64_t) l->a.size());
+        l->at.resize(lin.rank * lin.kp);
+        for (int64_t i = 0; i < lin.rank; i++) {
+            for (int64_t s = 0; s < lin.kp; s++) {
+                l->at[s * lin.rank + i] = l->a[i * lin.kp + s];
+            }
+        }
         std::vector<float> b32((size_t) lin.n * lin.rank);
         cpu_f16_to_f32(lin.lora_b->as<uint16_t>(), b32.data(), (int64_t) b32.size());
         for (int64_t r = 0; r < lin.n; r++) {
@@ -73,7 +80,7 @@ static void run_tiles(Backend & be, const Linear & lin, const int8_t * a, int32_
             sp[t] = s;
         }
         if (lora && b < e) {
-            cpu_kernels().lora_first(lora->a.data(), a, kp, lin.rank, b, e, lp);
+            cpu_kernels().lora_first(lora->at.data(), a, kp, lin.rank, b, e, lp);
         }
     });
     g.qw = lin.qweight->data;

@@ -62,7 +62,6 @@ static void heads_generic(const float * q, int32_t g, int32_t hd, const KvRows &
 
 // chunk c (8 values) of row j, widened to float64
 struct RowsF16 {
-    static constexpr bool direct = false;  // key() converts: one pass over the heads per key
     const uint16_t * k;
     const uint16_t * v;
     int64_t stride;
@@ -74,7 +73,6 @@ struct RowsF16 {
 };
 
 struct RowsI8 {
-    static constexpr bool direct = false;
     const int8_t * k;
     const int8_t * v;
     const float * k_step;
@@ -87,16 +85,6 @@ struct RowsI8 {
     }
     __m512d key(int64_t j, int c) const { return load(k + j * stride + 8 * c, k_step + 8 * c); }
     __m512d value(int64_t j, int c) const { return load(v + j * stride + 8 * c, v_step + 8 * c); }
-};
-
-// rows already widened to float64
-struct RowsF64 {
-    static constexpr bool direct = true;  // key() is a load: blocks of 8 keys, one pass per head
-    const double * k;
-    const double * v;
-    int64_t stride;
-    __m512d key(int64_t j, int c) const { return _mm512_loadu_pd(k + j * stride + 8 * c); }
-    __m512d value(int64_t j, int c) const { return _mm512_loadu_pd(v + j * stride + 8 * c); }
 };
 
 // the lane sums of v[0 .. 8) as one vector: r[u] = Σ_i v[u][i] (pairs, then 128-bit halves, then 256-bit halves)
@@ -126,38 +114,7 @@ static void heads_avx512(const float * q, const Rows & rows, int32_t n_kv, doubl
     for (int h = 0; h < G; h++) {
         mx[h] = -INFINITY;
     }
-    int32_t j = 0;
-    if (Rows::direct) {
-        // 8 keys at a time for one head: 8 independent sums, then one transposed reduction to the 8 scores
-        __m512d mxv[G];
-        for (int h = 0; h < G; h++) {
-            mxv[h] = _mm512_set1_pd(-INFINITY);
-        }
-        for (; j + 8 <= n_kv; j += 8) {
-            for (int h = 0; h < G; h++) {
-                __m512d a[8];
-#pragma GCC unroll 8
-                for (int u = 0; u < 8; u++) {
-                    a[u] = _mm512_setzero_pd();
-                }
-#pragma GCC unroll 16
-                for (int c = 0; c < D8; c++) {
-                    const __m512d qc = _mm512_load_pd(qd + h * HD + 8 * c);
-#pragma GCC unroll 8
-                    for (int u = 0; u < 8; u++) {
-                        a[u] = _mm512_fmadd_pd(qc, rows.key(j + u, c), a[u]);
-                    }
-                }
-                const __m512d sc = sum8(a);
-                _mm512_storeu_pd(s + (size_t) h * n_kv + j, sc);
-                mxv[h] = _mm512_max_pd(sc, mxv[h]);  // a NaN score is passed over, as below
-            }
-        }
-        for (int h = 0; h < G; h++) {
-            mx[h] = _mm512_reduce_max_pd(mxv[h]);
-        }
-    }
-    for (; j < n_kv; j++) {
+    for (int32_t j = 0; j < n_kv; j++) {
         __m512d a[G];
         for (int h = 0; h < G; h++) {
             a[h] = _mm512_setzero_pd();
@@ -234,7 +191,176 @@ static void heads_pass(const float * q, int32_t g, int32_t d8, const Rows & rows
     }
 }
 
+// Several query tokens of one kv head at once (a prefill): Q = nq · g query vectors, each with its own causal length
+// n_kv[u]. Scores over blocks of 8 keys (the block's rows widened to float64 once, into L1, and read by all Q
+// queries), exp and the sums per query, then p·v over blocks of 32 rows (widened once, shared by all queries, each
+// query's 8·D8 sums loaded and stored once a block). The same arithmetic as heads_avx512: every sum
+// in float64, o = fp32((Σ_j p_j·v_j) / Σ_j p_j), p·v summed in the order j = 0, 1, ...
+template <int D8, class Rows>
+static void tokens_avx512(const float * q, int64_t q_stride, int32_t nq, const int32_t * n_kv, int32_t g,
+                          const Rows & rows, float * out, int64_t out_stride) {
+    constexpr int HD = 8 * D8;
+    const int32_t nQ = nq * g;
+    int32_t n_max = 0;
+    for (int32_t u = 0; u < nq; u++) {
+        n_max = n_kv[u] > n_max ? n_kv[u] : n_max;
+    }
+    // plain new[]: no std template instantiated here (kernels.h)
+    double * qd = new double[(size_t) nQ * HD + (size_t) nQ * HD + (size_t) nQ * n_max + 3 * (size_t) nQ + 32 * HD];
+    double * kb = qd + (size_t) nQ * HD;  // a block of rows widened to float64 (8 keys, or 32 values)
+    double * o = kb + 32 * HD;
+    double * sc = o + (size_t) nQ * HD;
+    double * mx = sc + (size_t) nQ * n_max;
+    double * sum = mx + nQ;
+    int32_t * len = new int32_t[nQ];
+    for (int32_t u = 0; u < nq; u++) {
+        for (int32_t h = 0; h < g; h++) {
+            const int32_t i = u * g + h;
+            len[i] = n_kv[u];
+            mx[i] = -INFINITY;
+            for (int d = 0; d < HD; d++) {
+                qd[(size_t) i * HD + d] = q[u * q_stride + h * HD + d];
+                o[(size_t) i * HD + d] = 0.0;
+            }
+        }
+    }
+    // scores s_j = Σ_d q[d]·k_j[d]
+    int32_t j = 0;
+    for (; j + 8 <= n_max; j += 8) {
+        for (int u = 0; u < 8; u++) {
+            for (int c = 0; c < D8; c++) {
+                _mm512_storeu_pd(kb + u * HD + 8 * c, rows.key(j + u, c));
+            }
+        }
+        for (int32_t i = 0; i < nQ; i++) {
+            if (j >= len[i]) {
+                continue;
+            }
+            __m512d a[8];
+#pragma GCC unroll 8
+            for (int u = 0; u < 8; u++) {
+                a[u] = _mm512_setzero_pd();
+            }
+#pragma GCC unroll 16
+            for (int c = 0; c < D8; c++) {
+                const __m512d qc = _mm512_loadu_pd(qd + (size_t) i * HD + 8 * c);
+#pragma GCC unroll 8
+                for (int u = 0; u < 8; u++) {
+                    a[u] = _mm512_fmadd_pd(qc, _mm512_loadu_pd(kb + u * HD + 8 * c), a[u]);
+                }
+            }
+            _mm512_storeu_pd(sc + (size_t) i * n_max + j, sum8(a));
+        }
+    }
+    for (; j < n_max; j++) {
+        for (int c = 0; c < D8; c++) {
+            _mm512_storeu_pd(kb + 8 * c, rows.key(j, c));
+        }
+        for (int32_t i = 0; i < nQ; i++) {
+            if (j >= len[i]) {
+                continue;
+            }
+            __m512d a = _mm512_setzero_pd();
+            for (int c = 0; c < D8; c++) {
+                a = _mm512_fmadd_pd(_mm512_loadu_pd(qd + (size_t) i * HD + 8 * c), _mm512_loadu_pd(kb + 8 * c), a);
+            }
+            sc[(size_t) i * n_max + j] = _mm512_reduce_add_pd(a);
+        }
+    }
+    // the maximum over the query's own keys (a NaN score is passed over), p_j = exp(s_j - max) in place, Σ p
+    for (int32_t i = 0; i < nQ; i++) {
+        double * si = sc + (size_t) i * n_max;
+        __m512d m = _mm512_set1_pd(-INFINITY);
+        for (int32_t jj = 0; jj < len[i]; jj += 8) {
+            const __mmask8 live = len[i] - jj >= 8 ? (__mmask8) 0xFF : (__mmask8) ((1u << (len[i] - jj)) - 1);
+            m = _mm512_mask_max_pd(m, live, _mm512_maskz_loadu_pd(live, si + jj), m);
+        }
+        const __m512d mv = _mm512_set1_pd(_mm512_reduce_max_pd(m));
+        __m512d acc = _mm512_setzero_pd();
+        for (int32_t jj = 0; jj < len[i]; jj += 8) {
+            const __mmask8 live = len[i] - jj >= 8 ? (__mmask8) 0xFF : (__mmask8) ((1u << (len[i] - jj)) - 1);
+            const __m512d p =
+                _mm512_maskz_mov_pd(live, exp_f64(_mm512_sub_pd(_mm512_maskz_loadu_pd(live, si + jj), mv)));
+            _mm512_mask_storeu_pd(si + jj, live, p);
+            acc = _mm512_add_pd(acc, p);
+        }
+        sum[i] = _mm512_reduce_add_pd(acc);
+    }
+    // o = Σ_j p_j · v_j over blocks of 32 rows
+    for (int32_t j0 = 0; j0 < n_max; j0 += 32) {
+        const int32_t jn = n_max - j0 < 32 ? n_max - j0 : 32;
+        for (int32_t u = 0; u < jn; u++) {
+            for (int c = 0; c < D8; c++) {
+                _mm512_storeu_pd(kb + u * HD + 8 * c, rows.value(j0 + u, c));
+            }
+        }
+        for (int32_t i = 0; i < nQ; i++) {
+            const int32_t j1 = len[i] < j0 + 32 ? len[i] : j0 + 32;
+            if (j1 <= j0) {
+                continue;
+            }
+            __m512d acc[D8];
+            double * oi = o + (size_t) i * HD;
+#pragma GCC unroll 16
+            for (int c = 0; c < D8; c++) {
+                acc[c] = _mm512_loadu_pd(oi + 8 * c);
+            }
+            const double * si = sc + (size_t) i * n_max;
+            for (int32_t jj = j0; jj < j1; jj++) {
+                const __m512d p = _mm512_set1_pd(si[jj]);
+#pragma GCC unroll 16
+                for (int c = 0; c < D8; c++) {
+                    acc[c] = _mm512_fmadd_pd(p, _mm512_loadu_pd(kb + (jj - j0) * HD + 8 * c), acc[c]);
+                }
+            }
+#pragma GCC unroll 16
+            for (int c = 0; c < D8; c++) {
+                _mm512_storeu_pd(oi + 8 * c, acc[c]);
+            }
+        }
+    }
+    for (int32_t u = 0; u < nq; u++) {
+        for (int32_t h = 0; h < g; h++) {
+            const int32_t i = u * g + h;
+            const __m512d d = _mm512_set1_pd(sum[i]);
+            for (int c = 0; c < D8; c++) {
+                _mm256_storeu_ps(out + u * out_stride + h * HD + 8 * c,
+                                 _mm512_cvtpd_ps(_mm512_div_pd(_mm512_loadu_pd(o + (size_t) i * HD + 8 * c), d)));
+            }
+        }
+    }
+    delete[] qd;
+    delete[] len;
+}
+
+template <int D8>
+static void tokens_rows(const float * q, int64_t q_stride, int32_t nq, const int32_t * n_kv, int32_t g,
+                        const KvRows & kv, float * out, int64_t out_stride) {
+    if (kv.i8) {
+        const RowsI8 rows{(const int8_t *) kv.k, (const int8_t *) kv.v, kv.k_step, kv.v_step, kv.stride};
+        tokens_avx512<D8>(q, q_stride, nq, n_kv, g, rows, out, out_stride);
+    } else {
+        const RowsF16 rows{(const uint16_t *) kv.k, (const uint16_t *) kv.v, kv.stride};
+        tokens_avx512<D8>(q, q_stride, nq, n_kv, g, rows, out, out_stride);
+    }
+}
+
+static bool tokens_any(const float * q, int64_t q_stride, int32_t nq, const int32_t * n_kv, int32_t g, int32_t hd,
+                       const KvRows & kv, float * out, int64_t out_stride) {
+    switch (hd) {
+    case 32: tokens_rows<4>(q, q_stride, nq, n_kv, g, kv, out, out_stride); return true;
+    case 64: tokens_rows<8>(q, q_stride, nq, n_kv, g, kv, out, out_stride); return true;
+    case 128: tokens_rows<16>(q, q_stride, nq, n_kv, g, kv, out, out_stride); return true;
+    default: return false;
+    }
+}
+bool (*const attention_tokens)(const float *, int64_t, int32_t, const int32_t *, int32_t, int32_t, const KvRows &,
+                               float *, int64_t) = tokens_any;
+#else
+bool (*const attention_tokens)(const float *, int64_t, int32_t, const int32_t *, int32_t, int32_t, const KvRows &,
+                               float *, int64_t) = nullptr;
 #endif
+
 
 void attention_heads(const float * q, int32_t g, int32_t hd, const KvRows & kv, int32_t n_kv, float * out) {
 #if defined(__AVX512F__)
@@ -246,10 +372,7 @@ void attention_heads(const float * q, int32_t g, int32_t hd, const KvRows & kv, 
             const int32_t gp = per_pass < g - h0 ? per_pass : g - h0;
             const float * qp = q + (size_t) h0 * hd;
             float * op = out + (size_t) h0 * hd;
-            if (kv.k64) {
-                const RowsF64 rows{kv.k64, kv.v64, kv.stride};
-                heads_pass(qp, gp, d8, rows, n_kv, scores, op);
-            } else if (kv.i8) {
+            if (kv.i8) {
                 const RowsI8 rows{(const int8_t *) kv.k, (const int8_t *) kv.v, kv.k_step, kv.v_step, kv.stride};
                 heads_pass(qp, gp, d8, rows, n_kv, scores, op);
             } else {

@@ -385,17 +385,29 @@ static inline int32_t round_clamp(float x, int32_t lo, int32_t hi) {
 void expand_slots(const float * z, const int32_t * in_map, int64_t kp, int8_t * a) {
     int64_t s = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-    // 16 slots at a time: the map's three columns and z_j gathered, then the same steps in 16 lanes: the clamp to
+    // 16 slots at a time: the map's three columns, z_j gathered, then the same steps in 16 lanes: the clamp to
     // [-8·parts, 7·parts] (NaN to 0), rint half to even (the default rounding of vcvtps2dq), and
     // floordiv(t + part, parts) as floor of the fp32 quotient (exact: |t + part| < 2^24, and a quotient that is not
     // an integer is at least 1/parts from one)
-    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm512_set1_epi32(3));
+    // the map's rows (j, part, parts) of 16 slots are 48 int32 in three vectors: column c is elements 3i + c, i < 16,
+    // of which i ≤ (31 - c) / 3 lie in the first two vectors and the rest in the third
+    __m512i first[3], second[3];
+    for (int c = 0; c < 3; c++) {
+        alignas(64) int32_t a[16], b[16];
+        for (int i = 0; i < 16; i++) {
+            const int e = 3 * i + c;
+            a[i] = e < 32 ? e : 0;
+            b[i] = e < 32 ? i : 16 + (e - 32);
+        }
+        first[c] = _mm512_load_si512(a);
+        second[c] = _mm512_load_si512(b);
+    }
     for (; s + 16 <= kp; s += 16) {
         const int32_t * mp = in_map + 3 * s;
-        const __m512i j = _mm512_i32gather_epi32(idx, mp, 4);
-        const __m512i part = _mm512_i32gather_epi32(idx, mp + 1, 4);
-        const __m512i parts = _mm512_i32gather_epi32(idx, mp + 2, 4);
+        const __m512i v0 = _mm512_loadu_si512(mp), v1 = _mm512_loadu_si512(mp + 16), v2 = _mm512_loadu_si512(mp + 32);
+        const __m512i j = _mm512_permutex2var_epi32(_mm512_permutex2var_epi32(v0, first[0], v1), second[0], v2);
+        const __m512i part = _mm512_permutex2var_epi32(_mm512_permutex2var_epi32(v0, first[1], v1), second[1], v2);
+        const __m512i parts = _mm512_permutex2var_epi32(_mm512_permutex2var_epi32(v0, first[2], v1), second[2], v2);
         const __mmask16 live = _mm512_cmpge_epi32_mask(j, _mm512_setzero_si512());
         const __m512 x = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, j, z, 4);
         const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);

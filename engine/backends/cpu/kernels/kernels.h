@@ -29,7 +29,7 @@ void gemm_w4a4(const uint8_t * qw, const CodesPrepared & a, int64_t m, int64_t k
 void gemm_w4a16g(const uint8_t * qw, const uint16_t * scale, const float * x, float * y, int64_t m, int64_t n,
                  int64_t k, int64_t group, int64_t r0, int64_t r1, bool accumulate);
 void lora_rows(const double * l, int64_t rank, const float * bt, int64_t n, int64_t r0, int64_t r1, double * out);
-void lora_first(const float * a_f32, const int8_t * codes, int64_t kp, int64_t rank, int64_t t0, int64_t t1, double * l);
+void lora_first(const float * at, const int8_t * codes, int64_t kp, int64_t rank, int64_t t0, int64_t t1, double * l);
 void expand_slots(const float * z, const int32_t * in_map, int64_t kp, int8_t * a);
 // the blocked GEMM where the set has one (gemm-int4.cpp), else null
 extern void (*const gemm_w4a4_tiles)(const W4a4Tiles & g, int64_t u0, int64_t u1);
@@ -40,5 +40,8 @@ void gemm_w8a8(const int8_t * w, const int32_t * wsum, const int8_t * a, int64_t
                int64_t r0, int64_t r1, int32_t * acc);
 void gemm_w4a8(const uint8_t * qw, const uint8_t * gscale, int64_t group, const int32_t * wsum, const Int8Prepared & a,
                int64_t m, int64_t kp, int64_t n, int64_t r0, int64_t r1, int32_t * acc);
+// where the set has it (attention.cpp), else null
+extern bool (*const attention_tokens)(const float * q, int64_t q_stride, int32_t nq, const int32_t * n_kv, int32_t g,
+                                      int32_t hd, const KvRows & kv, float * out, int64_t out_stride);
 
 }  // namespace mq::MQ_CPU_ISA
