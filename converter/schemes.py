@@ -181,6 +181,7 @@ def _w4a8g_pack(w: np.ndarray, codes: np.ndarray | None = None, gscale: np.ndarr
 
 _ENGINE_VS_SIM = "tests/test_w4a4_cpu.py::test_tiny_every_scheme"
 _NAIVE_VS_SIM = "tests/test_quant_simulate.py::test_simulator_matches_naive_engine"
+_SMOLLM2_INT8 = "tests/test_w4a4_cpu.py::test_smollm2_int8_schemes_greedy_identical"
 
 # w4a4d: per-token dynamic activations; w4a4: static activations. Both pack the core tensors of
 # _w4a4_layout; a w4a4 linear's method adds in_scale / in_map / lora_a / lora_b (docs/format.md).
@@ -198,13 +199,15 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     # per-token dynamic int8 activations (docs/numerics.md, "Dynamic int8 activations"); bias is optional
     Scheme("w8a8", _w8a8_layout, _w8a8_pack, w8a8_linear, "float", method_tensors=("bias",),
            method_layout=_bias_layout,
-           parity_tests=(f"{_ENGINE_VS_SIM}[w8a8]", f"{_ENGINE_VS_SIM}[w6a6]", "tests/test_ops.py::test_linear_w8a8")),
+           parity_tests=(f"{_ENGINE_VS_SIM}[w8a8]", f"{_ENGINE_VS_SIM}[w6a6]", "tests/test_ops.py::test_linear_w8a8",
+                         f"{_SMOLLM2_INT8}[w8a8]")),
     Scheme("w4a8", _w4a8_layout, _w4a8_pack, w4a8_linear, "float", k_pad=K_ALIGN, method_tensors=("bias",),
            method_layout=_bias_layout,
-           parity_tests=(f"{_ENGINE_VS_SIM}[w4a8]", "tests/test_ops.py::test_linear_w4a8")),
+           parity_tests=(f"{_ENGINE_VS_SIM}[w4a8]", "tests/test_ops.py::test_linear_w4a8", f"{_SMOLLM2_INT8}[w4a8]")),
     Scheme("w4a8g", _w4a8g_layout, _w4a8g_pack, w4a8g_linear, "float", k_multiple=64, group=w4a16g_group,
            method_tensors=("bias",), method_layout=_bias_layout,
-           parity_tests=(f"{_ENGINE_VS_SIM}[w4a8g]", "tests/test_ops.py::test_linear_w4a8g")),
+           parity_tests=(f"{_ENGINE_VS_SIM}[w4a8g]", "tests/test_ops.py::test_linear_w4a8g",
+                         f"{_SMOLLM2_INT8}[w4a8g]")),
 )}
 
 

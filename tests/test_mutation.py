@@ -127,7 +127,7 @@ def mutate(raw: bytes, rng: random.Random) -> tuple[bytes, str, bool]:
 def seeds(tiny_hf_checkpoint, tmp_path_factory) -> list[Path]:
     d = tmp_path_factory.mktemp("mutation")
     ck = tiny_hf_checkpoint()
-    return [convert(ck.path, d / f"tiny-{s}.mq", scheme=s, progress=False) for s in ("f16", "w4a16g", "w4a4d")]
+    return [convert(ck.path, d / f"tiny-{s}.mq", scheme=s, progress=False) for s in ("f16", "w4a16g", "w4a4d", "w8a8", "w4a8g")]
 
 
 def run_worker(paths: list[Path]) -> dict[str, dict]:

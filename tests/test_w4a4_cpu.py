@@ -171,3 +171,22 @@ def test_int8_schemes_bad_tensors_named(tiny_int8_files, tmp_path, scheme, edit,
     bad = _edited(tiny_int8_files[scheme], tmp_path / "bad.mq", edit)
     with pytest.raises(RuntimeError, match=match):
         LLM(bad, device="cpu")
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a8", "w4a8g"])
+def test_smollm2_int8_schemes_greedy_identical(smollm2_gguf_path, tmp_path, scheme):
+    """The real model by RTN (`convert --scheme`): every linear's int32 GEMM on the simulator's codes is the
+    simulator's, logits within 1e-4, and 16 greedy tokens the simulator's argmax after the same prefix (the
+    whole int8-activation path is exact but the final fp32 logits GEMM, docs/numerics.md)."""
+    out = convert(smollm2_gguf_path, tmp_path / f"{scheme}.mq", scheme=scheme, progress=False)
+    llm, sim = LLM(out, device="cpu"), SimModel.from_mq(out)
+    ids = llm.tokenize(PROMPTS[0])
+    llm.generate(ids, max_tokens=16, temperature=0.0, stop_token_ids=None)
+    got = llm._session.output_tokens
+    record: dict[str, np.ndarray] = {}
+    logits = sim.forward(np.array(ids + got), record=record)
+    assert got == [int(np.argmax(logits[len(ids) - 1 + i])) for i in range(len(got))]
+    assert rel(llm.logits(ids + got), logits[-1]) <= 1e-4
+    for key in [k for k in record if k.endswith(".in")]:
+        np.testing.assert_array_equal(llm._model.int_gemm(key[:-3], np.ascontiguousarray(record[key])),
+                                      record[key[:-3]], err_msg=key)

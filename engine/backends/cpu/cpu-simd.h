@@ -58,8 +58,8 @@ struct CpuKernels {
     float (*quant_row_i8)(const float * x, int64_t k, int64_t kp, int32_t qmax, int8_t * a);
     void (*gemm_w8a8)(const int8_t * w, const int32_t * wsum, const int8_t * a, int64_t ka, int64_t m, int64_t k,
                       int64_t n, int64_t r0, int64_t r1, int32_t * acc);
-    void (*gemm_w4a8)(const uint8_t * qw, const uint8_t * gscale, int64_t group, const Int8Prepared & a, int64_t m,
-                      int64_t kp, int64_t n, int64_t r0, int64_t r1, int32_t * acc);
+    void (*gemm_w4a8)(const uint8_t * qw, const uint8_t * gscale, int64_t group, const int32_t * wsum,
+                      const Int8Prepared & a, int64_t m, int64_t kp, int64_t n, int64_t r0, int64_t r1, int32_t * acc);
 };
 
 // the set this process runs (chosen at the first call; throws mq::Error for a bad MERGEQUANT_CPU)
@@ -137,10 +137,12 @@ inline void cpu_gemm_w8a8(const int8_t * w, const int32_t * wsum, const int8_t *
     cpu_kernels().gemm_w8a8(w, wsum, a, ka, m, k, n, r0, r1, acc);
 }
 // w4a8 (gscale null: one group of kp) and w4a8g: acc[t, r] = Σ_k a[t, k] · q[r, k] · g[r, k / group] (exact int32)
-// for rows [r0, r1); qw packed [n, kp/2]; group a multiple of 64 dividing kp
-inline void cpu_gemm_w4a8(const uint8_t * qw, const uint8_t * gscale, int64_t group, const Int8Prepared & a,
-                          int64_t m, int64_t kp, int64_t n, int64_t r0, int64_t r1, int32_t * acc) {
-    cpu_kernels().gemm_w4a8(qw, gscale, group, a, m, kp, n, r0, r1, acc);
+// for rows [r0, r1); qw packed [n, kp/2]; group a multiple of 64 dividing kp; wsum[r] = Σ_k q[r, k] · g[r, k / group]
+// (the AVX-512 path's offset)
+inline void cpu_gemm_w4a8(const uint8_t * qw, const uint8_t * gscale, int64_t group, const int32_t * wsum,
+                          const Int8Prepared & a, int64_t m, int64_t kp, int64_t n, int64_t r0, int64_t r1,
+                          int32_t * acc) {
+    cpu_kernels().gemm_w4a8(qw, gscale, group, wsum, a, m, kp, n, r0, r1, acc);
 }
 
 #endif

@@ -6,11 +6,13 @@
 #include "cpu-simd.h"
 
 #include <algorithm>
+#include <functional>
 #include <vector>
 
 namespace mq::cpu {
 
-// w8a8's weight row sums Σ_k w[n, k], the offset of the AVX-512 path's biased activations (made once at load)
+// w8a8's weight row sums Σ_k w[n, k], the offset of the AVX-512 path's biased activations (made once at load;
+// released by release_row_sums, as w4a8's)
 static void prepare_w8a8(Backend &, Linear & lin) {
     int32_t * sums = new int32_t[lin.n];
     const int8_t * w = lin.qweight->as<int8_t>();
@@ -24,7 +26,24 @@ static void prepare_w8a8(Backend &, Linear & lin) {
     lin.prepared = sums;
 }
 
-static void release_w8a8(Backend &, Linear & lin) {
+// w4a8/w4a8g's integer weight row sums Σ_k q[n, k] · g[n, k / group], likewise
+static void prepare_w4a8(Backend &, Linear & lin) {
+    int32_t * sums = new int32_t[lin.n];
+    const int64_t h = lin.kp / 2, group = lin.gscale ? lin.group : lin.kp, ng = lin.kp / group;
+    for (int64_t r = 0; r < lin.n; r++) {
+        const uint8_t * q = lin.qweight->data + r * h;
+        int32_t s = 0;
+        for (int64_t i = 0; i < h; i++) {
+            const int32_t lo = q[i] & 0xF, hi = q[i] >> 4;
+            const int32_t g = lin.gscale ? lin.gscale->as<uint8_t>()[r * ng + 2 * i / group] : 1;
+            s += g * ((lo - 16 * (lo >= 8)) + (hi - 16 * (hi >= 8)));
+        }
+        sums[r] = s;
+    }
+    lin.prepared = sums;
+}
+
+static void release_row_sums(Backend &, Linear & lin) {
     delete[] (int32_t *) lin.prepared;
     lin.prepared = nullptr;
 }
@@ -62,13 +81,18 @@ static void prepare_operand(const Linear & lin, const int8_t * a, int32_t m, Int
 }
 
 // acc [m, n] = a · wᵀ for codes a [m, ·] with rows `stride` apart (w8a8: a multiple of 64, zeros beyond k; the
-// 4-bit-weight schemes: lin.kp)
-static void gemm_rows(Backend & be, const Linear & lin, const int8_t * a, int64_t stride, int32_t m, int32_t * acc) {
+// 4-bit-weight schemes: lin.kp), rows split across the threads in blocks; `epilogue(r0, r1)`, when given, runs in
+// the same job on the rows just summed
+static void gemm_rows(Backend & be, const Linear & lin, const int8_t * a, int64_t stride, int32_t m, int32_t * acc,
+                      const std::function<void(int64_t, int64_t)> & epilogue) {
     if (lin.scheme == "w8a8") {
         const int8_t * w = lin.qweight->as<int8_t>();
         const int32_t * wsum = (const int32_t *) lin.prepared;
         cpu_of(be).run_row_blocks(lin.n, [&](int64_t r0, int64_t r1) {
             cpu_gemm_w8a8(w, wsum, a, stride, m, lin.k, lin.n, r0, r1, acc);
+            if (epilogue) {
+                epilogue(r0, r1);
+            }
         });
         return;
     }
@@ -78,7 +102,10 @@ static void gemm_rows(Backend & be, const Linear & lin, const int8_t * a, int64_
     const uint8_t * gs = lin.gscale ? lin.gscale->as<uint8_t>() : nullptr;
     const int64_t group = w4a8_group(lin);
     cpu_of(be).run_row_blocks(lin.n, [&](int64_t r0, int64_t r1) {
-        cpu_gemm_w4a8(lin.qweight->data, gs, group, view, m, lin.kp, lin.n, r0, r1, acc);
+        cpu_gemm_w4a8(lin.qweight->data, gs, group, (const int32_t *) lin.prepared, view, m, lin.kp, lin.n, r0, r1, acc);
+        if (epilogue) {
+            epilogue(r0, r1);
+        }
     });
 }
 
@@ -94,7 +121,7 @@ static void int_gemm(Backend & be, const Linear & lin, const int8_t * a, int32_t
     for (int32_t t = 0; t < m; t++) {
         std::copy(a + (size_t) t * lin.kp, a + (size_t) (t + 1) * lin.kp, padded.begin() + (size_t) t * stride);
     }
-    gemm_rows(be, lin, padded.data(), stride, m, acc);
+    gemm_rows(be, lin, padded.data(), stride, m, acc, nullptr);
 }
 
 static void run_int8(Backend & be, const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) {
@@ -102,17 +129,20 @@ static void run_int8(Backend & be, const Linear & lin, const float * x, int32_t 
     // per-token dynamic quantization: a = clamp(rint(x * (qmax / amax)), -qmax, qmax), step = amax / qmax
     std::vector<int8_t> codes((size_t) m * stride);
     std::vector<float> step(m);
-    for (int32_t t = 0; t < m; t++) {
-        const float amax = cpu_quant_row_i8(x + (size_t) t * k, k, stride, lin.qmax, codes.data() + (size_t) t * stride);
-        step[t] = amax / (float) lin.qmax;
-    }
+    cpu_of(be).run_rows(m, [&](int32_t ith, int32_t nth) {  // the tokens of a prefill split across the threads
+        int64_t b, e;
+        split_range(m, ith, nth, b, e);
+        for (int64_t t = b; t < e; t++) {
+            const float amax = cpu_quant_row_i8(x + t * k, k, stride, lin.qmax, codes.data() + t * stride);
+            step[t] = amax / (float) lin.qmax;
+        }
+    });
     std::vector<int32_t> acc((size_t) m * n);
-    gemm_rows(be, lin, codes.data(), stride, m, acc.data());
     const float * scale = lin.scale->as<float>();
     const float * bias = lin.bias ? lin.bias->as<float>() : nullptr;
     const int32_t * accp = acc.data();
     const float * stepp = step.data();
-    cpu_of(be).run_row_blocks(n, [&](int64_t r0, int64_t r1) {
+    gemm_rows(be, lin, codes.data(), stride, m, acc.data(), [&](int64_t r0, int64_t r1) {
         for (int32_t t = 0; t < m; t++) {
             for (int64_t r = r0; r < r1; r++) {
                 float v = ((float) accp[t * n + r] * scale[r]) * stepp[t];
@@ -125,8 +155,8 @@ static void run_int8(Backend & be, const Linear & lin, const float * x, int32_t 
     });
 }
 
-const LinearKernels linear_w8a8 = {"w8a8", 0, 0, prepare_w8a8, release_w8a8, run_int8, nullptr, int_gemm};
-const LinearKernels linear_w4a8 = {"w4a8", 0, 0, nullptr, nullptr, run_int8, nullptr, int_gemm};
-const LinearKernels linear_w4a8g = {"w4a8g", 0, 64, nullptr, nullptr, run_int8, nullptr, int_gemm};
+const LinearKernels linear_w8a8 = {"w8a8", 0, 0, prepare_w8a8, release_row_sums, run_int8, nullptr, int_gemm};
+const LinearKernels linear_w4a8 = {"w4a8", 0, 0, prepare_w4a8, release_row_sums, run_int8, nullptr, int_gemm};
+const LinearKernels linear_w4a8g = {"w4a8g", 0, 64, prepare_w4a8, release_row_sums, run_int8, nullptr, int_gemm};
 
 }  // namespace mq::cpu

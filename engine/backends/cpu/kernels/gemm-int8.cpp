@@ -3,13 +3,13 @@
 // the SIMD paths differ only in how they reach them:
 // - AVX-512 VNNI (vpdpbusd: u8 x s8 -> s32, four products a lane, no saturation). w8a8 feeds the activations as
 //   u8 = a + 128 (a xor 0x80) against the int8 weights and subtracts 128 · Σ_k w[r, k] (the row sums, made once at
-//   load). w4a8/w4a8g XOR each packed weight byte with 0x88, which makes both nibbles q + 8 in [0, 15]; w4a8g
-//   multiplies them by the group scale g in [1, 16] in 16-bit lanes (each byte's product ≤ 240 stays in its byte),
-//   so the inner loop over a group is the int8 product (q + 8)·g × a -> int32 and no float touches a group; the
-//   offset comes off at the end: acc = Σ - 8 · Σ_j g_j · Σ_{k in j} a[k].
+//   load). w4a8/w4a8g widen the packed int4 codes to the int8 weight w = q · g in registers (XOR 0x88 makes both
+//   nibbles q + 8 in [0, 15]; times the group scale g in [1, 16] in 16-bit lanes, each byte's product ≤ 240
+//   staying in its byte; minus 8·g byte by byte), so the inner loop over a group is int8 x int8 -> int32 as for
+//   w8a8, with the same a + 128 operand and row-sum offset, and no float touches a group.
 // - AVX2: vpmaddubsw (u8 x s8 -> s16 pairs, saturating) then vpmaddwd with ones. w8a8 multiplies |w| (≤ 128) by
-//   a · sign(w), so a pair stays ≤ 2 · 128 · 127 < 2^15; w4a8 multiplies q + 8 (≤ 15) by a and scales each 64-code
-//   chunk's int32 sums by its group scale.
+//   a · sign(w), so a pair stays ≤ 2 · 128 · 127 < 2^15; w4a8 multiplies q + 8 (≤ 15) by a, scales each 64-code
+//   chunk's int32 sums by its group scale and takes off 8 · Σ_j g_j · Σ_{k in group j} a[k] at the end.
 // - scalar: the sums as written.
 // Sums that may pass 2^31 before their correction (the offsets) are taken modulo 2^32 (the SIMD adds wrap; the
 // scalar corrections use uint32_t), which gives the exact acc because the true acc fits int32 (K ≤ 2^17).
@@ -255,11 +255,15 @@ static uint32_t w4a8_offset(const uint8_t * g, int64_t ng, const int32_t * gsum)
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // rows [r, r + 4), tokens [t0, t0 + TB). A 64-byte step holds 128 codes; each 32-byte half lies in one group (a
-// group is a multiple of 64 codes), so the group scales of the step are a pair of 16-bit broadcasts
+// group is a multiple of 64 codes), so the group scales of the step are a pair of 16-bit broadcasts. The weight
+// bytes become w = q · g exactly: (q + 8) · g in 16-bit lanes (no carry between the bytes: ≤ 240), minus 8 · g
+// byte by byte (wrapping, w in [-128, 112]); they meet the activations as u8 = a + 128 (a xor 0x80), and the
+// offset 128 · Σ_k w[r, k] is the row's, made once at load (wsum)
 template <int TB, bool G>
 static void w4a8_rows4(const uint8_t * qw, const uint8_t * gs, int64_t ng, int64_t gb, const Int8Prepared & a,
-                       int64_t h, int64_t t0, int64_t n, int64_t r, int32_t * acc) {
-    const __m512i x88 = _mm512_set1_epi8((char) 0x88), x0f = _mm512_set1_epi8(0x0F);
+                       const int32_t * wsum, int64_t h, int64_t t0, int64_t n, int64_t r, int32_t * acc) {
+    const __m512i x88 = _mm512_set1_epi8((char) 0x88), x0f = _mm512_set1_epi8(0x0F), x80 = _mm512_set1_epi8((char) 0x80);
+    const __m512i x08 = _mm512_set1_epi8(8);
     __m512i s[4][TB];
     for (int j = 0; j < 4; j++) {
         for (int b = 0; b < TB; b++) {
@@ -277,25 +281,28 @@ static void w4a8_rows4(const uint8_t * qw, const uint8_t * gs, int64_t ng, int64
                 const uint8_t * g = gs + (r + j) * ng;
                 const int16_t g0 = g[i / gb], g1 = i + 32 < h ? g[(i + 32) / gb] : 0;
                 const __m512i gv = _mm512_inserti64x4(_mm512_set1_epi16(g0), _mm256_set1_epi16(g1), 1);
-                lo[j] = _mm512_mullo_epi16(lo[j], gv);
-                hi[j] = _mm512_mullo_epi16(hi[j], gv);
+                const __m512i g8 = _mm512_inserti64x4(_mm512_set1_epi8((char) (8 * g0)),
+                                                      _mm256_set1_epi8((char) (8 * g1)), 1);
+                lo[j] = _mm512_sub_epi8(_mm512_mullo_epi16(lo[j], gv), g8);
+                hi[j] = _mm512_sub_epi8(_mm512_mullo_epi16(hi[j], gv), g8);
+            } else {
+                lo[j] = _mm512_sub_epi8(lo[j], x08);
+                hi[j] = _mm512_sub_epi8(hi[j], x08);
             }
         }
         for (int b = 0; b < TB; b++) {
-            const __m512i e = _mm512_maskz_loadu_epi8(mk, a.even + (t0 + b) * h + i);
-            const __m512i o = _mm512_maskz_loadu_epi8(mk, a.odd + (t0 + b) * h + i);
+            const __m512i e = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, a.even + (t0 + b) * h + i), x80);
+            const __m512i o = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, a.odd + (t0 + b) * h + i), x80);
             for (int j = 0; j < 4; j++) {
-                s[j][b] = _mm512_dpbusd_epi32(s[j][b], lo[j], e);
-                s[j][b] = _mm512_dpbusd_epi32(s[j][b], hi[j], o);
+                s[j][b] = _mm512_dpbusd_epi32(s[j][b], e, lo[j]);
+                s[j][b] = _mm512_dpbusd_epi32(s[j][b], o, hi[j]);
             }
         }
     }
     for (int b = 0; b < TB; b++) {
-        const int64_t t = t0 + b;
         for (int j = 0; j < 4; j++) {
             const uint32_t raw = (uint32_t) _mm512_reduce_add_epi32(s[j][b]);
-            const uint32_t off = w4a8_offset(G ? gs + (r + j) * ng : nullptr, ng, a.gsum + t * ng);
-            acc[t * n + r + j] = (int32_t) (raw - off);
+            acc[(t0 + b) * n + r + j] = (int32_t) (raw - 128u * (uint32_t) wsum[r + j]);
         }
     }
 }
@@ -349,15 +356,16 @@ static void w4a8_rows(const uint8_t * qw, const uint8_t * gs, int64_t ng, int64_
 #if defined(__AVX2__)
 template <bool G>
 static void gemm_w4a8_blocks(const uint8_t * qw, const uint8_t * gs, int64_t ng, int64_t gb, const Int8Prepared & a,
-                             int64_t m, int64_t h, int64_t n, int64_t & r, int64_t r1, int32_t * acc) {
+                             const int32_t * wsum, int64_t m, int64_t h, int64_t n, int64_t & r, int64_t r1,
+                             int32_t * acc) {
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
     for (; r + 4 <= r1; r += 4) {
         int64_t t = 0;
         for (; t + 4 <= m; t += 4) {
-            w4a8_rows4<4, G>(qw, gs, ng, gb, a, h, t, n, r, acc);
+            w4a8_rows4<4, G>(qw, gs, ng, gb, a, wsum, h, t, n, r, acc);
         }
         for (; t < m; t++) {
-            w4a8_rows4<1, G>(qw, gs, ng, gb, a, h, t, n, r, acc);
+            w4a8_rows4<1, G>(qw, gs, ng, gb, a, wsum, h, t, n, r, acc);
         }
     }
 #else
@@ -380,15 +388,18 @@ static void gemm_w4a8_blocks(const uint8_t * qw, const uint8_t * gs, int64_t ng,
 }
 #endif
 
-void gemm_w4a8(const uint8_t * qw, const uint8_t * gscale, int64_t group, const Int8Prepared & a, int64_t m,
-               int64_t kp, int64_t n, int64_t r0, int64_t r1, int32_t * acc) {
+void gemm_w4a8(const uint8_t * qw, const uint8_t * gscale, int64_t group, const int32_t * wsum, const Int8Prepared & a,
+               int64_t m, int64_t kp, int64_t n, int64_t r0, int64_t r1, int32_t * acc) {
     const int64_t h = kp / 2, gb = group / 2, ng = kp / group;  // bytes a row, bytes a group, groups a row
     int64_t r = r0;
+#if !defined(__AVX512F__)
+    (void) wsum;
+#endif
 #if defined(__AVX2__)
     if (gscale) {
-        gemm_w4a8_blocks<true>(qw, gscale, ng, gb, a, m, h, n, r, r1, acc);
+        gemm_w4a8_blocks<true>(qw, gscale, ng, gb, a, wsum, m, h, n, r, r1, acc);
     } else {
-        gemm_w4a8_blocks<false>(qw, nullptr, ng, gb, a, m, h, n, r, r1, acc);
+        gemm_w4a8_blocks<false>(qw, nullptr, ng, gb, a, wsum, m, h, n, r, r1, acc);
     }
 #endif
     for (; r < r1; r++) {

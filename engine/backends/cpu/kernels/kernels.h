@@ -34,7 +34,7 @@ void attention_heads(const float * q, int32_t g, int32_t hd, const KvRows & kv, 
 float quant_row_i8(const float * x, int64_t k, int64_t kp, int32_t qmax, int8_t * a);
 void gemm_w8a8(const int8_t * w, const int32_t * wsum, const int8_t * a, int64_t ka, int64_t m, int64_t k, int64_t n,
                int64_t r0, int64_t r1, int32_t * acc);
-void gemm_w4a8(const uint8_t * qw, const uint8_t * gscale, int64_t group, const Int8Prepared & a, int64_t m,
-               int64_t kp, int64_t n, int64_t r0, int64_t r1, int32_t * acc);
+void gemm_w4a8(const uint8_t * qw, const uint8_t * gscale, int64_t group, const int32_t * wsum, const Int8Prepared & a,
+               int64_t m, int64_t kp, int64_t n, int64_t r0, int64_t r1, int32_t * acc);
 
 }  // namespace mq::MQ_CPU_ISA
