@@ -25,12 +25,12 @@ import numpy as np
 
 from ..config import LlamaConfig
 from ..loaders import Checkpoint
-from ..reference import rope_cos_sin
+from ..reference import attention, rope, rope_cos_sin
 from ..schemes import get_scheme, pack_linear, w4a16g_group
 from .calibrate import CalibrationSpec, calibration_tokens, run_sequential
 from .gptq import gptq_quantize
 from .int4 import QMAX, QMIN, qmax_for_bits, quant_groups, quant_qqq, quant_rows, quant_rows_sym
-from .simulate import SimBlock, attend, load_block, rms_factor, split_qkv, swiglu
+from .simulate import SimBlock, load_block, rms_factor, split_qkv, swiglu
 from .simulate_linear import SimLinear
 
 SITES = ("attn_qkv", "attn_output", "ffn_gate_up", "ffn_down")
@@ -59,6 +59,20 @@ def tie_kv_groups(c: np.ndarray, config: LlamaConfig) -> np.ndarray:
 def v_row_divisor(s_o: np.ndarray, config: LlamaConfig) -> np.ndarray:
     """The tied o_proj input scales [H·hd] as one divisor per v row (kv head g, dim d) [Hkv·hd]."""
     return s_o.reshape(config.num_key_value_heads, -1, config.head_dim)[:, 0].reshape(-1)
+
+
+def calibration_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, config: LlamaConfig,
+                          cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Attention output [B, T, H·hd] of q/k/v [B, T, ·] (pre-RoPE) in plain fp32 (reference.attention), for the
+    o_proj input's statistics and Hessian; the stream to the next layer is computed by the engine's exact
+    numerics (simulate.block_forward, in calibrate.run_sequential), so this one need not be bit-exact."""
+    b, t, _ = q.shape
+    h, hkv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    out = np.empty((b, t, h * hd), np.float32)
+    for i in range(b):
+        out[i] = attention(rope(q[i].reshape(t, h, hd), cos, sin), rope(k[i].reshape(t, hkv, hd), cos, sin),
+                           v[i].reshape(t, hkv, hd), 0)
+    return out
 
 
 def hessian(x: np.ndarray) -> np.ndarray:
@@ -127,7 +141,7 @@ def quantize_block(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
     g1, x1, qkv = norm_site("attn_qkv", "attn_norm.weight", h)
     q, k, v = split_qkv(qkv.sim()(x1).reshape(b, t, -1), config)
     del x1
-    o = flat(attend(q, k, v, config, *rope_cos_sin(config, np.arange(t))))
+    o = flat(calibration_attention(q, k, v, config, *rope_cos_sin(config, np.arange(t))))
     del q, k, v
     w_o = fused[p + "attn_output"]
     s_o = method.smooth(i, "attn_output", o, w_o, lambda c: tie_kv_groups(c, config))
