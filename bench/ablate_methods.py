@@ -52,8 +52,11 @@ ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
     "rtn-w4a8g": ("RTN W4A8 g128 (qqq, no smoothing, no GPTQ)", "qqq",
                   {"group_size": 128, "no_smooth": True, "gptq": False}),
     "qqq-g128": ("QQQ W4A8 group 128 (w4a8g)", "qqq", {"group_size": 128}),
+    "qqq-g128-40": ("QQQ W4A8 group 128 (w4a8g), 40 thresholds per point", "qqq", {"group_size": 128, "smooth_steps": 40}),
+    "qqq-40": ("QQQ W4A8 per-channel (w4a8), 40 thresholds per point", "qqq", {"smooth_steps": 40}),
+    "fptq": ("FPTQ W4A8 g128 (w4a8g; LAE with the v0/v1 policy, RTN)", "fptq", {}),
 }
-CALIBRATED = {"gptq-w4a16", "smoothquant", "qqq"}
+CALIBRATED = {"gptq-w4a16", "smoothquant", "qqq", "fptq"}
 BEGIN, END = "<!-- ablate_methods:begin -->", "<!-- ablate_methods:end -->"
 
 
