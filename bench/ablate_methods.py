@@ -17,7 +17,6 @@ import json
 import math
 import os
 import platform
-import re
 import tempfile
 import time
 from datetime import date
@@ -28,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mergequant import LLM
+from results_section import write_section
 from mergequant.convert.convert import convert
 from mergequant.default_model import default_gguf_path
 
@@ -97,12 +97,6 @@ def markdown(rows: list[str], done: dict[str, dict[str, Any]], args: argparse.Na
     return "\n".join([BEGIN, *lines, END]) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END) + "\n?", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,7 +152,7 @@ def main() -> None:
     section = markdown(rows, {k: cache[f"{k}@{tag}"] for k in rows}, args)
     print(section)
     if not args.no_write:
-        write_section(args.results, section)
+        write_section(args.results, section, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import argparse
 import importlib.util
 import os
 import platform
-import re
 import time
 from datetime import date
 from pathlib import Path
@@ -24,6 +23,7 @@ from mergequant.convert.engine_tokenizer import checkpoint_tokenizer
 from mergequant.convert.quant.methods import quantize
 from mergequant.convert.quant.simulate import evaluate
 from mergequant.convert.quant.calibrate import CalibrationSpec, shared_data_dir, tokenize_file
+from results_section import write_section
 
 # row key → (label, method, method args); the mergequant rows add one component at a time
 ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
@@ -72,13 +72,6 @@ def markdown(results: dict[str, dict[str, Any]], args: argparse.Namespace, times
     return "\n".join([BEGIN, *lines, END]) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this script's section of RESULTS.md (between its markers) or append it."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END) + "\n?", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,7 +109,7 @@ def main() -> None:
     section = markdown(results, args, times)
     print(section)
     if not args.no_write:
-        write_section(args.results, section)
+        write_section(args.results, section, BEGIN, END)
 
 
 if __name__ == "__main__":
