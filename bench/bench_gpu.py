@@ -16,8 +16,9 @@ Files (bench/peer/random_weights.py draws every weight, so all engines run the s
   files of bench/peer/write_gguf.py hold the same values (q/k rows in llama.cpp's rotary order).
 - w4a16g: random codes, fp16 group scales. w4a4: random static RTN codes, per-row scales, identity
   in_map, in_scale of ones (plain static RTN). w4a4-mq: the structure of a default `--method mergequant`
-  file: split slots at the converter's default budget on the three splittable linears (Kp =
-  pad(K + ceil(budget·K)), the extra slots as second parts of random channels) and the low-rank branch
+  file: split slots at the converter's default budgets on the three splittable linears (Kp =
+  pad(K + ceil(budget·K)), `budget` for q/k/v and gate/up, `budget_down` for ffn_down; the extra slots as
+  second parts of random channels) and the low-rank branch
   at the converter's default rank on every linear (fp16 A [r, Kp], B [N, r]); random codes.
 """
 from __future__ import annotations
@@ -129,7 +130,7 @@ def build_model(path: Path, scheme: str, c: LlamaConfig, tok_meta: dict, tok_ten
     method = {"f16": "f16", "w4a16g": "rtn-w4a16", "w4a4": "rtn-w4a4-static", "w4a4-mq": "mergequant"}[scheme]
     params = {"random_weights": True}
     if scheme == "w4a4-mq":
-        params |= {"budget": opts.budget, "rank": opts.rank}
+        params |= {"budget": opts.budget, "budget_down": opts.budget_down, "rank": opts.rank}
     quant = {"method": method, "params": {"options": params}, "linears": {}}
     file_scheme = "w4a4" if scheme == "w4a4-mq" else scheme
     for i in range(c.num_hidden_layers):
@@ -144,7 +145,8 @@ def build_model(path: Path, scheme: str, c: LlamaConfig, tok_meta: dict, tok_ten
                 continue
             splittable = short != "attn_output"
             if scheme == "w4a4-mq" and splittable:
-                in_map = mergequant_in_map(p, k, opts.budget)
+                budget = opts.budget_down if short == "ffn_down" and opts.budget_down is not None else opts.budget
+                in_map = mergequant_in_map(p, k, budget)
                 kp = in_map.shape[0]
             else:
                 kp = pad_k(k)
@@ -217,6 +219,21 @@ def profile_decode(llm: "LLM", prompt: list[int], n: int = 32, top: int = 12) ->
         print(f"    {us / steps:8.1f} us/token  {count / steps:5.1f} calls/token  {name[:90]}", flush=True)
 
 
+def profile_prefill(llm: "LLM", prompt: list[int], top: int = 14) -> None:
+    """Device time of one prefill of `prompt` by kernel (CUPTI through torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        llm.generate(prompt, max_tokens=1, temperature=0.0)
+    ev = [(e.key, e.count, getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0))
+          for e in prof.key_averages()]
+    ev = sorted((e for e in ev if e[2] > 0), key=lambda e: -e[2])
+    total = sum(e[2] for e in ev)
+    print(f"  prefill profile ({len(prompt)} tokens): {total / 1e3:.1f} ms of kernels", flush=True)
+    for name, count, us in ev[:top]:
+        print(f"    {us / 1e3:8.2f} ms  {100 * us / total:5.1f}%  {count:6d} calls  {name[:90]}", flush=True)
+
+
 def greedy(llm: "LLM", ids: list[int], n: int) -> None:
     """n greedy tokens after `ids`, not stopped by the end-of-turn token (ignore_eos)."""
     s = llm._session
@@ -233,7 +250,8 @@ def bench_engine(path: Path, n_vocab_tok: int, rng: np.random.Generator, profile
     llm.generate(ids(64), max_tokens=16, temperature=0.0)  # warm-up: module load, first capture
     if profile:
         try:
-            profile_decode(llm, ids(PROMPT))
+            profile_decode(llm, ids(PROMPT), top=16)
+            profile_prefill(llm, ids(PREFILLS[-1]))
         except Exception as e:  # the profiler is a diagnostic: the benchmark goes on without it
             print(f"  decode profile failed: {e}", flush=True)
     decode = []

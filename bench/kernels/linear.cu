@@ -5,7 +5,7 @@ the shapes of real models, each result checked first against the CPU backend on 
 reference: w4a4 bit for bit, the float schemes within 1e-5 of the row's magnitude).
 
 A kernel under study is a variant beside the production one: a launcher with the production one's signature in
-a file of this folder (e.g. linear-w4a4-wide.cu), added to `kVariants` below; this program then checks and times
+a file of this folder (named like linear-<scheme>-<variant>.cu), added to `kVariants` below; this program then checks and times
 both side by side. Promoting it means replacing the production launcher's body with it (and deleting the
 variant), so the lab never holds a second copy of a kernel the engine runs.
 

@@ -1,6 +1,6 @@
 // The CUDA backend: the ops of mq-backend.h on one GPU, every launch on the backend's own stream.
 // fp32 activations, fp16 or int8 KV cache, int4 codes one per int8 between the static W4A4 ops (docs/numerics.md);
-// weights uploaded once by each scheme's prepare, in the file's layout. Each op lives in its own op.cu with a
+// weights uploaded once by each scheme's prepare, in the file's layout. Each op lives in its own <op>.cu with a
 // header declaring its launcher; this file holds the backend object (cuda-backend.cuh) and its two tables: the
 // ops, glued to their launchers, and the scheme kernels (linear-<scheme>.cu).
 // Decode steps are captured in a CUDA graph per context and replayed (run_step); MERGEQUANT_CUDA_GRAPHS=0
