@@ -8,6 +8,9 @@
 #pragma once
 
 #include "mma.cuh"
+#include "linear-w4a4.cuh"  // GemmLora
+
+#include <cuda_fp16.h>
 
 namespace mq {
 
@@ -33,11 +36,17 @@ __device__ __forceinline__ float gemm_value(typename Fmt::acc_t s, const float *
     return scale ? __fmul_rn(f, scale[n]) : f;
 }
 
+// The low-rank branch's up-projection in the epilogue (GemmLora, linear-w4a4.cuh): the tile's rows of l and b
+// are staged in the shared memory the main loop no longer needs ([rank][128 + pad] doubles each), so
+// rank <= GEMM_LORA_MAX_RANK.
+constexpr int GEMM_LORA_LD = GEMM_BM + 2;  // doubles per staged rank row (+2: rows g and g + 8 in other banks)
+constexpr int GEMM_LORA_MAX_RANK = GEMM_SMEM / (2 * GEMM_LORA_LD * (int) sizeof(double));
+
 template <class Fmt>
 __global__ void __launch_bounds__(256) gemm_mma_kernel(const uint8_t * __restrict__ A, const uint8_t * __restrict__ B,
                                                        const float * __restrict__ scale, const float * __restrict__ add,
                                                        const float * __restrict__ row_scale, void * __restrict__ y, int M,
-                                                       int N, int kb, int epilogue) {
+                                                       int N, int kb, int epilogue, GemmLora lo = GemmLora()) {
     constexpr int BM = GEMM_BM, ROWS = GEMM_BM + GEMM_BN, STAGES = GEMM_STAGES;
     using acc_t = typename Fmt::acc_t;
     extern __shared__ uint4 smem[];  // [STAGES][ROWS][4]
@@ -102,8 +111,37 @@ __global__ void __launch_bounds__(256) gemm_mma_kernel(const uint8_t * __restric
     }
     cp_async_wait<0>();
 
+    // the low-rank rows of this tile: sl[i][r] = l[m0 + r, i], sb[i][c] = b[n0 + c, i] (0 past M, N)
+    double * sl = (double *) smem;
+    double * sb = sl + GEMM_LORA_MAX_RANK * GEMM_LORA_LD;
+    if (lo.rank > 0) {
+        __syncthreads();  // every warp is done with the last stage
+        for (int q = tid; q < BM * lo.rank; q += 256) {
+            const int r = q / lo.rank, i = q % lo.rank;
+            sl[i * GEMM_LORA_LD + r] = m0 + r < M ? lo.l[(size_t) (m0 + r) * lo.rank + i] : 0.0;
+            sb[i * GEMM_LORA_LD + r] = n0 + r < N ? (double) __half2float(((const __half *) lo.b)[(size_t) (n0 + r) * lo.rank + i]) : 0.0;
+        }
+        __syncthreads();
+    }
+
 #pragma unroll
-    for (int mt = 0; mt < 4; mt++)
+    for (int mt = 0; mt < 4; mt++) {
+        // this thread's low-rank values of row tile mt: lv[h][nt][j] for rows g + 8h, columns 2t + j of tile nt
+        double lv[2][4][2] = {};
+        if (lo.rank > 0) {
+            const int r = wm * 64 + mt * 16 + g;
+            for (int i = 0; i < lo.rank; i++) {
+                const double l0 = sl[i * GEMM_LORA_LD + r], l1 = sl[i * GEMM_LORA_LD + r + 8];
+#pragma unroll
+                for (int nt = 0; nt < 4; nt++) {
+                    const double2 bb = *(const double2 *) &sb[i * GEMM_LORA_LD + wn * 32 + nt * 8 + 2 * t];
+                    lv[0][nt][0] = fma(bb.x, l0, lv[0][nt][0]);
+                    lv[0][nt][1] = fma(bb.y, l0, lv[0][nt][1]);
+                    lv[1][nt][0] = fma(bb.x, l1, lv[1][nt][0]);
+                    lv[1][nt][1] = fma(bb.y, l1, lv[1][nt][1]);
+                }
+            }
+        }
 #pragma unroll
         for (int nt = 0; nt < 4; nt++)
 #pragma unroll
@@ -113,7 +151,10 @@ __global__ void __launch_bounds__(256) gemm_mma_kernel(const uint8_t * __restric
                 const bool has1 = n + 1 < N;
                 float v0 = gemm_value<Fmt>(c[mt][nt][2 * h], scale, n);
                 float v1 = has1 ? gemm_value<Fmt>(c[mt][nt][2 * h + 1], scale, n + 1) : 0.0f;
-                if (add) {  // v = float(acc) · scale + add (the low-rank branch), before accumulating
+                if (lo.rank > 0) {  // v = float(acc) · scale + fp32(low-rank value), before accumulating
+                    v0 += (float) lv[h][nt][0];
+                    v1 += (float) lv[h][nt][1];
+                } else if (add) {  // v = float(acc) · scale + add (a low-rank branch computed before), before accumulating
                     v0 += add[(size_t) m * N + n];
                     if (has1) v1 += add[(size_t) m * N + n + 1];
                 }
@@ -135,6 +176,7 @@ __global__ void __launch_bounds__(256) gemm_mma_kernel(const uint8_t * __restric
                     }
                 }
             }
+    }
 }
 
 }  // namespace mq

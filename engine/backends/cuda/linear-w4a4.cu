@@ -296,7 +296,7 @@ W4A4Mma cuda_w4a4_mma_default() {
 
 template <class Fmt> static void launch_gemm(const void * a, const void * qweight, const float * scale, const float * add,
                                              const float * row_scale, float * y, int32_t m, int64_t n, int kb,
-                                             bool accumulate, cudaStream_t st) {
+                                             bool accumulate, cudaStream_t st, const GemmLora & gl = GemmLora()) {
     static std::atomic<uint64_t> smem_set{0};
     cuda_once_per_device(smem_set, [] {
         cuda_check(cudaFuncSetAttribute(gemm_mma_kernel<Fmt>, cudaFuncAttributeMaxDynamicSharedMemorySize, GEMM_SMEM),
@@ -304,13 +304,13 @@ template <class Fmt> static void launch_gemm(const void * a, const void * qweigh
     });
     const dim3 grid((unsigned) ceil_div(n, GEMM_BN), (unsigned) ceil_div(m, GEMM_BM));
     gemm_mma_kernel<Fmt><<<grid, 256, GEMM_SMEM, st>>>((const uint8_t *) a, (const uint8_t *) qweight, scale, add, row_scale, y,
-                                                       m, (int) n, kb, accumulate ? GEMM_ACCUMULATE : GEMM_STORE);
+                                                       m, (int) n, kb, accumulate ? GEMM_ACCUMULATE : GEMM_STORE, gl);
     cuda_check_launch("gemm_mma_kernel<w4a4>");
 }
 
 void cuda_linear_w4a4(const void * qweight, const float * scale, const float * add, const float * row_scale, int64_t n,
                       int64_t kp, const void * a, bool codes8, int32_t m, float * y, bool accumulate, W4A4Mma mma,
-                      cudaStream_t st, const LoraGemv & lo) {
+                      cudaStream_t st, const LoraGemv & lo, const GemmLora & gl) {
     // FmtI4 sums 256·a·w: K must stay below 131072 for int32
     if (kp % 64 != 0 || kp <= 0 || (mma == W4A4Mma::I8 && kp >= 131072) || n <= 0) {
         throw Error("CUDA w4a4 linear: K = " + std::to_string(kp) + " must be a positive multiple of 64 below 131072 "
@@ -319,6 +319,10 @@ void cuda_linear_w4a4(const void * qweight, const float * scale, const float * a
     if (lo.rank > 0 && (!codes8 || add || m > W4_MAX_M || !lo.a || !lo.b || !lo.l || !lo.sync)) {
         throw Error("CUDA w4a4 linear: the fused low-rank branch takes int8 codes at m <= " + std::to_string(W4_MAX_M) +
                     " with its tensors and workspace, and no other add (m = " + std::to_string(m) + ")");
+    }
+    if (gl.rank > 0 && (add || gl.rank > GEMM_LORA_MAX_RANK || !gl.b || !gl.l)) {
+        throw Error("CUDA w4a4 linear: the GEMM's low-rank epilogue takes rank <= " + std::to_string(GEMM_LORA_MAX_RANK) +
+                    " with lora_b and l, and no other add (rank = " + std::to_string(gl.rank) + ")");
     }
     if (m <= 0) return;
     const int kb = (int) (kp / 2);
@@ -332,9 +336,9 @@ void cuda_linear_w4a4(const void * qweight, const float * scale, const float * a
                     std::to_string(m) + "); pack them first");
     }
     if (mma == W4A4Mma::S4) {
-        launch_gemm<FmtS4>(a, qweight, scale, add, row_scale, y, m, n, kb, accumulate, st);
+        launch_gemm<FmtS4>(a, qweight, scale, add, row_scale, y, m, n, kb, accumulate, st, gl);
     } else {
-        launch_gemm<FmtI4>(a, qweight, scale, add, row_scale, y, m, n, kb, accumulate, st);
+        launch_gemm<FmtI4>(a, qweight, scale, add, row_scale, y, m, n, kb, accumulate, st, gl);
     }
 }
 
@@ -434,6 +438,16 @@ static void run_w4a4(Backend & be, const Linear & lin, const int8_t * a, int32_t
         return;
     }
     const size_t packed_bytes = ((size_t) m * lin.kp / 2 + 255) / 256 * 256;
+    if (lin.rank > 0 && lin.rank <= GEMM_LORA_MAX_RANK) {  // l first, B·l in the GEMM's epilogue
+        uint8_t * packed = (uint8_t *) b.scratch_for(packed_bytes + (size_t) m * lin.rank * sizeof(double));
+        GemmLora gl;
+        gl.b = p.lora_b, gl.l = (const double *) (packed + packed_bytes), gl.rank = (int) lin.rank;
+        cuda_lora_down(p.lora_a, lin.rank, lin.kp, a, m, (double *) gl.l, b.stream());
+        cuda_pack_codes(a, m, lin.kp, packed, b.stream());
+        cuda_linear_w4a4(p.qweight, p.scale, nullptr, nullptr, lin.n, lin.kp, packed, false, m, y, accumulate,
+                         b.w4a4_mma(), b.stream(), LoraGemv(), gl);
+        return;
+    }
     float * lora = nullptr;
     uint8_t * packed = (uint8_t *) scratch_with_lora(b, lin, a, m, packed_bytes, lora);
     cuda_pack_codes(a, m, lin.kp, packed, b.stream());

@@ -34,12 +34,21 @@ struct LoraGemv {
     unsigned * sync = nullptr;    // [2], zero between launches
     int32_t rank = 0;
 };
+// The low-rank branch in the prefill GEMM's epilogue (gemm-mma.cuh): lora[m, n] = f64(Σ_i b[n, i] · l[m, i]),
+// i = 0, 1, .., added to float(acc) · scale as the GEMV does; l [m, rank] made before by cuda_lora_down
+// (quantize.cuh). rank 0: none.
+struct GemmLora {
+    const void * b = nullptr;    // F16 [n, rank], the file's lora_b
+    const double * l = nullptr;  // [m, rank]
+    int32_t rank = 0;
+};
 // S4 below sm_90, I8 from sm_90; the environment variable MERGEQUANT_W4A4_MMA = s4 | i8 overrides
 W4A4Mma cuda_w4a4_mma_default();
-// lo: the low-rank branch fused into the GEMV (codes8 only, m <= W4A4_GEMV_MAX_M); add must then be null
+// lo: the low-rank branch fused into the GEMV (codes8 only, m <= W4A4_GEMV_MAX_M); gl: its up-projection in the
+// GEMM's epilogue (m > W4A4_GEMV_MAX_M, l made before by cuda_lora_down; gemm-mma.cuh); add must then be null
 void cuda_linear_w4a4(const void * qweight, const float * scale, const float * add, const float * row_scale, int64_t n,
                       int64_t kp, const void * a, bool codes8, int32_t m, float * y, bool accumulate, W4A4Mma mma,
-                      cudaStream_t st, const LoraGemv & lo = LoraGemv());
+                      cudaStream_t st, const LoraGemv & lo = LoraGemv(), const GemmLora & gl = GemmLora());
 // y[m, n] (+)= (float(acc[m, n]) * scale[n]) * row_scale[m], acc = Σ_k a[m, k] · w[n, k] exact in int32, for int8
 // codes a [m, k] and int8 weights w [n, k] (scheme w8a8, linear-int8.cu): this file's GEMV (m <= 16) and tiled
 // GEMM with the FmtI8 fragments; k a positive multiple of 16 (16-byte rows), at most 131072

@@ -221,11 +221,17 @@ void cuda_int_gemm(const void * qweight, int64_t n, int64_t kp, const uint8_t * 
     cuda_check_launch("int_gemm_kernel");
 }
 
+void cuda_lora_down(const void * lora_a, int64_t rank, int64_t kp, const int8_t * codes, int32_t m, double * l,
+                    cudaStream_t st) {
+    if (m <= 0 || rank <= 0) return;
+    launch_pdl(lora_down_kernel, dim3((unsigned) (m * rank)), dim3(256), 0, st, "lora_down_kernel",
+               (const __half *) lora_a, kp, codes, (int32_t) rank, l);
+}
+
 void cuda_lora(const void * lora_a, const void * lora_b, int64_t rank, int64_t n, int64_t kp, const int8_t * codes,
                int32_t m, double * l_scratch, float * out, cudaStream_t st) {
     if (m <= 0 || rank <= 0) return;
-    launch_pdl(lora_down_kernel, dim3((unsigned) (m * rank)), dim3(256), 0, st, "lora_down_kernel",
-               (const __half *) lora_a, kp, codes, (int32_t) rank, l_scratch);
+    cuda_lora_down(lora_a, rank, kp, codes, m, l_scratch, st);
     launch_pdl(lora_up_kernel, dim3(grid_for((int64_t) m * n)), dim3(256), 0, st, "lora_up_kernel",
                (const __half *) lora_b, (int32_t) rank, n, l_scratch, (int64_t) m * n, out);
 }

@@ -22,6 +22,9 @@ void cuda_pack_codes(const int8_t * codes, int32_t m, int64_t kp, uint8_t * pack
 void cuda_int_gemm(const void * qweight, int64_t n, int64_t kp, const uint8_t * a_packed, int32_t m, int32_t * acc,
                    cudaStream_t st);
 // low-rank branch in float64: l[t, i] = Σ_s lora_a[i, s] · a[t, s]; out[t, n] = fp32(Σ_i lora_b[n, i] · l[t, i])
+// its first half alone: l[t, i] = Σ_s lora_a[i, s] · a[t, s] (the GEMM adds the second in its epilogue, GemmLora)
+void cuda_lora_down(const void * lora_a, int64_t rank, int64_t kp, const int8_t * codes, int32_t m, double * l,
+                    cudaStream_t st);
 void cuda_lora(const void * lora_a, const void * lora_b, int64_t rank, int64_t n, int64_t kp, const int8_t * codes,
                int32_t m, double * l_scratch, float * out, cudaStream_t st);
 }

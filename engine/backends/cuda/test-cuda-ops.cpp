@@ -468,7 +468,7 @@ static void test_w4a4_ops(Backend & cpu, Backend & gpu) {
             snprintf(d, sizeof d, "%.4f%% identical", 100.0 * same / a.size());
             report(what, same >= a.size() * 0.999, d);
         };
-        for (int m : {1, 5, 16, 40}) {
+        for (int m : {1, 5, 16, 40, 160}) {
             auto x = randn((size_t) m * D, rng, 2.0f);
             Pair px(cpu, gpu, x.data(), x.size() * 4), codes(cpu, gpu, nullptr, (size_t) m * kp);
             cpu.rmsnorm_quant((float *) px.c, lc, m, D, 1e-5f, (int8_t *) codes.c);
