@@ -161,42 +161,6 @@ static __global__ void lora_down_kernel(const __half * __restrict__ la, int64_t 
     }
 }
 
-// block per LORA_TOKENS tokens, warp per rank row i (rows w, w + 8, ..): every lane sums 8 codes a step for
-// all the block's tokens against one 16-byte load of A's row, so A is read once per block of tokens (the kernel
-// above reads it once per token); the sum is exact in float64, so the lanes' order does not matter
-constexpr int LORA_TOKENS = 8;
-static __global__ void lora_down_tiled_kernel(const __half * __restrict__ la, int64_t kp, const int8_t * __restrict__ codes,
-                                              int32_t m, int32_t rank, double * __restrict__ l) {
-    pdl_trigger();
-    pdl_wait();  // launched with PDL: the codes come from the kernel before
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t0 = blockIdx.x * LORA_TOKENS;
-    const int nt = min(LORA_TOKENS, m - t0);
-    for (int i = warp; i < rank; i += (int) (blockDim.x >> 5)) {
-        double s[LORA_TOKENS] = {};
-        for (int64_t k = 8 * lane; k < kp; k += 8 * 32) {  // kp % 64 == 0
-            const uint4 av = *(const uint4 *) (la + (size_t) i * kp + k);
-            const __half * ah = (const __half *) &av;
-            double a[8];
-#pragma unroll
-            for (int e = 0; e < 8; e++) a[e] = (double) __half2float(ah[e]);
-#pragma unroll
-            for (int t = 0; t < LORA_TOKENS; t++) {
-                if (t < nt) {
-                    const uint2 cv = *(const uint2 *) (codes + (size_t) (t0 + t) * kp + k);
-                    const int8_t * ch = (const int8_t *) &cv;
-#pragma unroll
-                    for (int e = 0; e < 8; e++) s[t] = fma(a[e], (double) ch[e], s[t]);
-                }
-            }
-        }
-#pragma unroll
-        for (int t = 0; t < LORA_TOKENS; t++) {
-            for (int off = 16; off > 0; off >>= 1) s[t] += __shfl_xor_sync(0xffffffffu, s[t], off);
-            if (lane == 0 && t < nt) l[(size_t) (t0 + t) * rank + i] = s[t];
-        }
-    }
-}
-
 // thread per (token, n): out = fp32(Σ_i B[n, i] · l[t, i])
 static __global__ void lora_up_kernel(const __half * __restrict__ lb, int32_t rank, int64_t N, const double * __restrict__ l,
                                       int64_t total, float * __restrict__ out) {
@@ -260,11 +224,6 @@ void cuda_int_gemm(const void * qweight, int64_t n, int64_t kp, const uint8_t * 
 void cuda_lora_down(const void * lora_a, int64_t rank, int64_t kp, const int8_t * codes, int32_t m, double * l,
                     cudaStream_t st) {
     if (m <= 0 || rank <= 0) return;
-    if (m >= LORA_TOKENS && kp % 64 == 0) {
-        launch_pdl(lora_down_tiled_kernel, dim3((unsigned) ceil_div(m, LORA_TOKENS)), dim3(256), 0, st,
-                   "lora_down_tiled_kernel", (const __half *) lora_a, kp, codes, m, (int32_t) rank, l);
-        return;
-    }
     launch_pdl(lora_down_kernel, dim3((unsigned) (m * rank)), dim3(256), 0, st, "lora_down_kernel",
                (const __half *) lora_a, kp, codes, (int32_t) rank, l);
 }
