@@ -217,6 +217,26 @@ def test_linear_f16(ops, rng, m):
     close(out, 0.5 + sim("f16", {"weight": w})(x), FP32_SUM_TOL)
 
 
+@pytest.mark.parametrize("n, k", [(70, 576), (36, 1600), (20, 16)])
+def test_linear_f16_blocked_gemm(ops, rng, n, k):
+    """The prefill GEMM (panels of rows x blocks of 4 tokens, with row and token tails) against the simulator;
+    on AVX-512 every token's output equals its own m = 1 GEMV bit for bit (one summation order for all m)."""
+    m = 23
+    w = (rng.standard_normal((n, k)) * 0.1).astype(np.float16)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    out = np.full((m, n), 0.25, np.float32)
+    ops.linear("f16", {"weight": w}, n, x, out, accumulate=True)
+    close(out, 0.25 + sim("f16", {"weight": w})(x), FP32_SUM_TOL)
+    fresh = np.empty((m, n), np.float32)
+    ops.linear("f16", {"weight": w}, n, x, fresh, accumulate=False)
+    close(fresh, sim("f16", {"weight": w})(x), FP32_SUM_TOL)
+    if _engine.cpu_isa() == "avx512":
+        rows = np.empty((m, n), np.float32)
+        for t in range(m):
+            ops.linear("f16", {"weight": w}, n, x[t:t + 1], rows[t:t + 1], accumulate=False)
+        np.testing.assert_array_equal(fresh, rows)
+
+
 @pytest.mark.parametrize("group", [32, 64])
 def test_linear_w4a16g(ops, rng, group):
     n, k, m = 40, 128, 5

@@ -52,22 +52,27 @@ static int64_t round64(int64_t k) {
     return (k + 63) / 64 * 64;
 }
 
-// the activation operand of the int4-weight GEMM: even and odd codes apart and each group's code sum
+// the activation operand of the int4-weight GEMM: even and odd codes apart and each group's code sum, in buffers
+// of the calling thread that grow to the largest call and are reused (no allocation per call)
 struct Int8Operand {
-    std::vector<int8_t> even, odd;
-    std::vector<int32_t> gsum;
-    Int8Prepared view() const { return {even.data(), odd.data(), gsum.data()}; }
+    int8_t * even;
+    int8_t * odd;
+    int32_t * gsum;
+    Int8Prepared view() const { return {even, odd, gsum}; }
 };
 
 static int64_t w4a8_group(const Linear & lin) {
     return lin.gscale ? lin.group : lin.kp;  // w4a8: one group of the whole (padded) row
 }
 
-static void prepare_operand(const Linear & lin, const int8_t * a, int32_t m, Int8Operand & op) {
+static Int8Operand prepare_operand(const Linear & lin, const int8_t * a, int32_t m) {
     const int64_t kp = lin.kp, h = kp / 2, group = w4a8_group(lin), ng = kp / group;
-    op.even.resize((size_t) m * h);
-    op.odd.resize((size_t) m * h);
-    op.gsum.assign((size_t) m * ng, 0);
+    thread_local std::vector<int8_t> even, odd;
+    thread_local std::vector<int32_t> gsum;
+    even.resize((size_t) m * h);
+    odd.resize((size_t) m * h);
+    gsum.assign((size_t) m * ng, 0);
+    Int8Operand op{even.data(), odd.data(), gsum.data()};
     for (int32_t t = 0; t < m; t++) {
         const int8_t * src = a + (size_t) t * kp;
         for (int64_t i = 0; i < h; i++) {
@@ -78,6 +83,7 @@ static void prepare_operand(const Linear & lin, const int8_t * a, int32_t m, Int
             op.gsum[t * ng + i / group] += src[i];
         }
     }
+    return op;
 }
 
 // acc [m, n] = a · wᵀ for codes a [m, ·] with rows `stride` apart (w8a8: a multiple of 64, zeros beyond k; the
@@ -96,9 +102,7 @@ static void gemm_rows(Backend & be, const Linear & lin, const int8_t * a, int64_
         });
         return;
     }
-    Int8Operand op;
-    prepare_operand(lin, a, m, op);
-    const Int8Prepared view = op.view();
+    const Int8Prepared view = prepare_operand(lin, a, m).view();
     const uint8_t * gs = lin.gscale ? lin.gscale->as<uint8_t>() : nullptr;
     const int64_t group = w4a8_group(lin);
     cpu_of(be).run_row_blocks(lin.n, [&](int64_t r0, int64_t r1) {
@@ -127,22 +131,30 @@ static void int_gemm(Backend & be, const Linear & lin, const int8_t * a, int32_t
 static void run_int8(Backend & be, const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) {
     const int64_t k = lin.k, n = lin.n, stride = code_stride(lin);
     // per-token dynamic quantization: a = clamp(rint(x * (qmax / amax)), -qmax, qmax), step = amax / qmax
-    std::vector<int8_t> codes((size_t) m * stride);
-    std::vector<float> step(m);
+    // (buffers of the calling thread, reused across calls; the jobs get pointers, since a thread_local name inside
+    // a job would resolve to each worker's own copy)
+    thread_local std::vector<int8_t> codes_buf;
+    thread_local std::vector<float> step_buf;
+    thread_local std::vector<int32_t> acc_buf;
+    codes_buf.resize((size_t) m * stride);
+    step_buf.resize(m);
+    acc_buf.resize((size_t) m * n);
+    int8_t * codes = codes_buf.data();
+    float * step = step_buf.data();
+    int32_t * acc = acc_buf.data();
     cpu_of(be).run_rows(m, [&](int32_t ith, int32_t nth) {  // the tokens of a prefill split across the threads
         int64_t b, e;
         split_range(m, ith, nth, b, e);
         for (int64_t t = b; t < e; t++) {
-            const float amax = cpu_quant_row_i8(x + t * k, k, stride, lin.qmax, codes.data() + t * stride);
+            const float amax = cpu_quant_row_i8(x + t * k, k, stride, lin.qmax, codes + t * stride);
             step[t] = amax / (float) lin.qmax;
         }
     });
-    std::vector<int32_t> acc((size_t) m * n);
     const float * scale = lin.scale->as<float>();
     const float * bias = lin.bias ? lin.bias->as<float>() : nullptr;
-    const int32_t * accp = acc.data();
-    const float * stepp = step.data();
-    gemm_rows(be, lin, codes.data(), stride, m, acc.data(), [&](int64_t r0, int64_t r1) {
+    const int32_t * accp = acc;
+    const float * stepp = step;
+    gemm_rows(be, lin, codes, stride, m, acc, [&](int64_t r0, int64_t r1) {
         for (int32_t t = 0; t < m; t++) {
             for (int64_t r = r0; r < r1; r++) {
                 float v = ((float) accp[t * n + r] * scale[r]) * stepp[t];
