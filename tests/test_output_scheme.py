@@ -47,3 +47,20 @@ def test_tiny_output_scheme_engine_equals_simulator(tiny_hf_checkpoint, tmp_path
     got = llm.logits(ids)
     assert float(np.abs(got - want).max() / np.abs(want).max()) <= (2e-2 if output_scheme == "w8a8" else 1e-4)
     assert int(np.argmax(got)) == int(np.argmax(want)), tied
+
+
+def test_tied_quantized_output_with_embedding_refused(tiny_hf_checkpoint, tmp_path):
+    """A tied file stores the matrix once: a token_embd.weight beside a quantized output is refused by name."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from mergequant import EngineError
+    ck = tiny_hf_checkpoint()
+    out = convert(ck.path, tmp_path / "w8a8.mq", progress=False, output_scheme="w8a8")
+    t = load_file(str(out))
+    with safe_open(str(out), "np") as f:
+        meta = dict(f.metadata())
+    t["token_embd.weight"] = np.zeros((t["output.scale"].shape[0], t["output_norm.weight"].shape[0]), np.float16)
+    save_file(t, str(out), metadata=meta)
+    with pytest.raises(EngineError, match="token_embd.weight"):
+        LLM(out, device="cpu")
