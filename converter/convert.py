@@ -18,7 +18,7 @@ from .mqfile import write_mq
 from .quant.calibrate import calibration_tokens
 from .quant.kv_cache import kv_calibration_args, kv_scale_tensors
 from .quant.methods import METHODS
-from .quant.rtn import plain_blocks
+from .quant.rtn import OUTPUT_SCHEMES, default_output_scheme, output_tensors, plain_blocks
 from .quant.simulate import SimModel
 from .schemes import get_scheme
 from .tokenizer import export_tokenizer
@@ -26,13 +26,19 @@ from .tokenizer import export_tokenizer
 
 def convert(src: str | Path, out: str | Path, scheme: str = "f16", method: str | None = None,
             progress: bool = True, kv_int8: bool = False, scheme_params: dict[str, Any] | None = None,
-            **method_args: Any) -> Path:
+            output_scheme: str | None = None, **method_args: Any) -> Path:
     """Convert a HF directory or GGUF file into the .mq file `out`; returns its path. With `kv_int8`, the
     finished model's int8 KV-cache steps are calibrated too (quant/kv_cache.py) on the calibration options
     among `method_args` (calib, calib_n, calib_len, seed, tokenizer; default 8 x 512 tokens), which a
     method that takes calibration options gets as well. With no method, `scheme_params` go to the scheme's
-    packer (converter/schemes.py; e.g. {"bits": 6} for W6A6 in scheme w8a8)."""
-    get_scheme(scheme)  # refuse an unknown scheme and method before any work
+    packer (converter/schemes.py; e.g. {"bits": 6} for W6A6 in scheme w8a8). `output_scheme` stores the output
+    linear (and a tied model's embedding, read from its rows) as f16, w8a8 or w4a16g (quant/rtn.py
+    OUTPUT_SCHEMES; None: `default_output_scheme`)."""
+    get_scheme(scheme)  # refuse an unknown scheme, output scheme and method before any work
+    if output_scheme is None:
+        output_scheme = default_output_scheme(method, scheme)
+    if output_scheme not in OUTPUT_SCHEMES:
+        raise ValueError(f"unknown output scheme {output_scheme!r}; known: {', '.join(OUTPUT_SCHEMES)}")
     if method is not None and method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     kv_spec = None
@@ -55,10 +61,8 @@ def convert(src: str | Path, out: str | Path, scheme: str = "f16", method: str |
     for block in tqdm(blocks, total=cfg.num_hidden_layers, desc=f"convert {Path(src).name}",
                       unit="layer", disable=not progress):
         tensors |= block
-    tensors["token_embd.weight"] = ck.get("model.embed_tokens.weight").astype(np.float16)
+    tensors |= output_tensors(ck, output_scheme, quant)
     tensors["output_norm.weight"] = ck.get("model.norm.weight").astype(np.float32)
-    if not cfg.tie_word_embeddings:
-        tensors["output.weight"] = ck.get("lm_head.weight").astype(np.float16)
     if kv_spec is not None:
         sim = SimModel(cfg, tensors, quant)
         tensors |= kv_scale_tensors(sim, calibration_tokens(kv_spec, ck), progress)

@@ -15,7 +15,7 @@ from .fptq import fptq
 from .gptq_w4a16 import gptq_w4a16
 from .mergequant import mergequant, rtn_w4a4_static
 from .qqq import qqq
-from .rtn import plain_blocks, rtn_w4a4_dynamic, rtn_w4a16
+from .rtn import default_output_scheme, output_tensors, plain_blocks, rtn_w4a4_dynamic, rtn_w4a16
 from .simulate import SimModel
 from .smoothquant import smoothquant
 
@@ -31,16 +31,15 @@ METHODS = {
 }
 
 
-def quantize(ck: Checkpoint, method: str | None, progress: bool = False, **args: Any) -> SimModel:
-    """The simulated model of the file `convert(src, out, method=method, **args)` would write (None: f16),
-    built in memory."""
+def quantize(ck: Checkpoint, method: str | None, progress: bool = False, output_scheme: str | None = None,
+             **args: Any) -> SimModel:
+    """The simulated model of the file `convert(src, out, method=method, output_scheme=..., **args)` would write
+    (None: f16), built in memory."""
     quant: dict[str, Any] = {"method": method or "f16", "params": {}, "linears": {}}
     blocks = plain_blocks(ck, "f16", quant) if method is None else METHODS[method](ck, quant=quant, **args)
     tensors: dict[str, np.ndarray] = {}
     for block in tqdm(blocks, total=ck.config.num_hidden_layers, desc=method or "f16", disable=not progress):
         tensors |= block
-    tensors["token_embd.weight"] = ck.get("model.embed_tokens.weight").astype(np.float16)
+    tensors |= output_tensors(ck, output_scheme or default_output_scheme(method), quant)
     tensors["output_norm.weight"] = ck.get("model.norm.weight")
-    if not ck.config.tie_word_embeddings:
-        tensors["output.weight"] = ck.get("lm_head.weight").astype(np.float16)
     return SimModel(ck.config, tensors, quant)

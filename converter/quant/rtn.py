@@ -27,6 +27,43 @@ def plain_blocks(ck: Checkpoint, scheme: str, quant: dict[str, Any], **params: A
         yield out
 
 
+# The output linear (lm_head; a tied model's embedding too): the schemes it may be stored in (docs/format.md,
+# "The output linear"). A tied model stores the matrix once: `token_embd.weight` when f16, else the output's
+# packed tensors, whose rows the engine's embedding dequantizes.
+OUTPUT_SCHEMES = ("f16", "w8a8", "w4a16g")
+
+
+def default_output_scheme(method: str | None, scheme: str = "f16") -> str:
+    """The output linear's scheme when none is asked for: f16 for an f16 model; the default chosen by measurement
+    (bench/RESULTS.md, "Quantized output matrix") for every quantized file."""
+    if method is None and scheme == "f16":
+        return "f16"
+    return DEFAULT_QUANT_OUTPUT_SCHEME
+
+
+DEFAULT_QUANT_OUTPUT_SCHEME = "f16"
+
+
+def output_tensors(ck: Checkpoint, output_scheme: str, quant: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The embedding and output tensors of the file: `token_embd.weight` (F16) unless the model is tied and its
+    output is quantized, and the output linear (`output.weight` F16 when untied and f16, else the scheme's
+    `output.*` tensors, recorded as quant["linears"]["output"]; f16 is recorded by its absence)."""
+    if output_scheme not in OUTPUT_SCHEMES:
+        raise ValueError(f"unknown output scheme {output_scheme!r}; known: {', '.join(OUTPUT_SCHEMES)}")
+    tied = ck.config.tie_word_embeddings
+    emb = ck.get("model.embed_tokens.weight")
+    out: dict[str, np.ndarray] = {}
+    if not tied or output_scheme == "f16":
+        out["token_embd.weight"] = emb.astype(np.float16)
+    head = emb if tied else ck.get("lm_head.weight")
+    if output_scheme == "f16":
+        if not tied:
+            out["output.weight"] = head.astype(np.float16)
+    else:
+        out |= pack_linear("output", np.asarray(head, np.float32), output_scheme, quant)
+    return out
+
+
 def check_scheme(method: str, own: str, scheme: str | None) -> None:
     """A method writes its own scheme; `scheme` may repeat it (or be convert's default, f16)."""
     if scheme not in (None, "f16", own):

@@ -208,6 +208,35 @@ def load_kv_int8(config: LlamaConfig, get: Callable[[str], np.ndarray | None], i
     return KVInt8(*steps)
 
 
+def load_output(config: LlamaConfig, get: Callable[[str], np.ndarray | None], linears: Mapping[str, str]
+                ) -> tuple[SimLinear, Callable[[np.ndarray], np.ndarray]]:
+    """The output linear and the embedding (docs/numerics.md, "Embedding"): the output in the scheme of
+    linears["output"] (absent: f16: `output.weight`, or `token_embd.weight` when tied); the embedding returns
+    fp32 rows [..., D] for ids [...]: fp16 `token_embd.weight` widened, or, tied with a quantized output, the
+    output matrix's rows dequantized by its scheme (SimLinear.embed_rows)."""
+    scheme = linears.get("output", "f16")
+    tied = config.tie_word_embeddings
+    if scheme == "f16":
+        table = np.asarray(get("token_embd.weight"), np.float16)
+        head_w = table if tied else get("output.weight")
+        head = get_scheme("f16").simulate(lambda s: head_w if s == "weight" else None)
+        return head, lambda ids: table[ids].astype(np.float32)
+    s = get_scheme(scheme)
+    if s.inputs != "float":
+        raise ValueError(f"simulator: linear 'output' uses scheme {scheme!r}, which takes int4 codes; the output "
+                         f"linear reads the final norm's fp32 output")
+    head = s.simulate(lambda suffix: get(f"output.{suffix}"))
+    if not tied:
+        table = np.asarray(get("token_embd.weight"), np.float16)
+        return head, lambda ids: table[ids].astype(np.float32)
+    if head.embed_rows is None or head.bias is not None:
+        raise ValueError(f"simulator: a tied model's embedding reads the rows of the output matrix, which scheme "
+                         f"{scheme!r}{' with a bias' if head.bias is not None else ''} cannot give")
+    if get("token_embd.weight") is not None:
+        raise ValueError(f"simulator: tied model with the output in {scheme!r}: 'token_embd.weight' must be absent")
+    return head, lambda ids: head.embed_rows(head, np.asarray(ids))
+
+
 class SimModel:
     """A quantized model in simulation. `tensors` maps .mq names to arrays; `quant` is the file's quant
     recipe (its `linears` gives each linear's scheme). `kv_cache` is the K/V cache's type: "fp16", or "int8"
@@ -221,9 +250,7 @@ class SimModel:
         self.quant = dict(quant)
         self.kv_cache = kv_cache
         get = lambda name: tensors[name] if name in tensors else None  # noqa: E731
-        self.embed = np.asarray(tensors["token_embd.weight"], np.float16)
-        head = self.embed if config.tie_word_embeddings else tensors["output.weight"]
-        self.lm_head = np.asarray(head, np.float32)
+        self.head, self.embed = load_output(config, get, quant.get("linears", {}))
         self.norm = np.asarray(tensors["output_norm.weight"], np.float32)
         layers = range(config.num_hidden_layers)
         self.blocks = [load_block(config, get, quant["linears"], i) for i in layers]
@@ -244,7 +271,7 @@ class SimModel:
         K/V cache (fp32, before the cache's rounding)."""
         t = batch.shape[1]
         cos, sin = rope_cos_sin(self.config, np.arange(t))
-        h = self.embed[batch].astype(np.float32)
+        h = self.embed(batch)
         for i, (blk, kv) in enumerate(zip(self.blocks, self.kv)):
             observe = None if kv_observer is None else lambda k, v, i=i: kv_observer(i, k, v)
             h = block_forward(h, blk, self.config, cos, sin, record, f"blk.{i}.", kv, observe)
@@ -258,7 +285,7 @@ class SimModel:
         ids = np.asarray(ids, np.int64)
         h = self.hidden(ids.reshape(-1, ids.shape[-1]), record, kv_observer)
         x = h * rms_factor(h, self.config.rms_norm_eps) * self.norm
-        logits = x @ self.lm_head.T
+        logits = self.head(x.reshape(-1, x.shape[-1]))
         return logits.reshape(*ids.shape, -1)
 
 

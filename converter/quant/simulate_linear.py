@@ -57,6 +57,8 @@ class SimLinear:
     lora_b: np.ndarray | None = None
     qmax: int = 0                     # w8a8, w4a8, w4a8g: the activation codes' range [-qmax, qmax]
     bias: np.ndarray | None = None    # w8a8, w4a8, w4a8g: optional fp32 bias [N], added last
+    # f16, w4a16g, w8a8: row n of the dequantized weight, fp32 (a tied model's embedding reads the output's rows)
+    embed_rows: Callable[[SimLinear, np.ndarray], np.ndarray] | None = None
 
     @property
     def kp(self) -> int:
@@ -92,8 +94,13 @@ def dense_path(lin: SimLinear, x: np.ndarray, record: Record, name: str) -> np.n
     return x @ lin.w.T
 
 
+def dense_rows(lin: SimLinear, ids: np.ndarray) -> np.ndarray:
+    """Rows of a dense fp32 weight (f16 widened, w4a16g's q · scale: exact in fp32)."""
+    return lin.w[ids]
+
+
 def f16_linear(get: TensorGetter) -> SimLinear:
-    return SimLinear("f16", "float", dense_path, _f32(get, "weight"))
+    return SimLinear("f16", "float", dense_path, _f32(get, "weight"), embed_rows=dense_rows)
 
 
 # w4a16g: w = q · scale[n, k/g] (exact in fp32), then the dense path
@@ -101,7 +108,8 @@ def w4a16g_linear(get: TensorGetter) -> SimLinear:
     codes = unpack_int4(np.asarray(get("qweight")))
     s = _f32(get, "scale")
     g = codes.shape[1] // s.shape[1]
-    return SimLinear("w4a16g", "float", dense_path, codes.astype(np.float32) * np.repeat(s, g, axis=1))
+    return SimLinear("w4a16g", "float", dense_path, codes.astype(np.float32) * np.repeat(s, g, axis=1),
+                     embed_rows=dense_rows)
 
 
 # w4a4d: per-token dynamic codes a = clamp(rint(x · 7/absmax)), y = (acc · scale[n]) · absmax/7
@@ -145,10 +153,15 @@ def int8_dynamic_path(lin: SimLinear, x: np.ndarray, record: Record, name: str) 
     return y
 
 
+def int8_rows(lin: SimLinear, ids: np.ndarray) -> np.ndarray:
+    """w8a8 rows dequantized: float(q[n, k]) · scale[n], one fp32 multiply."""
+    return lin.w[ids].astype(np.float32) * lin.scale[ids][..., None]
+
+
 def w8a8_linear(get: TensorGetter) -> SimLinear:
     bits = int(np.asarray(get("bits")).reshape(-1)[0])
     return SimLinear("w8a8", "float", int8_dynamic_path, np.asarray(get("qweight"), np.int8), _f32(get, "scale"),
-                     qmax=(1 << (bits - 1)) - 1, bias=_f32(get, "bias"))
+                     qmax=(1 << (bits - 1)) - 1, bias=_f32(get, "bias"), embed_rows=int8_rows)
 
 
 def w4a8_linear(get: TensorGetter) -> SimLinear:

@@ -78,6 +78,22 @@ struct AttentionShape {
     KvType kv_type = KV_TYPE_F16;     // element type of the caches
 };
 
+// The embedding table (device memory), docs/numerics.md "Embedding": fp16 rows, or the rows of the quantized
+// output matrix of a tied model, dequantized one row at a time (the file stores that matrix once).
+enum EmbedKind : int32_t {
+    EMBED_F16,       // data F16 [n_vocab, dim]: out = float(row)
+    EMBED_I8_ROW,    // data I8 [n_vocab, dim], scale F32 [n_vocab] (w8a8): out[j] = float(q[j]) * scale[id]
+    EMBED_I4_GROUP,  // data U8 [n_vocab, dim/2] packed int4, scale F16 [n_vocab, dim/group] (w4a16g):
+                     // out[j] = float(q[j]) * float(scale[id, j / group])
+};
+
+struct EmbedTable {
+    EmbedKind kind = EMBED_F16;
+    const void * data = nullptr;
+    const void * scale = nullptr;
+    int32_t group = 0;  // EMBED_I4_GROUP: elements per scale
+};
+
 struct RopeParams {
     float theta;
     // llama3 scaling (factor == 0: none)
@@ -106,7 +122,7 @@ struct LinearKernels {
 // attention_quant, linear_codes_swiglu_quant and sample may be nullptr: the composition of the plainer ops
 // (sample: the host samples).
 struct BackendOps {
-    void (*embed)(Backend &, const void * table, const int32_t * ids, int32_t n, int32_t dim, float * out);
+    void (*embed)(Backend &, const EmbedTable & table, const int32_t * ids, int32_t n, int32_t dim, float * out);
     void (*rmsnorm)(Backend &, const float * x, const float * w, int32_t n_rows, int32_t dim, float eps, float * out);
     void (*rmsnorm_quant)(Backend &, const float * x, const Linear & consumer, int32_t m, int32_t dim, float eps,
                           int8_t * out);
@@ -166,9 +182,15 @@ public:
     void int_gemm(const Linear & lin, const int8_t * a, int32_t m, int32_t * acc);
 
     // --- ops ---------------------------------------------------------------------------------------------
+    // out[i, :] = row ids[i] of the table as fp32 (EmbedTable gives each kind's arithmetic)
+    void embed(const EmbedTable & table, const int32_t * ids, int32_t n, int32_t dim, float * out) {
+        ops_.embed(*this, table, ids, n, dim, out);
+    }
     // out[i, :] = float(table[ids[i], :]) for an fp16 table [n_vocab, dim]
     void embed_f16(const void * table, const int32_t * ids, int32_t n, int32_t dim, float * out) {
-        ops_.embed(*this, table, ids, n, dim, out);
+        EmbedTable t;
+        t.data = table;
+        embed(t, ids, n, dim, out);
     }
     // out = x / sqrt(mean(x²) + eps) * w, row by row
     void rmsnorm(const float * x, const float * w, int32_t n_rows, int32_t dim, float eps, float * out) {

@@ -187,7 +187,7 @@ void Context::forward_chunk(const int32_t * ids, int32_t m, int32_t pos0, bool a
 void Context::forward_ops(int32_t m, const AttentionShape & as, int32_t first, int32_t rows) {
     const Model & M = *model_;
     const Config & c = M.config();
-    be_.embed_f16(M.token_embd, ids_, m, c.n_embd, x_);
+    be_.embed(M.embed, ids_, m, c.n_embd, x_);
     for (int32_t l = 0; l < c.n_layer; l++) {
         if (M.layers[l].static_w4a4) {
             attention_block_w4a4(l, m, as);

@@ -160,10 +160,6 @@ void Model::load_weights(const Json & quant) {
     const std::string & path = file_->path();
 
     const Config & c = config_;
-    const TensorView & emb = file_->tensor("token_embd.weight", DTYPE_F16, {c.n_vocab, c.n_embd});
-    void * emb_dev = backend_->upload_copy(emb.data, emb.nbytes);
-    owned_.push_back(emb_dev);
-    token_embd = emb_dev;
     output_norm = load_norm("output_norm.weight");
     // the int8 KV cache's steps are optional: every layer has both or the file has none
     for (int32_t i = 0; i < c.n_layer && !has_kv_scales_; i++) {
@@ -194,24 +190,80 @@ void Model::load_weights(const Json & quant) {
             L.kv_scales = load_kv_scales(i);
         }
     }
-    if (c.tied_embeddings) {
-        if (file_->has("output.weight")) {
-            throw Error("model file '" + path + "': tie_word_embeddings is set but 'output.weight' is present");
+    load_output(quant);
+}
+
+// The output linear and the embedding (docs/format.md, "The output linear"): quant.linears.output names the
+// output's scheme (absent: f16). An untied model has token_embd.weight (F16) and the output in its scheme; a tied
+// model stores one matrix: token_embd.weight when f16, else the output linear's tensors, whose rows the embedding
+// dequantizes (w8a8, w4a16g).
+void Model::load_output(const Json & quant) {
+    const std::string & path = file_->path();
+    const Config & c = config_;
+    const Json & linears = quant.get("linears");
+    const std::string scheme = linears.is_null() ? "f16" : linears.get_string("output", "f16");
+    auto refuse = [&](const std::string & why) { throw Error("model file '" + path + "': " + why); };
+    auto upload = [&](const TensorView & t) {
+        void * d = backend_->upload_copy(t.data, t.nbytes);
+        owned_.push_back(d);
+        return (const void *) d;
+    };
+    if (scheme == "f16") {
+        for (const char * name : {"output.qweight", "output.scale"}) {
+            if (file_->has(name)) {
+                refuse(std::string("tensor '") + name + "' is present but quant.linears gives 'output' no quantized "
+                       "scheme (f16 reads 'output.weight', or 'token_embd.weight' when tied)");
+            }
         }
-        output.name = "token_embd";
+        const TensorView & emb = file_->tensor("token_embd.weight", DTYPE_F16, {c.n_vocab, c.n_embd});
+        embed = EmbedTable();
+        embed.data = upload(emb);
+        if (c.tied_embeddings && file_->has("output.weight")) {
+            refuse("tie_word_embeddings is set but 'output.weight' is present");
+        }
+        output.name = c.tied_embeddings ? "token_embd" : "output";
         output.scheme = "f16";
         output.n = c.n_vocab;
         output.k = c.n_embd;
-        output.tensors = {&emb};
+        output.tensors = {c.tied_embeddings ? &emb : &file_->tensor("output.weight", DTYPE_F16, {c.n_vocab, c.n_embd})};
         backend_->prepare_linear(output);
+        return;
+    }
+    if (file_->has("output.weight")) {
+        refuse("tensor 'output.weight' is present but quant.linears gives 'output' the scheme '" + scheme +
+               "' (its tensors are output.qweight, output.scale, ...)");
+    }
+    const Scheme * def = scheme_find(scheme);
+    if (def && def->takes_codes) {
+        refuse("linear 'output' uses scheme '" + scheme + "', which takes int4 codes from the op before it; the "
+               "output linear reads the final norm's fp32 output (use f16, w8a8 or w4a16g)");
+    }
+    if (c.tied_embeddings) {
+        if (scheme != "w8a8" && scheme != "w4a16g") {
+            refuse("tie_word_embeddings is set and linear 'output' uses scheme '" + scheme + "': the embedding of a "
+                   "tied model reads the rows of the output matrix, which it can dequantize for f16, w8a8 and w4a16g only");
+        }
+        if (file_->has("token_embd.weight")) {
+            refuse("tie_word_embeddings is set and linear 'output' is stored as " + scheme + ", so tensor "
+                   "'token_embd.weight' must be absent (the embedding reads the rows of the output matrix)");
+        }
+        if (file_->has("output.bias")) {
+            refuse("tie_word_embeddings is set and tensor 'output.bias' is present: the rows the embedding reads "
+                   "cannot carry a bias");
+        }
     } else {
-        file_->tensor("output.weight", DTYPE_F16, {c.n_vocab, c.n_embd});
-        output.name = "output";
-        output.scheme = "f16";
-        output.n = c.n_vocab;
-        output.k = c.n_embd;
-        output.tensors = {&file_->tensor("output.weight")};
-        backend_->prepare_linear(output);
+        file_->tensor("token_embd.weight", DTYPE_F16, {c.n_vocab, c.n_embd});
+    }
+    load_linear(output, "output", c.n_vocab, c.n_embd, quant, LINEAR_INPUT_NORM);
+    if (c.tied_embeddings) {
+        embed = EmbedTable();
+        embed.kind = scheme == "w8a8" ? EMBED_I8_ROW : EMBED_I4_GROUP;
+        embed.data = upload(*output.qweight);
+        embed.scale = upload(*output.scale);
+        embed.group = (int32_t) output.group;
+    } else {
+        embed = EmbedTable();
+        embed.data = upload(file_->tensor("token_embd.weight"));
     }
 }
 

@@ -59,9 +59,11 @@ public:
     bool has_kv_scales() const { return has_kv_scales_; }
     int32_t n_threads() const { return n_threads_; }
 
-    const void * token_embd = nullptr;  // device fp16 [n_vocab, n_embd]
+    // the embedding (device): fp16 token_embd.weight, or, for a tied model whose output linear is quantized,
+    // the output matrix's own codes and scales (docs/format.md, "The output linear")
+    EmbedTable embed;
     void * output_norm = nullptr;       // device fp32 [n_embd]
-    Linear output;                      // lm_head (the embedding when tied)
+    Linear output;                      // lm_head (the embedding when tied and f16)
     std::vector<LayerWeights> layers;
 
 private:
@@ -70,6 +72,7 @@ private:
     void * load_norm(const std::string & name);
     KvScales load_kv_scales(int32_t layer);
     void load_weights(const Json & quant);
+    void load_output(const Json & quant);
     void release();
 
     std::unique_ptr<File> file_;

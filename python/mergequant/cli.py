@@ -99,7 +99,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
             raise SystemExit(f"convert: {flags} do(es) not apply to --method {a.method}")
     t0 = time.time()
     convert(a.src, a.output, scheme=a.scheme, method=a.method, progress=not a.quiet, kv_int8=a.kv_int8,
-            **method_args)
+            output_scheme=a.output_scheme, **method_args)
     size = os.path.getsize(a.output)
     print(f"wrote {a.output} ({size / 1e6:.1f} MB) in {time.time() - t0:.1f} s", file=sys.stderr)
     return 0
@@ -261,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="HF checkpoint directory (config.json + *.safetensors) or a .gguf file")
     c.add_argument("-o", "--output", required=True, help="output .mq file")
     c.add_argument("--scheme", default="f16", help="linear scheme when no --method is given (default f16)")
+    c.add_argument("--output-scheme", default=None, choices=("f16", "w8a8", "w4a16g"),
+                   help="scheme of the output matrix (lm_head; with tied embeddings also the embedding, which then "
+                        "reads its rows): f16, w8a8 (int8 per row, per-token int8 activations) or w4a16g (int4 "
+                        "groups of 128, fp16 scales); default: f16 for an f16 file, else the measured default "
+                        "(docs/format.md)")
     c.add_argument("--method", default=None,
                    help="quantization method: mergequant (W4A4 static), rtn-w4a4-static, rtn-w4a4-dynamic, rtn-w4a16, "
                         "gptq-w4a16 (GPTQ, w4a16g), smoothquant (W8A8), qqq (W4A8), fptq (W4A8); none: plain --scheme")

@@ -126,6 +126,38 @@ void bind_ops(nb::module_ & m) {
                  }
                  o.be->embed_f16(table.data(), ids.data(), (int32_t) ids.size(), dim, out.data());
              })
+        .def("embed_quant",
+             [](CpuOps & o, const std::string & scheme, nb::ndarray<nb::c_contig, nb::device::cpu> qweight,
+                nb::ndarray<nb::c_contig, nb::device::cpu> scale, Arr<const int32_t> ids, Arr<float> out) {
+                 // the embedding read from the rows of a quantized output matrix: w8a8 (qweight I8 [V, D], scale
+                 // F32 [V]) or w4a16g (qweight U8 [V, D/2], scale F16 [V, D/group])
+                 need(qweight.ndim() == 2 && scale.ndim() >= 1 && scale.shape(0) == qweight.shape(0),
+                      "embed_quant: qweight [V, ·] and scale [V, ...]");
+                 mq::EmbedTable t;
+                 int32_t dim = 0;
+                 if (scheme == "w8a8") {
+                     need(qweight.dtype() == nb::dtype<int8_t>() && scale.dtype() == nb::dtype<float>() && scale.ndim() == 1,
+                          "embed_quant: w8a8 needs qweight int8 [V, D] and scale float32 [V]");
+                     t.kind = mq::EMBED_I8_ROW;
+                     dim = (int32_t) qweight.shape(1);
+                 } else if (scheme == "w4a16g") {
+                     need(qweight.dtype() == nb::dtype<uint8_t>() && scale.dtype() == nb::dtype<uint16_t>() &&
+                              scale.ndim() == 2 && (2 * qweight.shape(1)) % scale.shape(1) == 0,
+                          "embed_quant: w4a16g needs qweight uint8 [V, D/2] and scale fp16 bits (uint16) [V, D/group]");
+                     t.kind = mq::EMBED_I4_GROUP;
+                     dim = (int32_t) (2 * qweight.shape(1));
+                     t.group = dim / (int32_t) scale.shape(1);
+                 } else {
+                     throw mq::ArgError("embed_quant: scheme must be w8a8 or w4a16g, got '" + scheme + "'");
+                 }
+                 need(out.size() == ids.size() * (size_t) dim, "embed_quant: out must be [n, D]");
+                 for (size_t i = 0; i < ids.size(); i++) {
+                     need(ids.data()[i] >= 0 && (size_t) ids.data()[i] < qweight.shape(0), "embed_quant: id out of range");
+                 }
+                 t.data = qweight.data();
+                 t.scale = scale.data();
+                 o.be->embed(t, ids.data(), (int32_t) ids.size(), dim, out.data());
+             })
         .def("rmsnorm",
              [](CpuOps & o, Arr<const float> x, Arr<const float> w, float eps, Arr<float> out) {
                  const int32_t dim = (int32_t) w.size();

@@ -54,7 +54,7 @@ inline float swiglu_value(float g, float u) {
 
 // the ops of the CPU table, each in the file of its name
 namespace cpu {
-void embed(Backend &, const void * table, const int32_t * ids, int32_t n, int32_t dim, float * out);
+void embed(Backend &, const EmbedTable & table, const int32_t * ids, int32_t n, int32_t dim, float * out);
 void rmsnorm(Backend &, const float * x, const float * w, int32_t n_rows, int32_t dim, float eps, float * out);
 void rmsnorm_quant(Backend &, const float * x, const Linear & c, int32_t m, int32_t dim, float eps, int8_t * out);
 void quantize_codes(Backend &, const float * x, int32_t m, int32_t k, const Linear & c, int8_t * out);

@@ -53,8 +53,8 @@ static KvScales kv_scales_of(const AttentionShape & s, const KvScales & sc) {
 
 // --- the ops: each the launcher of the file of its name ------------------------------------------------------
 
-static void op_embed(Backend & be, const void * table, const int32_t * ids, int32_t n, int32_t dim, float * out) {
-    cuda_embed_f16(table, ids, n, dim, out, cuda_of(be).stream());
+static void op_embed(Backend & be, const EmbedTable & table, const int32_t * ids, int32_t n, int32_t dim, float * out) {
+    cuda_embed(table, ids, n, dim, out, cuda_of(be).stream());
 }
 
 static void op_rmsnorm(Backend & be, const float * x, const float * w, int32_t n_rows, int32_t dim, float eps,
