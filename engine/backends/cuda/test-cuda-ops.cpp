@@ -214,6 +214,30 @@ static void test_ops(Backend & cpu, Backend & gpu) {
         cpu.embed_f16(t.c, (int32_t *) id.c, n, D, (float *) out.c);
         gpu.embed_f16(t.g, (int32_t *) id.g, n, D, (float *) out.g);
         report("embed_f16 n=37 D=576", out.host_cpu<float>() == out.host_gpu<float>(), "exact");
+        // the rows of a quantized (tied) output matrix: w8a8 int8 codes x fp32 row scale, w4a16g packed int4 x
+        // fp16 group scale (group 64)
+        std::vector<int8_t> q8((size_t) V * D);
+        for (auto & q : q8) q = (int8_t) ((int) (rng() % 255) - 127);
+        std::vector<float> s8(V);
+        for (auto & v : s8) v = 0.001f + (float) (rng() % 1000) * 1e-5f;
+        std::vector<uint8_t> q4((size_t) V * D / 2);
+        for (auto & q : q4) q = (uint8_t) (rng() & 0xFF);
+        std::vector<uint16_t> s4((size_t) V * (D / 64));
+        for (auto & h : s4) h = f32_to_f16(0.01f + (float) (rng() % 100) * 1e-4f);
+        Pair t8(cpu, gpu, q8.data(), q8.size()), ts8(cpu, gpu, s8.data(), s8.size() * 4);
+        Pair t4(cpu, gpu, q4.data(), q4.size()), ts4(cpu, gpu, s4.data(), s4.size() * 2);
+        for (int kind : {1, 2}) {
+            EmbedTable tc, tg;
+            tc.kind = tg.kind = kind == 1 ? EMBED_I8_ROW : EMBED_I4_GROUP;
+            tc.data = kind == 1 ? t8.c : t4.c, tg.data = kind == 1 ? t8.g : t4.g;
+            tc.scale = kind == 1 ? ts8.c : ts4.c, tg.scale = kind == 1 ? ts8.g : ts4.g;
+            tc.group = tg.group = kind == 1 ? 0 : 64;
+            Pair o2(cpu, gpu, nullptr, n * D * 4);
+            cpu.embed(tc, (int32_t *) id.c, n, D, (float *) o2.c);
+            gpu.embed(tg, (int32_t *) id.g, n, D, (float *) o2.g);
+            report(std::string(kind == 1 ? "embed w8a8 rows" : "embed w4a16g rows") + " n=37 D=576",
+                   o2.host_cpu<float>() == o2.host_gpu<float>(), "exact");
+        }
     }
     {  // rmsnorm
         const int rows = 7, D = 576;
