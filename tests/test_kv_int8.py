@@ -87,7 +87,7 @@ def stream_kv_absmax(path: Path, ids: np.ndarray) -> np.ndarray:
     cos, sin = rope_cos_sin(c, np.arange(t))
     amax = np.zeros((c.num_hidden_layers, 2, hkv * hd), np.float32)
     for row in ids:
-        h = sim.embed[row[None]].astype(np.float32)
+        h = sim.embed(row[None]).astype(np.float32)
         for i, blk in enumerate(sim.blocks):
             assert blk.qkv.scheme == "f16"
             x = (h * rms_factor(h, c.rms_norm_eps) * blk.attn_norm).reshape(t, -1)
