@@ -201,6 +201,14 @@ def decode_weight_bytes(path: Path) -> int:
     return sum(f.nbytes(n) for n in f.names() if not n.startswith("tokenizer.") and n != "token_embd.weight")
 
 
+def kernel_times(prof) -> tuple[list[tuple[str, int, float]], float]:
+    """(kernel name, calls, device us) of a torch.profiler run, longest first, and their total."""
+    ev = [(e.key, e.count, getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0))
+          for e in prof.key_averages()]
+    ev = sorted((e for e in ev if e[2] > 0), key=lambda e: -e[2])
+    return ev, sum(e[2] for e in ev)
+
+
 def profile_decode(llm: "LLM", prompt: list[int], n: int = 32, top: int = 12) -> None:
     """Device time per decode token by kernel (CUPTI through torch.profiler; graph-launched kernels are
     recorded too): the prompt is cached first, so the profiled call runs one-token steps only."""
@@ -210,10 +218,7 @@ def profile_decode(llm: "LLM", prompt: list[int], n: int = 32, top: int = 12) ->
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         llm.generate(prompt, max_tokens=n, temperature=0.0)
     steps = llm.last_timings["n_decode"] + 1
-    ev = [(e.key, e.count, getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0))
-          for e in prof.key_averages()]
-    ev = sorted((e for e in ev if e[2] > 0), key=lambda e: -e[2])
-    total = sum(e[2] for e in ev)
+    ev, total = kernel_times(prof)
     print(f"  decode profile: {total / steps:.0f} us of kernels per token over {steps} steps", flush=True)
     for name, count, us in ev[:top]:
         print(f"    {us / steps:8.1f} us/token  {count / steps:5.1f} calls/token  {name[:90]}", flush=True)
@@ -225,10 +230,7 @@ def profile_prefill(llm: "LLM", prompt: list[int], top: int = 14) -> None:
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         llm.generate(prompt, max_tokens=1, temperature=0.0)
-    ev = [(e.key, e.count, getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0))
-          for e in prof.key_averages()]
-    ev = sorted((e for e in ev if e[2] > 0), key=lambda e: -e[2])
-    total = sum(e[2] for e in ev)
+    ev, total = kernel_times(prof)
     print(f"  prefill profile ({len(prompt)} tokens): {total / 1e3:.1f} ms of kernels", flush=True)
     for name, count, us in ev[:top]:
         print(f"    {us / 1e3:8.2f} ms  {100 * us / total:5.1f}%  {count:6d} calls  {name[:90]}", flush=True)
