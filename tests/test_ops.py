@@ -104,11 +104,14 @@ def test_quantize_codes_identical(ops, rng):
     np.testing.assert_array_equal(out, want)
 
 
-def test_swiglu(ops, rng):
-    gu = (rng.standard_normal((3, 2 * 80)) * 4).astype(np.float32)
-    out = np.empty((3, 80), np.float32)
+@pytest.mark.parametrize("m, n_ff", [(1, 80), (3, 80), (37, 83)])
+def test_swiglu(ops, rng, m, n_ff):
+    """Rows split across the threads; n_ff = 83 ends each row with channels past the last block of 8."""
+    gu = (rng.standard_normal((m, 2 * n_ff)) * 4).astype(np.float32)
+    gu[0, :4] = [-120.0, 90.0, 0.0, -0.0]  # exp far below and above 1, and both zeros
+    out = np.empty((m, n_ff), np.float32)
     ops.swiglu(gu, out)
-    close(out, swiglu(gu[:, :80], gu[:, 80:]), ONE_ROUNDING_TOL)
+    close(out, swiglu(gu[:, :n_ff], gu[:, n_ff:]), ONE_ROUNDING_TOL)
 
 
 def test_swiglu_quant_codes_identical(ops, rng):

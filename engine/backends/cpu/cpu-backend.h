@@ -46,11 +46,6 @@ void split_range(int64_t n, int32_t ith, int32_t nth, int64_t & begin, int64_t &
 // the simulator's bit for bit whatever the summation order (docs/numerics.md).
 // r = 1 / sqrt(mean(x²) + eps), the RMSNorm factor of one row (rmsnorm.cpp)
 float rms_factor(const float * x, int32_t dim, float eps);
-// silu(g) * u = g / (1 + exp(-g)) * u
-inline float swiglu_value(float g, float u) {
-    const double gd = g;
-    return (float) (gd / (1.0 + std::exp(-gd)) * (double) u);
-}
 
 // the ops of the CPU table, each in the file of its name
 namespace cpu {

@@ -27,7 +27,7 @@ namespace mq {
         #set, set::f16_to_f32, set::f32_to_f16, set::i8_to_f32_scaled, set::f32_to_i8_scaled, set::dot_f32,      \
             set::dot_f64, set::axpy_f64, set::gemm_f16, set::gemm_w4a4, set::gemm_w4a16g,      \
             set::attention_heads, set::lora_rows, set::quant_row_i8, set::gemm_w8a8, set::gemm_w4a8,           \
-            set::attention_tokens, set::expand_slots, set::gemm_w4a4_tiles, set::lora_first                      \
+            set::attention_tokens, set::expand_slots, set::gemm_w4a4_tiles, set::lora_first, set::swiglu_row      \
     }
 
 #if defined(MQ_CPU_X86)

@@ -95,6 +95,8 @@ struct CpuKernels {
     // Aᵀ as fp32 [kp, rank]; l [m, rank]
     void (*lora_first)(const float * at, const int8_t * codes, int64_t kp, int64_t rank, int64_t t0, int64_t t1,
                        double * l);
+    // SwiGLU of one row: out[j] = f64(g[j] / (1 + exp(-g[j])) * u[j]) (kernels/swiglu.cpp)
+    void (*swiglu_row)(const float * g, const float * u, float * out, int64_t n);
 };
 
 // the set this process runs (chosen at the first call; throws mq::Error for a bad MERGEQUANT_CPU)

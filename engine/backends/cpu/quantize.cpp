@@ -76,10 +76,7 @@ void swiglu_quant(Backend & be, const float * gu, const Linear & c, int32_t m, i
         std::vector<float> z(n_ff);
         for (int64_t t = b; t < e; t++) {
             const float * g = gu + t * 2 * n_ff;
-            const float * u = g + n_ff;
-            for (int32_t j = 0; j < n_ff; j++) {
-                z[j] = swiglu_value(g[j], u[j]);
-            }
+            cpu_kernels().swiglu_row(g, g + n_ff, z.data(), n_ff);
             cpu_expand_slots(z.data(), in_map, c.kp, out + t * c.kp);
         }
     });

@@ -235,7 +235,7 @@ static void lora_widen(const W4a4Tiles & g, int64_t col, __mmask16 live, double 
     }
 }
 
-// swiglu(g, u) = fp32(g / (1 + exp(-g)) · u), in float64 as swiglu_value (cpu-backend.h)
+// swiglu(g, u) = fp32(g / (1 + exp(-g)) · u), in float64 as swiglu_row (swiglu.cpp)
 static inline __m256 swiglu8(__m256 g, __m256 u) {
     const __m512d gd = _mm512_cvtps_pd(g);
     const __m512d neg = _mm512_castsi512_pd(

@@ -31,6 +31,7 @@ void gemm_w4a16g(const uint8_t * qw, const uint16_t * scale, const float * x, fl
 void lora_rows(const double * l, int64_t rank, const float * bt, int64_t n, int64_t r0, int64_t r1, double * out);
 void lora_first(const float * at, const int8_t * codes, int64_t kp, int64_t rank, int64_t t0, int64_t t1, double * l);
 void expand_slots(const float * z, const int32_t * in_map, int64_t kp, int8_t * a);
+void swiglu_row(const float * g, const float * u, float * out, int64_t n);
 // the blocked GEMM where the set has one (gemm-int4.cpp), else null
 extern void (*const gemm_w4a4_tiles)(const W4a4Tiles & g, int64_t u0, int64_t u1);
 void attention_heads(const float * q, int32_t g, int32_t hd, const KvRows & kv, int32_t n_kv, float * out);
