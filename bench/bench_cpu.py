@@ -5,7 +5,8 @@
     python3 bench/bench_cpu.py [--mergequant FILE.mq] [--rounds 3] [--md OUT.md]
 
 Files (made on first use and cached in bench/peer/cache/models/ unless given):
-- mergequant: the default `mergequant convert <GGUF> -o F --method mergequant` (what a user gets);
+- mergequant: the default `mergequant convert <GGUF> -o F --method mergequant` (what a user gets), and the
+  same with `--output-scheme w8a8` (the tied output matrix / embedding as int8 rows: fewer decode bytes);
 - f16: the built-in f16 file (mergequant.default_model);
 - RTN W4A4 static and dynamic: `--method rtn-w4a4-static` / `rtn-w4a4-dynamic`;
 - llama.cpp F16: bench/peer/write_gguf.py smollm2 (the same dequantized values as the f16 file), and Q4_0:
@@ -134,6 +135,9 @@ def build_files(a: argparse.Namespace) -> list[Engine]:
         Engine("mergequant (default --method mergequant)", "mergequant",
                Path(a.mergequant) if a.mergequant else
                convert(gguf_src, MODELS / f"smollm2-mergequant{tag}.mq", ["--method", "mergequant", *extra])),
+        Engine("mergequant (default --method mergequant), output w8a8", "mergequant",
+               convert(gguf_src, MODELS / f"smollm2-mergequant-out-w8a8{tag}.mq",
+                       ["--method", "mergequant", "--output-scheme", "w8a8", *extra])),
         Engine("mergequant f16", "mergequant", default_model_path("f16")),
         Engine("mergequant RTN W4A4 static", "mergequant",
                convert(gguf_src, MODELS / f"smollm2-rtn-w4a4-static{tag}.mq", ["--method", "rtn-w4a4-static", *extra])),
@@ -207,12 +211,13 @@ def main() -> int:
     by = {e.label: e for e in engines}
     mq, q4, mf, lf = (by["mergequant (default --method mergequant)"], by["llama.cpp Q4_0"], by["mergequant f16"],
                       by["llama.cpp F16"])
+    mo = by["mergequant (default --method mergequant), output w8a8"]
     lines += ["", "| configuration | mergequant / llama.cpp Q4_0, prefill | decode | mergequant f16 / llama.cpp F16, "
-              "prefill | decode |", "|---|---|---|---|---|"]
+              "prefill | decode | output w8a8 / f16 output (mergequant), decode |", "|---|---|---|---|---|---|"]
     for _, _, label in configs:
         rat = lambda x, y, i: x.best[label][i] / y.best[label][i]  # noqa: E731
         lines.append(f"| {label} | {rat(mq, q4, 0):.2f}x | {rat(mq, q4, 1):.2f}x | {rat(mf, lf, 0):.2f}x | "
-                     f"{rat(mf, lf, 1):.2f}x |")
+                     f"{rat(mf, lf, 1):.2f}x | {rat(mo, mq, 1):.2f}x |")
     scaling = []
     for e in engines:
         one, two, busy = (e.best.get(c[2]) for c in CONFIGS)
