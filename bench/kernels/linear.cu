@@ -136,6 +136,9 @@ struct Shape {
 static const Shape kShapes[] = {
     {"q/o 4096x4096", 4096, 4096}, {"gate+up 22016x4096", 22016, 4096}, {"down 4096x11008", 4096, 11008},
     {"smollm2 qkv 960x576", 960, 576}, {"smollm2 gate+up 3072x576", 3072, 576},
+    // the inputs of a MergeQuant file of the 7B shape, split slots included (bench/bench_gpu.py's w4a4-mq: K = 4096
+    // at the 3% budget, K = 11008 at ffn_down's 20%)
+    {"q/o split 4096x4224", 4096, 4224}, {"down split 4096x13248", 4096, 13248},
 };
 
 static void run(const Shape & sh, const char * scheme, Backend & cpu, float read_gbs) {

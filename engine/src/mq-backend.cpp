@@ -103,6 +103,17 @@ void Backend::attention_then_quantize(const float * qkv, int32_t n_tokens, int32
     quantize_codes(out, n_tokens, s.n_head * s.head_dim, consumer, codes);
 }
 
+void Backend::rope_kv_store(float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
+                            const int32_t * pos, const RopeParams & rp, const KvScales & sc, void * k_cache,
+                            void * v_cache) {
+    if (ops_.rope_kv_store) {
+        ops_.rope_kv_store(*this, qkv, n_tokens, row_stride, s, pos, rp, sc, k_cache, v_cache);
+    } else {
+        rope(qkv, n_tokens, row_stride, s.n_head, s.n_head_kv, s.head_dim, pos, rp);
+        kv_store(qkv, n_tokens, row_stride, s, pos, sc, k_cache, v_cache);
+    }
+}
+
 void Backend::linear_codes_swiglu_quant(const Linear & gate_up, const int8_t * a, int32_t m, const Linear & down,
                                         int32_t n_ff, float * gu, int8_t * out) {
     if (ops_.linear_codes_swiglu_quant) {

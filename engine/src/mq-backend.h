@@ -119,8 +119,8 @@ struct LinearKernels {
 };
 
 // The ops of a forward pass on one backend, one function each (the forwarders of Backend document them).
-// attention_quant, linear_codes_swiglu_quant and sample may be nullptr: the composition of the plainer ops
-// (sample: the host samples).
+// attention_quant, linear_codes_swiglu_quant, sample and rope_kv_store may be nullptr: the composition of the
+// plainer ops (sample: the host samples).
 struct BackendOps {
     void (*embed)(Backend &, const EmbedTable & table, const int32_t * ids, int32_t n, int32_t dim, float * out);
     void (*rmsnorm)(Backend &, const float * x, const float * w, int32_t n_rows, int32_t dim, float eps, float * out);
@@ -142,6 +142,9 @@ struct BackendOps {
                                       const Linear & down, int32_t n_ff, float * gu, int8_t * out);
     int32_t (*sample)(Backend &, const float * logits, int32_t n_vocab, const SamplingParams & sp, double u,
                       const std::vector<int32_t> & penalty_ids);
+    void (*rope_kv_store)(Backend &, float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
+                          const int32_t * pos, const RopeParams & rp, const KvScales & sc, void * k_cache,
+                          void * v_cache);
 };
 
 class Backend {
@@ -206,6 +209,9 @@ public:
                   const int32_t * pos, const KvScales & sc, void * k_cache, void * v_cache) {
         ops_.kv_store(*this, qkv, n_tokens, row_stride, s, pos, sc, k_cache, v_cache);
     }
+    // rope, then kv_store (a backend may do both in one pass: the same values and cache bytes)
+    void rope_kv_store(float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s, const int32_t * pos,
+                       const RopeParams & rp, const KvScales & sc, void * k_cache, void * v_cache);
     // causal attention of each token i over cache rows [0, pos[i]]; out [n_tokens, n_head*head_dim]
     void attention(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
                    const int32_t * pos, const KvScales & sc, const void * k_cache, const void * v_cache, float * out) {

@@ -258,8 +258,7 @@ void Context::mlp_block_w4a4(int32_t l, int32_t m) {
 // RoPE on q and k of qkv_, then k and v into layer l's caches
 void Context::rope_and_cache(int32_t l, int32_t m, const AttentionShape & as) {
     const Config & c = model_->config();
-    be_.rope(qkv_, m, c.qkv_dim(), c.n_head, c.n_head_kv, c.head_dim, pos_, c.rope);
-    be_.kv_store(qkv_, m, c.qkv_dim(), as, pos_, kv_scales(l), k_cache_[l], v_cache_[l]);
+    be_.rope_kv_store(qkv_, m, c.qkv_dim(), as, pos_, c.rope, kv_scales(l), k_cache_[l], v_cache_[l]);
 }
 
 KvScales Context::kv_scales(int32_t l) const {

@@ -32,6 +32,7 @@ static const BackendOps & cpu_ops() {
         cpu::swiglu_quant,   // quantize.cpp
         cpu::linear_codes_swiglu_quant,  // linear-w4a4.cpp
         nullptr,             // sample: the host sampler (mq-sampling.cpp)
+        nullptr,             // rope_kv_store: rope(), then kv_store()
     };
     return ops;
 }

@@ -88,6 +88,15 @@ static void op_kv_store(Backend & be, const float * qkv, int32_t n_tokens, int32
                   k_cache, v_cache, cuda_of(be).stream());
 }
 
+static void op_rope_kv_store(Backend & be, float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
+                             const int32_t * pos, const RopeParams & rp, const KvScales & sc, void * k_cache,
+                             void * v_cache) {
+    BackendCuda & b = cuda_of(be);
+    const KvScales k = kv_scales_of(s, sc);
+    cuda_rope_kv_store(qkv, n_tokens, row_stride, s.n_head, s.n_head_kv, s.head_dim, pos, b.inv_freq_for(s.head_dim, rp),
+                       k.k_inv, k.v_inv, k_cache, v_cache, b.stream());
+}
+
 static void op_attention(Backend & be, const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
                          const int32_t * pos, const KvScales & sc, const void * k_cache, const void * v_cache,
                          float * out) {
@@ -158,6 +167,7 @@ static const BackendOps & cuda_ops() {
         op_swiglu_quant,                    // quantize.cu
         cuda_op_linear_codes_swiglu_quant,  // linear-w4a4.cu
         op_sample,                          // sampling.cu
+        op_rope_kv_store,                   // kv-store.cu (rope.cuh's rotation)
     };
     return ops;
 }

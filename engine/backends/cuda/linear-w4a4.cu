@@ -71,12 +71,26 @@ __device__ __forceinline__ void lora_wait(const LoraGemv & lo) {
     __syncthreads();
 }
 
-// lora[m, n] = fp32(Σ_i b[n, i] · l[m, i]), float64 fused multiply-adds in i order from 0, as the CPU backend
+// lora[m, n] = fp32(Σ_i b[n, i] · l[m, i]), float64 fused multiply-adds in i order from 0, as the CPU backend.
+// Where rank % 8 == 0 (b's rows then 16-byte aligned), eight terms a step: one 16-byte load of b and eight loads of
+// l issued together, so a step waits for L2 once, not eight times.
 __device__ __forceinline__ float lora_up_value(const LoraGemv & lo, int m, int n) {
     const __half * b = (const __half *) lo.b + (size_t) n * lo.rank;
     const double * l = lo.l + (size_t) m * lo.rank;
     double s = 0.0;
-    for (int i = 0; i < lo.rank; i++) s = fma((double) __half2float(b[i]), __ldcg(l + i), s);
+    int i = 0;
+    if ((lo.rank & 7) == 0) {
+        for (; i < lo.rank; i += 8) {
+            const uint4 bv = ld_cached(b + i);
+            const double2 l0 = __ldcg((const double2 *) (l + i)), l1 = __ldcg((const double2 *) (l + i + 2)),
+                          l2 = __ldcg((const double2 *) (l + i + 4)), l3 = __ldcg((const double2 *) (l + i + 6));
+            const __half * bh = (const __half *) &bv;
+            const double lv[8] = {l0.x, l0.y, l1.x, l1.y, l2.x, l2.y, l3.x, l3.y};
+#pragma unroll
+            for (int e = 0; e < 8; e++) s = fma((double) __half2float(bh[e]), lv[e], s);
+        }
+    }
+    for (; i < lo.rank; i++) s = fma((double) __half2float(b[i]), __ldcg(l + i), s);
     return (float) s;
 }
 
@@ -254,7 +268,9 @@ template <int NT, int U> static gemv_fn gemv_pick(W4A4Mma mma, bool codes8, bool
 // the GEMV's shape, MERGEQUANT_W4A4_GEMV = NTxU (a tuning knob). Llama-2-7B w4a4 decode on the H100 (PDL on):
 // 22 (default) 414 tok/s, 12 410, 42 400, 14 394, 44 388, 24 381 (the old shape), 13 378, 28 328, 18 321: the
 // fewer registers, the more blocks per SM (U = 2: 68 registers, 3 blocks of 256 threads) and the better the stream
-// (bench/RESULTS.md)
+// (bench/RESULTS.md). Choosing U by K so that a split-slot input (K = 4224: 33 chunks of 64 bytes, a third round
+// of loads at U = 2) takes two rounds was slower on the H200 (bench/kernels/linear.cu, 2026-12-03: 4096 x 4224
+// 5.16 us at U = 2, 6.00 at U = 3; 4096 x 4096 4.55 vs 5.95): one U for every K.
 static int gemv_variant() {
     static const int v = [] {
         const char * env = std::getenv("MERGEQUANT_W4A4_GEMV");

@@ -16,13 +16,11 @@ static __global__ void rope_kernel(float * __restrict__ qkv, int32_t row_stride,
     const double p = (double) pos[blockIdx.y];
     for (int32_t idx = blockIdx.x * blockDim.x + threadIdx.x; idx < n_heads * half; idx += gridDim.x * blockDim.x) {
         const int32_t h = idx / half, i = idx % half;
-        const double ang = p * inv_freq[i];
-        const float c = (float) cos(ang), s = (float) sin(ang);
         float * v = row + (size_t) h * head_dim;
-        const float a = v[i], b = v[i + half];
-        // each product rounded on its own (no fma contraction), as on the CPU and in the simulator
-        v[i] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
-        v[i + half] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+        float a = v[i], b = v[i + half];
+        rope_rotate(p, inv_freq[i], a, b);
+        v[i] = a;
+        v[i + half] = b;
     }
 }
 

@@ -6,4 +6,14 @@ namespace mq {
 // on the device; pos [n_tokens] on the device
 void cuda_rope(float * qkv, int32_t n_tokens, int32_t row_stride, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
                const int32_t * pos, const double * inv_freq, cudaStream_t st);
+
+// pair i of a head at position p: angle = p · inv_freq_i in float64, cos and sin rounded to fp32, each product
+// rounded on its own (no fma contraction), as on the CPU and in the simulator; a = x[i], b = x[i + hd/2]
+__device__ __forceinline__ void rope_rotate(double p, double inv_freq, float & a, float & b) {
+    const double ang = p * inv_freq;
+    const float c = (float) cos(ang), s = (float) sin(ang);
+    const float a0 = a, b0 = b;
+    a = __fsub_rn(__fmul_rn(a0, c), __fmul_rn(b0, s));
+    b = __fadd_rn(__fmul_rn(b0, c), __fmul_rn(a0, s));
+}
 }

@@ -151,6 +151,19 @@ static void test_attention(Backend & cpu, Backend & gpu, int round, KvType kt, s
             out(cpu, gpu, nullptr, (size_t) n * H * hd * 4);
         const std::string tag =
             " hd=" + std::to_string(hd) + " n=" + std::to_string(n) + " pos0=" + std::to_string(pos0);
+        {  // the fused op against the GPU's own two launches: the same rotated values and cache bytes
+            Pair q1(cpu, gpu, qkv.data(), qkv.size() * 4), q2(cpu, gpu, qkv.data(), qkv.size() * 4);
+            Pair k1(cpu, gpu, zeros.data(), cache_bytes), v1(cpu, gpu, zeros.data(), cache_bytes),
+                k2(cpu, gpu, zeros.data(), cache_bytes), v2(cpu, gpu, zeros.data(), cache_bytes);
+            gpu.rope((float *) q1.g, n, stride, H, Hkv, hd, (int32_t *) pp.g, rp);
+            gpu.kv_store((float *) q1.g, n, stride, as, (int32_t *) pp.g, sc_g, k1.g, v1.g);
+            gpu.rope_kv_store((float *) q2.g, n, stride, as, (int32_t *) pp.g, rp, sc_g, k2.g, v2.g);
+            const auto a = q1.host_gpu<float>(), b = q2.host_gpu<float>();
+            report("rope_kv_store" + type + tag, memcmp(a.data(), b.data(), a.size() * 4) == 0 &&
+                                                     k1.host_gpu<uint8_t>() == k2.host_gpu<uint8_t>() &&
+                                                     v1.host_gpu<uint8_t>() == v2.host_gpu<uint8_t>(),
+                   "the same values and" + type + " cache bytes as rope + kv_store");
+        }
         cpu.rope((float *) pq.c, n, stride, H, Hkv, hd, (int32_t *) pp.c, rp);
         gpu.rope((float *) pq.g, n, stride, H, Hkv, hd, (int32_t *) pp.g, rp);
         // float64 angles, fp32 cos/sin and products rounded on their own on both: equal but for a last-bit
@@ -428,8 +441,11 @@ static void test_linear_w8a8(Backend & cpu, Backend & gpu) {
 static void test_w4a4_ops(Backend & cpu, Backend & gpu) {
     printf("static w4a4 ops, CPU vs CUDA:\n");
     std::mt19937 rng(4321);
-    for (int round = 0; round < 2; round++) {
-        const int D = 576, N = round ? 200 : 960, rank = round ? 8 : 0;
+    // rounds 2 and 3: inputs as wide as a 7B model's (kp 4544 and 7040, the GEMV's K loop several rounds deep, a
+    // partial last round) with a rank-16 branch, at the GEMV's sizes of m only
+    for (int round = 0; round < 4; round++) {
+        const int D = round == 2 ? 4096 : round == 3 ? 6400 : 576, N = round == 0 ? 960 : round == 1 ? 200 : 256,
+                  rank = round == 0 ? 0 : round == 1 ? 8 : 16;
         // slots: every channel once, 40 channels split in 2 or 3 parts, then padding to a multiple of 64
         std::vector<int32_t> in_map;
         for (int j = 0; j < D; j++) {
@@ -492,7 +508,7 @@ static void test_w4a4_ops(Backend & cpu, Backend & gpu) {
             snprintf(d, sizeof d, "%.4f%% identical", 100.0 * same / a.size());
             report(what, same >= a.size() * 0.999, d);
         };
-        for (int m : {1, 5, 16, 40, 160}) {
+        for (int m : round < 2 ? std::vector<int>{1, 5, 16, 40, 160} : std::vector<int>{1, 5, 16}) {
             auto x = randn((size_t) m * D, rng, 2.0f);
             Pair px(cpu, gpu, x.data(), x.size() * 4), codes(cpu, gpu, nullptr, (size_t) m * kp);
             cpu.rmsnorm_quant((float *) px.c, lc, m, D, 1e-5f, (int8_t *) codes.c);
@@ -549,7 +565,7 @@ static void test_linear_w4a4() {
         const int u = (v[r * row_bytes + k / 2] >> ((k & 1) * 4)) & 15;
         return u >= 8 ? u - 16 : u;
     };
-    for (auto shape : std::vector<std::array<int, 2>>{{960, 576}, {200, 1600}, {4096, 11008}}) {
+    for (auto shape : std::vector<std::array<int, 2>>{{960, 576}, {200, 1600}, {1024, 4224}, {4096, 11008}}) {
         const int N = shape[0], K = shape[1], kb = K / 2;
         std::vector<uint8_t> q((size_t) N * kb);
         for (auto & b : q) b = (uint8_t) rng();
