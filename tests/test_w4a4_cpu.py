@@ -189,6 +189,28 @@ def test_int8_schemes_bad_tensors_named(tiny_int8_files, tmp_path, scheme, edit,
         LLM(bad, device="cpu")
 
 
+@pytest.fixture(scope="module")
+def tiny_w8a8s_file(tiny_ck, tmp_path_factory):
+    return convert(tiny_ck.path, tmp_path_factory.mktemp("w8a8s") / "ot.mq", method="outliertune", progress=False,
+                   calib_n=2, calib_len=32)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_set("blk.0.attn_qkv.in_scale", lambda v: np.where(np.arange(v.size) == 3, 0, v).astype(np.float32)),
+     r"linear 'blk.0.attn_qkv': tensor 'blk.0.attn_qkv.in_scale' has 0.0+ at 3, expected finite and > 0"),
+    (_set("blk.1.ffn_gate_up.shift", lambda v: np.where(np.arange(v.size) == 5, np.nan, v).astype(np.float32)),
+     r"tensor 'blk.1.ffn_gate_up.shift' has nan at 5, expected finite"),
+    (lambda t: t.pop("blk.0.ffn_gate_up.bias"), r"missing tensor 'blk.0.ffn_gate_up.bias'"),
+    (_set("blk.0.attn_qkv.shift", lambda v: v[:-1].copy()), r"tensor 'blk.0.attn_qkv.shift' is F32 \[63\]"),
+    (_set("blk.0.attn_qkv.bits", np.array([6], np.int32)),
+     r"'blk.0.attn_qkv.qweight' has codes in \[-127, 127\], outside \[-31, 31\] of 6 bits"),
+])
+def test_w8a8s_bad_tensors_named(tiny_w8a8s_file, tmp_path, edit, match):
+    """The engine checks the static int8 scheme's input side (steps, shift) and its required bias, by name."""
+    with pytest.raises(RuntimeError, match=match):
+        LLM(_edited(tiny_w8a8s_file, tmp_path / "bad.mq", edit), device="cpu")
+
+
 @pytest.mark.parametrize("scheme", ["w8a8", "w4a8", "w4a8g"])
 def test_smollm2_int8_schemes_greedy_identical(smollm2_gguf_path, tmp_path, scheme):
     """The real model by RTN (`convert --scheme`): every linear's int32 GEMM on the simulator's codes is the

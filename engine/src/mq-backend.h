@@ -37,7 +37,7 @@ struct Linear {
     int64_t rank = 0;  // w4a4: rows of the low-rank branch (0: none)
     std::vector<const TensorView *> tensors;  // f16: {weight}
     const TensorView * qweight = nullptr;   // U8 [n, kp/2], two codes a byte, even k in the low nibble (w8a8: I8 [n, k])
-    const TensorView * scale = nullptr;     // F32 [n] (w4a4, w4a4d, w8a8, w4a8, w4a8g) or F16 [n, k/group] (w4a16g)
+    const TensorView * scale = nullptr;     // F32 [n] (w4a4, w4a4d, w8a8, w4a8, w4a8g, w8a8s) or F16 [n, k/group] (w4a16g)
     const TensorView * in_scale = nullptr;  // w4a4, norm-fed: F32 [k], norm weight with 1/step folded in; w8a8s: 1/step
     const TensorView * in_map = nullptr;    // w4a4: I32 [kp, 3] input slot -> (source channel, part, parts)
     const TensorView * lora_a = nullptr;    // w4a4: F16 [rank, kp]

@@ -196,7 +196,7 @@ static void run_w8a8s(Backend & be, const Linear & lin, const float * x, int32_t
             int8_t * a = codes + t * stride;
             for (int64_t i = 0; i < k; i++) {
                 const float v = std::nearbyint((xr[i] - shift[i]) * inv[i]);
-                a[i] = (int8_t) (v < -qmax ? -qmax : (v > qmax ? qmax : v));
+                a[i] = v != v ? (int8_t) 0 : (int8_t) (v < -qmax ? -qmax : (v > qmax ? qmax : v));  // NaN: 0, as CUDA
             }
             std::fill(a + k, a + stride, (int8_t) 0);
         }
