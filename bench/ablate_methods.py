@@ -1,4 +1,4 @@
-"""The methods on the float-input schemes (gptq-w4a16, smoothquant, qqq; docs/methods.md) and their ablations,
+"""The methods on the float-input schemes (gptq-w4a16, smoothquant, qqq, fptq, outliertune; docs/methods.md) and their ablations,
 measured by the engine: each row is converted to a .mq file by the converter (timed, under the caller's nice
 level), then the CPU engine computes its WikiText-2 test perplexity on the first W non-overlapping windows of
 L tokens (each a fresh context) and the mean KL divergence KL(P_f16 ‖ P_row) per predicted token from the f16
@@ -55,8 +55,16 @@ ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
     "qqq-g128-40": ("QQQ W4A8 group 128 (w4a8g), 40 thresholds per point", "qqq", {"group_size": 128, "smooth_steps": 40}),
     "qqq-40": ("QQQ W4A8 per-channel (w4a8), 40 thresholds per point", "qqq", {"smooth_steps": 40}),
     "fptq": ("FPTQ W4A8 g128 (w4a8g; LAE with the v0/v1 policy, RTN)", "fptq", {}),
+    "outliertune": ("OutlierTune W8A8 (w8a8s static per-channel q/k/v, gate/up with shift; o/down per-token)",
+                    "outliertune", {}),
+    "outliertune-noshift": ("OutlierTune W8A8 without symmetrization", "outliertune", {"shift": False}),
+    "outliertune-static": ("OutlierTune W8A8, o/down static per-channel too", "outliertune", {"static_od": True}),
+    "outliertune-w6a6": ("OutlierTune W6A6", "outliertune", {"bits": 6}),
+    "outliertune-w6a6-gptq": ("OutlierTune W6A6, GPTQ weights", "outliertune", {"bits": 6, "gptq": True}),
+    "outliertune-w6a6-static": ("OutlierTune W6A6, o/down static per-channel too", "outliertune",
+                                {"bits": 6, "static_od": True}),
 }
-CALIBRATED = {"gptq-w4a16", "smoothquant", "qqq", "fptq"}
+CALIBRATED = {"gptq-w4a16", "smoothquant", "qqq", "fptq", "outliertune"}
 BEGIN, END = "<!-- ablate_methods:begin -->", "<!-- ablate_methods:end -->"
 
 
@@ -79,13 +87,13 @@ def markdown(rows: list[str], done: dict[str, dict[str, Any]], args: argparse.Na
     f16 = done["f16"]["ppl"]
     lines = [
         f"## Methods on the float-input schemes measured by the engine: SmolLM2-135M-Instruct ({date.today()})", "",
-        f"Command: `nice -n 10 python bench/ablate_methods.py --rows {','.join(rows)} --windows {args.windows} "
+        f"Command: `nice -n {os.nice(0)} python bench/ablate_methods.py --rows {','.join(rows)} --windows {args.windows} "
         f"--window {args.window} --calib-n {args.calib_n} --calib-len {args.calib_len}`  ",
         f"Text: WikiText-2 test raw, the first {args.windows} windows of {args.window} tokens, each a fresh context; "
         "perplexity and KL(P_f16 ‖ P_row) (mean per predicted token, nats) by the CPU engine "
         "(`LLM(..., device='cpu').log_probs`) on the converted files. "
         f"Calibration (calibrated methods): {args.calib_n} × {args.calib_len} tokens (WikiText-2 validation + C4 "
-        "sample, seed 0). Convert: wall time of `convert()` under nice 10 on "
+        f"sample, seed 0). Convert: wall time of `convert()` under nice {os.nice(0)} on "
         f"{os.cpu_count()} CPU cores ({platform.machine()}) shared with other jobs: direction only. Size: the file.", "",
         "| row | method: options | PPL | ×f16 | KL | convert (s) | size (MB) |", "|---|---|---|---|---|---|---|",
     ]

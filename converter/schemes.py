@@ -25,7 +25,7 @@ import numpy as np
 from .quant.int4 import (K_ALIGN, QMAX, QMIN, QQQ_GMAX, pack_int4, pad_columns, pad_k, qmax_for_bits, quant_groups,
                          quant_qqq, quant_rows, quant_rows_sym)
 from .quant.simulate_linear import (SimLinear, TensorGetter, f16_linear, w4a4_linear, w4a4d_linear, w4a8_linear,
-                                    w4a8g_linear, w4a16g_linear, w8a8_linear)
+                                    w4a8g_linear, w4a16g_linear, w8a8_linear, w8a8s_linear)
 
 Layout = dict[str, tuple[np.dtype, tuple[int, ...]]]
 
@@ -135,6 +135,52 @@ def _w8a8_pack(w: np.ndarray, bits: int = 8, codes: np.ndarray | None = None, sc
                        "bits": np.array([bits], np.int32)}, bias)
 
 
+def _w8a8s_layout(n: int, k: int) -> Layout:
+    return _w8a8_layout(n, k) | {"in_scale": (np.dtype(np.float32), (k,)), "shift": (np.dtype(np.float32), (k,)),
+                                 "bias": (np.dtype(np.float32), (n,))}
+
+
+def _w8a8s_pack(w: np.ndarray, in_scale: np.ndarray | None = None, shift: np.ndarray | None = None, bits: int = 8,
+                codes: np.ndarray | None = None, scale: np.ndarray | None = None,
+                bias: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """w8a8s (static per-channel input codes, OutlierTune): pack(W, in_scale, shift=None, bits=8, codes=None,
+    scale=None, bias=None). The input of channel k is quantized as clamp(rint((x[k] - shift[k]) · in_scale[k]))
+    with in_scale[k] = 1/Δ_k, the calibrated static step (required: there is no default without calibration),
+    shift zeros by default. W is the weight in input units; the file holds the step-folded weight
+    W̃ = W · diag(1/in_scale) (pre-execution of dequantization), per-row RTN on [-qmax, qmax] (δ_n = `scale`,
+    default max_k |W̃[n, k]| / qmax) or the method's `codes` (of W̃) with their `scale`. `bias` (default: the
+    shift compensation Ŵ · shift of the dequantized weight Ŵ[n, k] = q[n, k] · δ_n · in_scale[k], in float64)."""
+    if in_scale is None:
+        raise ValueError("w8a8s pack: the static input steps (in_scale) come from calibration; use a method that "
+                         "calibrates them (convert --method outliertune)")
+    k = w.shape[1]
+    in_scale = np.asarray(in_scale, np.float32)
+    shift = np.zeros(k, np.float32) if shift is None else np.asarray(shift, np.float32)
+    if in_scale.shape != (k,) or shift.shape != (k,):
+        raise ValueError(f"w8a8s pack: in_scale and shift must be [{k}], got {in_scale.shape} and {shift.shape}")
+    if not (np.isfinite(in_scale).all() and (in_scale > 0).all() and np.isfinite(shift).all()):
+        raise ValueError("w8a8s pack: in_scale must be finite and > 0, shift finite")
+    qmax = qmax_for_bits(bits)
+    folded = (w.astype(np.float64) / in_scale.astype(np.float64)).astype(np.float32)
+    if codes is None:
+        codes, scale = quant_rows_sym(folded, qmax, scale)
+    elif scale is None:
+        raise ValueError("w8a8s pack: explicit codes need their scale")
+    codes = _check_codes("w8a8s pack", codes, -qmax, qmax, w.shape)
+    scale = np.asarray(scale, np.float32)
+    if bias is None:
+        bias = w8a8s_shift_bias(codes, scale, in_scale, shift)
+    return {"qweight": codes, "scale": scale, "bits": np.array([bits], np.int32), "in_scale": in_scale,
+            "shift": shift, "bias": np.asarray(bias, np.float32)}
+
+
+def w8a8s_shift_bias(codes: np.ndarray, scale: np.ndarray, in_scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """The bias that gives back what subtracting `shift` took away: Ŵ · shift for the dequantized weight
+    Ŵ[n, k] = q[n, k] · δ_n · in_scale[k] (W = W̃ · diag(1/Δ)), in float64, rounded once to fp32."""
+    z = np.asarray(shift, np.float64) * np.asarray(in_scale, np.float64)  # the shift in step units
+    return ((codes.astype(np.float64) @ z) * np.asarray(scale, np.float64)).astype(np.float32)
+
+
 def _w4a8_pack(w: np.ndarray, codes: np.ndarray | None = None, scale: np.ndarray | None = None,
                bias: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """w4a8 (per-channel int4): pack(W, codes=None, scale=None, bias=None). Without `codes`: per-row RTN
@@ -208,6 +254,11 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
            method_tensors=("bias",), method_layout=_bias_layout,
            parity_tests=(f"{_ENGINE_VS_SIM}[w4a8g]", "tests/test_ops.py::test_linear_w4a8g",
                          f"{_SMOLLM2_INT8}[w4a8g]")),
+    # static per-channel int8 activations with a per-channel shift (OutlierTune; docs/numerics.md, "Static int8
+    # activations"); in_scale and shift come from calibration, so there is no plain-RTN packing
+    Scheme("w8a8s", _w8a8s_layout, _w8a8s_pack, w8a8s_linear, "float",
+           parity_tests=(f"{_ENGINE_VS_SIM}[outliertune]", f"{_ENGINE_VS_SIM}[outliertune-w6a6-static]",
+                         "tests/test_ops.py::test_linear_w8a8s")),
 )}
 
 

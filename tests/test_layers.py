@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                  "mergequant.convert.quant.kv_cache", "mergequant.convert.quant.blockwise",
                  "mergequant.convert.quant.gptq_w4a16", "mergequant.convert.quant.smoothquant",
                  "mergequant.convert.quant.qqq", "mergequant.convert.quant.fptq",
+                 "mergequant.convert.quant.outliertune",
                  "mergequant.convert.quant.methods"]),
     ("writer", ["mergequant.convert.convert", "mergequant.convert.inspect"]),
     ("converter package", ["mergequant.convert"]),

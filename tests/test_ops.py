@@ -291,7 +291,7 @@ def int8_case(rng, scheme: str, n: int, k: int, group: int = 0, bits: int = 8, b
               extreme: bool = False) -> dict[str, np.ndarray]:
     """Random tensors of an int8-input linear (docs/format.md): codes drawn over the whole range (or all at the
     extreme codes, to reach the largest sums), scales, and an optional bias."""
-    if scheme == "w8a8":
+    if scheme in ("w8a8", "w8a8s"):
         qmax = (1 << (bits - 1)) - 1
         q = np.full((n, k), qmax, np.int8) if extreme else rng.integers(-qmax, qmax + 1, (n, k)).astype(np.int8)
         t = {"qweight": q, "bits": np.array([bits], np.int32)}
@@ -304,6 +304,10 @@ def int8_case(rng, scheme: str, n: int, k: int, group: int = 0, bits: int = 8, b
             t["gscale"] = (np.full((n, k // group), 16) if extreme else rng.integers(1, 17, (n, k // group))
                            ).astype(np.uint8)
     t["scale"] = rng.uniform(0.001, 0.01, n).astype(np.float32)
+    if scheme == "w8a8s":  # static steps over four decades, shifts of either sign; the bias is required
+        t["in_scale"] = (10.0 ** rng.uniform(-1, 3, k)).astype(np.float32)
+        t["shift"] = rng.uniform(-0.5, 0.5, k).astype(np.float32)
+        bias = True
     if bias:
         t["bias"] = rng.standard_normal(n).astype(np.float32)
     return t
@@ -338,6 +342,25 @@ def int8_input(rng, m: int, k: int) -> np.ndarray:
 def test_linear_w8a8(ops, rng, m, k, bits):
     n = 42  # 10 blocks of 4 rows and a tail of 2
     check_int8_linear(ops, "w8a8", int8_case(rng, "w8a8", n, k, bits=bits, bias=m == 3), int8_input(rng, m, k))
+
+
+@pytest.mark.parametrize("bits", [8, 6])
+@pytest.mark.parametrize("m, k", [(1, 96), (3, 100), (8, 192), (13, 64)])
+def test_linear_w8a8s(ops, rng, m, k, bits):
+    """Static per-channel codes clamp(rint((x - shift) · in_scale)): inputs far beyond the range (clamped codes),
+    values near the rounding halves and a zero row (codes of -shift alone) included."""
+    n = 42
+    t = int8_case(rng, "w8a8s", n, k, bits=bits)
+    x = int8_input(rng, m, k)
+    x[0, :4] = t["shift"][:4] + np.float32(2.5) / t["in_scale"][:4]  # near the rounding halves
+    x[0, 4:8] = 1e6
+    check_int8_linear(ops, "w8a8s", t, x)
+    record: dict[str, np.ndarray] = {}
+    sim("w8a8s", t)(x, record, "l")
+    qmax = (1 << (bits - 1)) - 1
+    want = np.clip(np.rint((x.astype(np.float32) - t["shift"]) * t["in_scale"]), -qmax, qmax)
+    np.testing.assert_array_equal(record["l.in"], want.astype(np.int8))  # the simulator's codes, independently
+    assert np.abs(record["l.in"]).max() == qmax
 
 
 @pytest.mark.parametrize("m, k", [(1, 100), (5, 128), (11, 192)])

@@ -22,6 +22,8 @@ def dequantized(name: str, packed: dict[str, np.ndarray], k: int) -> np.ndarray:
     s = packed["scale"].astype(np.float64)
     if name == "w8a8":
         return packed["qweight"].astype(np.float64) * s[:, None]
+    if name == "w8a8s":  # the step-folded weight W̃ = W · diag(1/in_scale), back in input units
+        return packed["qweight"].astype(np.float64) * s[:, None] * packed["in_scale"].astype(np.float64)
     if name == "w4a16g":
         return q * np.repeat(s, k // s.shape[1], axis=1)
     if name == "w4a8g":  # int4 code · integer group scale · channel scale
@@ -37,14 +39,21 @@ def test_pack_and_simulate_agree(name):
     n, k = 24, 192
     w = rng.standard_normal((n, k)).astype(np.float32)
     quant: dict = {}
-    out = pack_linear("blk.0.ffn_down", w, name, quant)
+    params = {}
+    if name == "w8a8s":  # static steps and a shift, as a calibrating method gives them
+        params = {"in_scale": (2.0 ** rng.integers(-3, 4, k)).astype(np.float32),
+                  "shift": rng.uniform(-0.5, 0.5, k).astype(np.float32)}
+    out = pack_linear("blk.0.ffn_down", w, name, quant, **params)
     packed = {key.rsplit(".", 1)[1]: v for key, v in out.items()}
     for suffix, (dtype, shape) in s.layout(n, k).items():
         assert packed[suffix].dtype == dtype and packed[suffix].shape == shape
         if s.k_pad > 1 and suffix == "qweight":
             assert shape[1] * 2 % s.k_pad == 0
     w_hat = dequantized(name, packed, k)
-    assert np.abs(w_hat - w).max() <= (1e-3 if name == "f16" else 0.5 * np.abs(w).max() / 7 * 1.01)
+    if name == "w8a8s":  # the grid of W̃ per row, 127 levels, in input units
+        assert (np.abs(w_hat - w) <= 0.5 * packed["scale"][:, None] * params["in_scale"] * 1.01).all()
+    else:
+        assert np.abs(w_hat - w).max() <= (1e-3 if name == "f16" else 0.5 * np.abs(w).max() / 7 * 1.01)
     lin = s.simulate(packed.get)
     x = rng.standard_normal((5, k)).astype(np.float32)
     if s.inputs == "codes":  # static codes given directly
@@ -61,6 +70,12 @@ def test_pack_and_simulate_agree(name):
         amax = np.abs(x).max(axis=1, keepdims=True)
         a = np.clip(np.rint(x.astype(np.float64) * 127 / amax), -127, 127)
         want = (a @ w_hat.T) * amax / 127
+        y = lin(x)
+    elif name == "w8a8s":  # static per-channel codes of x - shift; the bias gives the shift back
+        sh, inv = params["shift"].astype(np.float64), params["in_scale"].astype(np.float64)
+        a = np.clip(np.rint((x.astype(np.float64) - sh) * inv), -127, 127)
+        want = (a / inv) @ w_hat.T + sh @ w_hat.T
+        np.testing.assert_allclose(packed["bias"], sh @ w_hat.T, rtol=1e-6, atol=1e-6)
         y = lin(x)
     else:
         want = x.astype(np.float64) @ w_hat.T

@@ -96,14 +96,25 @@ def add_biases(path, seed: int = 0) -> None:
     save_file(t, str(path), metadata=meta)
 
 
+# methods run with options: case → (method, options); outliertune writes w8a8s (static per-channel int8 inputs with
+# a shift and its bias) at the norm-fed linears and w8a8 (or, static_od, w8a8s) at o_proj / down
+METHOD_CASES = {"outliertune": ("outliertune", {}),
+                "outliertune-w6a6-static": ("outliertune", {"bits": 6, "static_od": True, "gptq": True})}
+
+
 @pytest.mark.parametrize("method", ["rtn-w4a16", "rtn-w4a4-dynamic", "rtn-w4a4-static", "mergequant",
-                                    "w8a8", "w6a6", "w4a8", "w4a8g", "w4a8-bias"])
+                                    "w8a8", "w6a6", "w4a8", "w4a8g", "w4a8-bias", "outliertune",
+                                    "outliertune-w6a6-static"])
 def test_tiny_every_scheme(tiny_ck, tmp_path, method):
     if method in PLAIN_SCHEMES:
         scheme, params = PLAIN_SCHEMES[method]
         out = convert(tiny_ck.path, tmp_path / f"{method}.mq", scheme=scheme, scheme_params=params, progress=False)
         if method.endswith("-bias"):
             add_biases(out)
+    elif method in METHOD_CASES:
+        name, opts = METHOD_CASES[method]
+        out = convert(tiny_ck.path, tmp_path / f"{method}.mq", method=name, progress=False, calib_n=2, calib_len=32,
+                      **opts)
     else:
         out = convert(tiny_ck.path, tmp_path / f"{method}.mq", method=method, progress=False,
                       **({} if method in ("rtn-w4a16", "rtn-w4a4-dynamic") else dict(calib_n=2, calib_len=32)))
@@ -116,8 +127,13 @@ def test_tiny_every_scheme(tiny_ck, tmp_path, method):
     for key in [k for k in record if k.endswith(".in")]:
         np.testing.assert_array_equal(llm._model.int_gemm(key[:-3], np.ascontiguousarray(record[key])),
                                       record[key[:-3]])
-    if method in PLAIN_SCHEMES:
-        if method == "w6a6":
+    if method in METHOD_CASES:
+        linears = sim.quant["linears"]
+        want_od = "w8a8s" if METHOD_CASES[method][1].get("static_od") else "w8a8"
+        assert {linears["blk.0.attn_qkv"], linears["blk.0.ffn_gate_up"]} == {"w8a8s"}
+        assert {linears["blk.0.attn_output"], linears["blk.0.ffn_down"]} == {want_od}
+    if method in PLAIN_SCHEMES or method in METHOD_CASES:
+        if method in ("w6a6", "outliertune-w6a6-static"):
             assert max(int(np.abs(record[k]).max()) for k in record if k.endswith(".in")) <= 31
         # greedy continuation: every token the simulator's argmax after the same prefix
         llm.generate(ids, max_tokens=12, temperature=0.0, stop_token_ids=None)
@@ -171,6 +187,28 @@ def test_int8_schemes_bad_tensors_named(tiny_int8_files, tmp_path, scheme, edit,
     bad = _edited(tiny_int8_files[scheme], tmp_path / "bad.mq", edit)
     with pytest.raises(RuntimeError, match=match):
         LLM(bad, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_w8a8s_file(tiny_ck, tmp_path_factory):
+    return convert(tiny_ck.path, tmp_path_factory.mktemp("w8a8s") / "ot.mq", method="outliertune", progress=False,
+                   calib_n=2, calib_len=32)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_set("blk.0.attn_qkv.in_scale", lambda v: np.where(np.arange(v.size) == 3, 0, v).astype(np.float32)),
+     r"linear 'blk.0.attn_qkv': tensor 'blk.0.attn_qkv.in_scale' has 0.0+ at 3, expected finite and > 0"),
+    (_set("blk.1.ffn_gate_up.shift", lambda v: np.where(np.arange(v.size) == 5, np.nan, v).astype(np.float32)),
+     r"tensor 'blk.1.ffn_gate_up.shift' has nan at 5, expected finite"),
+    (lambda t: t.pop("blk.0.ffn_gate_up.bias"), r"missing tensor 'blk.0.ffn_gate_up.bias'"),
+    (_set("blk.0.attn_qkv.shift", lambda v: v[:-1].copy()), r"tensor 'blk.0.attn_qkv.shift' is F32 \[63\]"),
+    (_set("blk.0.attn_qkv.bits", np.array([6], np.int32)),
+     r"'blk.0.attn_qkv.qweight' has codes in \[-127, 127\], outside \[-31, 31\] of 6 bits"),
+])
+def test_w8a8s_bad_tensors_named(tiny_w8a8s_file, tmp_path, edit, match):
+    """The engine checks the static int8 scheme's input side (steps, shift) and its required bias, by name."""
+    with pytest.raises(RuntimeError, match=match):
+        LLM(_edited(tiny_w8a8s_file, tmp_path / "bad.mq", edit), device="cpu")
 
 
 @pytest.mark.parametrize("scheme", ["w8a8", "w4a8", "w4a8g"])

@@ -14,6 +14,7 @@ from ..loaders import Checkpoint
 from .fptq import fptq
 from .gptq_w4a16 import gptq_w4a16
 from .mergequant import mergequant, rtn_w4a4_static
+from .outliertune import outliertune
 from .qqq import qqq
 from .rtn import default_output_scheme, output_tensors, plain_blocks, rtn_w4a4_dynamic, rtn_w4a16
 from .simulate import SimModel
@@ -28,6 +29,7 @@ METHODS = {
     "smoothquant": smoothquant,
     "qqq": qqq,
     "fptq": fptq,
+    "outliertune": outliertune,
 }
 
 

@@ -2,7 +2,7 @@
 its packed tensors and how it computes y from its input. converter/schemes.py registers each path beside the
 scheme's layout and packer; quant/simulate.py runs blocks of them.
 
-Two kinds of input: `float` (f16, w4a16g, w4a4d, w8a8, w4a8, w4a8g: the linear quantizes its input itself, if
+Two kinds of input: `float` (f16, w4a16g, w4a4d, w8a8, w4a8, w4a8g, w8a8s: the linear quantizes its input itself, if
 at all) and `codes` (w4a4: the producer upstream emits the int4 input slots, so the linear runs the integer GEMM
 on them). Int4 x int4 GEMMs run as fp32 BLAS on the codes: every partial sum is an integer below 2^24, hence
 exact; the 8-bit activation schemes' sums can pass 2^24, so they run in float64 (exact below 2^53)."""
@@ -56,7 +56,8 @@ class SimLinear:
     lora_a: np.ndarray | None = None
     lora_b: np.ndarray | None = None
     qmax: int = 0                     # w8a8, w4a8, w4a8g: the activation codes' range [-qmax, qmax]
-    bias: np.ndarray | None = None    # w8a8, w4a8, w4a8g: optional fp32 bias [N], added last
+    bias: np.ndarray | None = None    # w8a8, w4a8, w4a8g: optional fp32 bias [N], added last (w8a8s: required)
+    shift: np.ndarray | None = None   # w8a8s: per-channel shift [K] subtracted before the static quantization
     # f16, w4a16g, w8a8: row n of the dequantized weight, fp32 (a tied model's embedding reads the output's rows)
     embed_rows: Callable[[SimLinear, np.ndarray], np.ndarray] | None = None
 
@@ -175,3 +176,17 @@ def w4a8g_linear(get: TensorGetter) -> SimLinear:
     g = np.asarray(get("gscale")).astype(np.int16)
     w = codes * np.repeat(g, codes.shape[1] // g.shape[1], axis=1)
     return SimLinear("w4a8g", "float", int8_dynamic_path, w, _f32(get, "scale"), qmax=127, bias=_f32(get, "bias"))
+
+
+# w8a8s: static per-channel int8 activations a = clamp(rint((x - shift[k]) · in_scale[k]), -qmax, qmax) (one fp32
+# subtraction and one fp32 multiply), y = (float(acc) · scale[n]) + bias[n]
+def int8_static_path(lin: SimLinear, x: np.ndarray, record: Record, name: str) -> np.ndarray:
+    a = round_codes((x - lin.shift) * lin.in_scale, -lin.qmax, lin.qmax)
+    return (lin.int_gemm_exact(a, record, name) * lin.scale) + lin.bias
+
+
+def w8a8s_linear(get: TensorGetter) -> SimLinear:
+    bits = int(np.asarray(get("bits")).reshape(-1)[0])
+    return SimLinear("w8a8s", "float", int8_static_path, np.asarray(get("qweight"), np.int8), _f32(get, "scale"),
+                     in_scale=_f32(get, "in_scale"), qmax=(1 << (bits - 1)) - 1, bias=_f32(get, "bias"),
+                     shift=_f32(get, "shift"))

@@ -37,14 +37,15 @@ struct Linear {
     int64_t rank = 0;  // w4a4: rows of the low-rank branch (0: none)
     std::vector<const TensorView *> tensors;  // f16: {weight}
     const TensorView * qweight = nullptr;   // U8 [n, kp/2], two codes a byte, even k in the low nibble (w8a8: I8 [n, k])
-    const TensorView * scale = nullptr;     // F32 [n] (w4a4, w4a4d, w8a8, w4a8, w4a8g) or F16 [n, k/group] (w4a16g)
-    const TensorView * in_scale = nullptr;  // w4a4, norm-fed: F32 [k], norm weight with 1/step folded in
+    const TensorView * scale = nullptr;     // F32 [n] (w4a4, w4a4d, w8a8, w4a8, w4a8g, w8a8s) or F16 [n, k/group] (w4a16g)
+    const TensorView * in_scale = nullptr;  // w4a4, norm-fed: F32 [k], norm weight with 1/step folded in; w8a8s: 1/step
     const TensorView * in_map = nullptr;    // w4a4: I32 [kp, 3] input slot -> (source channel, part, parts)
     const TensorView * lora_a = nullptr;    // w4a4: F16 [rank, kp]
     const TensorView * lora_b = nullptr;    // w4a4: F16 [n, rank]
     const TensorView * gscale = nullptr;    // w4a8g: U8 [n, k/group] integer group scales in [1, 16]
-    const TensorView * bias = nullptr;      // w8a8, w4a8, w4a8g: optional F32 [n], added last
-    int32_t qmax = 0;  // w8a8, w4a8, w4a8g: codes of the dynamic int8 input in [-qmax, qmax] (w8a8: 2^(bits-1) - 1)
+    const TensorView * bias = nullptr;      // w8a8, w4a8, w4a8g: optional F32 [n], added last (w8a8s: required)
+    const TensorView * shift = nullptr;     // w8a8s: F32 [k], subtracted from the input before its static codes
+    int32_t qmax = 0;  // w8a8, w4a8, w4a8g, w8a8s: codes of the int8 input in [-qmax, qmax] (w8a8, w8a8s: 2^(bits-1) - 1)
     // set by Backend::prepare_linear: the scheme's entry and the backend's kernels for it
     const Scheme * def = nullptr;
     const LinearKernels * kernels = nullptr;

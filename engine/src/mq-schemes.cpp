@@ -7,6 +7,7 @@
 #include "mq-file.h"
 
 #include <algorithm>
+#include <cmath>
 
 namespace mq {
 
@@ -131,6 +132,28 @@ static void load_w8a8(const File & f, Linear & lin, LinearInput) {
     load_int8_input(f, lin);
 }
 
+// a finite F32 [k] input-side tensor of w8a8s (its static step inverse or its shift); `positive`: every value > 0
+static const TensorView * finite_channels(const File & f, const Linear & lin, const char * suffix, bool positive) {
+    const TensorView & t = f.tensor(lin.name + "." + suffix, DTYPE_F32, {lin.k});
+    const float * v = t.as<float>();
+    for (int64_t i = 0; i < lin.k; i++) {
+        if (!std::isfinite(v[i]) || (positive && !(v[i] > 0.0f))) {
+            throw linear_error(f, lin, "tensor '" + lin.name + "." + suffix + "' has " + std::to_string(v[i]) + " at " +
+                                           std::to_string(i) + (positive ? ", expected finite and > 0" : ", expected finite"));
+        }
+    }
+    return &t;
+}
+
+// w8a8s: as w8a8 (qweight, scale, bits), plus the static input's in_scale F32 [k] (finite, > 0) and shift F32 [k]
+// (finite), and bias F32 [n] (required: it carries the shift's compensation)
+static void load_w8a8s(const File & f, Linear & lin, LinearInput input) {
+    load_w8a8(f, lin, input);
+    lin.in_scale = finite_channels(f, lin, "in_scale", true);
+    lin.shift = finite_channels(f, lin, "shift", false);
+    lin.bias = &f.tensor(lin.name + ".bias", DTYPE_F32, {lin.n});
+}
+
 // w4a8: qweight U8 [n, kp/2] (kp a multiple of 64, >= k), scale F32 [n]
 static void load_w4a8(const File & f, Linear & lin, LinearInput) {
     load_qweight(f, lin);
@@ -178,6 +201,7 @@ const std::vector<Scheme> & schemes() {
         {"w8a8", false, 0, 0, load_w8a8, "int8 (or narrower, P.bits) weights per channel, per-token dynamic int8 activations"},
         {"w4a8", false, 64, 0, load_w4a8, "int4 weights per channel, per-token dynamic int8 activations"},
         {"w4a8g", false, 0, 64, load_w4a8g, "int4 weights with integer group scales and a channel scale, per-token dynamic int8 activations"},
+        {"w8a8s", false, 0, 0, load_w8a8s, "int8 (or narrower, P.bits) weights per channel of the step-folded weight, static per-channel int8 activations with a shift (OutlierTune)"},
     };
     return table;
 }

@@ -70,13 +70,14 @@ struct TestLinear {
         lin.lora_b = view("lora_b");
         lin.gscale = view("gscale");
         lin.bias = view("bias");
+        lin.shift = view("shift");
         if (const mq::TensorView * bits = view("bits")) {  // w8a8: I32 [1]
             lin.qmax = (1 << (bits->as<int32_t>()[0] - 1)) - 1;
         } else if (scheme == "w4a8" || scheme == "w4a8g") {
             lin.qmax = 127;
         }
         if (lin.qweight) {
-            lin.kp = scheme == "w8a8" ? lin.qweight->shape[1] : 2 * lin.qweight->shape[1];
+            lin.kp = scheme == "w8a8" || scheme == "w8a8s" ? lin.qweight->shape[1] : 2 * lin.qweight->shape[1];
         }
         if (scheme == "w4a16g" && lin.scale) {
             lin.group = k / lin.scale->shape[1];

@@ -46,6 +46,7 @@ static const std::vector<LinearKernels> & cpu_schemes() {
         cpu::linear_w8a8,    // linear-int8.cpp
         cpu::linear_w4a8,    // linear-int8.cpp
         cpu::linear_w4a8g,   // linear-int8.cpp
+        cpu::linear_w8a8s,   // linear-int8.cpp
     };
     return table;
 }

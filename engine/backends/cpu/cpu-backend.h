@@ -67,7 +67,7 @@ void linear_codes_swiglu_quant(Backend &, const Linear & gate_up, const int8_t *
 // the scheme table's entries, each in linear-<scheme>.cpp
 extern const LinearKernels linear_f16, linear_w4a16g, linear_w4a4d, linear_w4a4;
 // linear-int8.cpp: the dynamic int8-activation schemes
-extern const LinearKernels linear_w8a8, linear_w4a8, linear_w4a8g;
+extern const LinearKernels linear_w8a8, linear_w4a8, linear_w4a8g, linear_w8a8s;
 }  // namespace cpu
 
 }  // namespace mq

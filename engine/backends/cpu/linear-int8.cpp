@@ -1,11 +1,13 @@
-// Schemes w8a8, w4a8 and w4a8g on the CPU (docs/numerics.md, "Dynamic int8 activations"): the linear quantizes
+// Schemes w8a8, w4a8, w4a8g and w8a8s on the CPU (docs/numerics.md, "Dynamic int8 activations"): the linear quantizes
 // each token of its fp32 input to int8 codes itself (amax, then one multiply and a rounding per value), runs the
 // exact int32 GEMM over the file's integer weights (kernels/gemm-int8.cpp: GEMV for one token, blocks of rows and
-// tokens for several) and applies y = ((float(acc) * scale[n]) * (amax / qmax)) (+ bias[n]).
+// tokens for several) and applies y = ((float(acc) * scale[n]) * (amax / qmax)) (+ bias[n]). w8a8s quantizes with
+// its static per-channel steps and shift instead and runs the same int8 GEMM.
 #include "cpu-backend.h"
 #include "cpu-simd.h"
 
 #include <algorithm>
+#include <cmath>
 #include <functional>
 #include <vector>
 
@@ -86,12 +88,17 @@ static Int8Operand prepare_operand(const Linear & lin, const int8_t * a, int32_t
     return op;
 }
 
+// the int8-weight schemes: qweight I8 [n, k] read by cpu_gemm_w8a8
+static bool int8_weights(const Linear & lin) {
+    return lin.scheme == "w8a8" || lin.scheme == "w8a8s";
+}
+
 // acc [m, n] = a · wᵀ for codes a [m, ·] with rows `stride` apart (w8a8: a multiple of 64, zeros beyond k; the
 // 4-bit-weight schemes: lin.kp), rows split across the threads in blocks; `epilogue(r0, r1)`, when given, runs in
 // the same job on the rows just summed
 static void gemm_rows(Backend & be, const Linear & lin, const int8_t * a, int64_t stride, int32_t m, int32_t * acc,
                       const std::function<void(int64_t, int64_t)> & epilogue) {
-    if (lin.scheme == "w8a8") {
+    if (int8_weights(lin)) {
         const int8_t * w = lin.qweight->as<int8_t>();
         const int32_t * wsum = (const int32_t *) lin.prepared;
         cpu_of(be).run_row_blocks(lin.n, [&](int64_t r0, int64_t r1) {
@@ -115,7 +122,7 @@ static void gemm_rows(Backend & be, const Linear & lin, const int8_t * a, int64_
 
 // the rows of the codes the GEMM reads: w8a8's padded to a multiple of 64 (the kernels' unit of K)
 static int64_t code_stride(const Linear & lin) {
-    return lin.scheme == "w8a8" ? round64(lin.k) : lin.kp;
+    return int8_weights(lin) ? round64(lin.k) : lin.kp;
 }
 
 // the integer core on given codes a [m, lin.kp] (for tests)
@@ -167,8 +174,49 @@ static void run_int8(Backend & be, const Linear & lin, const float * x, int32_t 
     });
 }
 
+// w8a8s (docs/numerics.md, "Static int8 activations"): a = clamp(rint((x[k] - shift[k]) * in_scale[k]), -qmax, qmax)
+// (one fp32 subtraction and one multiply per value; zeros from k to the stride), the same GEMM as w8a8, and
+// y = (float(acc) * scale[n]) + bias[n]
+static void run_w8a8s(Backend & be, const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) {
+    const int64_t k = lin.k, n = lin.n, stride = code_stride(lin);
+    thread_local std::vector<int8_t> codes_buf;
+    thread_local std::vector<int32_t> acc_buf;
+    codes_buf.resize((size_t) m * stride);
+    acc_buf.resize((size_t) m * n);
+    int8_t * codes = codes_buf.data();
+    int32_t * acc = acc_buf.data();
+    const float * inv = lin.in_scale->as<float>();
+    const float * shift = lin.shift->as<float>();
+    const float qmax = (float) lin.qmax;
+    cpu_of(be).run_rows(m, [&](int32_t ith, int32_t nth) {
+        int64_t b, e;
+        split_range(m, ith, nth, b, e);
+        for (int64_t t = b; t < e; t++) {
+            const float * xr = x + t * k;
+            int8_t * a = codes + t * stride;
+            for (int64_t i = 0; i < k; i++) {
+                const float v = std::nearbyint((xr[i] - shift[i]) * inv[i]);
+                a[i] = v != v ? (int8_t) 0 : (int8_t) (v < -qmax ? -qmax : (v > qmax ? qmax : v));  // NaN: 0, as CUDA
+            }
+            std::fill(a + k, a + stride, (int8_t) 0);
+        }
+    });
+    const float * scale = lin.scale->as<float>();
+    const float * bias = lin.bias->as<float>();
+    const int32_t * accp = acc;
+    gemm_rows(be, lin, codes, stride, m, acc, [&](int64_t r0, int64_t r1) {
+        for (int32_t t = 0; t < m; t++) {
+            for (int64_t r = r0; r < r1; r++) {
+                const float v = ((float) accp[t * n + r] * scale[r]) + bias[r];
+                y[t * n + r] = accumulate ? y[t * n + r] + v : v;
+            }
+        }
+    });
+}
+
 const LinearKernels linear_w8a8 = {"w8a8", 0, 0, prepare_w8a8, release_row_sums, run_int8, nullptr, int_gemm};
 const LinearKernels linear_w4a8 = {"w4a8", 0, 0, prepare_w4a8, release_row_sums, run_int8, nullptr, int_gemm};
 const LinearKernels linear_w4a8g = {"w4a8g", 0, 64, prepare_w4a8, release_row_sums, run_int8, nullptr, int_gemm};
+const LinearKernels linear_w8a8s = {"w8a8s", 0, 0, prepare_w8a8, release_row_sums, run_w8a8s, nullptr, int_gemm};
 
 }  // namespace mq::cpu

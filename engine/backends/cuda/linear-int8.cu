@@ -1,10 +1,11 @@
-// Scheme w8a8 on the CUDA backend (docs/numerics.md, "Dynamic int8 activations"): the linear quantizes each token of
+// Schemes w8a8 and w8a8s on the CUDA backend (docs/numerics.md, "Dynamic int8 activations"): the linear quantizes each token of
 // its fp32 input to int8 codes itself (one block per token: amax, then one fp32 multiply and a rounding per value),
 // runs the exact int32 GEMV/GEMM on INT8 tensor cores over the file's int8 weights (cuda_linear_i8, linear-w4a4.cu,
 // FmtI8 fragments of mma.cuh) with y = (float(acc) * scale[n]) * (amax / qmax) in its epilogue, and, where the file
 // has P.bias, adds it in a second pass in the CPU's order: y = y + (v + bias[n]). The same integers and the same fp32
-// operations in the same order as the CPU backend: bit-identical outputs. w4a8 and w4a8g have no CUDA entry yet: the
-// backend refuses them at load, naming itself.
+// operations in the same order as the CPU backend: bit-identical outputs. w8a8s (static per-channel input, "Static int8
+// activations") quantizes with its steps and shift instead, a step of 1 per token, and runs the same GEMM and bias
+// pass. w4a8 and w4a8g have no CUDA entry yet: the backend refuses them at load, naming itself.
 #include "cuda-backend.cuh"
 #include "cuda-common.cuh"
 #include "linear-w4a4.cuh"
@@ -19,6 +20,8 @@ struct CudaLinearI8 {
     int8_t * qweight = nullptr;  // [n, k]
     float * scale = nullptr;     // [n]
     float * bias = nullptr;      // [n] or nullptr
+    float * in_scale = nullptr;  // w8a8s: [k], the static steps' inverses
+    float * shift = nullptr;     // w8a8s: [k]
 };
 
 constexpr int Q8_THREADS = 256;
@@ -56,6 +59,25 @@ __global__ void __launch_bounds__(Q8_THREADS) quantize_i8_kernel(const float * _
     }
 }
 
+// w8a8s: row t of x [m, k] -> codes [m, stride], a = clamp(rint((x - shift) * in_scale), -qmax, qmax) (zeros from k
+// on), and step[t] = 1 (the GEMM's epilogue (float(acc) * scale[n]) * 1 is float(acc) * scale[n], exactly)
+__global__ void __launch_bounds__(Q8_THREADS) quantize_static_i8_kernel(const float * __restrict__ x,
+                                                                         const float * __restrict__ shift,
+                                                                         const float * __restrict__ in_scale, int k,
+                                                                         int stride, int qmax,
+                                                                         int8_t * __restrict__ codes,
+                                                                         float * __restrict__ step) {
+    pdl_trigger();
+    pdl_wait();  // launched with PDL: x comes from the kernel before
+    const float * xr = x + (size_t) blockIdx.x * k;
+    int8_t * out = codes + (size_t) blockIdx.x * stride;
+    if (threadIdx.x == 0) step[blockIdx.x] = 1.0f;
+    for (int i = threadIdx.x; i < stride; i += Q8_THREADS) {
+        out[i] = i < k ? (int8_t) round_clamp(__fmul_rn(__fsub_rn(xr[i], shift[i]), in_scale[i]), -qmax, qmax)
+                       : (int8_t) 0;
+    }
+}
+
 // y[t, n] = (accumulate ? y[t, n] + (v + bias[n]) : v + bias[n]), v = tmp[t, n]
 __global__ void bias_epilogue_kernel(const float * __restrict__ tmp, const float * __restrict__ bias, int n, int total,
                                      int accumulate, float * __restrict__ y) {
@@ -72,24 +94,30 @@ void prepare_i8(Backend & be, Linear & lin) {
     if (!lin.qweight || !lin.scale || lin.qmax <= 0) {
         throw Error("linear '" + lin.name + "': " + lin.scheme + " needs qweight, scale and its bit width");
     }
+    if (lin.scheme == "w8a8s" && (!lin.in_scale || !lin.shift || !lin.bias)) {
+        throw Error("linear '" + lin.name + "': w8a8s needs in_scale, shift and bias");
+    }
     CudaLinearI8 * p = new CudaLinearI8();
     p->qweight = (int8_t *) b.copy_tensor(lin.qweight);
     p->scale = (float *) b.copy_tensor(lin.scale);
     p->bias = (float *) b.copy_tensor(lin.bias);
+    p->in_scale = (float *) b.copy_tensor(lin.in_scale);  // w8a8s only (null for w8a8)
+    p->shift = (float *) b.copy_tensor(lin.shift);
     lin.prepared = p;
 }
 
 void release_i8(Backend & be, Linear & lin) {
     CudaLinearI8 * p = (CudaLinearI8 *) lin.prepared;
     if (!p) return;
-    for (void * d : {(void *) p->qweight, (void *) p->scale, (void *) p->bias}) {
+    for (void * d : {(void *) p->qweight, (void *) p->scale, (void *) p->bias, (void *) p->in_scale, (void *) p->shift}) {
         if (d) be.free(d);
     }
     delete p;
     lin.prepared = nullptr;
 }
 
-void run_w8a8(Backend & be, const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) {
+// both schemes: quantize x (per token for w8a8, static per channel for w8a8s), the int8 GEMV/GEMM, the bias pass
+void run_i8(Backend & be, const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) {
     BackendCuda & b = cuda_of(be);
     const CudaLinearI8 & p = *(const CudaLinearI8 *) lin.prepared;
     if (m <= 0) return;
@@ -98,8 +126,14 @@ void run_w8a8(Backend & be, const Linear & lin, const float * x, int32_t m, floa
     uint8_t * buf = (uint8_t *) b.scratch_for(codes_bytes + step_bytes + tmp_bytes);
     int8_t * codes = (int8_t *) buf;
     float * step = (float *) (buf + codes_bytes);
-    launch_pdl(quantize_i8_kernel, dim3((unsigned) m), dim3(Q8_THREADS), 0, b.stream(), "quantize_i8_kernel", x,
-               (int) lin.k, (int) lin.k, (int) lin.qmax, codes, step);
+    if (p.shift) {
+        launch_pdl(quantize_static_i8_kernel, dim3((unsigned) m), dim3(Q8_THREADS), 0, b.stream(),
+                   "quantize_static_i8_kernel", x, (const float *) p.shift, (const float *) p.in_scale, (int) lin.k,
+                   (int) lin.k, (int) lin.qmax, codes, step);
+    } else {
+        launch_pdl(quantize_i8_kernel, dim3((unsigned) m), dim3(Q8_THREADS), 0, b.stream(), "quantize_i8_kernel", x,
+                   (int) lin.k, (int) lin.k, (int) lin.qmax, codes, step);
+    }
     if (!p.bias) {
         cuda_linear_i8(p.qweight, p.scale, step, lin.n, lin.k, codes, m, y, accumulate, b.stream());
         return;
@@ -115,6 +149,7 @@ void run_w8a8(Backend & be, const Linear & lin, const float * x, int32_t m, floa
 }  // namespace
 
 // K a multiple of 16: every row of codes and weights starts on a 16-byte boundary (the kernels' load unit)
-const LinearKernels cuda_linear_w8a8_kernels = {"w8a8", 16, 0, prepare_i8, release_i8, run_w8a8, nullptr, nullptr};
+const LinearKernels cuda_linear_w8a8_kernels = {"w8a8", 16, 0, prepare_i8, release_i8, run_i8, nullptr, nullptr};
+const LinearKernels cuda_linear_w8a8s_kernels = {"w8a8s", 16, 0, prepare_i8, release_i8, run_i8, nullptr, nullptr};
 
 }  // namespace mq

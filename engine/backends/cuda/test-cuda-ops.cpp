@@ -435,6 +435,70 @@ static void test_linear_w8a8(Backend & cpu, Backend & gpu) {
     }
 }
 
+// Scheme w8a8s (static per-channel int8 inputs with a shift, OutlierTune): int8 weights, in_scale over four
+// decades, shifts of either sign, the required bias, 8 and 6 bits, GEMV and GEMM sizes, both accumulate modes:
+// the same codes (one fp32 subtraction and multiply each), the exact int32 sum and the same fp32 epilogue give
+// bit-identical outputs. Inputs far past the range (clamped codes) and an all-zero token included.
+static void test_linear_w8a8s(Backend & cpu, Backend & gpu) {
+    printf("linear w8a8s, CPU vs CUDA:\n");
+    std::mt19937 rng(4242);
+    struct Case {
+        int n, k, bits;
+    };
+    for (const Case & cs : {Case{960, 576, 8}, Case{3072, 576, 6}, Case{576, 1536, 8}, Case{200, 1008, 6}, Case{64, 1000, 8}}) {
+        const int N = cs.n, K = cs.k, qmax = (1 << (cs.bits - 1)) - 1;
+        std::vector<int8_t> q((size_t) N * K);
+        for (auto & b : q) b = (int8_t) ((int) (rng() % (2 * qmax + 1)) - qmax);
+        std::vector<float> s32(N), b32(N), inv(K), sh(K);
+        for (auto & f : s32) f = std::uniform_real_distribution<float>(1e-3f, 2e-2f)(rng);
+        for (auto & f : b32) f = std::uniform_real_distribution<float>(-0.5f, 0.5f)(rng);
+        for (auto & f : inv) f = std::pow(10.0f, std::uniform_real_distribution<float>(-1.0f, 3.0f)(rng));
+        for (auto & f : sh) f = std::uniform_real_distribution<float>(-0.5f, 0.5f)(rng);
+        TensorView tq, ts, tb, ti, tz;
+        tq.name = "test.qweight", tq.dtype = DTYPE_I8, tq.shape = {N, K}, tq.data = (const uint8_t *) q.data(), tq.nbytes = q.size();
+        ts.name = "test.scale", ts.dtype = DTYPE_F32, ts.shape = {N}, ts.data = (const uint8_t *) s32.data(), ts.nbytes = N * 4;
+        tb.name = "test.bias", tb.dtype = DTYPE_F32, tb.shape = {N}, tb.data = (const uint8_t *) b32.data(), tb.nbytes = N * 4;
+        ti.name = "test.in_scale", ti.dtype = DTYPE_F32, ti.shape = {K}, ti.data = (const uint8_t *) inv.data(), ti.nbytes = K * 4;
+        tz.name = "test.shift", tz.dtype = DTYPE_F32, tz.shape = {K}, tz.data = (const uint8_t *) sh.data(), tz.nbytes = K * 4;
+        Linear lc, lg;
+        for (Linear * l : {&lc, &lg}) {
+            l->name = "test", l->scheme = "w8a8s", l->n = N, l->k = K, l->kp = K, l->qmax = qmax;
+            l->qweight = &tq, l->scale = &ts, l->bias = &tb, l->in_scale = &ti, l->shift = &tz;
+        }
+        const std::string shape = "N=" + std::to_string(N) + " K=" + std::to_string(K) + " bits=" + std::to_string(cs.bits);
+        if (K % 16 != 0) {
+            bool refused = false;
+            try {
+                gpu.prepare_linear(lg);
+            } catch (const Error & e) {
+                refused = std::string(e.what()).find("cuda") != std::string::npos;
+            }
+            report("linear w8a8s " + shape + " refused by the CUDA backend", refused);
+            if (!refused && lg.prepared) gpu.release_linear(lg);
+            continue;
+        }
+        cpu.prepare_linear(lc);
+        gpu.prepare_linear(lg);
+        for (int m : {1, 3, 8, 9, 16, 17, 40, 300}) {
+            if ((int64_t) m * N * K > 2000000000LL) continue;
+            for (bool acc : {false, true}) {
+                auto x = randn((size_t) m * K, rng, 0.05f), y0 = randn((size_t) m * N, rng);
+                if (m > 2) {  // a channel far past its range (clamped codes) and an all-zero token (codes of -shift)
+                    for (int t = 0; t < m; t++) x[(size_t) t * K + 7] *= 1000.0f;
+                    std::fill(x.begin() + K, x.begin() + 2 * K, 0.0f);
+                }
+                Pair px(cpu, gpu, x.data(), x.size() * 4), py(cpu, gpu, y0.data(), y0.size() * 4);
+                cpu.linear(lc, (float *) px.c, m, (float *) py.c, acc);
+                gpu.linear(lg, (float *) px.g, m, (float *) py.g, acc);
+                report("linear w8a8s " + shape + " m=" + std::to_string(m) + (acc ? " accumulate" : ""),
+                       py.host_cpu<float>() == py.host_gpu<float>(), "bit-exact");
+            }
+        }
+        cpu.release_linear(lc);
+        gpu.release_linear(lg);
+    }
+}
+
 // The static W4A4 ops on a synthetic linear: in_map with split channels (parts 1..3) and padding slots,
 // a low-rank branch in the second round. Codes must agree >= 99.9% (exactly, here: same fp32 inputs and
 // the same formulas), int_gemm exactly, linear_codes bit for bit (the low-rank branch too: float64 on both).
@@ -862,6 +926,7 @@ int main(int argc, char ** argv) {
         test_w4a4_ops(*cpu, *gpu);
         test_linear_4bit(*cpu, *gpu);
         test_linear_w8a8(*cpu, *gpu);
+        test_linear_w8a8s(*cpu, *gpu);
         test_linear_w4a4();
         test_sampling(*gpu);
         for (int i = 1; i < argc; i++) test_model(argv[i]);
