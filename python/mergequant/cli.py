@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(docs/format.md)")
     c.add_argument("--method", default=None,
                    help="quantization method: mergequant (W4A4 static), rtn-w4a4-static, rtn-w4a4-dynamic, rtn-w4a16, "
-                        "gptq-w4a16 (GPTQ, w4a16g), smoothquant (W8A8), qqq (W4A8), fptq (W4A8); none: plain --scheme")
+                        "gptq-w4a16 (GPTQ, w4a16g), smoothquant (W8A8), qqq (W4A8), fptq (W4A8), outliertune (W8A8 / W6A6 "
+                        "with --bits, static per-channel inputs); none: plain --scheme")
     m = c.add_argument_group("mergequant options (defaults: every component on)")
     m.add_argument("--no-clip", action="store_true", help="no adaptive clipping of activation ranges / weight steps")
     m.add_argument("--no-split", action="store_true", help="no dimensional reconstruction (channel splitting)")
@@ -284,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--report", metavar="FILE", default=None,
                    help="write a per-linear error report (JSON): output error from the weights alone, the input "
                         "quantization alone and both, on 4 held-out calibration windows")
-    g = c.add_argument_group("gptq-w4a16 / smoothquant / qqq / fptq options (docs/methods.md; defaults: the published "
+    g = c.add_argument_group("gptq-w4a16 / smoothquant / qqq / fptq / outliertune options (docs/methods.md; defaults: the published "
                              "recipes)")
     g.add_argument("--gptq", action="store_true", help="GPTQ weight codes where the method defaults to RTN (smoothquant, fptq)")
     g.add_argument("--act-order", dest="act_order", action="store_true", default=None,
@@ -293,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--damp", type=float, default=None, help="GPTQ damping, a fraction of mean(diag H) (default 0.01)")
     g.add_argument("--gptq-block", type=int, default=None, help="GPTQ lazy-update block in columns (default 128)")
     g.add_argument("--alpha", type=float, default=None, help="smoothquant migration strength (default 0.5)")
-    g.add_argument("--bits", type=int, default=None, choices=(8, 6), help="smoothquant: W8A8 (8, default) or W6A6 (6)")
+    g.add_argument("--bits", type=int, default=None, choices=(8, 6), help="smoothquant / outliertune: W8A8 (8, default) or W6A6 (6)")
     g.add_argument("--no-smooth", action="store_true", help="smoothquant / qqq: no smoothing (plain RTN or GPTQ)")
     g.add_argument("--o-smooth", default=None, choices=("tie", "skip"),
                    help="o_proj input smoothing: tie (into the v rows, tied per KV group; default) or skip")
