@@ -373,6 +373,45 @@ static void test_linear_4bit(Backend & cpu, Backend & gpu) {
     }
 }
 
+// One int8 linear (lc on the CPU, lg on the GPU, the same tensors) compared bit for bit at GEMV and GEMM sizes,
+// both accumulate modes, inputs N(0, x_sd) with channel 7 times `outlier` and an all-zero token where m > 2; a K
+// the CUDA kernels do not take (K % 16 != 0) must be refused at prepare, naming the backend. Releases both.
+static void compare_int8_linear(Backend & cpu, Backend & gpu, Linear & lc, Linear & lg, const std::string & shape,
+                                std::mt19937 & rng, float x_sd, float outlier) {
+    const int64_t N = lc.n, K = lc.k;
+    const std::string what = "linear " + lc.scheme + " " + shape;
+    if (K % 16 != 0) {
+        bool refused = false;
+        try {
+            gpu.prepare_linear(lg);
+        } catch (const Error & e) {
+            refused = std::string(e.what()).find("cuda") != std::string::npos;
+        }
+        report(what + " refused by the CUDA backend", refused);
+        if (!refused && lg.prepared) gpu.release_linear(lg);
+        return;
+    }
+    cpu.prepare_linear(lc);
+    gpu.prepare_linear(lg);
+    for (int m : {1, 3, 8, 9, 16, 17, 40, 300}) {
+        if ((int64_t) m * N * K > 2000000000LL) continue;
+        for (bool acc : {false, true}) {
+            auto x = randn((size_t) (m * K), rng, x_sd), y0 = randn((size_t) (m * N), rng);
+            if (m > 2) {  // an outlier channel and an all-zero token
+                for (int t = 0; t < m; t++) x[(size_t) (t * K + 7)] *= outlier;
+                std::fill(x.begin() + K, x.begin() + 2 * K, 0.0f);
+            }
+            Pair px(cpu, gpu, x.data(), x.size() * 4), py(cpu, gpu, y0.data(), y0.size() * 4);
+            cpu.linear(lc, (float *) px.c, m, (float *) py.c, acc);
+            gpu.linear(lg, (float *) px.g, m, (float *) py.g, acc);
+            report(what + " m=" + std::to_string(m) + (acc ? " accumulate" : ""),
+                   py.host_cpu<float>() == py.host_gpu<float>(), "bit-exact");
+        }
+    }
+    cpu.release_linear(lc);
+    gpu.release_linear(lg);
+}
+
 // Scheme w8a8 (per-token dynamic int8 inputs, int8 weights, the 6-bit variant, an optional bias), GEMV and GEMM
 // sizes, both accumulate modes: the same codes, the exact int32 sum and the same fp32 operations in the same order
 // give bit-identical outputs. K not a multiple of 16 is refused by the CUDA backend at prepare, naming it.
@@ -402,36 +441,7 @@ static void test_linear_w8a8(Backend & cpu, Backend & gpu) {
         }
         const std::string shape = "N=" + std::to_string(N) + " K=" + std::to_string(K) + " bits=" + std::to_string(cs.bits) +
                                   (cs.bias ? " bias" : "");
-        if (K % 16 != 0) {
-            bool refused = false;
-            try {
-                gpu.prepare_linear(lg);
-            } catch (const Error & e) {
-                refused = std::string(e.what()).find("cuda") != std::string::npos;
-            }
-            report("linear w8a8 " + shape + " refused by the CUDA backend", refused);
-            if (!refused && lg.prepared) gpu.release_linear(lg);
-            continue;
-        }
-        cpu.prepare_linear(lc);
-        gpu.prepare_linear(lg);
-        for (int m : {1, 3, 8, 9, 16, 17, 40, 300}) {
-            if ((int64_t) m * N * K > 2000000000LL) continue;
-            for (bool acc : {false, true}) {
-                auto x = randn((size_t) m * K, rng, 2.0f), y0 = randn((size_t) m * N, rng);
-                if (m > 2) {  // an outlier channel and an all-zero token (codes 0, step 0: y = bias)
-                    for (int t = 0; t < m; t++) x[(size_t) t * K + 7] *= 40.0f;
-                    std::fill(x.begin() + K, x.begin() + 2 * K, 0.0f);
-                }
-                Pair px(cpu, gpu, x.data(), x.size() * 4), py(cpu, gpu, y0.data(), y0.size() * 4);
-                cpu.linear(lc, (float *) px.c, m, (float *) py.c, acc);
-                gpu.linear(lg, (float *) px.g, m, (float *) py.g, acc);
-                report("linear w8a8 " + shape + " m=" + std::to_string(m) + (acc ? " accumulate" : ""),
-                       py.host_cpu<float>() == py.host_gpu<float>(), "bit-exact");
-            }
-        }
-        cpu.release_linear(lc);
-        gpu.release_linear(lg);
+        compare_int8_linear(cpu, gpu, lc, lg, shape, rng, 2.0f, 40.0f);
     }
 }
 
@@ -466,36 +476,7 @@ static void test_linear_w8a8s(Backend & cpu, Backend & gpu) {
             l->qweight = &tq, l->scale = &ts, l->bias = &tb, l->in_scale = &ti, l->shift = &tz;
         }
         const std::string shape = "N=" + std::to_string(N) + " K=" + std::to_string(K) + " bits=" + std::to_string(cs.bits);
-        if (K % 16 != 0) {
-            bool refused = false;
-            try {
-                gpu.prepare_linear(lg);
-            } catch (const Error & e) {
-                refused = std::string(e.what()).find("cuda") != std::string::npos;
-            }
-            report("linear w8a8s " + shape + " refused by the CUDA backend", refused);
-            if (!refused && lg.prepared) gpu.release_linear(lg);
-            continue;
-        }
-        cpu.prepare_linear(lc);
-        gpu.prepare_linear(lg);
-        for (int m : {1, 3, 8, 9, 16, 17, 40, 300}) {
-            if ((int64_t) m * N * K > 2000000000LL) continue;
-            for (bool acc : {false, true}) {
-                auto x = randn((size_t) m * K, rng, 0.05f), y0 = randn((size_t) m * N, rng);
-                if (m > 2) {  // a channel far past its range (clamped codes) and an all-zero token (codes of -shift)
-                    for (int t = 0; t < m; t++) x[(size_t) t * K + 7] *= 1000.0f;
-                    std::fill(x.begin() + K, x.begin() + 2 * K, 0.0f);
-                }
-                Pair px(cpu, gpu, x.data(), x.size() * 4), py(cpu, gpu, y0.data(), y0.size() * 4);
-                cpu.linear(lc, (float *) px.c, m, (float *) py.c, acc);
-                gpu.linear(lg, (float *) px.g, m, (float *) py.g, acc);
-                report("linear w8a8s " + shape + " m=" + std::to_string(m) + (acc ? " accumulate" : ""),
-                       py.host_cpu<float>() == py.host_gpu<float>(), "bit-exact");
-            }
-        }
-        cpu.release_linear(lc);
-        gpu.release_linear(lg);
+        compare_int8_linear(cpu, gpu, lc, lg, shape, rng, 0.05f, 1000.0f);
     }
 }
 
