@@ -14,7 +14,9 @@ the measured read bandwidth. Extra model files (e.g. SmolLM2-135M) are benchmark
 Files (bench/peer/random_weights.py draws every weight, so all engines run the same model):
 - f16: the random weights (uniform, sd 0.02), q/k/v and gate/up fused as docs/format.md says; the GGUF
   files of bench/peer/write_gguf.py hold the same values (q/k rows in llama.cpp's rotary order).
-- w4a16g: random codes, fp16 group scales. w4a4: random static RTN codes, per-row scales, identity
+- w4a16g: random codes, fp16 group scales. w4a8 / w4a8g (the layouts of qqq per-channel / g128; per-token
+  int8 activations): random codes, per-row scales, w4a8g's group scales random in [1, 16].
+  w4a4: random static RTN codes, per-row scales, identity
   in_map, in_scale of ones (plain static RTN). w4a4-mq: the structure of a default `--method mergequant`
   file: split slots at the converter's default budgets on the three splittable linears (Kp =
   pad(K + ceil(budget·K)), `budget` for q/k/v and gate/up, `budget_down` for ffn_down; the extra slots as
@@ -52,9 +54,10 @@ from mergequant.convert.schemes import get_scheme  # noqa: E402
 from mergequant.convert.tokenizer import export_source  # noqa: E402
 
 PROMPT, DECODE, PREFILLS = 512, 128, (512, 2048)
-SCHEMES = ("f16", "w4a16g", "w4a4", "w4a4-mq")
+SCHEMES = ("f16", "w4a16g", "w4a4", "w4a4-mq", "w4a8", "w4a8g")
 SCHEME_LABEL = {"f16": "f16", "w4a16g": "w4a16g", "w4a4": "w4a4, plain RTN",
-                "w4a4-mq": "w4a4, MergeQuant structure"}
+                "w4a4-mq": "w4a4, MergeQuant structure", "w4a8": "w4a8 (QQQ per-channel layout)",
+                "w4a8g": "w4a8g (QQQ g128 layout)"}
 GGUF_TYPES = (("f16", "F16"), ("q4_0", "Q4_0"), ("q4_k_m", "Q4_K_M"))
 
 
@@ -91,6 +94,8 @@ def rng_for(name: str) -> np.random.Generator:
 def random_tensor(name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     """Random contents of a packed tensor: any byte is a valid pair of int4 codes; scales positive."""
     g = rng_for(name)
+    if name.endswith(".gscale"):  # w4a8g's integer group scales: [1, 16]
+        return g.integers(1, 17, size=shape, dtype=np.uint8)
     if dtype == np.uint8:
         return np.frombuffer(g.bytes(int(np.prod(shape))), np.uint8).reshape(shape)
     return (g.random(shape, dtype=np.float32) * 0.004 + 0.001).astype(dtype)
@@ -127,7 +132,8 @@ def build_model(path: Path, scheme: str, c: LlamaConfig, tok_meta: dict, tok_ten
     if keep is not None:
         keep.update(emb=tensors["token_embd.weight"], out=tensors["output.weight"], layers=[])
     opts = Options()
-    method = {"f16": "f16", "w4a16g": "rtn-w4a16", "w4a4": "rtn-w4a4-static", "w4a4-mq": "mergequant"}[scheme]
+    method = {"f16": "f16", "w4a16g": "rtn-w4a16", "w4a4": "rtn-w4a4-static", "w4a4-mq": "mergequant",
+              "w4a8": "qqq", "w4a8g": "qqq"}[scheme]
     params = {"random_weights": True}
     if scheme == "w4a4-mq":
         params |= {"budget": opts.budget, "budget_down": opts.budget_down, "rank": opts.rank}
@@ -383,7 +389,10 @@ def ratios(rows: list[dict]) -> list[str]:
              (("mergequant CUDA", "f16"), ("llama.cpp", "F16"), "decode_tok_s", 1.0),
              (("mergequant CUDA", "f16"), ("PyTorch fp16 (cuBLAS)", "f16"), "prefill2048_tok_s", 0.9),
              (("mergequant CUDA", "w4a16g"), ("llama.cpp", "Q4_K_M"), "prefill2048_tok_s", 1.0),
-             (mq, ("mergequant CUDA", SCHEME_LABEL["w4a4"]), "decode_tok_s", None)]
+             (mq, ("mergequant CUDA", SCHEME_LABEL["w4a4"]), "decode_tok_s", None),
+             (("mergequant CUDA", SCHEME_LABEL["w4a8g"]), ("mergequant CUDA", SCHEME_LABEL["w4a4"]), "decode_tok_s", 0.9),
+             (("mergequant CUDA", SCHEME_LABEL["w4a8"]), ("mergequant CUDA", SCHEME_LABEL["w4a4"]), "decode_tok_s", 0.9),
+             (("mergequant CUDA", SCHEME_LABEL["w4a8g"]), ("PyTorch fp16 (cuBLAS)", "f16"), "prefill2048_tok_s", 1.2)]
     out = ["| ratio (7B shape) | measured | target |", "|---|---|---|"]
     for a, b, key, target in pairs:
         if a in by and b in by:

@@ -35,14 +35,23 @@ def tiny_mq(tiny_hf_checkpoint, tmp_path_factory):
     return convert(ck.path, tmp_path_factory.mktemp("tiny_cuda") / "tiny-f16.mq", progress=False)
 
 
-@pytest.fixture(scope="module", params=["w4a16g", "w4a4d", "w8a8", "outliertune"])
+# the calibrated methods' files: outliertune (w8a8s at q/k/v and gate/up, w8a8 at o_proj and down), qqq g128 and
+# fptq (w4a8g: groups of 128 at K = 256, of 64 at K = 704), qqq per-channel (w4a8, smoothing folded into the norms),
+# mergequant with ffn_down as w4a8 (static W4A4 attention and gate/up, a float-input down in the same block)
+METHOD_FILES = {"outliertune": ("outliertune", {}), "qqq-g128": ("qqq", {"group_size": 128, "smooth_steps": 8}),
+                "qqq": ("qqq", {"smooth_steps": 8}), "fptq": ("fptq", {}),
+                "mergequant-down-a8": ("mergequant", {"down_a8": True})}
+
+
+@pytest.fixture(scope="module", params=["w4a16g", "w4a4d", "w8a8", "w4a8", "w4a8g", *METHOD_FILES])
 def tiny_4bit_mq(request, tiny_hf_checkpoint, tmp_path_factory):
     from mergequant.convert import convert
 
     ck = tiny_hf_checkpoint(hidden_size=256, intermediate_size=704, max_position_embeddings=1024)
     out = tmp_path_factory.mktemp("tiny_cuda") / f"tiny-{request.param}.mq"
-    if request.param == "outliertune":  # w8a8s at q/k/v and gate/up, w8a8 at o_proj and down
-        return convert(ck.path, out, method="outliertune", calib_n=2, calib_len=32, progress=False)
+    if request.param in METHOD_FILES:
+        method, opts = METHOD_FILES[request.param]
+        return convert(ck.path, out, method=method, calib_n=2, calib_len=32, progress=False, **opts)
     return convert(ck.path, out, scheme=request.param, progress=False)
 
 
@@ -71,7 +80,7 @@ def test_tiny_4bit_logits_and_greedy_match_cpu(tiny_4bit_mq):
     cpu = LLM(tiny_4bit_mq, device="cpu")
     rng = np.random.default_rng(1)
     # the dynamic int8-input schemes drift further (docs/numerics.md, "Tolerances between backends")
-    tol = 2e-2 if tiny_4bit_mq.stem.endswith(("w8a8", "outliertune")) else 1e-3
+    tol = 2e-2 if tiny_4bit_mq.stem.endswith(("w8a8", "w4a8", "w4a8g", *METHOD_FILES)) else 1e-3
     for n in (1, 9, 300):
         ids = rng.integers(0, cpu.n_vocab, n).tolist()
         assert _max_rel(np.asarray(cpu.logits(ids)), np.asarray(gpu.logits(ids))) <= tol

@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ffn_down's own channel-split budget (default 0.2: its SwiGLU input carries the most error)")
     m.add_argument("--down-a8", action="store_true",
                    help="mixed precision: ffn_down as w4a8 (per-token int8 inputs, smoothing folded into the up rows) "
-                        "instead of static W4A4; CPU only for now (the CUDA backend has no w4a8 kernels yet)")
+                        "instead of static W4A4")
     m.add_argument("--report", metavar="FILE", default=None,
                    help="write a per-linear error report (JSON): output error from the weights alone, the input "
                         "quantization alone and both, on 4 held-out calibration windows")

@@ -178,8 +178,10 @@ static const std::vector<LinearKernels> & cuda_schemes() {
         cuda_linear_w4a16g_kernels,  // linear-w4a16g.cu
         cuda_linear_w4a4d_kernels,   // linear-w4a4.cu
         cuda_linear_w4a4_kernels,    // linear-w4a4.cu
-        cuda_linear_w8a8_kernels,    // linear-int8.cu (w4a8, w4a8g: no CUDA kernels yet, refused at load)
+        cuda_linear_w8a8_kernels,    // linear-int8.cu
         cuda_linear_w8a8s_kernels,   // linear-int8.cu
+        cuda_linear_w4a8_kernels,    // linear-int8.cu (the int4-weight GEMV/GEMM of linear-w4a8.cu)
+        cuda_linear_w4a8g_kernels,   // linear-int8.cu (likewise)
     };
     return table;
 }

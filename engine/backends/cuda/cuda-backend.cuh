@@ -115,7 +115,8 @@ void cuda_release_linear4(Backend & be, Linear & lin);
 
 // the scheme table's entries, each in linear-<scheme>.cu
 extern const LinearKernels cuda_linear_f16_kernels, cuda_linear_w4a16g_kernels, cuda_linear_w4a4d_kernels,
-    cuda_linear_w4a4_kernels, cuda_linear_w8a8_kernels, cuda_linear_w8a8s_kernels;
+    cuda_linear_w4a4_kernels, cuda_linear_w8a8_kernels, cuda_linear_w8a8s_kernels,
+    cuda_linear_w4a8_kernels, cuda_linear_w4a8g_kernels;
 // the fused op of the static W4A4 MLP (linear-w4a4.cu)
 void cuda_op_linear_codes_swiglu_quant(Backend & be, const Linear & gate_up, const int8_t * a, int32_t m,
                                        const Linear & down, int32_t n_ff, float * gu, int8_t * out);

@@ -4,7 +4,8 @@
 // A 128x128 output tile per block of 8 warps (2 x 4, warp tile 64x32). K advances in chunks of 64 bytes
 // per row (128 int4 or 32 fp16 values) staged in shared memory by cp.async, 4 stages deep, zero-filled
 // past M, N and K; fragments are read with 16-byte shared loads (a quarter-warp reads 128 contiguous
-// bytes: no bank conflicts) and fed to the MMA as mma.cuh describes. Measured where it runs, in bench/kernels/linear.cu.
+// bytes: no bank conflicts) and fed to the MMA as mma.cuh describes. FmtA8W4 (int8 A, int4 B) stages
+// 128 bytes of A per 64 of B (gemm_a8w4_main). Measured where it runs, in bench/kernels/linear.cu.
 #pragma once
 
 #include "mma.cuh"
@@ -21,7 +22,118 @@ enum GemmEpilogue {
 };
 
 constexpr int GEMM_BM = 128, GEMM_BN = 128, GEMM_STAGES = 4;
-constexpr int GEMM_SMEM = GEMM_STAGES * (GEMM_BM + GEMM_BN) * 64;
+// dynamic shared memory of gemm_mma_kernel<Fmt>: the stages of A and B chunks
+template <class Fmt> constexpr int gemm_smem() { return GEMM_STAGES * (GEMM_BM * Fmt::a_bytes + GEMM_BN * 64); }
+constexpr int GEMM_SMEM = GEMM_STAGES * (GEMM_BM + GEMM_BN) * 64;  // every format with 64-byte A chunks
+
+// w4a8g's integer group scales (FmtA8W4G): gscale U8 [N, ng], group k a group (a multiple of 64)
+struct GemmGroups {
+    const uint8_t * gscale = nullptr;
+    int ng = 0, group = 0;
+};
+
+// The main loop of FmtA8W4 / FmtA8W4G (mma.cuh): a stage holds 128 A rows of 128 bytes and 128 B rows of 64 bytes
+// (128 k each). A's 16-byte pieces p of row r are stored at p ^ 4·(r & 1) (a quarter-warp reads rows g and g + 1:
+// their pieces t land in opposite bank halves); B is copied 8 bytes at a time into the thread order of the
+// fragments (piece e of the row's chunk at byte 16e for e < 4, 16(e - 4) + 8 after), so a B fragment is one
+// conflict-free 16-byte read, as for the other formats. Grouped: each 64-k half of a chunk is summed apart and
+// added times gscale[n, k / group] (shifted back first: the products are 16·a·q).
+template <class Fmt>
+__device__ __forceinline__ void gemm_a8w4_main(const uint8_t * __restrict__ A, const uint8_t * __restrict__ B, int M, int N,
+                                               int kb, int m0, int n0, const GemmGroups & gg, uint4 * smem,
+                                               int32_t (&c)[4][4][4]) {
+    constexpr int BM = GEMM_BM, STAGES = GEMM_STAGES;
+    constexpr int A_U4 = BM * 8, STAGE_U4 = A_U4 + GEMM_BN * 4;  // uint4 per stage: A, then B
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int wm = warp >> 2, wn = warp & 3;
+    const int nk = (kb + 63) / 64, ka = 2 * kb;  // chunks; A row bytes
+    const uint8_t * srca[4];
+    const uint8_t * srcb[4];
+    bool oka[4], okb[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int row = (tid + 256 * i) >> 3;  // piece (tid + 256 i) & 7 == tid & 7 of that row
+        oka[i] = m0 + row < M, okb[i] = n0 + row < N;
+        srca[i] = A + (size_t) (oka[i] ? m0 + row : 0) * ka;
+        srcb[i] = B + (size_t) (okb[i] ? n0 + row : 0) * kb;
+    }
+    const int p = tid & 7;
+    auto load = [&](int stage, int kt) {
+        uint4 * sa = smem + stage * STAGE_U4;
+        uint8_t * sb = (uint8_t *) (sa + A_U4);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int row = (tid + 256 * i) >> 3;
+            const int oa = kt * 128 + 16 * p, ob = kt * 64 + 8 * p;
+            const bool a_ok = oka[i] && oa < ka, b_ok = okb[i] && ob < kb;
+            cp_async16(&sa[row * 8 + (p ^ ((row & 1) << 2))], srca[i] + (a_ok ? oa : 0), a_ok ? 16 : 0);
+            cp_async8(sb + row * 64 + (p < 4 ? 16 * p : 16 * (p - 4) + 8), srcb[i] + (b_ok ? ob : 0), b_ok ? 8 : 0);
+        }
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+        if (s < nk) load(s, s);
+        cp_async_commit();
+    }
+    // this thread's output columns n0 + wn·32 + nt·8 + 2t + j (clamped: columns past N are never stored)
+    const uint8_t * gsp[4][2];
+    if constexpr (Fmt::grouped) {
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+            for (int j = 0; j < 2; j++) gsp[nt][j] = gg.gscale + (size_t) min(n0 + wn * 32 + nt * 8 + 2 * t + j, N - 1) * gg.ng;
+    }
+    for (int kt = 0; kt < nk; kt++) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        if (kt + STAGES - 1 < nk) load((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
+        cp_async_commit();
+
+        const uint4 * sa = smem + (kt % STAGES) * STAGE_U4;
+        const uint4 * sb = sa + A_U4;
+        uint4 rb[4];
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) rb[nt] = sb[(wn * 32 + nt * 8 + g) * 4 + t];
+        int32_t gs[4][2];
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            if constexpr (Fmt::grouped) {
+                if (h == 0 || gg.group == 64) {
+                    const int grp = min((kt * 128 + 64 * h) / gg.group, gg.ng - 1);
+#pragma unroll
+                    for (int nt = 0; nt < 4; nt++) gs[nt][0] = gsp[nt][0][grp], gs[nt][1] = gsp[nt][1][grp];
+                }
+            }
+            uint32_t bf[2][4][2];
+#pragma unroll
+            for (int q = 0; q < 2; q++)
+#pragma unroll
+                for (int nt = 0; nt < 4; nt++) Fmt::b_frag(rb[nt], 2 * h + q, bf[q][nt]);
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++) {
+                const int r = wm * 64 + mt * 16 + g, sw = (r & 1) << 2;  // rows r and r + 8: the same parity
+                uint4 ra0[2], ra8[2];
+                ra0[h] = sa[r * 8 + ((4 * h + t) ^ sw)];
+                ra8[h] = sa[(r + 8) * 8 + ((4 * h + t) ^ sw)];
+                int32_t ch[4][4] = {};
+#pragma unroll
+                for (int q = 0; q < 2; q++) {
+                    uint32_t af[4];
+                    Fmt::a_frag(ra0, ra8, 2 * h + q, af);
+#pragma unroll
+                    for (int nt = 0; nt < 4; nt++) Fmt::mma(Fmt::grouped ? ch[nt] : c[mt][nt], af, bf[q][nt]);
+                }
+                if constexpr (Fmt::grouped) {
+#pragma unroll
+                    for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) c[mt][nt][e] += gs[nt][e & 1] * (ch[nt][e] >> 4);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+}
 
 // v = float(acc) · scale[n] (scale == nullptr: float(acc)), the one fp32 multiply of the epilogue, rounded on its
 // own (__fmul_rn: never contracted with the add that may follow into one fma, as on the CPU)
@@ -42,17 +154,14 @@ __device__ __forceinline__ float gemm_value(typename Fmt::acc_t s, const float *
 constexpr int GEMM_LORA_LD = GEMM_BM + 2;  // doubles per staged rank row (+2: rows g and g + 8 in other banks)
 constexpr int GEMM_LORA_MAX_RANK = GEMM_SMEM / (2 * GEMM_LORA_LD * (int) sizeof(double));
 
+// The main loop of the formats with 64-byte A chunks (FmtI4, FmtS4, FmtI8, FmtF16): a stage holds the chunks of
+// 128 A rows and 128 B rows
 template <class Fmt>
-__global__ void __launch_bounds__(256) gemm_mma_kernel(const uint8_t * __restrict__ A, const uint8_t * __restrict__ B,
-                                                       const float * __restrict__ scale, const float * __restrict__ add,
-                                                       const float * __restrict__ row_scale, void * __restrict__ y, int M,
-                                                       int N, int kb, int epilogue, GemmLora lo = GemmLora()) {
+__device__ __forceinline__ void gemm_main(const uint8_t * __restrict__ A, const uint8_t * __restrict__ B, int M, int N,
+                                          int kb, int m0, int n0, uint4 * smem, typename Fmt::acc_t (&c)[4][4][4]) {
     constexpr int BM = GEMM_BM, ROWS = GEMM_BM + GEMM_BN, STAGES = GEMM_STAGES;
-    using acc_t = typename Fmt::acc_t;
-    extern __shared__ uint4 smem[];  // [STAGES][ROWS][4]
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int wm = warp >> 2, wn = warp & 3;
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * GEMM_BN;
     const int nk = (kb + 63) / 64;
 
     // each thread copies 4 of a stage's 1024 16-byte pieces: piece tid + 256 i is row (tid + 256 i) / 4,
@@ -75,7 +184,6 @@ __global__ void __launch_bounds__(256) gemm_mma_kernel(const uint8_t * __restric
         }
     };
 
-    acc_t c[4][4][4] = {};
 #pragma unroll
     for (int s = 0; s < STAGES - 1; s++) {
         if (s < nk) load(s, s);
@@ -110,6 +218,27 @@ __global__ void __launch_bounds__(256) gemm_mma_kernel(const uint8_t * __restric
         }
     }
     cp_async_wait<0>();
+}
+
+template <class Fmt>
+__global__ void __launch_bounds__(256) gemm_mma_kernel(const uint8_t * __restrict__ A, const uint8_t * __restrict__ B,
+                                                       const float * __restrict__ scale, const float * __restrict__ add,
+                                                       const float * __restrict__ row_scale, void * __restrict__ y, int M,
+                                                       int N, int kb, int epilogue, GemmLora lo = GemmLora(),
+                                                       GemmGroups gg = GemmGroups()) {
+    constexpr int BM = GEMM_BM;
+    using acc_t = typename Fmt::acc_t;
+    extern __shared__ uint4 smem[];  // the stages (gemm_smem<Fmt>), then the low-rank rows
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int wm = warp >> 2, wn = warp & 3;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * GEMM_BN;
+
+    acc_t c[4][4][4] = {};
+    if constexpr (Fmt::a_bytes == 128) {
+        gemm_a8w4_main<Fmt>(A, B, M, N, kb, m0, n0, gg, smem, c);
+    } else {
+        gemm_main<Fmt>(A, B, M, N, kb, m0, n0, smem, c);
+    }
 
     // the low-rank rows of this tile: sl[i][r] = l[m0 + r, i], sb[i][c] = b[n0 + c, i] (0 past M, N)
     double * sl = (double *) smem;

@@ -1,14 +1,16 @@
-// Schemes w8a8 and w8a8s on the CUDA backend (docs/numerics.md, "Dynamic int8 activations"): the linear quantizes each token of
-// its fp32 input to int8 codes itself (one block per token: amax, then one fp32 multiply and a rounding per value),
-// runs the exact int32 GEMV/GEMM on INT8 tensor cores over the file's int8 weights (cuda_linear_i8, linear-w4a4.cu,
-// FmtI8 fragments of mma.cuh) with y = (float(acc) * scale[n]) * (amax / qmax) in its epilogue, and, where the file
-// has P.bias, adds it in a second pass in the CPU's order: y = y + (v + bias[n]). The same integers and the same fp32
-// operations in the same order as the CPU backend: bit-identical outputs. w8a8s (static per-channel input, "Static int8
-// activations") quantizes with its steps and shift instead, a step of 1 per token, and runs the same GEMM and bias
-// pass. w4a8 and w4a8g have no CUDA entry yet: the backend refuses them at load, naming itself.
+// Schemes w8a8, w8a8s, w4a8 and w4a8g on the CUDA backend (docs/numerics.md, "Dynamic int8 activations"): the linear
+// quantizes each token of its fp32 input to int8 codes itself (one block per token: amax, then one fp32 multiply and a
+// rounding per value; zeros past K up to w4a8's padded kp), runs the exact int32 GEMV/GEMM on INT8 tensor cores (w8a8:
+// over the file's int8 weights, cuda_linear_i8 of linear-w4a4.cu with the FmtI8 fragments; w4a8, w4a8g: over its
+// packed int4 weights, cuda_linear_w4a8 of linear-w4a8.cu) with y = (float(acc) * scale[n]) * (amax / qmax) in its
+// epilogue, and, where the file has P.bias, adds it in a second pass in the CPU's order: y = y + (v + bias[n]). The
+// same integers and the same fp32 operations in the same order as the CPU backend: bit-identical outputs. w8a8s
+// (static per-channel input, "Static int8 activations") quantizes with its steps and shift instead, a step of 1 per
+// token, and runs w8a8's GEMM and bias pass.
 #include "cuda-backend.cuh"
 #include "cuda-common.cuh"
 #include "linear-w4a4.cuh"
+#include "linear-w4a8.cuh"
 
 #include <string>
 
@@ -17,7 +19,8 @@ namespace mq {
 namespace {
 
 struct CudaLinearI8 {
-    int8_t * qweight = nullptr;  // [n, k]
+    void * qweight = nullptr;    // w8a8, w8a8s: I8 [n, k]; w4a8, w4a8g: packed int4 U8 [n, kp/2]
+    uint8_t * gscale = nullptr;  // w4a8g: [n, kp / group]
     float * scale = nullptr;     // [n]
     float * bias = nullptr;      // [n] or nullptr
     float * in_scale = nullptr;  // w8a8s: [k], the static steps' inverses
@@ -97,8 +100,12 @@ void prepare_i8(Backend & be, Linear & lin) {
     if (lin.scheme == "w8a8s" && (!lin.in_scale || !lin.shift || !lin.bias)) {
         throw Error("linear '" + lin.name + "': w8a8s needs in_scale, shift and bias");
     }
+    if (lin.scheme == "w4a8g" && (!lin.gscale || lin.group <= 0)) {
+        throw Error("linear '" + lin.name + "': w4a8g needs gscale and its group");
+    }
     CudaLinearI8 * p = new CudaLinearI8();
-    p->qweight = (int8_t *) b.copy_tensor(lin.qweight);
+    p->qweight = b.copy_tensor(lin.qweight);
+    p->gscale = (uint8_t *) b.copy_tensor(lin.gscale);  // w4a8g only
     p->scale = (float *) b.copy_tensor(lin.scale);
     p->bias = (float *) b.copy_tensor(lin.bias);
     p->in_scale = (float *) b.copy_tensor(lin.in_scale);  // w8a8s only (null for w8a8)
@@ -109,19 +116,29 @@ void prepare_i8(Backend & be, Linear & lin) {
 void release_i8(Backend & be, Linear & lin) {
     CudaLinearI8 * p = (CudaLinearI8 *) lin.prepared;
     if (!p) return;
-    for (void * d : {(void *) p->qweight, (void *) p->scale, (void *) p->bias, (void *) p->in_scale, (void *) p->shift}) {
+    for (void * d : {p->qweight, (void *) p->gscale, (void *) p->scale, (void *) p->bias, (void *) p->in_scale, (void *) p->shift}) {
         if (d) be.free(d);
     }
     delete p;
     lin.prepared = nullptr;
 }
 
-// both schemes: quantize x (per token for w8a8, static per channel for w8a8s), the int8 GEMV/GEMM, the bias pass
+// the int8 GEMV/GEMM of the scheme: int8 weights (w8a8, w8a8s) or packed int4 ones (w4a8, w4a8g)
+void gemm_i8(const Linear & lin, const CudaLinearI8 & p, const float * step, const int8_t * codes, int32_t m, float * y,
+             bool accumulate, cudaStream_t st) {
+    if (lin.scheme == "w4a8" || lin.scheme == "w4a8g") {
+        cuda_linear_w4a8(p.qweight, p.gscale, lin.group, p.scale, step, lin.n, lin.kp, codes, m, y, accumulate, st);
+    } else {
+        cuda_linear_i8(p.qweight, p.scale, step, lin.n, lin.k, codes, m, y, accumulate, st);
+    }
+}
+
+// every scheme: quantize x (per token; w8a8s: static per channel) into codes of kp per row, the GEMV/GEMM, the bias
 void run_i8(Backend & be, const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) {
     BackendCuda & b = cuda_of(be);
     const CudaLinearI8 & p = *(const CudaLinearI8 *) lin.prepared;
     if (m <= 0) return;
-    const size_t codes_bytes = ((size_t) m * lin.k + 255) / 256 * 256, step_bytes = ((size_t) m * 4 + 255) / 256 * 256;
+    const size_t codes_bytes = ((size_t) m * lin.kp + 255) / 256 * 256, step_bytes = ((size_t) m * 4 + 255) / 256 * 256;
     const size_t tmp_bytes = p.bias ? (size_t) m * lin.n * sizeof(float) : 0;
     uint8_t * buf = (uint8_t *) b.scratch_for(codes_bytes + step_bytes + tmp_bytes);
     int8_t * codes = (int8_t *) buf;
@@ -129,17 +146,17 @@ void run_i8(Backend & be, const Linear & lin, const float * x, int32_t m, float 
     if (p.shift) {
         launch_pdl(quantize_static_i8_kernel, dim3((unsigned) m), dim3(Q8_THREADS), 0, b.stream(),
                    "quantize_static_i8_kernel", x, (const float *) p.shift, (const float *) p.in_scale, (int) lin.k,
-                   (int) lin.k, (int) lin.qmax, codes, step);
+                   (int) lin.kp, (int) lin.qmax, codes, step);
     } else {
         launch_pdl(quantize_i8_kernel, dim3((unsigned) m), dim3(Q8_THREADS), 0, b.stream(), "quantize_i8_kernel", x,
-                   (int) lin.k, (int) lin.k, (int) lin.qmax, codes, step);
+                   (int) lin.k, (int) lin.kp, (int) lin.qmax, codes, step);
     }
     if (!p.bias) {
-        cuda_linear_i8(p.qweight, p.scale, step, lin.n, lin.k, codes, m, y, accumulate, b.stream());
+        gemm_i8(lin, p, step, codes, m, y, accumulate, b.stream());
         return;
     }
     float * tmp = (float *) (buf + codes_bytes + step_bytes);
-    cuda_linear_i8(p.qweight, p.scale, step, lin.n, lin.k, codes, m, tmp, false, b.stream());
+    gemm_i8(lin, p, step, codes, m, tmp, false, b.stream());
     const int total = (int) (m * lin.n);
     launch_pdl(bias_epilogue_kernel, dim3((unsigned) ceil_div(total, 256)), dim3(256), 0, b.stream(),
                "bias_epilogue_kernel", (const float *) tmp, (const float *) p.bias, (int) lin.n, total,
@@ -151,5 +168,8 @@ void run_i8(Backend & be, const Linear & lin, const float * x, int32_t m, float 
 // K a multiple of 16: every row of codes and weights starts on a 16-byte boundary (the kernels' load unit)
 const LinearKernels cuda_linear_w8a8_kernels = {"w8a8", 16, 0, prepare_i8, release_i8, run_i8, nullptr, nullptr};
 const LinearKernels cuda_linear_w8a8s_kernels = {"w8a8s", 16, 0, prepare_i8, release_i8, run_i8, nullptr, nullptr};
+// kp and the group are multiples of 64 in every w4a8 / w4a8g file: no limits beyond the format's
+const LinearKernels cuda_linear_w4a8_kernels = {"w4a8", 0, 0, prepare_i8, release_i8, run_i8, nullptr, nullptr};
+const LinearKernels cuda_linear_w4a8g_kernels = {"w4a8g", 0, 0, prepare_i8, release_i8, run_i8, nullptr, nullptr};
 
 }  // namespace mq

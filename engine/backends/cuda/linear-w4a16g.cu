@@ -41,12 +41,6 @@ static __global__ void w4a16g_prep_x_kernel(const float * __restrict__ x, int64_
     }
 }
 
-__device__ __forceinline__ uint2 ld_stream8(const void * p) {
-    uint2 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
-    return v;
-}
-
 // nibbles e and e + 4 of a code word (already xor 0x88888888: offset binary) -> half2 (q_e, q_{e+4})
 __device__ __forceinline__ uint32_t codes_half2(uint32_t wq, int e) {
     const uint32_t h = ((wq >> (4 * e)) & 0x000F000Fu) | 0x64006400u;

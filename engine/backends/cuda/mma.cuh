@@ -27,8 +27,17 @@
 //   FmtF16 (fp16, 32 k per chunk): mma.m16n8k16 .f16 -> .f32 (PTX 9.7.14.5.8): A regs hold (row g, k 2t,
 //     2t+1), (row g+8, k 2t..), (row g, k 8+2t..), (row g+8, k 8+2t..); B regs (k 2t.., col g),
 //     (k 8+2t.., col g). Step s (0, 1) gives w[2s] to the "2t.." registers and w[2s+1] to the "8+2t.." ones.
+//   FmtA8W4 (int8 activation codes, int4 weights: w4a8, w4a8g; 128 k per chunk = 128 bytes of an A row, 64 of a
+//     B row; INT8 tensor cores): mma.m16n8k32 .s8 as FmtI4, but a thread holds k 16t..16t+15 and 64+16t..64+16t+15
+//     of the chunk, so that steps 0, 1 sum over the chunk's first 64 k only and steps 2, 3 over the second (a group
+//     of 64 k ends on a step). Of A it holds the 16-byte pieces at bytes 16t and 64+16t (r[0], r[1]), of B the
+//     8-byte pieces at bytes 8t and 32+8t side by side in one uint4 (words 0, 1 from 8t; 2, 3 from 32+8t). Step s
+//     (0..3) splits B word w[s] (k = 64(s/2) + 16t + 8(s%2) .. +7) as FmtI4 does (lo: 16·q of the even k -> b0,
+//     hi: of the odd k -> b1) and sorts A's 8 bytes of the same k (words 2(s%2), 2(s%2)+1 of r[s/2]) with
+//     byte_perm into the even k (a0 row g, a1 row g+8) and the odd k (a2, a3). Each product is 16·a·q: the int32
+//     sum is 16 times the true one (|16·a·q| <= 16256, no overflow for K <= 131072), so acc >> 4 is exact.
 //
-// The accumulator fragment is the same for both: c0, c1 = (row g, col 2t, 2t+1), c2, c3 = (row g+8, ...).
+// The accumulator fragment is the same for all: c0, c1 = (row g, col 2t, 2t+1), c2, c3 = (row g+8, ...).
 #pragma once
 
 #include <cstdint>
@@ -44,6 +53,7 @@ struct FmtI4 {
     static constexpr int k_per_chunk = 128;
     static constexpr int steps = 4;
     static constexpr int shift = 8;  // acc = 256 · sum
+    static constexpr int a_bytes = 64;  // bytes of an A row per chunk (as of a B row)
     __device__ __forceinline__ static uint32_t lo(uint32_t w) { return (w << 4) & 0xF0F0F0F0u; }
     __device__ __forceinline__ static uint32_t hi(uint32_t w) { return w & 0xF0F0F0F0u; }
     __device__ __forceinline__ static void a_frag(const uint4 & r0, const uint4 & r8, int s, uint32_t a[4]) {
@@ -78,6 +88,7 @@ struct FmtS4 : FragWordPairs {
     static constexpr int k_per_chunk = 128;
     static constexpr int steps = 2;
     static constexpr int shift = 0;
+    static constexpr int a_bytes = 64;
     __device__ __forceinline__ static void mma(int32_t c[4], const uint32_t a[4], const uint32_t b[2]) {
         asm volatile("mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                      "{%0,%1,%2,%3};\n"
@@ -94,9 +105,40 @@ struct FmtI8 : FragWordPairs {
     static constexpr int k_per_chunk = 64;
     static constexpr int steps = 2;
     static constexpr int shift = 0;
+    static constexpr int a_bytes = 64;
     __device__ __forceinline__ static void mma(int32_t c[4], const uint32_t a[4], const uint32_t b[2]) {
         FmtI4::mma(c, a, b);
     }
+};
+
+struct FmtA8W4 {
+    using acc_t = int32_t;
+    static constexpr int k_per_chunk = 128;
+    static constexpr int steps = 4;
+    static constexpr int shift = 4;  // acc = 16 · sum
+    static constexpr int a_bytes = 128;
+    static constexpr bool grouped = false;
+    __device__ __forceinline__ static void a_frag(const uint4 (&r0)[2], const uint4 (&r8)[2], int s, uint32_t a[4]) {
+        const uint4 & p0 = r0[s >> 1];
+        const uint4 & p8 = r8[s >> 1];
+        const uint32_t x0 = (s & 1) ? p0.z : p0.x, y0 = (s & 1) ? p0.w : p0.y;
+        const uint32_t x8 = (s & 1) ? p8.z : p8.x, y8 = (s & 1) ? p8.w : p8.y;
+        a[0] = __byte_perm(x0, y0, 0x6420), a[1] = __byte_perm(x8, y8, 0x6420);
+        a[2] = __byte_perm(x0, y0, 0x7531), a[3] = __byte_perm(x8, y8, 0x7531);
+    }
+    __device__ __forceinline__ static void b_frag(const uint4 & r, int s, uint32_t b[2]) {
+        const uint32_t w = mma_word(r, s);
+        b[0] = FmtI4::lo(w), b[1] = FmtI4::hi(w);
+    }
+    __device__ __forceinline__ static void mma(int32_t c[4], const uint32_t a[4], const uint32_t b[2]) {
+        FmtI4::mma(c, a, b);
+    }
+};
+// w4a8g: the same fragments; the kernels sum each 64 k (two steps) apart, shift that sum back (>> 4) and add it
+// times the group scale of its column, gscale[n, k / group]: acc is then the true sum (shift 0)
+struct FmtA8W4G : FmtA8W4 {
+    static constexpr int shift = 0;
+    static constexpr bool grouped = true;
 };
 
 struct FmtF16 : FragWordPairs {
@@ -104,6 +146,7 @@ struct FmtF16 : FragWordPairs {
     static constexpr int k_per_chunk = 32;
     static constexpr int steps = 2;
     static constexpr int shift = 0;
+    static constexpr int a_bytes = 64;
     __device__ __forceinline__ static void mma(float c[4], const uint32_t a[4], const uint32_t b[2]) {
         asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                      "{%0,%1,%2,%3};\n"
@@ -122,6 +165,11 @@ __device__ __forceinline__ uint4 ld_stream(const void * p) {
                  : "l"(p));
     return v;
 }
+__device__ __forceinline__ uint2 ld_stream8(const void * p) {
+    uint2 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
 // activations are re-read by every block: cached in L1
 __device__ __forceinline__ uint4 ld_cached(const void * p) {
     uint4 v;
@@ -133,6 +181,11 @@ __device__ __forceinline__ uint4 ld_cached(const void * p) {
 __device__ __forceinline__ void cp_async16(void * smem, const void * gmem, int src_bytes) {
     const uint32_t s = (uint32_t) __cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+// 8 bytes global -> shared (through L1: .cg takes 16 bytes only); src_bytes = 0 writes zeros
+__device__ __forceinline__ void cp_async8(void * smem, const void * gmem, int src_bytes) {
+    const uint32_t s = (uint32_t) __cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }

@@ -373,14 +373,16 @@ static void test_linear_4bit(Backend & cpu, Backend & gpu) {
     }
 }
 
-// One int8 linear (lc on the CPU, lg on the GPU, the same tensors) compared bit for bit at GEMV and GEMM sizes,
-// both accumulate modes, inputs N(0, x_sd) with channel 7 times `outlier` and an all-zero token where m > 2; a K
-// the CUDA kernels do not take (K % 16 != 0) must be refused at prepare, naming the backend. Releases both.
+// One int8-input linear (lc on the CPU, lg on the GPU, the same tensors) compared bit for bit at GEMV and GEMM
+// sizes, both accumulate modes, inputs N(0, x_sd) with channel 7 times `outlier` and an all-zero token where m > 2;
+// int8 weights with a K the CUDA kernels do not take (K % 16 != 0) must be refused at prepare, naming the backend
+// (the int4-weight schemes pad K to kp in the file: every K is taken). Releases both.
 static void compare_int8_linear(Backend & cpu, Backend & gpu, Linear & lc, Linear & lg, const std::string & shape,
                                 std::mt19937 & rng, float x_sd, float outlier) {
     const int64_t N = lc.n, K = lc.k;
     const std::string what = "linear " + lc.scheme + " " + shape;
-    if (K % 16 != 0) {
+    const bool int4_weights = lc.scheme == "w4a8" || lc.scheme == "w4a8g";
+    if (K % 16 != 0 && !int4_weights) {
         bool refused = false;
         try {
             gpu.prepare_linear(lg);
@@ -477,6 +479,50 @@ static void test_linear_w8a8s(Backend & cpu, Backend & gpu) {
         }
         const std::string shape = "N=" + std::to_string(N) + " K=" + std::to_string(K) + " bits=" + std::to_string(cs.bits);
         compare_int8_linear(cpu, gpu, lc, lg, shape, rng, 0.05f, 1000.0f);
+    }
+}
+
+// Schemes w4a8 (per-channel int4 weights, K padded to kp) and w4a8g (int4 codes times integer group scales of 64
+// or 128 k): per-token int8 inputs, GEMV and GEMM sizes, both accumulate modes, N and K off the tiles (a last half
+// chunk of 32 bytes, N not a multiple of 16), with and without a bias: the same codes, the exact int32 sum and the
+// same fp32 epilogue give bit-identical outputs. Codes span [-8, 7] and group scales [1, 16] (the extremes included).
+static void test_linear_w4a8(Backend & cpu, Backend & gpu) {
+    printf("linear w4a8 / w4a8g, CPU vs CUDA:\n");
+    std::mt19937 rng(8484);
+    struct Case {
+        int n, k, group;  // group 0: w4a8
+        bool bias;
+    };
+    for (const Case & cs : {Case{960, 576, 0, false}, Case{200, 1000, 0, true}, Case{4096, 4096, 0, false},
+                            Case{130, 11008, 0, true}, Case{960, 576, 64, false}, Case{576, 1536, 128, true},
+                            Case{4096, 4096, 128, false}, Case{200, 1216, 64, true}, Case{130, 11008, 128, false}}) {
+        const int N = cs.n, K = cs.k, kp = (K + 63) / 64 * 64, ng = cs.group ? K / cs.group : 0;
+        std::vector<uint8_t> q((size_t) N * kp / 2);
+        for (int r = 0; r < N; r++)
+            for (int i = 0; i < kp; i++) {  // w4a8: code 0 past K
+                const int c = i < K ? (int) (rng() % 16) - 8 : 0;
+                uint8_t & b = q[(size_t) r * kp / 2 + i / 2];
+                b = (uint8_t) (i % 2 ? (b & 0x0F) | ((c & 15) << 4) : (c & 15));
+            }
+        std::vector<uint8_t> gs((size_t) N * std::max(ng, 1));
+        for (auto & v : gs) v = (uint8_t) (1 + rng() % 16);
+        std::vector<float> s32(N), b32(N);
+        for (auto & f : s32) f = std::uniform_real_distribution<float>(1e-3f, 2e-2f)(rng);
+        for (auto & f : b32) f = std::uniform_real_distribution<float>(-0.5f, 0.5f)(rng);
+        TensorView tq, tg, ts, tb;
+        tq.name = "test.qweight", tq.dtype = DTYPE_U8, tq.shape = {N, kp / 2}, tq.data = q.data(), tq.nbytes = q.size();
+        tg.name = "test.gscale", tg.dtype = DTYPE_U8, tg.shape = {N, ng}, tg.data = gs.data(), tg.nbytes = (size_t) N * ng;
+        ts.name = "test.scale", ts.dtype = DTYPE_F32, ts.shape = {N}, ts.data = (const uint8_t *) s32.data(), ts.nbytes = N * 4;
+        tb.name = "test.bias", tb.dtype = DTYPE_F32, tb.shape = {N}, tb.data = (const uint8_t *) b32.data(), tb.nbytes = N * 4;
+        Linear lc, lg;
+        for (Linear * l : {&lc, &lg}) {
+            l->name = "test", l->scheme = cs.group ? "w4a8g" : "w4a8", l->n = N, l->k = K, l->kp = kp, l->qmax = 127;
+            l->group = cs.group, l->qweight = &tq, l->scale = &ts, l->gscale = cs.group ? &tg : nullptr;
+            l->bias = cs.bias ? &tb : nullptr;
+        }
+        const std::string shape = "N=" + std::to_string(N) + " K=" + std::to_string(K) +
+                                  (cs.group ? " g=" + std::to_string(cs.group) : "") + (cs.bias ? " bias" : "");
+        compare_int8_linear(cpu, gpu, lc, lg, shape, rng, 2.0f, 40.0f);
     }
 }
 
@@ -908,6 +954,7 @@ int main(int argc, char ** argv) {
         test_linear_4bit(*cpu, *gpu);
         test_linear_w8a8(*cpu, *gpu);
         test_linear_w8a8s(*cpu, *gpu);
+        test_linear_w4a8(*cpu, *gpu);
         test_linear_w4a4();
         test_sampling(*gpu);
         for (int i = 1; i < argc; i++) test_model(argv[i]);

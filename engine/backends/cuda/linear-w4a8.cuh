@@ -1,0 +1,13 @@
+#pragma once
+#include <cuda_runtime.h>
+#include <cstdint>
+namespace mq {
+// y[m, n] (+)= (float(acc[m, n]) * scale[n]) * row_scale[m], acc = Σ_k a[m, k] · w[n, k] exact in int32
+// (docs/numerics.md, "Dynamic int8 activations"), for int8 codes a [m, kp] (zeros past K) and the packed int4
+// weights qweight [n, kp/2] of the model file: w = q (scheme w4a8, gscale == nullptr) or w = q · gscale[n, k /
+// group] (w4a8g: gscale U8 [n, kp / group], group a multiple of 64). kp a positive multiple of 64, at most
+// 131072. GEMV for m <= 16, the tiled GEMM of gemm-mma.cuh (FmtA8W4 / FmtA8W4G of mma.cuh) above.
+void cuda_linear_w4a8(const void * qweight, const uint8_t * gscale, int64_t group, const float * scale,
+                      const float * row_scale, int64_t n, int64_t kp, const int8_t * a, int32_t m, float * y,
+                      bool accumulate, cudaStream_t st);
+}
