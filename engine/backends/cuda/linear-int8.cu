@@ -138,6 +138,12 @@ void run_i8(Backend & be, const Linear & lin, const float * x, int32_t m, float 
     BackendCuda & b = cuda_of(be);
     const CudaLinearI8 & p = *(const CudaLinearI8 *) lin.prepared;
     if (m <= 0) return;
+    const bool int4_weights = lin.scheme == "w4a8" || lin.scheme == "w4a8g";
+    if (int4_weights && cuda_linear_w4a8_takes_floats(p.gscale, lin.group, lin.kp, m)) {  // decode: one launch
+        cuda_linear_w4a8_floats(p.qweight, p.gscale, lin.group, p.scale, p.bias, lin.n, lin.k, lin.kp, lin.qmax, x, m, y,
+                                accumulate, b.stream());
+        return;
+    }
     const size_t codes_bytes = ((size_t) m * lin.kp + 255) / 256 * 256, step_bytes = ((size_t) m * 4 + 255) / 256 * 256;
     const size_t tmp_bytes = p.bias ? (size_t) m * lin.n * sizeof(float) : 0;
     uint8_t * buf = (uint8_t *) b.scratch_for(codes_bytes + step_bytes + tmp_bytes);

@@ -22,33 +22,43 @@ namespace mq {
 namespace {
 
 constexpr int A8_WARPS = 8, A8_NT = 2, A8_U = 2, A8_MAX_M = 16;
+constexpr int A8_THREADS = A8_WARPS * 32;
 
-// HI8: M > 8 (else the A rows g + 8 are never written: row g's registers stand in)
-template <class Fmt, bool HI8>
-__global__ void __launch_bounds__(256, 3) gemv_w4a8_kernel(const int8_t * __restrict__ a, const uint8_t * __restrict__ w,
-                                                           const uint8_t * __restrict__ gscale, int ng, int group,
-                                                           const float * __restrict__ scale,
-                                                           const float * __restrict__ row_scale, float * __restrict__ y,
-                                                           int M, int N, int kb, int accumulate, int prefetch) {
+// 16 bytes of activation codes: from global memory through L1 (codes made by a kernel before) or from this block's
+// shared memory (codes it made itself)
+template <bool SMEM> __device__ __forceinline__ uint4 ld_codes(const uint8_t * p) {
+    if constexpr (SMEM) {
+        return *(const uint4 *) p;
+    } else {
+        return ld_cached(p);
+    }
+}
+
+// QUANT: x is the fp32 input [M, K] and every block quantizes it itself into shared memory (docs/numerics.md: amax,
+// inv = qmax / amax, a = clamp(rint(x · inv)), step = amax / qmax, the same fp32 operations as quantize_i8_kernel of
+// linear-int8.cu; zeros from K to kp): no quantization launch before the GEMV. Else a holds int8 codes [M, kp] and
+// row_scale their steps. HI8: M > 8 (else the A rows g + 8 are never written: row g's registers stand in).
+// Dynamic shared memory: the codes (QUANT: M·kp bytes), then the block's 16 rows of group scales (grouped: 16·ng).
+// bias (or nullptr) is added last, as the CPU does: y = v + bias[n], accumulate y = y + (v + bias[n]).
+template <class Fmt, bool HI8, bool QUANT>
+__global__ void __launch_bounds__(A8_THREADS, 3) gemv_w4a8_kernel(const void * __restrict__ a, int K, int qmax,
+                                                                  const uint8_t * __restrict__ w,
+                                                                  const uint8_t * __restrict__ gscale, int ng, int group,
+                                                                  const float * __restrict__ scale,
+                                                                  const float * __restrict__ row_scale,
+                                                                  const float * __restrict__ bias, float * __restrict__ y,
+                                                                  int M, int N, int kb, int accumulate, int prefetch) {
     pdl_trigger();
     constexpr int NT = A8_NT, U = A8_U;
+    extern __shared__ uint4 a8_smem[];
+    uint8_t * codes_s = (uint8_t *) a8_smem;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int bx = blockIdx.x;
-    const size_t ka = 2 * (size_t) kb;  // bytes of an activation row (one code a byte)
-    // rows past M or N are read from a valid row and only feed outputs that are never written
-    const uint8_t * ap0 = (const uint8_t *) a + (size_t) min(g, M - 1) * ka;
-    const uint8_t * ap8 = (const uint8_t *) a + (size_t) min(g + 8, M - 1) * ka;
+    const int ka = 2 * kb;  // kp: bytes of an activation row (one code a byte)
+    uint8_t * gs_s = codes_s + (QUANT ? (M * ka + 15) / 16 * 16 : 0);
     const uint8_t * wp[NT];
 #pragma unroll
     for (int i = 0; i < NT; i++) wp[i] = w + (size_t) min((bx * NT + i) * 8 + g, N - 1) * kb;
-    // w4a8g: the group scales of this thread's accumulator columns (bx·NT + i)·8 + 2t + j
-    const uint8_t * gsp[NT][2];
-    if constexpr (Fmt::grouped) {
-#pragma unroll
-        for (int i = 0; i < NT; i++)
-#pragma unroll
-            for (int j = 0; j < 2; j++) gsp[i][j] = gscale + (size_t) min((bx * NT + i) * 8 + 2 * t + j, N - 1) * ng;
-    }
     if (prefetch) {  // the first batch's weight lines (8·NT rows x up to A8_WARPS·U·64 bytes)
         constexpr int LINES = A8_WARPS * U * 64 / 128;
         for (int q = threadIdx.x; q < NT * 8 * LINES; q += blockDim.x) {
@@ -56,7 +66,53 @@ __global__ void __launch_bounds__(256, 3) gemv_w4a8_kernel(const int8_t * __rest
             if (o < kb) prefetch_l2(w + (size_t) min(bx * NT * 8 + r, N - 1) * kb + o);
         }
     }
-    pdl_wait();  // the codes and y are written by earlier kernels
+    if constexpr (Fmt::grouped) {  // the block's group scales (weights: no need to wait for the kernel before)
+        for (int q = threadIdx.x; q < 8 * NT * ng; q += blockDim.x) {
+            gs_s[q] = gscale[(size_t) min(bx * NT * 8 + q / ng, N - 1) * ng + q % ng];
+        }
+    }
+    pdl_wait();  // the activations and y are written by earlier kernels
+    if constexpr (Fmt::grouped && !QUANT) __syncthreads();  // the group scales are in (QUANT: its barriers do it)
+
+    __shared__ float step_s[A8_MAX_M];
+    if constexpr (QUANT) {
+        __shared__ float part[A8_WARPS];
+        const float * x = (const float *) a;
+        for (int r = 0; r < M; r++) {
+            const float * xr = x + (size_t) r * K;
+            float mx = 0.0f;
+            for (int i = threadIdx.x; i < K; i += blockDim.x) mx = fmaxf(mx, fabsf(xr[i]));
+            for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+            if (lane == 0) part[warp] = mx;
+            __syncthreads();
+            float amax = 0.0f;
+#pragma unroll
+            for (int v = 0; v < A8_WARPS; v++) amax = fmaxf(amax, part[v]);
+            uint8_t * out = codes_s + (size_t) r * ka;
+            if (amax > 0.0f) {
+                const float inv = __fdiv_rn((float) qmax, amax);
+                for (int i = threadIdx.x; i < ka; i += blockDim.x) {
+                    out[i] = (uint8_t) (i < K ? (int8_t) round_clamp(__fmul_rn(xr[i], inv), -qmax, qmax) : (int8_t) 0);
+                }
+            } else {
+                for (int i = threadIdx.x; i < ka; i += blockDim.x) out[i] = 0;
+            }
+            if (threadIdx.x == 0) step_s[r] = amax > 0.0f ? __fdiv_rn(amax, (float) qmax) : 0.0f;
+            __syncthreads();  // part is reused; the codes and steps are complete
+        }
+    }
+    // rows past M or N are read from a valid row and only feed outputs that are never written
+    const uint8_t * abase = QUANT ? (const uint8_t *) codes_s : (const uint8_t *) a;
+    const uint8_t * ap0 = abase + (size_t) min(g, M - 1) * ka;
+    const uint8_t * ap8 = abase + (size_t) min(g + 8, M - 1) * ka;
+    // w4a8g: the group scales of this thread's accumulator columns (bx·NT + i)·8 + 2t + j, in shared memory
+    const uint8_t * gsp[NT][2];
+    if constexpr (Fmt::grouped) {
+#pragma unroll
+        for (int i = 0; i < NT; i++)
+#pragma unroll
+            for (int j = 0; j < 2; j++) gsp[i][j] = gs_s + (i * 8 + 2 * t + j) * ng;
+    }
 
     int32_t c[NT][4] = {};
     const int nchunk = (kb + 63) / 64;
@@ -65,13 +121,13 @@ __global__ void __launch_bounds__(256, 3) gemv_w4a8_kernel(const int8_t * __rest
         uint4 ra0[U][2], ra8[U][2], rb[U][NT];
 #pragma unroll
         for (int u = 0; u < U; u++) {  // the batch's loads first (clamped offsets, no branches)
-            const int o = (c0 + u * A8_WARPS) * 64;           // the chunk's first byte in a weight row
+            const int o = (c0 + u * A8_WARPS) * 64;                    // the chunk's first byte in a weight row
             const int o0 = min(o, kb - 32), o1 = min(o + 32, kb - 32);  // its two halves (kb % 32 == 0)
-            ra0[u][0] = ld_cached(ap0 + 2 * o0 + 16 * t);
-            ra0[u][1] = ld_cached(ap0 + 2 * o1 + 16 * t);
+            ra0[u][0] = ld_codes<QUANT>(ap0 + 2 * o0 + 16 * t);
+            ra0[u][1] = ld_codes<QUANT>(ap0 + 2 * o1 + 16 * t);
             if constexpr (HI8) {
-                ra8[u][0] = ld_cached(ap8 + 2 * o0 + 16 * t);
-                ra8[u][1] = ld_cached(ap8 + 2 * o1 + 16 * t);
+                ra8[u][0] = ld_codes<QUANT>(ap8 + 2 * o0 + 16 * t);
+                ra8[u][1] = ld_codes<QUANT>(ap8 + 2 * o1 + 16 * t);
             }
 #pragma unroll
             for (int i = 0; i < NT; i++) {
@@ -124,30 +180,38 @@ __global__ void __launch_bounds__(256, 3) gemv_w4a8_kernel(const int8_t * __rest
     const int p = threadIdx.x;
     if (p < NT * 64) {
         const int i = p >> 6, l = (p >> 1) & 31, h = p & 1;
-        const int m = (l >> 2) + 8 * h, n = (bx * NT + i) * 8 + 2 * (l & 3);
-        if (m < M && n < N) {
-            float * yo = y + (size_t) m * N + n;
-            const float rs = row_scale[m];
-            // (float(acc) * scale[n]) * step[m], each product rounded on its own (__fmul_rn), as the CPU backend
-            const float v0 = __fmul_rn(gemm_value<Fmt>(splitk_sum<int32_t, A8_WARPS, NT>(red, i, 2 * h, l), scale, n), rs);
-            if (accumulate) yo[0] += v0; else yo[0] = v0;
-            if (n + 1 < N) {
-                const float v1 =
-                    __fmul_rn(gemm_value<Fmt>(splitk_sum<int32_t, A8_WARPS, NT>(red, i, 2 * h + 1, l), scale, n + 1), rs);
-                if (accumulate) yo[1] += v1; else yo[1] = v1;
+        const int m = (l >> 2) + 8 * h, n0 = (bx * NT + i) * 8 + 2 * (l & 3);
+        if (m < M) {
+            const float rs = QUANT ? step_s[m] : row_scale[m];
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                const int n = n0 + j;
+                if (n >= N) break;
+                // (float(acc) * scale[n]) * step[m] (+ bias[n]), each operation rounded on its own, as the CPU backend
+                float v = __fmul_rn(gemm_value<Fmt>(splitk_sum<int32_t, A8_WARPS, NT>(red, i, 2 * h + j, l), scale, n), rs);
+                if (bias) v = __fadd_rn(v, bias[n]);
+                float * yo = y + (size_t) m * N + n;
+                *yo = accumulate ? __fadd_rn(*yo, v) : v;
             }
         }
     }
 }
 
+// the GEMV's dynamic shared memory: the codes it makes (QUANT) and its rows of group scales
+size_t gemv_smem(bool quant, int32_t m, int64_t kp, int ng) {
+    return (quant ? ((size_t) m * kp + 15) / 16 * 16 : 0) + (size_t) 16 * ng;
+}
+
 template <class Fmt>
 void launch_w4a8(const void * qweight, const uint8_t * gscale, int ng, int group, const float * scale,
-                 const float * row_scale, int64_t n, int kb, const int8_t * a, int32_t m, float * y, bool accumulate,
-                 cudaStream_t st) {
+                 const float * row_scale, const float * bias, int64_t n, int kb, const void * a, bool quant, int k,
+                 int qmax, int32_t m, float * y, bool accumulate, cudaStream_t st) {
     if (m <= A8_MAX_M) {
-        const auto f = m > 8 ? gemv_w4a8_kernel<Fmt, true> : gemv_w4a8_kernel<Fmt, false>;
-        launch_pdl(f, dim3((unsigned) ceil_div(n, 8 * A8_NT)), dim3(256), 0, st, "gemv_w4a8_kernel", a,
-                   (const uint8_t *) qweight, gscale, ng, group, scale, row_scale, y, (int) m, (int) n, kb,
+        const size_t smem = gemv_smem(quant, m, 2 * (int64_t) kb, ng);
+        const auto f = quant ? gemv_w4a8_kernel<Fmt, false, true>
+                             : m > 8 ? gemv_w4a8_kernel<Fmt, true, false> : gemv_w4a8_kernel<Fmt, false, false>;
+        launch_pdl(f, dim3((unsigned) ceil_div(n, 8 * A8_NT)), dim3(A8_THREADS), smem, st, "gemv_w4a8_kernel", a, k, qmax,
+                   (const uint8_t *) qweight, gscale, ng, group, scale, row_scale, bias, y, (int) m, (int) n, kb,
                    accumulate ? 1 : 0, cuda_pdl_mode() == 2 ? 1 : 0);
         return;
     }
@@ -165,23 +229,43 @@ void launch_w4a8(const void * qweight, const uint8_t * gscale, int ng, int group
     cuda_check_launch("gemm_mma_kernel<w4a8>");
 }
 
-}  // namespace
-
-void cuda_linear_w4a8(const void * qweight, const uint8_t * gscale, int64_t group, const float * scale,
-                      const float * row_scale, int64_t n, int64_t kp, const int8_t * a, int32_t m, float * y,
-                      bool accumulate, cudaStream_t st) {
+void check_w4a8(const uint8_t * gscale, int64_t group, int64_t n, int64_t kp) {
     if (kp % 64 != 0 || kp <= 0 || kp > 131072 || n <= 0 || (gscale && (group <= 0 || group % 64 != 0 || kp % group != 0))) {
         throw Error("CUDA w4a8 linear: K = " + std::to_string(kp) + " must be a positive multiple of 64 up to 131072 "
                     "(the int32 range of the 16x-scaled products), N = " + std::to_string(n) + " positive, the group (" +
                     std::to_string(group) + ") a multiple of 64 dividing K");
     }
+}
+
+}  // namespace
+
+void cuda_linear_w4a8(const void * qweight, const uint8_t * gscale, int64_t group, const float * scale,
+                      const float * row_scale, int64_t n, int64_t kp, const int8_t * a, int32_t m, float * y,
+                      bool accumulate, cudaStream_t st) {
+    check_w4a8(gscale, group, n, kp);
     if (m <= 0) return;
-    const int kb = (int) (kp / 2);
-    if (gscale) {
-        launch_w4a8<FmtA8W4G>(qweight, gscale, (int) (kp / group), (int) group, scale, row_scale, n, kb, a, m, y, accumulate, st);
-    } else {
-        launch_w4a8<FmtA8W4>(qweight, nullptr, 0, 0, scale, row_scale, n, kb, a, m, y, accumulate, st);
+    const int ng = gscale ? (int) (kp / group) : 0;
+    const auto launch = gscale ? launch_w4a8<FmtA8W4G> : launch_w4a8<FmtA8W4>;
+    launch(qweight, gscale, ng, (int) group, scale, row_scale, nullptr, n, (int) (kp / 2), a, false, 0, 0, m, y, accumulate, st);
+}
+
+bool cuda_linear_w4a8_takes_floats(const uint8_t * gscale, int64_t group, int64_t kp, int32_t m) {
+    return m >= 1 && m <= W4A8_QUANT_MAX_M && gemv_smem(true, m, kp, gscale ? (int) (kp / group) : 0) <= 48 * 1024;
+}
+
+void cuda_linear_w4a8_floats(const void * qweight, const uint8_t * gscale, int64_t group, const float * scale,
+                             const float * bias, int64_t n, int64_t k, int64_t kp, int32_t qmax, const float * x,
+                             int32_t m, float * y, bool accumulate, cudaStream_t st) {
+    check_w4a8(gscale, group, n, kp);
+    if (!cuda_linear_w4a8_takes_floats(gscale, group, kp, m) || k > kp || k <= 0) {
+        throw Error("CUDA w4a8 linear: fp32 inputs are taken for m <= " + std::to_string(W4A8_QUANT_MAX_M) +
+                    " rows whose codes fit in 48 KB of shared memory (m = " + std::to_string(m) + ", kp = " +
+                    std::to_string(kp) + ")");
     }
+    const int ng = gscale ? (int) (kp / group) : 0;
+    const auto launch = gscale ? launch_w4a8<FmtA8W4G> : launch_w4a8<FmtA8W4>;
+    launch(qweight, gscale, ng, (int) group, scale, nullptr, bias, n, (int) (kp / 2), x, true, (int) k, qmax, m, y,
+           accumulate, st);
 }
 
 }  // namespace mq

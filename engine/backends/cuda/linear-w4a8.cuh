@@ -10,4 +10,13 @@ namespace mq {
 void cuda_linear_w4a8(const void * qweight, const uint8_t * gscale, int64_t group, const float * scale,
                       const float * row_scale, int64_t n, int64_t kp, const int8_t * a, int32_t m, float * y,
                       bool accumulate, cudaStream_t st);
+// The same from the fp32 input x [m, k] at decode sizes: the GEMV quantizes each row itself (per token, docs/numerics.md:
+// the codes and step quantize_i8_kernel of linear-int8.cu would give) and adds bias (or nullptr) in its epilogue,
+// y = v + bias[n] (accumulate: y + (v + bias[n])): one launch for the whole linear. Taken where
+// cuda_linear_w4a8_takes_floats: m <= W4A8_QUANT_MAX_M and the codes fit in the block's shared memory.
+constexpr int32_t W4A8_QUANT_MAX_M = 4;
+bool cuda_linear_w4a8_takes_floats(const uint8_t * gscale, int64_t group, int64_t kp, int32_t m);
+void cuda_linear_w4a8_floats(const void * qweight, const uint8_t * gscale, int64_t group, const float * scale,
+                             const float * bias, int64_t n, int64_t k, int64_t kp, int32_t qmax, const float * x,
+                             int32_t m, float * y, bool accumulate, cudaStream_t st);
 }
