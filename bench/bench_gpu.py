@@ -15,7 +15,9 @@ Files (bench/peer/random_weights.py draws every weight, so all engines run the s
 - f16: the random weights (uniform, sd 0.02), q/k/v and gate/up fused as docs/format.md says; the GGUF
   files of bench/peer/write_gguf.py hold the same values (q/k rows in llama.cpp's rotary order).
 - w4a16g: random codes, fp16 group scales. w4a8 / w4a8g (the layouts of qqq per-channel / g128; per-token
-  int8 activations): random codes, per-row scales, w4a8g's group scales random in [1, 16].
+  int8 activations): random codes, per-row scales, w4a8g's group scales random in [1, 16]. w8a8 (smoothquant's
+  layout): random int8 codes, per-row scales. w8a8s: w8a8 with random static steps, shifts and biases at every
+  linear (outliertune puts it at q/k/v and gate/up only: the file bounds that method's speed from below).
   w4a4: random static RTN codes, per-row scales, identity
   in_map, in_scale of ones (plain static RTN). w4a4-mq: the structure of a default `--method mergequant`
   file: split slots at the converter's default budgets on the three splittable linears (Kp =
@@ -54,10 +56,11 @@ from mergequant.convert.schemes import get_scheme  # noqa: E402
 from mergequant.convert.tokenizer import export_source  # noqa: E402
 
 PROMPT, DECODE, PREFILLS = 512, 128, (512, 2048)
-SCHEMES = ("f16", "w4a16g", "w4a4", "w4a4-mq", "w4a8", "w4a8g")
+SCHEMES = ("f16", "w4a16g", "w4a4", "w4a4-mq", "w4a8", "w4a8g", "w8a8", "w8a8s")
 SCHEME_LABEL = {"f16": "f16", "w4a16g": "w4a16g", "w4a4": "w4a4, plain RTN",
                 "w4a4-mq": "w4a4, MergeQuant structure", "w4a8": "w4a8 (QQQ per-channel layout)",
-                "w4a8g": "w4a8g (QQQ g128 layout)"}
+                "w4a8g": "w4a8g (QQQ g128 layout)", "w8a8": "w8a8 (SmoothQuant layout)",
+                "w8a8s": "w8a8s (OutlierTune q/k/v, gate/up layout)"}
 GGUF_TYPES = (("f16", "F16"), ("q4_0", "Q4_0"), ("q4_k_m", "Q4_K_M"))
 
 
@@ -96,6 +99,13 @@ def random_tensor(name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndar
     g = rng_for(name)
     if name.endswith(".gscale"):  # w4a8g's integer group scales: [1, 16]
         return g.integers(1, 17, size=shape, dtype=np.uint8)
+    if name.endswith(".bits"):  # w8a8, w8a8s: 8-bit codes
+        return np.full(shape, 8, np.int32)
+    if dtype == np.int8:  # w8a8, w8a8s codes in [-127, 127]
+        return g.integers(-127, 128, size=shape, dtype=np.int8)
+    if name.endswith((".in_scale", ".shift", ".bias")):  # w8a8s: steps' inverses of a unit-range input, shifts
+        return (g.random(shape, dtype=np.float32) * 100 + 20 if name.endswith(".in_scale")
+                else (g.random(shape, dtype=np.float32) - 0.5) * 0.01)
     if dtype == np.uint8:
         return np.frombuffer(g.bytes(int(np.prod(shape))), np.uint8).reshape(shape)
     return (g.random(shape, dtype=np.float32) * 0.004 + 0.001).astype(dtype)
@@ -133,7 +143,7 @@ def build_model(path: Path, scheme: str, c: LlamaConfig, tok_meta: dict, tok_ten
         keep.update(emb=tensors["token_embd.weight"], out=tensors["output.weight"], layers=[])
     opts = Options()
     method = {"f16": "f16", "w4a16g": "rtn-w4a16", "w4a4": "rtn-w4a4-static", "w4a4-mq": "mergequant",
-              "w4a8": "qqq", "w4a8g": "qqq"}[scheme]
+              "w4a8": "qqq", "w4a8g": "qqq", "w8a8": "smoothquant", "w8a8s": "outliertune"}[scheme]
     params = {"random_weights": True}
     if scheme == "w4a4-mq":
         params |= {"budget": opts.budget, "budget_down": opts.budget_down, "rank": opts.rank}

@@ -117,6 +117,7 @@ __global__ void __launch_bounds__(A8_THREADS, 3) gemv_w4a8_kernel(const void * _
     int32_t c[NT][4] = {};
     const int nchunk = (kb + 63) / 64;
     const uint4 z = make_uint4(0, 0, 0, 0);
+    const bool whole_chunks = group % 128 == 0;  // w4a8g: a chunk (128 k) lies in one group
     for (int c0 = warp; c0 < nchunk; c0 += A8_WARPS * U) {
         uint4 ra0[U][2], ra8[U][2], rb[U][NT];
 #pragma unroll
@@ -147,9 +148,15 @@ __global__ void __launch_bounds__(A8_THREADS, 3) gemv_w4a8_kernel(const void * _
                     ra8[u][h] = ra0[u][h];
                 }
             }
+            int32_t ch[NT][4];
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                int32_t ch[NT][4] = {};
+                if (h == 0 || !whole_chunks) {
+#pragma unroll
+                    for (int i = 0; i < NT; i++)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) ch[i][e] = 0;
+                }
 #pragma unroll
                 for (int q = 0; q < 2; q++) {
                     uint32_t af[4];
@@ -161,7 +168,9 @@ __global__ void __launch_bounds__(A8_THREADS, 3) gemv_w4a8_kernel(const void * _
                         Fmt::mma(Fmt::grouped ? ch[i] : c[i], af, bf);
                     }
                 }
-                if constexpr (Fmt::grouped) {  // this half's sum, shifted back, times its group scale
+                // the group's sum (this half, or the whole chunk where groups are whole chunks), shifted back, times
+                // its group scale
+                if (Fmt::grouped && (h == 1 || !whole_chunks)) {
                     const int grp = min(2 * (o + 32 * h) / group, ng - 1);
 #pragma unroll
                     for (int i = 0; i < NT; i++) {
