@@ -37,7 +37,8 @@ struct GemmGroups {
 // their pieces t land in opposite bank halves); B is copied 8 bytes at a time into the thread order of the
 // fragments (piece e of the row's chunk at byte 16e for e < 4, 16(e - 4) + 8 after), so a B fragment is one
 // conflict-free 16-byte read, as for the other formats. Grouped: each 64-k half of a chunk is summed apart and
-// added times gscale[n, k / group] (shifted back first: the products are 16·a·q).
+// added times gscale[n, k / group] (shifted back first: the products are 16·a·q); where the group is a multiple
+// of 128 k the whole chunk is one sum.
 template <class Fmt>
 __device__ __forceinline__ void gemm_a8w4_main(const uint8_t * __restrict__ A, const uint8_t * __restrict__ B, int M, int N,
                                                int kb, int m0, int n0, const GemmGroups & gg, uint4 * smem,
@@ -91,43 +92,52 @@ __device__ __forceinline__ void gemm_a8w4_main(const uint8_t * __restrict__ A, c
 
         const uint4 * sa = smem + (kt % STAGES) * STAGE_U4;
         const uint4 * sb = sa + A_U4;
-        uint4 rb[4];
+        uint32_t bf[4][4][2];  // [step][n tile]
 #pragma unroll
-        for (int nt = 0; nt < 4; nt++) rb[nt] = sb[(wn * 32 + nt * 8 + g) * 4 + t];
-        int32_t gs[4][2];
+        for (int nt = 0; nt < 4; nt++) {
+            const uint4 rb = sb[(wn * 32 + nt * 8 + g) * 4 + t];
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            if constexpr (Fmt::grouped) {
-                if (h == 0 || gg.group == 64) {
-                    const int grp = min((kt * 128 + 64 * h) / gg.group, gg.ng - 1);
+            for (int q = 0; q < 4; q++) Fmt::b_frag(rb, q, bf[q][nt]);
+        }
+        // grouped: the scales of the chunk's two halves
+        int32_t gs[2][4][2];
+        if constexpr (Fmt::grouped) {
 #pragma unroll
-                    for (int nt = 0; nt < 4; nt++) gs[nt][0] = gsp[nt][0][grp], gs[nt][1] = gsp[nt][1][grp];
-                }
+            for (int h = 0; h < 2; h++) {
+                const int grp = min((kt * 128 + 64 * h) / gg.group, gg.ng - 1);
+#pragma unroll
+                for (int nt = 0; nt < 4; nt++) gs[h][nt][0] = gsp[nt][0][grp], gs[h][nt][1] = gsp[nt][1][grp];
             }
-            uint32_t bf[2][4][2];
+        }
 #pragma unroll
-            for (int q = 0; q < 2; q++)
+        for (int mt = 0; mt < 4; mt++) {
+            const int r = wm * 64 + mt * 16 + g, sw = (r & 1) << 2;  // rows r and r + 8: the same parity
+            uint4 ra0[2], ra8[2];
 #pragma unroll
-                for (int nt = 0; nt < 4; nt++) Fmt::b_frag(rb[nt], 2 * h + q, bf[q][nt]);
-#pragma unroll
-            for (int mt = 0; mt < 4; mt++) {
-                const int r = wm * 64 + mt * 16 + g, sw = (r & 1) << 2;  // rows r and r + 8: the same parity
-                uint4 ra0[2], ra8[2];
+            for (int h = 0; h < 2; h++) {
                 ra0[h] = sa[r * 8 + ((4 * h + t) ^ sw)];
                 ra8[h] = sa[(r + 8) * 8 + ((4 * h + t) ^ sw)];
-                int32_t ch[4][4] = {};
+            }
+            int32_t ch[4][4] = {};
 #pragma unroll
-                for (int q = 0; q < 2; q++) {
-                    uint32_t af[4];
-                    Fmt::a_frag(ra0, ra8, 2 * h + q, af);
+            for (int q = 0; q < 4; q++) {
+                uint32_t af[4];
+                Fmt::a_frag(ra0, ra8, q, af);
 #pragma unroll
-                    for (int nt = 0; nt < 4; nt++) Fmt::mma(Fmt::grouped ? ch[nt] : c[mt][nt], af, bf[q][nt]);
-                }
+                for (int nt = 0; nt < 4; nt++) Fmt::mma(Fmt::grouped ? ch[nt] : c[mt][nt], af, bf[q][nt]);
                 if constexpr (Fmt::grouped) {
+                    // the end of a group's sum: the whole chunk where chunks lie in one group (group % 128 == 0),
+                    // else each half
+                    if (q == 3 || (q == 1 && gg.group % 128 != 0)) {
+                        const int h = q >> 1;
 #pragma unroll
-                    for (int nt = 0; nt < 4; nt++)
+                        for (int nt = 0; nt < 4; nt++)
 #pragma unroll
-                        for (int e = 0; e < 4; e++) c[mt][nt][e] += gs[nt][e & 1] * (ch[nt][e] >> 4);
+                            for (int e = 0; e < 4; e++) {
+                                c[mt][nt][e] += gs[h][nt][e & 1] * (ch[nt][e] >> 4);
+                                ch[nt][e] = 0;
+                            }
+                    }
                 }
             }
         }

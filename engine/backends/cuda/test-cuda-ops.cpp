@@ -482,8 +482,8 @@ static void test_linear_w8a8s(Backend & cpu, Backend & gpu) {
     }
 }
 
-// Schemes w4a8 (per-channel int4 weights, K padded to kp) and w4a8g (int4 codes times integer group scales of 64
-// or 128 k): per-token int8 inputs, GEMV and GEMM sizes, both accumulate modes, N and K off the tiles (a last half
+// Schemes w4a8 (per-channel int4 weights, K padded to kp) and w4a8g (int4 codes times integer group scales of 64,
+// 128 or 192 k: groups that split a 128-k chunk or not): per-token int8 inputs, GEMV and GEMM sizes, both accumulate modes, N and K off the tiles (a last half
 // chunk of 32 bytes, N not a multiple of 16), with and without a bias: the same codes, the exact int32 sum and the
 // same fp32 epilogue give bit-identical outputs. Codes span [-8, 7] and group scales [1, 16] (the extremes included).
 static void test_linear_w4a8(Backend & cpu, Backend & gpu) {
@@ -495,7 +495,8 @@ static void test_linear_w4a8(Backend & cpu, Backend & gpu) {
     };
     for (const Case & cs : {Case{960, 576, 0, false}, Case{200, 1000, 0, true}, Case{4096, 4096, 0, false},
                             Case{130, 11008, 0, true}, Case{960, 576, 64, false}, Case{576, 1536, 128, true},
-                            Case{4096, 4096, 128, false}, Case{200, 1216, 64, true}, Case{130, 11008, 128, false}}) {
+                            Case{4096, 4096, 128, false}, Case{200, 1216, 64, true}, Case{130, 11008, 128, false},
+                            Case{300, 1152, 192, false}}) {
         const int N = cs.n, K = cs.k, kp = (K + 63) / 64 * 64, ng = cs.group ? K / cs.group : 0;
         std::vector<uint8_t> q((size_t) N * kp / 2);
         for (int r = 0; r < N; r++)
