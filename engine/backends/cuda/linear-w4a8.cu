@@ -15,6 +15,7 @@
 #include "splitk.cuh"
 
 #include <atomic>
+#include <cstdlib>
 #include <string>
 
 namespace mq {
@@ -78,10 +79,27 @@ __global__ void __launch_bounds__(A8_THREADS, 3) gemv_w4a8_kernel(const void * _
     if constexpr (QUANT) {
         __shared__ float part[A8_WARPS];
         const float * x = (const float *) a;
+        const bool vec = (K & 3) == 0 && ((uintptr_t) x & 15) == 0;  // rows of whole, aligned float4s
+        constexpr int STRIDE = 4 * A8_THREADS, B = 4;  // floats per pass of the block; float4 loads in flight
         for (int r = 0; r < M; r++) {
             const float * xr = x + (size_t) r * K;
             float mx = 0.0f;
-            for (int i = threadIdx.x; i < K; i += blockDim.x) mx = fmaxf(mx, fabsf(xr[i]));
+            if (vec) {  // B independent 16-byte loads a thread, then their maxima
+                for (int i0 = 4 * (int) threadIdx.x; i0 < K; i0 += B * STRIDE) {
+                    float4 v[B];
+#pragma unroll
+                    for (int j = 0; j < B; j++) {
+                        const int i = i0 + j * STRIDE;
+                        v[j] = i < K ? __ldg((const float4 *) (xr + i)) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                    }
+#pragma unroll
+                    for (int j = 0; j < B; j++) {
+                        mx = fmaxf(mx, fmaxf(fmaxf(fabsf(v[j].x), fabsf(v[j].y)), fmaxf(fabsf(v[j].z), fabsf(v[j].w))));
+                    }
+                }
+            } else {
+                for (int i = threadIdx.x; i < K; i += blockDim.x) mx = fmaxf(mx, fabsf(__ldg(xr + i)));
+            }
             for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
             if (lane == 0) part[warp] = mx;
             __syncthreads();
@@ -89,13 +107,21 @@ __global__ void __launch_bounds__(A8_THREADS, 3) gemv_w4a8_kernel(const void * _
 #pragma unroll
             for (int v = 0; v < A8_WARPS; v++) amax = fmaxf(amax, part[v]);
             uint8_t * out = codes_s + (size_t) r * ka;
-            if (amax > 0.0f) {
-                const float inv = __fdiv_rn((float) qmax, amax);
-                for (int i = threadIdx.x; i < ka; i += blockDim.x) {
-                    out[i] = (uint8_t) (i < K ? (int8_t) round_clamp(__fmul_rn(xr[i], inv), -qmax, qmax) : (int8_t) 0);
+            const float inv = amax > 0.0f ? __fdiv_rn((float) qmax, amax) : 0.0f;  // amax 0: every code 0
+            auto code = [&](float v) -> uint32_t {
+                return (uint32_t) (uint8_t) (int8_t) round_clamp(__fmul_rn(v, inv), -qmax, qmax);
+            };
+            if (vec) {  // the second read hits L1; 4 codes a 32-bit store (ka % 64 == 0, K % 4 == 0)
+                for (int i = 4 * (int) threadIdx.x; i < ka; i += STRIDE) {
+                    uint32_t q = 0;
+                    if (i < K) {
+                        const float4 v = __ldg((const float4 *) (xr + i));
+                        q = code(v.x) | (code(v.y) << 8) | (code(v.z) << 16) | (code(v.w) << 24);
+                    }
+                    *(uint32_t *) (out + i) = q;
                 }
             } else {
-                for (int i = threadIdx.x; i < ka; i += blockDim.x) out[i] = 0;
+                for (int i = threadIdx.x; i < ka; i += blockDim.x) out[i] = (uint8_t) (i < K ? code(__ldg(xr + i)) : 0u);
             }
             if (threadIdx.x == 0) step_s[r] = amax > 0.0f ? __fdiv_rn(amax, (float) qmax) : 0.0f;
             __syncthreads();  // part is reused; the codes and steps are complete
@@ -259,7 +285,12 @@ void cuda_linear_w4a8(const void * qweight, const uint8_t * gscale, int64_t grou
 }
 
 bool cuda_linear_w4a8_takes_floats(const uint8_t * gscale, int64_t group, int64_t kp, int32_t m) {
-    return m >= 1 && m <= W4A8_QUANT_MAX_M && gemv_smem(true, m, kp, gscale ? (int) (kp / group) : 0) <= 48 * 1024;
+    // MERGEQUANT_W4A8_FUSED_QUANT=0: the quantization pass before the GEMV instead (for comparisons)
+    static const bool fused = [] {
+        const char * env = std::getenv("MERGEQUANT_W4A8_FUSED_QUANT");
+        return !(env && std::string(env) == "0");
+    }();
+    return fused && m >= 1 && m <= W4A8_QUANT_MAX_M && gemv_smem(true, m, kp, gscale ? (int) (kp / group) : 0) <= 48 * 1024;
 }
 
 void cuda_linear_w4a8_floats(const void * qweight, const uint8_t * gscale, int64_t group, const float * scale,
