@@ -25,6 +25,7 @@ struct CudaLinearI8 {
     float * bias = nullptr;      // [n] or nullptr
     float * in_scale = nullptr;  // w8a8s: [k], the static steps' inverses
     float * shift = nullptr;     // w8a8s: [k]
+    unsigned * sync = nullptr;   // w4a8, w4a8g: the decode GEMV's producer counters [2] (W4A8Quant)
 };
 
 constexpr int Q8_THREADS = 256;
@@ -110,13 +111,18 @@ void prepare_i8(Backend & be, Linear & lin) {
     p->bias = (float *) b.copy_tensor(lin.bias);
     p->in_scale = (float *) b.copy_tensor(lin.in_scale);  // w8a8s only (null for w8a8)
     p->shift = (float *) b.copy_tensor(lin.shift);
+    if (lin.scheme == "w4a8" || lin.scheme == "w4a8g") {
+        p->sync = (unsigned *) b.alloc(2 * sizeof(unsigned));
+        cuda_check(cudaMemsetAsync(p->sync, 0, 2 * sizeof(unsigned), b.stream()), "cudaMemsetAsync (w4a8 counters)");
+    }
     lin.prepared = p;
 }
 
 void release_i8(Backend & be, Linear & lin) {
     CudaLinearI8 * p = (CudaLinearI8 *) lin.prepared;
     if (!p) return;
-    for (void * d : {p->qweight, (void *) p->gscale, (void *) p->scale, (void *) p->bias, (void *) p->in_scale, (void *) p->shift}) {
+    for (void * d : {p->qweight, (void *) p->gscale, (void *) p->scale, (void *) p->bias, (void *) p->in_scale, (void *) p->shift,
+                     (void *) p->sync}) {
         if (d) be.free(d);
     }
     delete p;
@@ -139,16 +145,19 @@ void run_i8(Backend & be, const Linear & lin, const float * x, int32_t m, float 
     const CudaLinearI8 & p = *(const CudaLinearI8 *) lin.prepared;
     if (m <= 0) return;
     const bool int4_weights = lin.scheme == "w4a8" || lin.scheme == "w4a8g";
-    if (int4_weights && cuda_linear_w4a8_takes_floats(p.gscale, lin.group, lin.kp, m)) {  // decode: one launch
-        cuda_linear_w4a8_floats(p.qweight, p.gscale, lin.group, p.scale, p.bias, lin.n, lin.k, lin.kp, lin.qmax, x, m, y,
-                                accumulate, b.stream());
-        return;
-    }
+    const bool one_launch = int4_weights && cuda_linear_w4a8_takes_floats(m);  // decode: the GEMV quantizes
     const size_t codes_bytes = ((size_t) m * lin.kp + 255) / 256 * 256, step_bytes = ((size_t) m * 4 + 255) / 256 * 256;
-    const size_t tmp_bytes = p.bias ? (size_t) m * lin.n * sizeof(float) : 0;
+    const size_t tmp_bytes = p.bias && !one_launch ? (size_t) m * lin.n * sizeof(float) : 0;
     uint8_t * buf = (uint8_t *) b.scratch_for(codes_bytes + step_bytes + tmp_bytes);
     int8_t * codes = (int8_t *) buf;
     float * step = (float *) (buf + codes_bytes);
+    if (one_launch) {
+        W4A8Quant q;
+        q.codes = codes, q.step = step, q.sync = p.sync;
+        cuda_linear_w4a8_floats(p.qweight, p.gscale, lin.group, p.scale, p.bias, lin.n, lin.k, lin.kp, lin.qmax, x, m, q,
+                                y, accumulate, b.stream());
+        return;
+    }
     if (p.shift) {
         launch_pdl(quantize_static_i8_kernel, dim3((unsigned) m), dim3(Q8_THREADS), 0, b.stream(),
                    "quantize_static_i8_kernel", x, (const float *) p.shift, (const float *) p.in_scale, (int) lin.k,

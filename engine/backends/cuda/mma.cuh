@@ -36,6 +36,10 @@
 //     hi: of the odd k -> b1) and sorts A's 8 bytes of the same k (words 2(s%2), 2(s%2)+1 of r[s/2]) with
 //     byte_perm into the even k (a0 row g, a1 row g+8) and the odd k (a2, a3). Each product is 16·a·q: the int32
 //     sum is 16 times the true one (|16·a·q| <= 16256, no overflow for K <= 131072), so acc >> 4 is exact.
+//     The fragments only ask that r[0], r[1] hold the A bytes of the 32 k whose nibbles are B's words 0..3, in
+//     the same order: where no group ends inside a chunk (w4a8; w4a8g with group % 128 == 0) the decode GEMV
+//     gives a thread k 32t..32t+31 instead, one 16-byte B piece at byte 16t and the 32 A bytes at 32t (FmtI4's
+//     load pattern; the steps then mix both halves of the chunk, which one group scale covers).
 //
 // The accumulator fragment is the same for all: c0, c1 = (row g, col 2t, 2t+1), c2, c3 = (row g+8, ...).
 #pragma once
