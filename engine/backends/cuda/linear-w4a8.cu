@@ -254,6 +254,7 @@ __global__ void __launch_bounds__(A8_THREADS, 3) gemv_w4a8_kernel(const void * _
             }
         }
     }
+    if constexpr (QUANT) grid_finish(q.sync);  // every block counts: the last one leaves the counters zeroed
 }
 
 // The thread's k of a 128-k chunk (mma.cuh, FmtA8W4): 32t..32t+31 (CONTIG: one 16-byte weight load, w4a4's pattern)
