@@ -3,7 +3,8 @@
 // rounding per value; zeros past K up to w4a8's padded kp), runs the exact int32 GEMV/GEMM on INT8 tensor cores (w8a8:
 // over the file's int8 weights, cuda_linear_i8 of linear-w4a4.cu with the FmtI8 fragments; w4a8, w4a8g: over its
 // packed int4 weights, cuda_linear_w4a8 of linear-w4a8.cu) with y = (float(acc) * scale[n]) * (amax / qmax) in its
-// epilogue, and, where the file has P.bias, adds it in a second pass in the CPU's order: y = y + (v + bias[n]). The
+// epilogue, and, where the file has P.bias, adds it in the CPU's order, y = y + (v + bias[n]): in the w4a8 GEMV's
+// epilogue at decode sizes, else in a second pass. The
 // same integers and the same fp32 operations in the same order as the CPU backend: bit-identical outputs. w8a8s
 // (static per-channel input, "Static int8 activations") quantizes with its steps and shift instead, a step of 1 per
 // token, and runs w8a8's GEMM and bias pass.
@@ -25,41 +26,64 @@ struct CudaLinearI8 {
     float * bias = nullptr;      // [n] or nullptr
     float * in_scale = nullptr;  // w8a8s: [k], the static steps' inverses
     float * shift = nullptr;     // w8a8s: [k]
-    unsigned * sync = nullptr;   // w4a8, w4a8g: the decode GEMV's producer counters [2] (W4A8Quant)
 };
 
 constexpr int Q8_THREADS = 256;
 
-// row t of x [m, k] -> codes [m, stride] (zeros from k on) and step[t] = amax / qmax
+// row t of x [m, k] -> codes [m, stride] (zeros from k on) and step[t] = amax / qmax (amax 0: codes and step 0):
+// inv = qmax / amax, a = clamp(rint(x · inv), -qmax, qmax), one block a row. Where rows are whole, aligned float4s
+// (k % 4 == 0), Q8_LOADS independent 16-byte loads a thread are in flight for the maximum, the second read hits
+// L1 and four codes go out in one 32-bit store (stride % 4 == 0): a decode step waits on this kernel's latency.
+constexpr int Q8_LOADS = 4;
 __global__ void __launch_bounds__(Q8_THREADS) quantize_i8_kernel(const float * __restrict__ x, int k, int stride,
                                                                   int qmax, int8_t * __restrict__ codes,
                                                                   float * __restrict__ step) {
     pdl_trigger();
     pdl_wait();  // launched with PDL: x comes from the kernel before
     const float * xr = x + (size_t) blockIdx.x * k;
-    int8_t * out = codes + (size_t) blockIdx.x * stride;
+    uint8_t * out = (uint8_t *) codes + (size_t) blockIdx.x * stride;
+    const bool vec = (k & 3) == 0 && (stride & 3) == 0 && ((uintptr_t) x & 15) == 0 && ((uintptr_t) codes & 3) == 0;
+    constexpr int STRIDE = 4 * Q8_THREADS;  // floats per pass of the block
     float mx = 0.0f;
-    for (int i = threadIdx.x; i < k; i += Q8_THREADS) mx = fmaxf(mx, fabsf(xr[i]));
+    if (vec) {
+        for (int i0 = 4 * (int) threadIdx.x; i0 < k; i0 += Q8_LOADS * STRIDE) {
+            float4 v[Q8_LOADS];
+#pragma unroll
+            for (int j = 0; j < Q8_LOADS; j++) {
+                const int i = i0 + j * STRIDE;
+                v[j] = i < k ? *(const float4 *) (xr + i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            }
+#pragma unroll
+            for (int j = 0; j < Q8_LOADS; j++) {
+                mx = fmaxf(mx, fmaxf(fmaxf(fabsf(v[j].x), fabsf(v[j].y)), fmaxf(fabsf(v[j].z), fabsf(v[j].w))));
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < k; i += Q8_THREADS) mx = fmaxf(mx, fabsf(xr[i]));
+    }
     for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
     __shared__ float part[Q8_THREADS / 32];
-    __shared__ float amax_s;
     if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = mx;
     __syncthreads();
-    if (threadIdx.x == 0) {
-        float a = 0.0f;
-        for (int w = 0; w < Q8_THREADS / 32; w++) a = fmaxf(a, part[w]);
-        amax_s = a;
-        step[blockIdx.x] = a > 0.0f ? __fdiv_rn(a, (float) qmax) : 0.0f;
-    }
-    __syncthreads();
-    const float amax = amax_s;
-    if (!(amax > 0.0f)) {
-        for (int i = threadIdx.x; i < stride; i += Q8_THREADS) out[i] = 0;
-        return;
-    }
-    const float inv = __fdiv_rn((float) qmax, amax);
-    for (int i = threadIdx.x; i < stride; i += Q8_THREADS) {
-        out[i] = i < k ? (int8_t) round_clamp(__fmul_rn(xr[i], inv), -qmax, qmax) : (int8_t) 0;
+    float amax = 0.0f;
+#pragma unroll
+    for (int w = 0; w < Q8_THREADS / 32; w++) amax = fmaxf(amax, part[w]);
+    if (threadIdx.x == 0) step[blockIdx.x] = amax > 0.0f ? __fdiv_rn(amax, (float) qmax) : 0.0f;
+    const float inv = amax > 0.0f ? __fdiv_rn((float) qmax, amax) : 0.0f;  // amax 0: every code 0
+    auto code = [&](float v) -> uint32_t {
+        return (uint32_t) (uint8_t) (int8_t) round_clamp(__fmul_rn(v, inv), -qmax, qmax);
+    };
+    if (vec) {
+        for (int i = 4 * (int) threadIdx.x; i < stride; i += STRIDE) {
+            uint32_t q = 0;
+            if (i < k) {
+                const float4 v = *(const float4 *) (xr + i);
+                q = code(v.x) | (code(v.y) << 8) | (code(v.z) << 16) | (code(v.w) << 24);
+            }
+            *(uint32_t *) (out + i) = q;
+        }
+    } else {
+        for (int i = threadIdx.x; i < stride; i += Q8_THREADS) out[i] = (uint8_t) (i < k ? code(xr[i]) : 0u);
     }
 }
 
@@ -111,29 +135,29 @@ void prepare_i8(Backend & be, Linear & lin) {
     p->bias = (float *) b.copy_tensor(lin.bias);
     p->in_scale = (float *) b.copy_tensor(lin.in_scale);  // w8a8s only (null for w8a8)
     p->shift = (float *) b.copy_tensor(lin.shift);
-    if (lin.scheme == "w4a8" || lin.scheme == "w4a8g") {
-        p->sync = (unsigned *) b.alloc(2 * sizeof(unsigned));
-        cuda_check(cudaMemsetAsync(p->sync, 0, 2 * sizeof(unsigned), b.stream()), "cudaMemsetAsync (w4a8 counters)");
-    }
     lin.prepared = p;
 }
 
 void release_i8(Backend & be, Linear & lin) {
     CudaLinearI8 * p = (CudaLinearI8 *) lin.prepared;
     if (!p) return;
-    for (void * d : {p->qweight, (void *) p->gscale, (void *) p->scale, (void *) p->bias, (void *) p->in_scale, (void *) p->shift,
-                     (void *) p->sync}) {
+    for (void * d : {p->qweight, (void *) p->gscale, (void *) p->scale, (void *) p->bias, (void *) p->in_scale, (void *) p->shift}) {
         if (d) be.free(d);
     }
     delete p;
     lin.prepared = nullptr;
 }
 
-// the int8 GEMV/GEMM of the scheme: int8 weights (w8a8, w8a8s) or packed int4 ones (w4a8, w4a8g)
+// the int8 GEMV/GEMM of the scheme: int8 weights (w8a8, w8a8s) or packed int4 ones (w4a8, w4a8g); bias: added by
+// the w4a8 GEMV's epilogue (bias_in_gemv)
+bool bias_in_gemv(const Linear & lin, int32_t m) {
+    return (lin.scheme == "w4a8" || lin.scheme == "w4a8g") && m <= W4A8_GEMV_MAX_M;
+}
 void gemm_i8(const Linear & lin, const CudaLinearI8 & p, const float * step, const int8_t * codes, int32_t m, float * y,
              bool accumulate, cudaStream_t st) {
     if (lin.scheme == "w4a8" || lin.scheme == "w4a8g") {
-        cuda_linear_w4a8(p.qweight, p.gscale, lin.group, p.scale, step, lin.n, lin.kp, codes, m, y, accumulate, st);
+        cuda_linear_w4a8(p.qweight, p.gscale, lin.group, p.scale, step, bias_in_gemv(lin, m) ? p.bias : nullptr, lin.n,
+                         lin.kp, codes, m, y, accumulate, st);
     } else {
         cuda_linear_i8(p.qweight, p.scale, step, lin.n, lin.k, codes, m, y, accumulate, st);
     }
@@ -144,20 +168,12 @@ void run_i8(Backend & be, const Linear & lin, const float * x, int32_t m, float 
     BackendCuda & b = cuda_of(be);
     const CudaLinearI8 & p = *(const CudaLinearI8 *) lin.prepared;
     if (m <= 0) return;
-    const bool int4_weights = lin.scheme == "w4a8" || lin.scheme == "w4a8g";
-    const bool one_launch = int4_weights && cuda_linear_w4a8_takes_floats(m);  // decode: the GEMV quantizes
+    const bool bias_pass = p.bias && !bias_in_gemv(lin, m);
     const size_t codes_bytes = ((size_t) m * lin.kp + 255) / 256 * 256, step_bytes = ((size_t) m * 4 + 255) / 256 * 256;
-    const size_t tmp_bytes = p.bias && !one_launch ? (size_t) m * lin.n * sizeof(float) : 0;
+    const size_t tmp_bytes = bias_pass ? (size_t) m * lin.n * sizeof(float) : 0;
     uint8_t * buf = (uint8_t *) b.scratch_for(codes_bytes + step_bytes + tmp_bytes);
     int8_t * codes = (int8_t *) buf;
     float * step = (float *) (buf + codes_bytes);
-    if (one_launch) {
-        W4A8Quant q;
-        q.codes = codes, q.step = step, q.sync = p.sync;
-        cuda_linear_w4a8_floats(p.qweight, p.gscale, lin.group, p.scale, p.bias, lin.n, lin.k, lin.kp, lin.qmax, x, m, q,
-                                y, accumulate, b.stream());
-        return;
-    }
     if (p.shift) {
         launch_pdl(quantize_static_i8_kernel, dim3((unsigned) m), dim3(Q8_THREADS), 0, b.stream(),
                    "quantize_static_i8_kernel", x, (const float *) p.shift, (const float *) p.in_scale, (int) lin.k,
@@ -166,7 +182,7 @@ void run_i8(Backend & be, const Linear & lin, const float * x, int32_t m, float 
         launch_pdl(quantize_i8_kernel, dim3((unsigned) m), dim3(Q8_THREADS), 0, b.stream(), "quantize_i8_kernel", x,
                    (int) lin.k, (int) lin.kp, (int) lin.qmax, codes, step);
     }
-    if (!p.bias) {
+    if (!bias_pass) {
         gemm_i8(lin, p, step, codes, m, y, accumulate, b.stream());
         return;
     }
