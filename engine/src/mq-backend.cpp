@@ -129,36 +129,6 @@ void Backend::linear_codes_then_swiglu_quant(const Linear & gate_up, const int8_
     swiglu_quant(gu, down, m, n_ff, out);
 }
 
-void Backend::rmsnorm_linear(const float * x, const float * w, int32_t m, int32_t dim, float eps, const Linear & lin,
-                             float * h, float * y, bool accumulate) {
-    if (ops_.rmsnorm_linear) {
-        ops_.rmsnorm_linear(*this, x, w, m, dim, eps, lin, h, y, accumulate);
-    } else {
-        rmsnorm_then_linear(x, w, m, dim, eps, lin, h, y, accumulate);
-    }
-}
-
-void Backend::rmsnorm_then_linear(const float * x, const float * w, int32_t m, int32_t dim, float eps,
-                                  const Linear & lin, float * h, float * y, bool accumulate) {
-    rmsnorm(x, w, m, dim, eps, h);
-    linear(lin, h, m, y, accumulate);
-}
-
-void Backend::swiglu_linear(const float * gu, int32_t m, int32_t n_ff, const Linear & lin, float * act, float * y,
-                            bool accumulate) {
-    if (ops_.swiglu_linear) {
-        ops_.swiglu_linear(*this, gu, m, n_ff, lin, act, y, accumulate);
-    } else {
-        swiglu_then_linear(gu, m, n_ff, lin, act, y, accumulate);
-    }
-}
-
-void Backend::swiglu_then_linear(const float * gu, int32_t m, int32_t n_ff, const Linear & lin, float * act, float * y,
-                                 bool accumulate) {
-    swiglu(gu, m, n_ff, act);
-    linear(lin, act, m, y, accumulate);
-}
-
 #ifndef MERGEQUANT_HAVE_CUDA
 bool backend_cuda_built() {
     return false;

@@ -120,8 +120,8 @@ struct LinearKernels {
 };
 
 // The ops of a forward pass on one backend, one function each (the forwarders of Backend document them).
-// attention_quant, linear_codes_swiglu_quant, sample, rope_kv_store, rmsnorm_linear and swiglu_linear may be
-// nullptr: the composition of the plainer ops (sample: the host samples).
+// attention_quant, linear_codes_swiglu_quant, sample and rope_kv_store may be nullptr: the composition of the
+// plainer ops (sample: the host samples).
 struct BackendOps {
     void (*embed)(Backend &, const EmbedTable & table, const int32_t * ids, int32_t n, int32_t dim, float * out);
     void (*rmsnorm)(Backend &, const float * x, const float * w, int32_t n_rows, int32_t dim, float eps, float * out);
@@ -146,10 +146,6 @@ struct BackendOps {
     void (*rope_kv_store)(Backend &, float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
                           const int32_t * pos, const RopeParams & rp, const KvScales & sc, void * k_cache,
                           void * v_cache);
-    void (*rmsnorm_linear)(Backend &, const float * x, const float * w, int32_t m, int32_t dim, float eps,
-                           const Linear & lin, float * h, float * y, bool accumulate);
-    void (*swiglu_linear)(Backend &, const float * gu, int32_t m, int32_t n_ff, const Linear & lin, float * act,
-                          float * y, bool accumulate);
 };
 
 class Backend {
@@ -224,13 +220,6 @@ public:
     }
     // out[m, j] = silu(gu[m, j]) * gu[m, n_ff + j]
     void swiglu(const float * gu, int32_t m, int32_t n_ff, float * out) { ops_.swiglu(*this, gu, m, n_ff, out); }
-    // rmsnorm(x, w) into h [m, dim], then linear(lin) of h into y; a backend may fuse the two where lin quantizes
-    // its input per token (the norm then writes lin's codes, not h: the same y, and h is left as it was)
-    void rmsnorm_linear(const float * x, const float * w, int32_t m, int32_t dim, float eps, const Linear & lin,
-                        float * h, float * y, bool accumulate);
-    // swiglu(gu) into act [m, n_ff], then linear(lin) of act into y; fused as rmsnorm_linear may be
-    void swiglu_linear(const float * gu, int32_t m, int32_t n_ff, const Linear & lin, float * act, float * y,
-                       bool accumulate);
 
     // --- static W4A4 (docs/numerics.md): int4 codes, one per int8, flow between these ops ---------
     // fused RMSNorm + static quantization into `consumer`'s input slots: z_j = (x_j * r) * in_scale[j]
@@ -255,16 +244,12 @@ public:
     // `down`'s codes `out` (a buffer other than a); a backend may fuse them and skip gu
     void linear_codes_swiglu_quant(const Linear & gate_up, const int8_t * a, int32_t m, const Linear & down,
                                    int32_t n_ff, float * gu, int8_t * out);
-    // the unfused forms of the optional ops (a backend's op falls back on them where it does not apply)
+    // the unfused forms of the two optional ops (a backend's op falls back on them where it does not apply)
     void attention_then_quantize(const float * qkv, int32_t n_tokens, int32_t row_stride, const AttentionShape & s,
                                  const int32_t * pos, const KvScales & sc, const void * k_cache, const void * v_cache,
                                  float * out, const Linear & consumer, int8_t * codes);
     void linear_codes_then_swiglu_quant(const Linear & gate_up, const int8_t * a, int32_t m, const Linear & down,
                                         int32_t n_ff, float * gu, int8_t * out);
-    void rmsnorm_then_linear(const float * x, const float * w, int32_t m, int32_t dim, float eps, const Linear & lin,
-                             float * h, float * y, bool accumulate);
-    void swiglu_then_linear(const float * gu, int32_t m, int32_t n_ff, const Linear & lin, float * act, float * y,
-                            bool accumulate);
 
     // --- sampling on the device (optional) -------------------------------------------------------------
     // With a sample op, sample() picks the next token from the logits row `logits` [n_vocab] (device memory)

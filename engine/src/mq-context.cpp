@@ -198,8 +198,8 @@ void Context::forward_ops(int32_t m, const AttentionShape & as, int32_t first, i
         }
     }
     if (first >= 0) {
-        be_.rmsnorm_linear(x_ + (size_t) first * c.n_embd, (const float *) M.output_norm, rows, c.n_embd, c.rms_eps,
-                           M.output, h_, logits_, false);
+        be_.rmsnorm(x_ + (size_t) first * c.n_embd, (const float *) M.output_norm, rows, c.n_embd, c.rms_eps, h_);
+        be_.linear(M.output, h_, rows, logits_, false);
     }
 }
 
@@ -207,7 +207,8 @@ void Context::forward_ops(int32_t m, const AttentionShape & as, int32_t first, i
 void Context::attention_block(int32_t l, int32_t m, const AttentionShape & as) {
     const Config & c = model_->config();
     const LayerWeights & L = model_->layers[l];
-    be_.rmsnorm_linear(x_, (const float *) L.attn_norm, m, c.n_embd, c.rms_eps, L.attn_qkv, h_, qkv_, false);
+    be_.rmsnorm(x_, (const float *) L.attn_norm, m, c.n_embd, c.rms_eps, h_);
+    be_.linear(L.attn_qkv, h_, m, qkv_, false);
     rope_and_cache(l, m, as);
     be_.attention(qkv_, m, c.qkv_dim(), as, pos_, kv_scales(l), k_cache_[l], v_cache_[l], attn_);
     be_.linear(L.attn_output, attn_, m, x_, true);
@@ -217,8 +218,10 @@ void Context::attention_block(int32_t l, int32_t m, const AttentionShape & as) {
 void Context::mlp_block(int32_t l, int32_t m) {
     const Config & c = model_->config();
     const LayerWeights & L = model_->layers[l];
-    be_.rmsnorm_linear(x_, (const float *) L.ffn_norm, m, c.n_embd, c.rms_eps, L.ffn_gate_up, h_, gu_, false);
-    be_.swiglu_linear(gu_, m, c.n_ff, L.ffn_down, act_, x_, true);
+    be_.rmsnorm(x_, (const float *) L.ffn_norm, m, c.n_embd, c.rms_eps, h_);
+    be_.linear(L.ffn_gate_up, h_, m, gu_, false);
+    be_.swiglu(gu_, m, c.n_ff, act_);
+    be_.linear(L.ffn_down, act_, m, x_, true);
 }
 
 // the same in a static W4A4 block: the norm writes q/k/v's input codes, attention o_proj's
@@ -243,7 +246,8 @@ void Context::mlp_block_w4a4(int32_t l, int32_t m) {
     trace_codes(L.ffn_gate_up, m, codes_);
     if (!L.down_codes) {  // ffn_down takes the fp32 SwiGLU output (mixed precision, docs/numerics.md)
         be_.linear_codes(L.ffn_gate_up, codes_, m, gu_, false);
-        be_.swiglu_linear(gu_, m, c.n_ff, L.ffn_down, act_, x_, true);
+        be_.swiglu(gu_, m, c.n_ff, act_);
+        be_.linear(L.ffn_down, act_, m, x_, true);
         return;
     }
     be_.linear_codes_swiglu_quant(L.ffn_gate_up, codes_, m, L.ffn_down, c.n_ff, gu_, codes_down_);

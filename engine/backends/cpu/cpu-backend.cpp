@@ -33,8 +33,6 @@ static const BackendOps & cpu_ops() {
         cpu::linear_codes_swiglu_quant,  // linear-w4a4.cpp
         nullptr,             // sample: the host sampler (mq-sampling.cpp)
         nullptr,             // rope_kv_store: rope(), then kv_store()
-        nullptr,             // rmsnorm_linear: rmsnorm(), then linear()
-        nullptr,             // swiglu_linear: swiglu(), then linear()
     };
     return ops;
 }

@@ -168,8 +168,6 @@ static const BackendOps & cuda_ops() {
         cuda_op_linear_codes_swiglu_quant,  // linear-w4a4.cu
         op_sample,                          // sampling.cu
         op_rope_kv_store,                   // kv-store.cu (rope.cuh's rotation)
-        cuda_op_rmsnorm_linear,             // linear-int8.cu (rmsnorm.cu's arithmetic)
-        cuda_op_swiglu_linear,              // linear-int8.cu (swiglu.cu's arithmetic)
     };
     return ops;
 }

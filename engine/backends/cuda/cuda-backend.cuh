@@ -118,12 +118,6 @@ extern const LinearKernels cuda_linear_f16_kernels, cuda_linear_w4a16g_kernels, 
     cuda_linear_w4a4_kernels, cuda_linear_w8a8_kernels, cuda_linear_w8a8s_kernels,
     cuda_linear_w4a8_kernels, cuda_linear_w4a8g_kernels;
 // the fused op of the static W4A4 MLP (linear-w4a4.cu)
-// rmsnorm / swiglu fused with the per-token quantization of a w8a8, w4a8 or w4a8g consumer (linear-int8.cu; the
-// composition elsewhere)
-void cuda_op_rmsnorm_linear(Backend & be, const float * x, const float * w, int32_t m, int32_t dim, float eps,
-                            const Linear & lin, float * h, float * y, bool accumulate);
-void cuda_op_swiglu_linear(Backend & be, const float * gu, int32_t m, int32_t n_ff, const Linear & lin, float * act,
-                           float * y, bool accumulate);
 void cuda_op_linear_codes_swiglu_quant(Backend & be, const Linear & gate_up, const int8_t * a, int32_t m,
                                        const Linear & down, int32_t n_ff, float * gu, int8_t * out);
 

@@ -410,27 +410,6 @@ static void compare_int8_linear(Backend & cpu, Backend & gpu, Linear & lc, Linea
                    py.host_cpu<float>() == py.host_gpu<float>(), "bit-exact");
         }
     }
-    // the producers fused with the per-token quantization (ops rmsnorm_linear, swiglu_linear; the CUDA backend fuses
-    // them for w8a8, w4a8 and w4a8g and composes them for w8a8s): CUDA vs the CPU's composition, bit for bit
-    for (int m : {1, 3, 17}) {
-        for (bool acc : {false, true}) {
-            auto x = randn((size_t) (m * K), rng, x_sd), nw = randn((size_t) K, rng, 1.0f), y0 = randn((size_t) (m * N), rng);
-            auto gu = randn((size_t) (2 * m * K), rng, 1.5f);
-            x[3] *= outlier, gu[5] *= 4.0f;
-            Pair px(cpu, gpu, x.data(), x.size() * 4), pw(cpu, gpu, nw.data(), nw.size() * 4);
-            Pair pg(cpu, gpu, gu.data(), gu.size() * 4), ph(cpu, gpu, nullptr, x.size() * 4);
-            Pair py(cpu, gpu, y0.data(), y0.size() * 4), pz(cpu, gpu, y0.data(), y0.size() * 4);
-            const std::string tag = " m=" + std::to_string(m) + (acc ? " accumulate" : "");
-            cpu.rmsnorm_linear((float *) px.c, (float *) pw.c, m, (int32_t) K, 1e-5f, lc, (float *) ph.c, (float *) py.c, acc);
-            gpu.rmsnorm_linear((float *) px.g, (float *) pw.g, m, (int32_t) K, 1e-5f, lg, (float *) ph.g, (float *) py.g, acc);
-            report("rmsnorm_linear " + lc.scheme + " " + shape + tag, py.host_cpu<float>() == py.host_gpu<float>(),
-                   "bit-exact");
-            cpu.swiglu_linear((float *) pg.c, m, (int32_t) K, lc, (float *) ph.c, (float *) pz.c, acc);
-            gpu.swiglu_linear((float *) pg.g, m, (int32_t) K, lg, (float *) ph.g, (float *) pz.g, acc);
-            report("swiglu_linear " + lc.scheme + " " + shape + tag, pz.host_cpu<float>() == pz.host_gpu<float>(),
-                   "bit-exact");
-        }
-    }
     cpu.release_linear(lc);
     gpu.release_linear(lg);
 }
