@@ -10,7 +10,11 @@ Files (made on first use and cached in bench/peer/cache/models/ unless given):
 - f16: the built-in f16 file (mergequant.default_model);
 - RTN W4A4 static and dynamic: `--method rtn-w4a4-static` / `rtn-w4a4-dynamic`;
 - llama.cpp F16: bench/peer/write_gguf.py smollm2 (the same dequantized values as the f16 file), and Q4_0:
-  llama.cpp's own llama-quantize of that F16 file. llama.cpp: bench/peer/build_llamacpp.sh cpu.
+  llama.cpp's own llama-quantize of that F16 file. llama.cpp: bench/peer/build_llamacpp.sh cpu;
+- with --schemes S,..: one RTN file per scheme (`--scheme S`: w8a8, w4a8, w4a8g, ...), and with --methods M,..: the
+  default conversion of each method (`--method M`, its default calibration), so every scheme's speed stands in
+  the same run; the conversion time of each file made in the run is in the table. --no-llamacpp leaves
+  llama.cpp out (and the ratio table with it).
 
 Every configuration runs every engine once per round, engines interleaved (A B C ... A B C ...) so that
 drift of a shared machine hits all alike; the best round of each is reported. llama.cpp runs as
@@ -87,6 +91,7 @@ class Engine:
     engine: str   # "mergequant" or "llama.cpp"
     path: Path
     decode_bytes: int = 0
+    convert_s: float | None = None  # the conversion's wall time, where this run made the file
     build: str = ""  # llama.cpp's build string, from llama-bench
     best: dict = field(default_factory=dict)  # config label → (prefill tok/s, decode tok/s)
     _llms: dict = field(default_factory=dict)
@@ -111,6 +116,9 @@ class Engine:
         return t["n_prefill"] / (t["prefill_ms"] / 1e3), t["n_decode"] / (t["decode_ms"] / 1e3)
 
 
+CONVERT_SECONDS: dict[Path, float] = {}  # files converted in this run → wall seconds
+
+
 def convert(src: Path, out: Path, args: list[str]) -> Path:
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +129,8 @@ def convert(src: Path, out: Path, args: list[str]) -> Path:
         t0 = time.time()
         subprocess.run(cmd, check=True)
         tmp.replace(out)
-        print(f"  converted in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        CONVERT_SECONDS[out] = time.time() - t0
+        print(f"  converted in {CONVERT_SECONDS[out]:.0f} s", file=sys.stderr, flush=True)
     return out
 
 
@@ -144,6 +153,18 @@ def build_files(a: argparse.Namespace) -> list[Engine]:
         Engine("mergequant RTN W4A4 dynamic", "mergequant",
                convert(gguf_src, MODELS / "smollm2-rtn-w4a4-dynamic.mq", ["--method", "rtn-w4a4-dynamic"])),
     ]
+    for scheme in filter(None, a.schemes.split(",")):
+        engines.append(Engine(f"mergequant RTN {scheme}", "mergequant",
+                              convert(gguf_src, MODELS / f"smollm2-rtn-{scheme}.mq", ["--scheme", scheme])))
+    for method in filter(None, a.methods.split(",")):
+        engines.append(Engine(f"mergequant --method {method} (default)", "mergequant",
+                              convert(gguf_src, MODELS / f"smollm2-{method}.mq", ["--method", method])))
+    for e in engines:
+        e.convert_s = CONVERT_SECONDS.get(e.path)
+    if a.no_llamacpp:
+        for e in engines:
+            e.decode_bytes = mq_decode_bytes(e.path)
+        return engines
     f16_gguf = MODELS / "smollm2-135m-f16.gguf"
     if not f16_gguf.is_file():
         subprocess.run([sys.executable, str(HERE / "peer" / "write_gguf.py"), "smollm2", str(f16_gguf)], check=True)
@@ -163,6 +184,9 @@ def main() -> int:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configuration (best kept)")
     ap.add_argument("--configs", default="1,2,2busy", help="subset of 1,2,2busy")
+    ap.add_argument("--schemes", default="", help="also an RTN file per scheme, e.g. w8a8,w4a8,w4a8g")
+    ap.add_argument("--methods", default="", help="also each method's default conversion, e.g. outliertune,fptq")
+    ap.add_argument("--no-llamacpp", action="store_true", help="leave llama.cpp out (no ratio table)")
     ap.add_argument("--md", default=str(HERE / "peer" / "cache" / "bench_cpu.md"), help="write the markdown here")
     a = ap.parse_args()
     wanted = set(a.configs.split(","))
@@ -188,9 +212,11 @@ def main() -> int:
 
     model, flags = lscpu()
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    build = engines[-1].build
+    build = engines[-1].build if not a.no_llamacpp else "not run"
     cmd = "python3 bench/bench_cpu.py " + shlex.join(sys.argv[1:])
-    lines = [f"## CPU: mergequant vs llama.cpp, SmolLM2-135M ({now})", "",
+    load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    title = "mergequant's files" if a.no_llamacpp else "mergequant vs llama.cpp"
+    lines = [f"## CPU: {title}, SmolLM2-135M ({now})", "",
              f"Command: `{cmd.strip()}`  ",
              f"CPU: {model}, {os.cpu_count()} logical CPUs; flags: {flags}  ",
              f"llama.cpp: {build} (llama-cpp-python sdist's vendored llama.cpp, bench/peer/build_llamacpp.sh cpu: "
@@ -198,17 +224,26 @@ def main() -> int:
                  a.prompt_tokens, a.decode_tokens),
              f"Prompt {a.prompt_tokens} tokens, then {a.decode_tokens} greedy tokens; best of {a.rounds} interleaved "
              "rounds. Busy neighbour: one process spinning on a core. Read BW: bench/membw.cpp, same threads, same "
-             "configuration.", "",
-             "| configuration | engine, file | file MB | decode MB/token | prefill tok/s | decode tok/s | achieved GB/s "
-             "| read BW GB/s | share |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"configuration. Load average at the end (1 / 5 / 15 min): {load}. Convert: wall seconds of the file's "
+             "conversion where this run made it (this machine, before the timings).", "",
+             "| configuration | engine, file | file MB | convert s | decode MB/token | prefill tok/s | decode tok/s | "
+             "achieved GB/s | read BW GB/s | share |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for _, _, label in configs:
         for e in engines:
             pf, dc = e.best[label]
             gbs = dc * e.decode_bytes / 1e9
-            lines.append(f"| {label} | {e.label} | {e.path.stat().st_size / 1e6:.1f} | {e.decode_bytes / 1e6:.1f} | "
-                         f"{pf:.1f} | {dc:.1f} | {gbs:.2f} | {bw[label]:.2f} | {gbs / bw[label]:.0%} |")
+            conv = f"{e.convert_s:.0f}" if e.convert_s is not None else "—"
+            lines.append(f"| {label} | {e.label} | {e.path.stat().st_size / 1e6:.1f} | {conv} | "
+                         f"{e.decode_bytes / 1e6:.1f} | {pf:.1f} | {dc:.1f} | {gbs:.2f} | {bw[label]:.2f} | "
+                         f"{gbs / bw[label]:.0%} |")
     by = {e.label: e for e in engines}
+    if a.no_llamacpp:
+        md = "\n".join(lines + [""])
+        print(md)
+        Path(a.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.md).write_text(md, encoding="utf-8")
+        return 0
     mq, q4, mf, lf = (by["mergequant (default --method mergequant)"], by["llama.cpp Q4_0"], by["mergequant f16"],
                       by["llama.cpp F16"])
     mo = by["mergequant (default --method mergequant), output w8a8"]
