@@ -308,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="qqq --group-size 128: how the w4a8g grid (a channel scale s per row times an integer group "
                         "scale g in [1, 16] per group) is chosen before GPTQ and in the smoothing search. mse "
                         "(default): per row, s = c·max|W|/112 for c in 0.6..1 and each group's g minimizing its "
-                        "squared rounding error, the row's best kept (SmolLM2, 40 thresholds: see bench/RESULTS.md, "
-                        "about 1.2x f16 perplexity against ceil's 1.32x); ceil: s = max|W|/112, g = the smallest "
+                        "squared rounding error, the row's best kept (SmolLM2, 40 thresholds, bench/RESULTS.md: "
+                        "perplexity 1.26x f16's, KL 0.25, against ceil's 1.32x, KL 0.29); ceil: s = max|W|/112, g = the smallest "
                         "integer keeping the group within 7 steps (no clipping; cheaper to convert)")
     g.add_argument("--no-lae", action="store_true", help="fptq: no logarithmic activation equalization")
     g.add_argument("--no-policy", action="store_true", help="fptq: LAE at every norm-fed point (no v0/v1 policy)")
