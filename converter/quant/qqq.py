@@ -17,7 +17,10 @@ group (the per-channel maxima of the query heads sharing a kv head are tied by t
 too), `o_smooth="skip"` restores the published choice.
 
 GPTQ then quantizes each smoothed weight on the scheme's grid (act-order, static groups, damping 0.01,
-blocks of 128), the Hessian from the linear's smoothed fp32 inputs through the already-quantized linears."""
+blocks of 128), the Hessian from the linear's smoothed fp32 inputs through the already-quantized linears.
+w4a8g's grid follows `grid`: "mse" (default; int4.qqq_grid_search, each row's channel and group scales
+searched for the least squared rounding error) or "ceil" (int4.qqq_grid); the smoothing search's fake
+weights are rounded on the same grid, so the threshold is chosen for the weights that are written."""
 from __future__ import annotations
 
 from collections.abc import Iterator
