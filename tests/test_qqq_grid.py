@@ -141,3 +141,25 @@ def test_qqq_grid_argument_checked(tiny_hf_checkpoint):
     ck = load_checkpoint(tiny_hf_checkpoint().path)
     with pytest.raises(ValueError, match="grid must be one of"):
         quantize(ck, "qqq", group_size=128, grid="max")
+    with pytest.raises(ValueError, match="smooth_grid must be"):
+        quantize(ck, "qqq", group_size=128, smooth_grid="mse")
+
+
+@pytest.mark.parametrize("grid,smooth_grid,seen", [("mse", "same", {"mse"}), ("ceil", "same", {"ceil"}),
+                                                   ("mse", "ceil", {"ceil"})])
+def test_smoothing_search_rounds_on_the_recorded_grid(tiny_hf_checkpoint, tmp_path, monkeypatch, grid, smooth_grid,
+                                                      seen):
+    """The smoothing search's fake weights use the written grid unless smooth_grid="ceil"; both are recorded."""
+    from mergequant.convert.quant import qqq as qqq_module
+    calls: list = []
+    real = qqq_module.fake_weight
+    monkeypatch.setattr(qqq_module, "fake_weight", lambda w, scheme, g="ceil": calls.append(g) or real(w, scheme, g))
+    ck_files = tiny_hf_checkpoint()
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(["the river city music year first game team war state"] * 300))
+    out = quantize(load_checkpoint(ck_files.path), "qqq", group_size=128, smooth_steps=3, grid=grid,
+                   smooth_grid=smooth_grid, calib=str(text), tokenizer=str(ck_files.path / "tokenizer.json"),
+                   calib_n=4, calib_len=32)
+    assert set(calls) == seen and len(calls) == 3 * 4 * 2  # 3 thresholds, 4 points, 2 layers
+    opts = out.quant["params"]["options"]
+    assert (opts["grid"], opts["smooth_grid"]) == (grid, smooth_grid)

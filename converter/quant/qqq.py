@@ -54,6 +54,7 @@ class Options:
     block: int = 128
     grid: str | None = "mse"     # w4a8g grid: "mse" (searched, int4.qqq_grid_search) | "ceil" (int4.qqq_grid);
                                  # None for per-channel w4a8 (step max|W|/7)
+    smooth_grid: str | None = "same"  # w4a8g grid of the smoothing search's fake weights: "same" (as `grid`) | "ceil"
 
     @property
     def scheme(self) -> str:
@@ -113,7 +114,7 @@ class _QQQ:
         amax = tie(np.abs(x).max(axis=0))
         rows = sample_rows(len(x), self.seq_len, o.smooth_rows, self.rng)
         t, s = search_threshold(x[rows], amax, w, o.scheme, o.smooth_steps, gated=site == "ffn_gate_up",
-                                grid=o.grid)
+                                grid=o.grid if o.smooth_grid == "same" else o.smooth_grid)
         # recorded as t / max|X|: 1 = no smoothing
         self.thresholds.setdefault(site, []).append(round(t / max(float(amax.max()), 1e-30), 4))
         return tie(s)
@@ -126,12 +127,14 @@ def qqq(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] | None 
         group_size: int = Options.group_size, no_smooth: bool = False, o_smooth: str = Options.o_smooth,
         smooth_steps: int = Options.smooth_steps, smooth_rows: int = Options.smooth_rows,
         gptq: bool = Options.gptq, act_order: bool = Options.act_order, damp: float = Options.damp,
-        block: int = Options.block, grid: str = "mse", calib: str | None = None, calib_n: int | None = None,
+        block: int = Options.block, grid: str = "mse", smooth_grid: str = "same", calib: str | None = None,
+        calib_n: int | None = None,
         calib_len: int | None = None, seed: int | None = None, tokenizer: str | None = None
         ) -> Iterator[dict[str, np.ndarray]]:
     """Switches: group_size (0 | 128), no_smooth, o_smooth ("tie" | "skip"), smooth_steps, smooth_rows,
     gptq=False (RTN codes on the same grid), act_order, damp, block, grid ("mse" | "ceil": the w4a8g grid,
-    group_size 128 only; recorded as None per-channel)."""
+    group_size 128 only; recorded as None per-channel), smooth_grid ("same": the smoothing search rounds its
+    fake weights on `grid` | "ceil": on int4.qqq_grid whatever `grid` is)."""
     if group_size not in (0, 128):
         raise ValueError(f"qqq: group_size must be 0 (per-channel) or 128, got {group_size}")
     if o_smooth not in ("tie", "skip"):
@@ -140,8 +143,10 @@ def qqq(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] | None 
         raise ValueError(f"qqq: smooth_steps and smooth_rows must be >= 1, got {smooth_steps}, {smooth_rows}")
     if grid not in QQQ_GRIDS:
         raise ValueError(f"qqq: grid must be one of {QQQ_GRIDS}, got {grid!r}")
+    if smooth_grid not in ("same", "ceil"):
+        raise ValueError(f"qqq: smooth_grid must be 'same' or 'ceil', got {smooth_grid!r}")
     opts = Options(group_size, not no_smooth, o_smooth, smooth_steps, smooth_rows, gptq, act_order, damp, block,
-                   grid if group_size else None)
+                   grid if group_size else None, smooth_grid if group_size else None)
     check_scheme("qqq", opts.scheme, scheme)
     quant = {} if quant is None else quant
     spec = calibration_spec(dict(calib=calib, calib_n=calib_n, calib_len=calib_len, seed=seed, tokenizer=tokenizer))

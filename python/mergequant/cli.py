@@ -74,7 +74,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
                                       ("alpha", a.alpha), ("bits", a.bits), ("no_smooth", a.no_smooth or None),
                                       ("o_smooth", a.o_smooth), ("down_smooth", a.down_smooth),
                                       ("group_size", a.group_size), ("smooth_steps", a.smooth_steps),
-                                      ("smooth_rows", a.smooth_rows), ("grid", a.grid), ("no_lae", a.no_lae or None),
+                                      ("smooth_rows", a.smooth_rows), ("grid", a.grid), ("smooth_grid", a.smooth_grid), ("no_lae", a.no_lae or None),
                                       ("no_policy", a.no_policy or None), ("v0", a.v0), ("v1", a.v1),
                                       ("calib", a.calib), ("calib_n", a.calib_n), ("calib_len", a.calib_len),
                                       ("seed", a.seed), ("report", a.report)) if v is not None}
@@ -311,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "squared rounding error, the row's best kept (SmolLM2, 40 thresholds, bench/RESULTS.md: "
                         "perplexity 1.26x f16's, KL 0.25, against ceil's 1.32x, KL 0.29); ceil: s = max|W|/112, g = the smallest "
                         "integer keeping the group within 7 steps (no clipping; cheaper to convert)")
+    g.add_argument("--smooth-grid", default=None, choices=("same", "ceil"),
+                   help="qqq --group-size 128: the grid the smoothing search rounds its trial weights on: same "
+                        "(default: the --grid of the written weights) or ceil (the cheap rule, whatever --grid is; "
+                        "measured in bench/RESULTS.md)")
     g.add_argument("--no-lae", action="store_true", help="fptq: no logarithmic activation equalization")
     g.add_argument("--no-policy", action="store_true", help="fptq: LAE at every norm-fed point (no v0/v1 policy)")
     g.add_argument("--v0", type=float, default=None, help="fptq: LAE only from this activation range up (default 15)")
