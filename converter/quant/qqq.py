@@ -19,8 +19,9 @@ too), `o_smooth="skip"` restores the published choice.
 GPTQ then quantizes each smoothed weight on the scheme's grid (act-order, static groups, damping 0.01,
 blocks of 128), the Hessian from the linear's smoothed fp32 inputs through the already-quantized linears.
 w4a8g's grid follows `grid`: "mse" (default; int4.qqq_grid_search, each row's channel and group scales
-searched for the least squared rounding error) or "ceil" (int4.qqq_grid); the smoothing search's fake
-weights are rounded on the same grid, so the threshold is chosen for the weights that are written."""
+searched for the least squared rounding error) or "ceil" (int4.qqq_grid). The smoothing search rounds its
+fake weights on the ceil grid by default (`smooth_grid="ceil"`; "same" rounds them on `grid`): measured on
+SmolLM2 (bench/RESULTS.md), searching on the mse grid itself chose worse thresholds and cost 3-5x the time."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -54,7 +55,7 @@ class Options:
     block: int = 128
     grid: str | None = "mse"     # w4a8g grid: "mse" (searched, int4.qqq_grid_search) | "ceil" (int4.qqq_grid);
                                  # None for per-channel w4a8 (step max|W|/7)
-    smooth_grid: str | None = "same"  # w4a8g grid of the smoothing search's fake weights: "same" (as `grid`) | "ceil"
+    smooth_grid: str | None = "ceil"  # w4a8g grid of the smoothing search's fake weights: "ceil" | "same" (as `grid`)
 
     @property
     def scheme(self) -> str:
@@ -127,14 +128,14 @@ def qqq(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] | None 
         group_size: int = Options.group_size, no_smooth: bool = False, o_smooth: str = Options.o_smooth,
         smooth_steps: int = Options.smooth_steps, smooth_rows: int = Options.smooth_rows,
         gptq: bool = Options.gptq, act_order: bool = Options.act_order, damp: float = Options.damp,
-        block: int = Options.block, grid: str = "mse", smooth_grid: str = "same", calib: str | None = None,
+        block: int = Options.block, grid: str = "mse", smooth_grid: str = "ceil", calib: str | None = None,
         calib_n: int | None = None,
         calib_len: int | None = None, seed: int | None = None, tokenizer: str | None = None
         ) -> Iterator[dict[str, np.ndarray]]:
     """Switches: group_size (0 | 128), no_smooth, o_smooth ("tie" | "skip"), smooth_steps, smooth_rows,
     gptq=False (RTN codes on the same grid), act_order, damp, block, grid ("mse" | "ceil": the w4a8g grid,
-    group_size 128 only; recorded as None per-channel), smooth_grid ("same": the smoothing search rounds its
-    fake weights on `grid` | "ceil": on int4.qqq_grid whatever `grid` is)."""
+    group_size 128 only; recorded as None per-channel), smooth_grid ("ceil": the smoothing search rounds its
+    fake weights on int4.qqq_grid whatever `grid` is | "same": on `grid`)."""
     if group_size not in (0, 128):
         raise ValueError(f"qqq: group_size must be 0 (per-channel) or 128, got {group_size}")
     if o_smooth not in ("tie", "skip"):

@@ -309,12 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "scale g in [1, 16] per group) is chosen before GPTQ and in the smoothing search. mse "
                         "(default): per row, s = c·max|W|/112 for c in 0.6..1 and each group's g minimizing its "
                         "squared rounding error, the row's best kept (SmolLM2, 40 thresholds, bench/RESULTS.md: "
-                        "perplexity 1.26x f16's, KL 0.25, against ceil's 1.32x, KL 0.29); ceil: s = max|W|/112, g = the smallest "
+                        "perplexity 1.21x f16's, KL 0.22, against ceil's 1.32x, KL 0.29); ceil: s = max|W|/112, g = the smallest "
                         "integer keeping the group within 7 steps (no clipping; cheaper to convert)")
     g.add_argument("--smooth-grid", default=None, choices=("same", "ceil"),
-                   help="qqq --group-size 128: the grid the smoothing search rounds its trial weights on: same "
-                        "(default: the --grid of the written weights) or ceil (the cheap rule, whatever --grid is; "
-                        "measured in bench/RESULTS.md)")
+                   help="qqq --group-size 128: the grid the smoothing search rounds its trial weights on: ceil "
+                        "(default, whatever --grid is) or same (the --grid of the written weights). SmolLM2, "
+                        "40 thresholds, --grid mse (bench/RESULTS.md): ceil 1.21x f16 perplexity, KL 0.22; "
+                        "same 1.26x, KL 0.25 and 3-5x the convert time")
     g.add_argument("--no-lae", action="store_true", help="fptq: no logarithmic activation equalization")
     g.add_argument("--no-policy", action="store_true", help="fptq: LAE at every norm-fed point (no v0/v1 policy)")
     g.add_argument("--v0", type=float, default=None, help="fptq: LAE only from this activation range up (default 15)")
