@@ -296,17 +296,17 @@ def test_cli_flags_reach_the_recipe_and_inspect(tiny, tmp_path):
     out = tmp_path / "qqq.mq"
     cmd = [sys.executable, "-m", "mergequant.cli", "convert", str(ck_files.path), "-o", str(out), "-q",
            "--method", "qqq", "--group-size", "128", "--o-smooth", "skip", "--smooth-steps", "8", "--no-act-order",
-           "--damp", "0.02", "--calib", calib["calib"], "--calib-n", "4", "--calib-len", "32",
+           "--damp", "0.02", "--grid", "ceil", "--smooth-grid", "same", "--calib", calib["calib"], "--calib-n", "4", "--calib-len", "32",
            "--opt", f"tokenizer={calib['tokenizer']}"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     from mergequant.convert.mqfile import read_mq
     opts = read_mq(out).quant["params"]["options"]
-    assert (opts["group_size"], opts["o_smooth"], opts["smooth_steps"], opts["act_order"], opts["damp"]) == \
-        (128, "skip", 8, False, 0.02)
+    assert (opts["group_size"], opts["o_smooth"], opts["smooth_steps"], opts["act_order"], opts["damp"],
+            opts["grid"], opts["smooth_grid"]) == (128, "skip", 8, False, 0.02, "ceil", "same")
     text = inspect_model(out)
     assert "options: group_size=128, smooth=True, o_smooth=skip, smooth_steps=8" in text
     assert "calibration: source=" in text and "n=4, length=32" in text
-    assert "smoothing_thresholds: {" in text
+    assert "smoothing_thresholds: {" in text and "grid=ceil" in text
     r = subprocess.run([*cmd[:7], "--method", "qqq", "--alpha", "0.7"], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "--alpha do(es) not apply to --method qqq" in r.stderr

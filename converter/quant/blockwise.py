@@ -29,7 +29,7 @@ from ..reference import attention, rope, rope_cos_sin
 from ..schemes import get_scheme, pack_linear, w4a16g_group
 from .calibrate import CalibrationSpec, calibration_tokens, run_sequential
 from .gptq import gptq_quantize
-from .int4 import QMAX, QMIN, qmax_for_bits, quant_groups, quant_qqq, quant_rows, quant_rows_sym
+from .int4 import QMAX, QMIN, qmax_for_bits, quant_groups, quant_qqq, quant_rows, quant_rows_sym, w4a8g_grid
 from .simulate import SimBlock, load_block, rms_factor, split_qkv, swiglu
 from .simulate_linear import SimLinear
 
@@ -185,10 +185,12 @@ class GPTQOptions:
     block: int = 128         # columns per lazy-update block
 
 
-def weight_params(scheme: str, w: np.ndarray, x: np.ndarray, opts: GPTQOptions, bits: int = 8) -> dict[str, Any]:
+def weight_params(scheme: str, w: np.ndarray, x: np.ndarray, opts: GPTQOptions, bits: int = 8,
+                  grid: str = "ceil") -> dict[str, Any]:
     """The packer parameters of W [N, K] (input x [M, K]) on `scheme`'s RTN grid, codes by GPTQ (or RTN):
-    w4a16g: fp16 scale per group (quant_groups); w4a8: per-row step max|W|/7; w4a8g: the two-level grid of
-    int4.qqq_grid; w8a8: per-row step max|W|/qmax, qmax = 2^(bits-1) - 1."""
+    w4a16g: fp16 scale per group (quant_groups); w4a8: per-row step max|W|/7; w4a8g: the two-level grid by
+    the rule `grid` (int4.w4a8g_grid: "ceil" = int4.qqq_grid, "mse" = int4.qqq_grid_search), fixed before
+    GPTQ runs; w8a8: per-row step max|W|/qmax, qmax = 2^(bits-1) - 1."""
     lo, hi = QMIN, QMAX
     extra: dict[str, Any] = {}
     if scheme == "w4a16g":
@@ -199,7 +201,8 @@ def weight_params(scheme: str, w: np.ndarray, x: np.ndarray, opts: GPTQOptions, 
         codes, scale = quant_rows(w)
         step = scale
     elif scheme == "w4a8g":
-        codes, gscale, scale = quant_qqq(w, w4a16g_group(w.shape[1]))
+        group = w4a16g_group(w.shape[1])
+        codes, gscale, scale = quant_qqq(w, group, *w4a8g_grid(w, group, grid))
         step = np.repeat(gscale.astype(np.float32), w.shape[1] // gscale.shape[1], axis=1) * scale[:, None]
         extra["gscale"] = gscale
     elif scheme == "w8a8":

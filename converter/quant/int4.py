@@ -114,6 +114,66 @@ def qqq_grid(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
     return g.astype(np.uint8), s
 
 
+QQQ_SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)  # qqq_grid_search's channel-scale candidates
+QQQ_GRIDS = ("ceil", "mse")
+
+
+def qqq_grid_search(w: np.ndarray, group: int, shrinks: tuple[float, ...] = QQQ_SHRINKS
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The two-level grid of w4a8g for W [N, K] searched for the least squared round-to-nearest error of each
+    row: for each candidate channel scale s_n = c · max_k |W[n, k]| / 112 (c in `shrinks`, in order; c < 1
+    clips the row's largest weights), each group j takes the integer g in [1, 16] minimizing its squared
+    error sum_k (W[n, k] - s_n g q[n, k])², q = clamp(rint(W / (s_n g)), -8, 7) (the codes quant_qqq
+    rounds); the candidate with the smallest row error is kept (the first on ties). With c = 1 among the
+    candidates no row's error exceeds qqq_grid's (whose g is one of those tried at c = 1). Rows of zeros get
+    s = 0, g = 1. Cost: len(shrinks) · 16 roundings of W. Returns (g uint8 [N, K/group], s fp32 [N])."""
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"qqq_grid_search: K={k} is not a multiple of group {group}")
+    if not shrinks or min(shrinks) <= 0:
+        raise ValueError(f"qqq_grid_search: shrink factors must be > 0, got {shrinks}")
+    w = np.asarray(w, np.float32)
+    j = k // group
+    s0 = (np.abs(w).max(axis=1) / np.float32(QQQ_VMAX)).astype(np.float32)
+    best = np.full(n, np.inf)
+    best_s = s0.copy()
+    best_g = np.ones((n, j), np.uint8)
+    chunk = max(1, (1 << 17) // k)  # rows per pass: the chunk's temporaries stay in cache
+    for r0 in range(0, n, chunk):
+        wc = w[r0:r0 + chunk].reshape(-1, j, group)
+        m = len(wc)
+        t = np.empty_like(wc)
+        err = np.empty((QQQ_GMAX, m, j), np.float32)
+        for c in shrinks:
+            s = (s0[r0:r0 + m] * np.float32(c)).astype(np.float32)
+            safe = np.where(s > 0, s, 1).astype(np.float32)
+            for g in range(1, QQQ_GMAX + 1):
+                step = (safe * np.float32(g))[:, None, None]
+                np.divide(wc, step, out=t)
+                np.rint(t, out=t)
+                np.clip(t, QMIN, QMAX, out=t)
+                np.multiply(t, step, out=t)
+                np.subtract(wc, t, out=t)
+                err[g - 1] = np.einsum("rjk,rjk->rj", t, t)
+            gi = err.argmin(axis=0)
+            row = np.take_along_axis(err, gi[None], axis=0)[0].sum(axis=1, dtype=np.float64)
+            better = row < best[r0:r0 + m]
+            best[r0:r0 + m][better] = row[better]
+            best_s[r0:r0 + m][better] = s[better]
+            best_g[r0:r0 + m][better] = gi[better] + 1
+    best_g[s0 == 0] = 1
+    return best_g, best_s
+
+
+def w4a8g_grid(w: np.ndarray, group: int, grid: str = "ceil") -> tuple[np.ndarray, np.ndarray]:
+    """The w4a8g grid (g, s) of W by the named rule: "ceil" (qqq_grid) or "mse" (qqq_grid_search)."""
+    if grid == "ceil":
+        return qqq_grid(w, group)
+    if grid == "mse":
+        return qqq_grid_search(w, group)
+    raise ValueError(f"w4a8g grid must be one of {QQQ_GRIDS}, got {grid!r}")
+
+
 def quant_qqq(w: np.ndarray, group: int, gscale: np.ndarray | None = None, scale: np.ndarray | None = None
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """RTN on the w4a8g grid (qqq_grid's unless both `gscale` and `scale` are given):
