@@ -302,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smoothquant: down_proj input smoothing into the up rows (default) or skip")
     g.add_argument("--group-size", type=int, default=None, choices=(0, 128),
                    help="qqq / fptq: 0 = per-channel int4 (w4a8; qqq's default), 128 = group-wise (w4a8g; fptq's default)")
-    g.add_argument("--smooth-steps", type=int, default=None, help="qqq: thresholds searched per point (default 100)")
+    g.add_argument("--smooth-steps", type=int, default=None,
+                   help="qqq: thresholds searched per point (default 40, the setting bench/RESULTS.md measures; "
+                        "100 took about twice the conversion time)")
     g.add_argument("--smooth-rows", type=int, default=None, help="qqq: tokens the smoothing loss uses (default 512)")
     g.add_argument("--grid", default=None, choices=("mse", "ceil"),
                    help="qqq --group-size 128: how the w4a8g grid (a channel scale s per row times an integer group "
