@@ -116,6 +116,12 @@ static int32_t dot_i8_scalar(const int8_t * w, const int8_t * a, int64_t k) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// 64 bytes at p, or its first bytes under the mask mk where the row ends sooner (plain loads where the step is
+// whole: masked loads stall the loop on some cores)
+static inline __m512i load64(const void * p, bool full, __mmask64 mk) {
+    return full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(mk, p);
+}
+
 // rows [r, r + R), tokens [t0, t0 + TB): each 64-byte step of the R weight rows is loaded once and meets TB
 // activation rows (a xor 0x80 = a + 128 as u8); the tail of K is read with a byte mask
 template <int R, int TB>
@@ -129,10 +135,11 @@ static void w8a8_block(const int8_t * w, int64_t k, const int32_t * wsum, const 
         }
     }
     for (int64_t i = 0; i < k; i += 64) {
-        const __mmask64 mk = k - i >= 64 ? ~(__mmask64) 0 : (((__mmask64) 1 << (k - i)) - 1);
+        const bool full = k - i >= 64;
+        const __mmask64 mk = full ? ~(__mmask64) 0 : (((__mmask64) 1 << (k - i)) - 1);
         __m512i wv[R];
         for (int j = 0; j < R; j++) {
-            wv[j] = _mm512_maskz_loadu_epi8(mk, w + (r + j) * k + i);
+            wv[j] = load64(w + (r + j) * k + i, full, mk);
         }
         for (int b = 0; b < TB; b++) {
             const __m512i av = _mm512_xor_si512(_mm512_loadu_si512(a + (t0 + b) * ka + i), x80);
@@ -270,16 +277,23 @@ static void w4a8_rows4(const uint8_t * qw, const uint8_t * gs, int64_t ng, int64
             s[j][b] = _mm512_setzero_si512();
         }
     }
+    // the groups of the step's two halves, i / gb and (i + 32) / gb, advanced without a division (gb >= 32)
+    int64_t j0 = 0, j1 = 0, end0 = gb, end1 = gb;
     for (int64_t i = 0; i < h; i += 64) {
-        const __mmask64 mk = h - i >= 64 ? ~(__mmask64) 0 : (((__mmask64) 1 << (h - i)) - 1);
+        const bool full = h - i >= 64;
+        const __mmask64 mk = full ? ~(__mmask64) 0 : (((__mmask64) 1 << (h - i)) - 1);
+        if (G) {
+            for (; i >= end0; end0 += gb) j0++;
+            for (; i + 32 >= end1; end1 += gb) j1++;
+        }
         __m512i lo[4], hi[4];
         for (int j = 0; j < 4; j++) {
-            const __m512i q = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, qw + (r + j) * h + i), x88);
+            const __m512i q = _mm512_xor_si512(load64(qw + (r + j) * h + i, full, mk), x88);
             lo[j] = _mm512_and_si512(q, x0f);
             hi[j] = _mm512_and_si512(_mm512_srli_epi16(q, 4), x0f);
             if (G) {
                 const uint8_t * g = gs + (r + j) * ng;
-                const int16_t g0 = g[i / gb], g1 = i + 32 < h ? g[(i + 32) / gb] : 0;
+                const int16_t g0 = g[j0], g1 = i + 32 < h ? g[j1] : 0;
                 const __m512i gv = _mm512_inserti64x4(_mm512_set1_epi16(g0), _mm256_set1_epi16(g1), 1);
                 const __m512i g8 = _mm512_inserti64x4(_mm512_set1_epi8((char) (8 * g0)),
                                                       _mm256_set1_epi8((char) (8 * g1)), 1);
@@ -291,8 +305,8 @@ static void w4a8_rows4(const uint8_t * qw, const uint8_t * gs, int64_t ng, int64
             }
         }
         for (int b = 0; b < TB; b++) {
-            const __m512i e = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, a.even + (t0 + b) * h + i), x80);
-            const __m512i o = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, a.odd + (t0 + b) * h + i), x80);
+            const __m512i e = _mm512_xor_si512(load64(a.even + (t0 + b) * h + i, full, mk), x80);
+            const __m512i o = _mm512_xor_si512(load64(a.odd + (t0 + b) * h + i, full, mk), x80);
             for (int j = 0; j < 4; j++) {
                 s[j][b] = _mm512_dpbusd_epi32(s[j][b], e, lo[j]);
                 s[j][b] = _mm512_dpbusd_epi32(s[j][b], o, hi[j]);
@@ -318,13 +332,17 @@ static void w4a8_rows(const uint8_t * qw, const uint8_t * gs, int64_t ng, int64_
             s[j][b] = _mm256_setzero_si256();
         }
     }
+    int64_t jg = 0, end = gb;  // the step's group i / gb, advanced without a division (gb >= 32)
     for (int64_t i = 0; i < h; i += 32) {
+        if (G) {
+            for (; i >= end; end += gb) jg++;
+        }
         __m256i lo[R], hi[R], gv[R];
         for (int j = 0; j < R; j++) {
             const __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *) (qw + (r + j) * h + i)), x88);
             lo[j] = _mm256_and_si256(q, x0f);
             hi[j] = _mm256_and_si256(_mm256_srli_epi16(q, 4), x0f);
-            gv[j] = G ? _mm256_set1_epi32(gs[(r + j) * ng + i / gb]) : ones;
+            gv[j] = G ? _mm256_set1_epi32(gs[(r + j) * ng + jg]) : ones;
         }
         for (int b = 0; b < TB; b++) {
             const __m256i e = _mm256_loadu_si256((const __m256i *) (a.even + (t0 + b) * h + i));
