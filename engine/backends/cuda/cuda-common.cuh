@@ -63,7 +63,7 @@ __device__ __forceinline__ void pdl_trigger() {
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
-// Producer blocks inside one grid (the w4a4 GEMV's low-rank rows, the w4a8 GEMV's int8 codes): the grid's first
+// Producer blocks inside one grid (the w4a4 GEMV's low-rank rows, linear-w4a4.cu): the grid's first
 // blocks make data that the others read in the same launch. Being first, they are dispatched before any block that
 // waits for them. sync[0] counts the producers done, sync[1] the blocks done; the last block of the grid resets both
 // to 0, so the next launch finds them zeroed (its blocks touch them only after pdl_wait). Every thread of a block
