@@ -82,8 +82,8 @@ def fake_weight(w: np.ndarray, scheme: str, grid: str | None = "ceil") -> np.nda
 def search_threshold(xs: np.ndarray, amax: np.ndarray, w: np.ndarray, scheme: str, steps: int,
                      gated: bool, grid: str | None = "ceil") -> tuple[float, np.ndarray]:
     """(t, s) minimizing the fake-quantized output error on the rows xs [M, K], s = max(1, amax / t), the
-    weight rounded on the grid the file will get (`grid`); `gated`: the output is silu(g)·u of the two
-    halves of xs·Wᵀ."""
+    weight rounded on the w4a8g grid rule `grid` (Options.smooth_grid picks it: by default the ceil rule, not
+    necessarily the file's); `gated`: the output is silu(g)·u of the two halves of xs·Wᵀ."""
     def out(x: np.ndarray, w: np.ndarray) -> np.ndarray:
         y = x @ w.T
         return swiglu(y[:, :y.shape[1] // 2], y[:, y.shape[1] // 2:]) if gated else y
