@@ -178,6 +178,15 @@ def linear_errors(x: np.ndarray, a: np.ndarray, y: np.ndarray, w_fold: np.ndarra
     return {"weights": rel(y_w), "inputs": rel(a @ w_fold.T), "both": rel(lq.y[fit:])}
 
 
+def fitted_apart(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray, fit: int) -> np.ndarray:
+    """f of the rows of x, the first `fit` rows in a call of their own: a matrix product's rows can round
+    differently in a taller product (the BLAS blocks by shape), and the held-out rows of the error report must not
+    change a single bit of what is fitted."""
+    if fit >= len(x):
+        return f(x)
+    return np.concatenate([f(x[:fit]), f(x[fit:])])
+
+
 def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant | np.ndarray,
                     opts: Options, fit: int | None = None) -> LinearQuant:
     """Weights of one linear given its int4 input codes a [M, Kp] and fp input x [M, K]: W̃ = W·diag(Δ)
@@ -188,9 +197,9 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
     else:  # a step vector for an unsplit input (o_proj): columns scaled, K padded
         w_t = pad_columns(w * inp, a.shape[1])
     w_fold = w_t
-    y_all = x @ w.T
-    a_all = a
     fit = len(a) if fit is None else fit
+    y_all = fitted_apart(lambda v: v @ w.T, x, fit)
+    a_all = a
     a, y = a_all[:fit], y_all[:fit]
     gram = a.T @ a  # exact: integer entries below 2^24
     lam = opts.damp * max(float(np.mean(np.diag(gram))), 1e-8)
@@ -202,12 +211,13 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
                               (a.T @ y).astype(np.float64) + prior).T.astype(np.float32)
     scale = search_weight_scale(w_t, np.diag(gram)) if opts.clip else np.abs(w_t).max(axis=1) / QMAX
     codes = gptq_codes(w_t, gram, scale, damp=opts.damp, act_order=opts.act_order) if opts.gptq else quant_rows(w_t, scale)[0]
-    y_q = (a_all @ codes.T.astype(np.float32)) * scale
+    codes_t = codes.T.astype(np.float32)
+    y_q = fitted_apart(lambda v: v @ codes_t, a_all, fit) * scale
     lora = None
     if opts.rank > 0:
         la, lb = fit_lowrank(gram, a.T @ (y - y_q[:fit]), opts.rank, opts.damp)
         lora = (la.astype(np.float16).astype(np.float32), lb.astype(np.float16).astype(np.float32))
-        y_q += lora_branch(a_all, *lora)
+        y_q += fitted_apart(lambda v: lora_branch(v, *lora), a_all, fit)
     lq = LinearQuant(codes, scale.astype(np.float32), lora, y_q)
     if fit < len(a_all):
         lq.errors = linear_errors(x, a_all, y_all, w_fold, lq, inp, fit)
