@@ -29,8 +29,7 @@ constexpr int A8_THREADS = A8_WARPS * 32;
 // a holds int8 codes [M, kp] and row_scale their steps (per token). HI8: M > 8 (else the A rows g + 8 are never
 // written: row g's registers stand in). CONTIG: the thread's k of a chunk (w4a8_gemv_contiguous). Dynamic shared
 // memory: the block's 16 rows of group scales (grouped: 16·ng). bias (or nullptr) is added last, as the CPU does:
-// y = v + bias[n], accumulate y = y + (v + bias[n]). gshift: log2(group / 2) where that is whole (group_shift),
-// else -1.
+// y = v + bias[n], accumulate y = y + (v + bias[n]).
 template <class Fmt, bool HI8, bool CONTIG>
 __global__ void __launch_bounds__(A8_THREADS, 3) gemv_w4a8_kernel(const uint8_t * __restrict__ a,
                                                                   const uint8_t * __restrict__ w,
@@ -38,8 +37,7 @@ __global__ void __launch_bounds__(A8_THREADS, 3) gemv_w4a8_kernel(const uint8_t 
                                                                   const float * __restrict__ scale,
                                                                   const float * __restrict__ row_scale,
                                                                   const float * __restrict__ bias, float * __restrict__ y,
-                                                                  int M, int N, int kb, int accumulate, int prefetch,
-                                                                  int gshift) {
+                                                                  int M, int N, int kb, int accumulate, int prefetch) {
     pdl_trigger();
     constexpr int NT = A8_NT, U = A8_U;
     const int ka = 2 * kb;  // kp: bytes of an activation row (one code a byte)
@@ -140,8 +138,7 @@ __global__ void __launch_bounds__(A8_THREADS, 3) gemv_w4a8_kernel(const uint8_t 
                 // the group's sum (this half, or the whole chunk where groups are whole chunks), shifted back, times
                 // its group scale
                 if (Fmt::grouped && (h == 1 || !whole_chunks)) {
-                    // the group of weight byte o + 32h: (o + 32h) / (group / 2), a shift where that is a power of 2
-                    const int b = o + 32 * h, grp = min(gshift >= 0 ? b >> gshift : 2 * b / group, ng - 1);
+                    const int grp = min(2 * (o + 32 * h) / group, ng - 1);
 #pragma unroll
                     for (int i = 0; i < NT; i++) {
                         const int32_t g0 = gsp[i][0][grp], g1 = gsp[i][1][grp];
@@ -187,15 +184,6 @@ bool w4a8_gemv_contiguous(int group) {
     return allowed && group % 128 == 0;
 }
 
-// log2(group / 2) where group / 2 (the weight bytes of a group) is a power of two, else -1
-int group_shift(int group) {
-    const int bytes = group / 2;
-    if (bytes <= 0 || (bytes & (bytes - 1)) != 0) return -1;
-    int s = 0;
-    while ((1 << s) < bytes) s++;
-    return s;
-}
-
 template <class Fmt, bool CONTIG> auto gemv_pick(int32_t m) {
     return m > 8 ? gemv_w4a8_kernel<Fmt, true, CONTIG> : gemv_w4a8_kernel<Fmt, false, CONTIG>;
 }
@@ -209,7 +197,7 @@ void launch_w4a8(const void * qweight, const uint8_t * gscale, int ng, int group
         const auto f = w4a8_gemv_contiguous(Fmt::grouped ? group : 0) ? gemv_pick<Fmt, true>(m) : gemv_pick<Fmt, false>(m);
         launch_pdl(f, dim3((unsigned) ceil_div(n, 8 * A8_NT)), dim3(A8_THREADS), smem, st, "gemv_w4a8_kernel",
                    (const uint8_t *) a, (const uint8_t *) qweight, gscale, ng, group, scale, row_scale, bias, y, (int) m,
-                   (int) n, kb, accumulate ? 1 : 0, cuda_pdl_mode() == 2 ? 1 : 0, group_shift(group));
+                   (int) n, kb, accumulate ? 1 : 0, cuda_pdl_mode() == 2 ? 1 : 0);
         return;
     }
     if (bias) throw Error("CUDA w4a8 linear: a bias is added by the GEMV (m <= 16) only");
