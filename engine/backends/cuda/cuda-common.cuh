@@ -63,37 +63,6 @@ __device__ __forceinline__ void pdl_trigger() {
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
-// Producer blocks inside one grid (the w4a4 GEMV's low-rank rows, linear-w4a4.cu): the grid's first
-// blocks make data that the others read in the same launch. Being first, they are dispatched before any block that
-// waits for them. sync[0] counts the producers done, sync[1] the blocks done; the last block of the grid resets both
-// to 0, so the next launch finds them zeroed (its blocks touch them only after pdl_wait). Every thread of a block
-// calls these. Data a producer wrote is read with plain (coherent) loads after grid_wait, never through the
-// read-only path.
-__device__ __forceinline__ void grid_signal(unsigned * sync) {
-    __syncthreads();  // the block's writes are issued
-    if (threadIdx.x == 0) {
-        __threadfence();  // ... and visible before the count
-        atomicAdd(&sync[0], 1u);
-    }
-}
-__device__ __forceinline__ void grid_wait(unsigned * sync, unsigned producers) {
-    if (threadIdx.x == 0) {
-        while (*(volatile unsigned *) &sync[0] < producers) __nanosleep(64);
-        __threadfence();
-    }
-    __syncthreads();
-}
-__device__ __forceinline__ void grid_finish(unsigned * sync) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        if (atomicAdd(&sync[1], 1u) == gridDim.x - 1) {
-            sync[0] = 0;
-            sync[1] = 0;
-            __threadfence();
-        }
-    }
-}
 __device__ __forceinline__ void prefetch_l2(const void * p) {
     asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
 }

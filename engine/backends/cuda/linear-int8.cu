@@ -148,14 +148,18 @@ void release_i8(Backend & be, Linear & lin) {
     lin.prepared = nullptr;
 }
 
-// the int8 GEMV/GEMM of the scheme: int8 weights (w8a8, w8a8s) or packed int4 ones (w4a8, w4a8g); bias: added by
-// the w4a8 GEMV's epilogue (bias_in_gemv)
-bool bias_in_gemv(const Linear & lin, int32_t m) {
-    return (lin.scheme == "w4a8" || lin.scheme == "w4a8g") && m <= W4A8_GEMV_MAX_M;
+// packed int4 weights (w4a8, w4a8g; else int8 ones: w8a8, w8a8s)
+bool int4_weights(const Linear & lin) {
+    return lin.scheme == "w4a8" || lin.scheme == "w4a8g";
 }
+// a bias is added by the w4a8 GEMV's epilogue; elsewhere by a pass after the GEMM
+bool bias_in_gemv(const Linear & lin, int32_t m) {
+    return int4_weights(lin) && m <= W4A8_GEMV_MAX_M;
+}
+// the int8 GEMV/GEMM of the scheme
 void gemm_i8(const Linear & lin, const CudaLinearI8 & p, const float * step, const int8_t * codes, int32_t m, float * y,
              bool accumulate, cudaStream_t st) {
-    if (lin.scheme == "w4a8" || lin.scheme == "w4a8g") {
+    if (int4_weights(lin)) {
         cuda_linear_w4a8(p.qweight, p.gscale, lin.group, p.scale, step, bias_in_gemv(lin, m) ? p.bias : nullptr, lin.n,
                          lin.kp, codes, m, y, accumulate, st);
     } else {

@@ -30,8 +30,8 @@ constexpr int W4_WARPS = 8, W4_MAX_M = W4A4_GEMV_MAX_M;
 
 // The fused low-rank branch (LoraGemv in linear-w4a4.cuh). The grid's first `rank` blocks do no GEMV work: block i
 // computes row i, l[t, i] = Σ_s a[i, s] · codes[t, s] in float64 (exact, so the threads may split the sum in any
-// order), then signals (grid_signal, cuda-common.cuh): the GEMV blocks wait for them in their epilogue only; having
-// no weights to stream, they finish while the GEMV blocks stream theirs.
+// order), then sync[0] += 1. Being first, they are dispatched before any block that waits for them in lora_wait;
+// having no weights to stream, they finish while the GEMV blocks stream theirs.
 __device__ __forceinline__ void lora_down_row(const LoraGemv & lo, int i, const int8_t * __restrict__ codes, int M, int kp) {
     __shared__ double part[W4_WARPS];
     const __half * A = (const __half *) lo.a;
@@ -56,7 +56,19 @@ __device__ __forceinline__ void lora_down_row(const LoraGemv & lo, int i, const 
         }
         __syncthreads();
     }
-    grid_signal(lo.sync);
+    if (threadIdx.x == 0) {
+        __threadfence();  // l before the count
+        atomicAdd(&lo.sync[0], 1u);
+    }
+}
+
+// every row of l written (all threads of the block call it)
+__device__ __forceinline__ void lora_wait(const LoraGemv & lo) {
+    if (threadIdx.x == 0) {
+        while (*(volatile unsigned *) &lo.sync[0] < (unsigned) lo.rank) __nanosleep(64);
+        __threadfence();
+    }
+    __syncthreads();
 }
 
 // lora[m, n] = fp32(Σ_i b[n, i] · l[m, i]), float64 fused multiply-adds in i order from 0, as the CPU backend.
@@ -83,6 +95,18 @@ __device__ __forceinline__ float lora_up_value(const LoraGemv & lo, int m, int n
 }
 
 // the last block of the grid to get here resets the counters for the next launch (all threads call it)
+__device__ __forceinline__ void lora_finish(const LoraGemv & lo) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        if (atomicAdd(&lo.sync[1], 1u) == gridDim.x - 1) {
+            lo.sync[0] = 0;
+            lo.sync[1] = 0;
+            __threadfence();
+        }
+    }
+}
+
 // 32 int4 codes one per byte (k order) -> the 16 packed bytes of the file's layout (even k in the low nibble)
 __device__ __forceinline__ uint4 pack_codes32(const uint4 & x0, const uint4 & x1) {
     auto pack8 = [](uint32_t lo, uint32_t hi) {  // bytes k .. k+7 -> 8 nibbles
@@ -110,7 +134,7 @@ static __global__ void __launch_bounds__(256, 3) gemv_w4a4_kernel(const uint8_t 
     if ((int) blockIdx.x < lora_blocks) {
         pdl_wait();  // the codes come from the kernel before
         lora_down_row(lo, blockIdx.x, (const int8_t *) a, M, 2 * kb);
-        grid_finish(lo.sync);
+        lora_finish(lo);
         return;
     }
     const int bx = (int) blockIdx.x - lora_blocks;
@@ -176,7 +200,7 @@ static __global__ void __launch_bounds__(256, 3) gemv_w4a4_kernel(const uint8_t 
 
     __shared__ SplitK<int32_t, W4_WARPS, NT> red;
     splitk_store<int32_t, W4_WARPS, NT>(red, c, warp, lane);
-    if (lo.rank > 0) grid_wait(lo.sync, (unsigned) lo.rank);
+    if (lo.rank > 0) lora_wait(lo);
     // thread p: tile p / 64, lane (p / 2) % 32, register pair p % 2 (row g or g + 8, columns 2t, 2t + 1)
     const int p = threadIdx.x;
     if constexpr (SWIGLU) {
@@ -204,7 +228,7 @@ static __global__ void __launch_bounds__(256, 3) gemv_w4a4_kernel(const uint8_t 
                 o[en.x] = en.z ? slot_code(z, en.y, en.z) : 0;
             }
         }
-        if (lo.rank > 0) grid_finish(lo.sync);
+        if (lo.rank > 0) lora_finish(lo);
         return;
     }
     if (p < NT * 64) {
@@ -228,7 +252,7 @@ static __global__ void __launch_bounds__(256, 3) gemv_w4a4_kernel(const uint8_t 
             }
         }
     }
-    if (lo.rank > 0) grid_finish(lo.sync);
+    if (lo.rank > 0) lora_finish(lo);
 }
 
 using gemv_fn = void (*)(const uint8_t *, const uint8_t *, const float *, const float *, const float *, float *, int,
