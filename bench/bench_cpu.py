@@ -212,16 +212,16 @@ def main() -> int:
 
     model, flags = lscpu()
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    build = engines[-1].build if not a.no_llamacpp else "not run"
     cmd = "python3 bench/bench_cpu.py " + shlex.join(sys.argv[1:])
     load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
     title = "mergequant's files" if a.no_llamacpp else "mergequant vs llama.cpp"
     lines = [f"## CPU: {title}, SmolLM2-135M ({now})", "",
              f"Command: `{cmd.strip()}`  ",
              f"CPU: {model}, {os.cpu_count()} logical CPUs; flags: {flags}  ",
-             f"llama.cpp: {build} (llama-cpp-python sdist's vendored llama.cpp, bench/peer/build_llamacpp.sh cpu: "
-             "GGML_NATIVE, AMX off, OpenMP); llama-bench pp{0} and tg{1} at depth {0}.  ".format(
-                 a.prompt_tokens, a.decode_tokens),
+             *([] if a.no_llamacpp else [
+                 f"llama.cpp: {engines[-1].build} (llama-cpp-python sdist's vendored llama.cpp, "
+                 "bench/peer/build_llamacpp.sh cpu: GGML_NATIVE, AMX off, OpenMP); llama-bench pp{0} and tg{1} at "
+                 "depth {0}.  ".format(a.prompt_tokens, a.decode_tokens)]),
              f"Prompt {a.prompt_tokens} tokens, then {a.decode_tokens} greedy tokens; best of {a.rounds} interleaved "
              "rounds. Busy neighbour: one process spinning on a core. Read BW: bench/membw.cpp, same threads, same "
              f"configuration. Load average at the end (1 / 5 / 15 min): {load}. Convert: wall seconds of the file's "
@@ -238,21 +238,16 @@ def main() -> int:
                          f"{e.decode_bytes / 1e6:.1f} | {pf:.1f} | {dc:.1f} | {gbs:.2f} | {bw[label]:.2f} | "
                          f"{gbs / bw[label]:.0%} |")
     by = {e.label: e for e in engines}
-    if a.no_llamacpp:
-        md = "\n".join(lines + [""])
-        print(md)
-        Path(a.md).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.md).write_text(md, encoding="utf-8")
-        return 0
-    mq, q4, mf, lf = (by["mergequant (default --method mergequant)"], by["llama.cpp Q4_0"], by["mergequant f16"],
-                      by["llama.cpp F16"])
-    mo = by["mergequant (default --method mergequant), output w8a8"]
-    lines += ["", "| configuration | mergequant / llama.cpp Q4_0, prefill | decode | mergequant f16 / llama.cpp F16, "
-              "prefill | decode | output w8a8 / f16 output (mergequant), decode |", "|---|---|---|---|---|---|"]
-    for _, _, label in configs:
-        rat = lambda x, y, i: x.best[label][i] / y.best[label][i]  # noqa: E731
-        lines.append(f"| {label} | {rat(mq, q4, 0):.2f}x | {rat(mq, q4, 1):.2f}x | {rat(mf, lf, 0):.2f}x | "
-                     f"{rat(mf, lf, 1):.2f}x | {rat(mo, mq, 1):.2f}x |")
+    if not a.no_llamacpp:
+        mq, q4, mf, lf = (by["mergequant (default --method mergequant)"], by["llama.cpp Q4_0"], by["mergequant f16"],
+                          by["llama.cpp F16"])
+        mo = by["mergequant (default --method mergequant), output w8a8"]
+        lines += ["", "| configuration | mergequant / llama.cpp Q4_0, prefill | decode | mergequant f16 / llama.cpp "
+                  "F16, prefill | decode | output w8a8 / f16 output (mergequant), decode |", "|---|---|---|---|---|---|"]
+        for _, _, label in configs:
+            rat = lambda x, y, i: x.best[label][i] / y.best[label][i]  # noqa: E731
+            lines.append(f"| {label} | {rat(mq, q4, 0):.2f}x | {rat(mq, q4, 1):.2f}x | {rat(mf, lf, 0):.2f}x | "
+                         f"{rat(mf, lf, 1):.2f}x | {rat(mo, mq, 1):.2f}x |")
     scaling = []
     for e in engines:
         one, two, busy = (e.best.get(c[2]) for c in CONFIGS)

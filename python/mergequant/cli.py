@@ -74,7 +74,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
                                       ("alpha", a.alpha), ("bits", a.bits), ("no_smooth", a.no_smooth or None),
                                       ("o_smooth", a.o_smooth), ("down_smooth", a.down_smooth),
                                       ("group_size", a.group_size), ("smooth_steps", a.smooth_steps),
-                                      ("smooth_rows", a.smooth_rows), ("grid", a.grid), ("smooth_grid", a.smooth_grid), ("no_lae", a.no_lae or None),
+                                      ("smooth_rows", a.smooth_rows), ("grid", a.grid), ("smooth_grid", a.smooth_grid),
+                                      ("no_lae", a.no_lae or None),
                                       ("no_policy", a.no_policy or None), ("v0", a.v0), ("v1", a.v1),
                                       ("calib", a.calib), ("calib_n", a.calib_n), ("calib_len", a.calib_len),
                                       ("seed", a.seed), ("report", a.report)) if v is not None}
@@ -311,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "scale g in [1, 16] per group) is chosen before GPTQ and in the smoothing search. mse "
                         "(default): per row, s = c·max|W|/112 for c in 0.6..1 and each group's g minimizing its "
                         "squared rounding error, the row's best kept (SmolLM2, 40 thresholds, bench/RESULTS.md: "
-                        "perplexity 1.21x f16's, KL 0.22, against ceil's 1.32x, KL 0.29); ceil: s = max|W|/112, g = the smallest "
-                        "integer keeping the group within 7 steps (no clipping; cheaper to convert)")
+                        "perplexity 1.21x f16's, KL 0.22, against ceil's 1.32x, KL 0.29); ceil: s = max|W|/112, "
+                        "g = the smallest integer keeping the group within 7 steps (no clipping; cheaper to convert)")
     g.add_argument("--smooth-grid", default=None, choices=("same", "ceil"),
                    help="qqq --group-size 128: the grid the smoothing search rounds its trial weights on: ceil "
                         "(default, whatever --grid is) or same (the --grid of the written weights). SmolLM2, "
