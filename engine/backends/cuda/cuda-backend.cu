@@ -349,8 +349,9 @@ void cuda_prepare_linear4(Backend & be, Linear & lin) {
         p->lora_a = b.copy_tensor(lin.lora_a);
         p->lora_b = b.copy_tensor(lin.lora_b);
         p->lora_l = (double *) b.alloc((size_t) W4A4_GEMV_MAX_M * lin.rank * sizeof(double));
-        p->lora_sync = (unsigned *) b.alloc(2 * sizeof(unsigned));
-        cuda_check(cudaMemsetAsync(p->lora_sync, 0, 2 * sizeof(unsigned), b.stream()), "cudaMemsetAsync (low-rank counters)");
+        const size_t sync_bytes = (1 + (size_t) (lin.n + 7) / 8) * sizeof(unsigned long long);  // LoraGemv::sync
+        p->lora_sync = (unsigned long long *) b.alloc(sync_bytes);
+        cuda_check(cudaMemsetAsync(p->lora_sync, 0, sync_bytes, b.stream()), "cudaMemsetAsync (low-rank counters)");
     }
     lin.prepared = p;
 }

@@ -27,7 +27,7 @@ struct CudaLinear4 {
     void * lora_b = nullptr;
     // the decode GEMV's fused low-rank branch (LoraGemv): l [W4A4_GEMV_MAX_M, rank] and its two counters
     double * lora_l = nullptr;
-    unsigned * lora_sync = nullptr;
+    unsigned long long * lora_sync = nullptr;
     // as the consumer of a fused gate/up + SwiGLU (made at its first use): its in_map by source channel
     int32_t * swiglu_start = nullptr;
     int4 * swiglu_slots = nullptr;

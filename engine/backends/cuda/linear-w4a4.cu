@@ -31,13 +31,17 @@ constexpr int W4_WARPS = 8, W4_MAX_M = W4A4_GEMV_MAX_M;
 // The fused low-rank branch (LoraGemv in linear-w4a4.cuh). The grid's first `rank` blocks do no GEMV work: block i
 // computes row i, l[t, i] = Σ_s a[i, s] · codes[t, s] in float64 (exact, so the threads may split the sum in any
 // order), then sync[0] += 1. Being first, they are dispatched before any block that waits for them in lora_wait;
-// having no weights to stream, they finish while the GEMV blocks stream theirs.
+// having no weights to stream, they finish while the GEMV blocks stream theirs. Their row of a is fetched into L2
+// before the wait for the kernel before (a is a weight; the codes are that kernel's output).
 __device__ __forceinline__ void lora_down_row(const LoraGemv & lo, int i, const int8_t * __restrict__ codes, int M, int kp) {
     __shared__ double part[W4_WARPS];
     const __half * A = (const __half *) lo.a;
+    for (int o = 128 * threadIdx.x; o < 2 * kp; o += 128 * blockDim.x) prefetch_l2((const uint8_t *) (A + (size_t) i * kp) + o);
+    pdl_wait();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int t = 0; t < M; t++) {
         double s = 0.0;
+#pragma unroll 4  // (the loads of 4 steps issued together; the sum's order is the same)
         for (int k = 8 * threadIdx.x; k < kp; k += 8 * blockDim.x) {  // kp % 64 == 0: 8 codes a load
             const uint4 av = ld_cached(A + (size_t) i * kp + k);
             const uint2 cv = *(const uint2 *) (codes + (size_t) t * kp + k);
@@ -58,53 +62,72 @@ __device__ __forceinline__ void lora_down_row(const LoraGemv & lo, int i, const 
     }
     if (threadIdx.x == 0) {
         __threadfence();  // l before the count
-        atomicAdd(&lo.sync[0], 1u);
+        atomicAdd(&lo.sync[0], 1ull);
     }
 }
 
-// every row of l written (all threads of the block call it)
-__device__ __forceinline__ void lora_wait(const LoraGemv & lo) {
+// A GEMV block's view of the branch: B's rows for its outputs, staged in shared memory by cp.async as the block
+// starts (no registers held over the main loop), and l, staged once its launch's rows are written. Ranks above
+// LORA_SMEM_RANK (or not a multiple of 8) read both from global memory in the epilogue instead.
+constexpr int LORA_SMEM_RANK = 32;
+template <int NT> struct LoraStage {
+    __half b[NT * 8][LORA_SMEM_RANK];
+    double l[W4_MAX_M][LORA_SMEM_RANK];
+    unsigned long long launch;  // thread 0's
+};
+__device__ __forceinline__ bool lora_staged(const LoraGemv & lo) { return lo.rank <= LORA_SMEM_RANK && lo.rank % 8 == 0; }
+
+// first thing in GEMV block bx of `blocks` (all threads): the launch number and the launch counts
+// (LoraGemv::sync), and B's rows row_of(r), r < NT·8, into st.b
+template <int NT, class RowOf>
+__device__ __forceinline__ void lora_start(const LoraGemv & lo, LoraStage<NT> & st, int bx, int blocks, int n,
+                                           RowOf row_of) {
+    for (int s = bx + blocks * (int) threadIdx.x; s < (n + 7) / 8; s += blocks * (int) blockDim.x) {
+        if (s == bx) st.launch = atomicAdd(&lo.sync[1 + s], 1ull);  // (thread 0)
+        else atomicAdd(&lo.sync[1 + s], 1ull);
+    }
+    if (!lora_staged(lo)) return;
+    const int per_row = lo.rank / 8;  // 16-byte pieces
+    for (int q = threadIdx.x; q < NT * 8 * per_row; q += blockDim.x) {
+        const int r = q / per_row, piece = q % per_row;
+        cp_async16(&st.b[r][8 * piece], (const __half *) lo.b + (size_t) row_of(r) * lo.rank + 8 * piece, 16);
+    }
+    cp_async_commit();
+}
+
+// before the epilogue (all threads): B's copies landed; thread 0 waits for its launch's rows of l (an acquire load:
+// l's writes, made before their count, are visible to the block after the barrier), then l is staged
+template <int NT> __device__ __forceinline__ void lora_wait(const LoraGemv & lo, LoraStage<NT> & st, int M) {
+    cp_async_wait<0>();
     if (threadIdx.x == 0) {
-        while (*(volatile unsigned *) &lo.sync[0] < (unsigned) lo.rank) __nanosleep(64);
-        __threadfence();
+        const unsigned long long target = (st.launch + 1) * (unsigned long long) lo.rank;
+        for (;;) {
+            unsigned long long v;
+            asm volatile("ld.acquire.gpu.global.u64 %0, [%1];\n" : "=l"(v) : "l"(lo.sync) : "memory");
+            if ((long long) (v - target) >= 0) break;
+            __nanosleep(32);
+        }
     }
     __syncthreads();
+    if (lora_staged(lo)) {
+        for (int q = threadIdx.x; q < M * lo.rank; q += blockDim.x) st.l[q / lo.rank][q % lo.rank] = __ldcg(lo.l + q);
+        __syncthreads();
+    }
 }
 
-// lora[m, n] = fp32(Σ_i b[n, i] · l[m, i]), float64 fused multiply-adds in i order from 0, as the CPU backend.
-// Where rank % 8 == 0 (b's rows then 16-byte aligned), eight terms a step: one 16-byte load of b and eight loads of
-// l issued together, so a step waits for L2 once, not eight times.
-__device__ __forceinline__ float lora_up_value(const LoraGemv & lo, int m, int n) {
+// lora[m, n] = fp32(Σ_i b[n, i] · l[m, i]), float64 fused multiply-adds in i order from 0, as the CPU backend;
+// r: n's row among the block's staged rows of B
+template <int NT> __device__ __forceinline__ float lora_up_value(const LoraGemv & lo, const LoraStage<NT> & st, int m,
+                                                                 int n, int r) {
+    double s = 0.0;
+    if (lora_staged(lo)) {
+        for (int i = 0; i < lo.rank; i++) s = fma((double) __half2float(st.b[r][i]), st.l[m][i], s);
+        return (float) s;
+    }
     const __half * b = (const __half *) lo.b + (size_t) n * lo.rank;
     const double * l = lo.l + (size_t) m * lo.rank;
-    double s = 0.0;
-    int i = 0;
-    if ((lo.rank & 7) == 0) {
-        for (; i < lo.rank; i += 8) {
-            const uint4 bv = ld_cached(b + i);
-            const double2 l0 = __ldcg((const double2 *) (l + i)), l1 = __ldcg((const double2 *) (l + i + 2)),
-                          l2 = __ldcg((const double2 *) (l + i + 4)), l3 = __ldcg((const double2 *) (l + i + 6));
-            const __half * bh = (const __half *) &bv;
-            const double lv[8] = {l0.x, l0.y, l1.x, l1.y, l2.x, l2.y, l3.x, l3.y};
-#pragma unroll
-            for (int e = 0; e < 8; e++) s = fma((double) __half2float(bh[e]), lv[e], s);
-        }
-    }
-    for (; i < lo.rank; i++) s = fma((double) __half2float(b[i]), __ldcg(l + i), s);
+    for (int i = 0; i < lo.rank; i++) s = fma((double) __half2float(b[i]), __ldcg(l + i), s);
     return (float) s;
-}
-
-// the last block of the grid to get here resets the counters for the next launch (all threads call it)
-__device__ __forceinline__ void lora_finish(const LoraGemv & lo) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        if (atomicAdd(&lo.sync[1], 1u) == gridDim.x - 1) {
-            lo.sync[0] = 0;
-            lo.sync[1] = 0;
-            __threadfence();
-        }
-    }
 }
 
 // 32 int4 codes one per byte (k order) -> the 16 packed bytes of the file's layout (even k in the low nibble)
@@ -132,9 +155,7 @@ static __global__ void __launch_bounds__(256, 3) gemv_w4a4_kernel(const uint8_t 
     // the low-rank blocks first (CODES8 only), then the GEMV blocks bx = 0, 1, ..
     const int lora_blocks = CODES8 && lo.rank > 0 ? lo.rank : 0;
     if ((int) blockIdx.x < lora_blocks) {
-        pdl_wait();  // the codes come from the kernel before
-        lora_down_row(lo, blockIdx.x, (const int8_t *) a, M, 2 * kb);
-        lora_finish(lo);
+        lora_down_row(lo, blockIdx.x, (const int8_t *) a, M, 2 * kb);  // (its pdl_wait inside)
         return;
     }
     const int bx = (int) blockIdx.x - lora_blocks;
@@ -142,6 +163,10 @@ static __global__ void __launch_bounds__(256, 3) gemv_w4a4_kernel(const uint8_t 
     auto tile_row = [&](int i, int r) {
         return SWIGLU ? (i ? so.n_ff : 0) + bx * 8 + r : (bx * NT + i) * 8 + r;
     };
+    __shared__ LoraStage<NT> ls;
+    if (lora_blocks) {
+        lora_start(lo, ls, bx, (int) gridDim.x - lora_blocks, N, [&](int r) { return min(tile_row(r / 8, r % 8), N - 1); });
+    }
     // rows past M or N are read from a valid row and only feed outputs that are never written
     const size_t a_row = CODES8 ? 2 * (size_t) kb : (size_t) kb;
     const uint8_t * ap0 = a + (size_t) min(g, M - 1) * a_row;
@@ -158,24 +183,54 @@ static __global__ void __launch_bounds__(256, 3) gemv_w4a4_kernel(const uint8_t 
             if (o < kb) prefetch_l2(w + (size_t) n * kb + o);
         }
     }
+    // K in rounds of ROUND chunks of 64 bytes (warp w, batch slot u: chunk w + W4_WARPS·u of the round). A last
+    // partial round of at most W4_WARPS chunks (a split input's extra slots: K = 4224 is 32 chunks and one) is no
+    // round of its own: its weights go to shared memory by cp.async as the block starts, before the wait for the
+    // kernel before, and warp j multiplies tail chunk j after the main loop, so the tail costs no memory round trip.
+    constexpr int ROUND = W4_WARPS * U;
+    const int nchunk = (kb + 63) / 64, rest = nchunk % ROUND;
+    const int tail = rest <= W4_WARPS ? rest : 0, nmain = nchunk - tail;
+    __shared__ uint4 tw[W4_WARPS][NT][8][4];  // [tail chunk][tile][row][16-byte piece]
+    for (int q = threadIdx.x; q < tail * NT * 32; q += blockDim.x) {
+        const int j = q / (NT * 32), i = (q / 32) % NT, r = (q / 4) % 8, piece = q % 4;
+        const int o = (nmain + j) * 64 + 16 * piece;
+        cp_async16(&tw[j][i][r][piece], w + (size_t) min(tile_row(i, r), N - 1) * kb + min(o, kb - 16), o < kb ? 16 : 0);
+    }
+    cp_async_commit();
     pdl_wait();  // the activations and y are written by earlier kernels
 
+    // the activation registers of byte offset o of K (clamped: a chunk past the end is zeroed by its caller)
+    auto load_a = [&](int o, uint4 & r0, uint4 & r8) {
+        if constexpr (CODES8) {
+            r0 = pack_codes32(ld_cached(ap0 + 2 * o), ld_cached(ap0 + 2 * o + 16));
+            if constexpr (HI8) r8 = pack_codes32(ld_cached(ap8 + 2 * o), ld_cached(ap8 + 2 * o + 16));
+        } else {
+            r0 = ld_cached(ap0 + o);
+            if constexpr (HI8) r8 = ld_cached(ap8 + o);
+        }
+        if constexpr (!HI8) r8 = r0;
+    };
     int32_t c[NT][4] = {};
-    const int nchunk = (kb + 63) / 64;
+    auto mma_chunk = [&](const uint4 & r0, const uint4 & r8, const uint4 (&wb)[NT]) {
+#pragma unroll
+        for (int s = 0; s < Fmt::steps; s++) {
+            uint32_t af[4];
+            Fmt::a_frag(r0, r8, s, af);
+#pragma unroll
+            for (int i = 0; i < NT; i++) {
+                uint32_t bf[2];
+                Fmt::b_frag(wb[i], s, bf);
+                Fmt::mma(c[i], af, bf);
+            }
+        }
+    };
     const uint4 z = make_uint4(0, 0, 0, 0);
-    for (int c0 = warp; c0 < nchunk; c0 += W4_WARPS * U) {
+    for (int c0 = warp; c0 < nmain; c0 += ROUND) {
         uint4 ra0[U], ra8[U], rb[U][NT];
 #pragma unroll
         for (int u = 0; u < U; u++) {  // the batch's loads first (clamped offsets, no branches)
             const int o = min((c0 + u * W4_WARPS) * 64 + 16 * t, kb - 16);
-            if constexpr (CODES8) {
-                ra0[u] = pack_codes32(ld_cached(ap0 + 2 * o), ld_cached(ap0 + 2 * o + 16));
-                if constexpr (HI8) ra8[u] = pack_codes32(ld_cached(ap8 + 2 * o), ld_cached(ap8 + 2 * o + 16));
-            } else {
-                ra0[u] = ld_cached(ap0 + o);
-                if constexpr (HI8) ra8[u] = ld_cached(ap8 + o);
-            }
-            if constexpr (!HI8) ra8[u] = ra0[u];
+            load_a(o, ra0[u], ra8[u]);
 #pragma unroll
             for (int i = 0; i < NT; i++) rb[u][i] = ld_stream(wp[i] + o);
         }
@@ -184,23 +239,27 @@ static __global__ void __launch_bounds__(256, 3) gemv_w4a4_kernel(const uint8_t 
             if ((c0 + u * W4_WARPS) * 64 + 16 * t >= kb) {  // past the end of K
                 ra0[u] = ra8[u] = z;
             }
+            mma_chunk(ra0[u], ra8[u], rb[u]);
+        }
+    }
+    if (tail) {  // (block-uniform)
+        uint4 ra0 = z, ra8 = z;
+        const int o = (nmain + warp) * 64 + 16 * t;
+        if (warp < tail) load_a(min(o, kb - 16), ra0, ra8);
+        cp_async_wait<0>();
+        __syncthreads();
+        if (warp < tail) {
+            if (o >= kb) ra0 = ra8 = z;
+            uint4 wb[NT];
 #pragma unroll
-            for (int s = 0; s < Fmt::steps; s++) {
-                uint32_t af[4];
-                Fmt::a_frag(ra0[u], ra8[u], s, af);
-#pragma unroll
-                for (int i = 0; i < NT; i++) {
-                    uint32_t bf[2];
-                    Fmt::b_frag(rb[u][i], s, bf);
-                    Fmt::mma(c[i], af, bf);
-                }
-            }
+            for (int i = 0; i < NT; i++) wb[i] = tw[warp][i][g][t];
+            mma_chunk(ra0, ra8, wb);
         }
     }
 
     __shared__ SplitK<int32_t, W4_WARPS, NT> red;
     splitk_store<int32_t, W4_WARPS, NT>(red, c, warp, lane);
-    if (lo.rank > 0) lora_wait(lo);
+    if (lora_blocks) lora_wait(lo, ls, M);
     // thread p: tile p / 64, lane (p / 2) % 32, register pair p % 2 (row g or g + 8, columns 2t, 2t + 1)
     const int p = threadIdx.x;
     if constexpr (SWIGLU) {
@@ -212,8 +271,8 @@ static __global__ void __launch_bounds__(256, 3) gemv_w4a4_kernel(const uint8_t 
                 const int32_t s0 = splitk_sum<int32_t, W4_WARPS, NT>(red, i, 2 * h, l);
                 const int32_t s1 = splitk_sum<int32_t, W4_WARPS, NT>(red, i, 2 * h + 1, l);
                 const float * ad = add ? add + (size_t) m * N + n : nullptr;
-                const float l0 = lo.rank > 0 ? lora_up_value(lo, m, n) : ad ? ad[0] : 0.0f;
-                const float l1 = lo.rank > 0 ? lora_up_value(lo, m, n + 1) : ad ? ad[1] : 0.0f;
+                const float l0 = lora_blocks ? lora_up_value(lo, ls, m, n, 8 * i + c) : ad ? ad[0] : 0.0f;
+                const float l1 = lora_blocks ? lora_up_value(lo, ls, m, n + 1, 8 * i + c + 1) : ad ? ad[1] : 0.0f;
                 gu[i][c][m] = gemm_value<Fmt>(s0, scale, n) + l0;
                 gu[i][c + 1][m] = gemm_value<Fmt>(s1, scale, n + 1) + l1;
             }
@@ -228,7 +287,6 @@ static __global__ void __launch_bounds__(256, 3) gemv_w4a4_kernel(const uint8_t 
                 o[en.x] = en.z ? slot_code(z, en.y, en.z) : 0;
             }
         }
-        if (lo.rank > 0) lora_finish(lo);
         return;
     }
     if (p < NT * 64) {
@@ -242,17 +300,17 @@ static __global__ void __launch_bounds__(256, 3) gemv_w4a4_kernel(const uint8_t 
             // v·1.0f is exact: no effect without a row scale; __fmul_rn rounds the product before the accumulate
             // (no fused multiply-add), as the CPU backend does
             const float rs = row_scale ? row_scale[m] : 1.0f;
-            const float l0 = lo.rank > 0 ? lora_up_value(lo, m, n) : ad ? ad[0] : 0.0f;
+            const int r = 8 * i + 2 * (l & 3);  // n's row among the block's rows
+            const float l0 = lora_blocks ? lora_up_value(lo, ls, m, n, r) : ad ? ad[0] : 0.0f;
             const float v0 = __fmul_rn(gemm_value<Fmt>(s0, scale, n) + l0, rs);
             if (accumulate) yo[0] += v0; else yo[0] = v0;
             if (n + 1 < N) {
-                const float l1 = lo.rank > 0 ? lora_up_value(lo, m, n + 1) : ad ? ad[1] : 0.0f;
+                const float l1 = lora_blocks ? lora_up_value(lo, ls, m, n + 1, r + 1) : ad ? ad[1] : 0.0f;
                 const float v1 = __fmul_rn(gemm_value<Fmt>(s1, scale, n + 1) + l1, rs);
                 if (accumulate) yo[1] += v1; else yo[1] = v1;
             }
         }
     }
-    if (lo.rank > 0) lora_finish(lo);
 }
 
 using gemv_fn = void (*)(const uint8_t *, const uint8_t *, const float *, const float *, const float *, float *, int,

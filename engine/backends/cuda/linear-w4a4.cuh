@@ -23,15 +23,17 @@ struct SwigluOut {
 };
 // The low-rank branch inside the decode GEMV (docs/numerics.md): lora[m, n] = f64(Σ_i b[n, i] · l[m, i]) with
 // l[m, i] = Σ_s a[i, s] · codes[m, s] in float64, exact (fp16 times int4 codes: any order of the sum gives the
-// same double). `rank` extra blocks at the front of the GEMV's grid compute l into `l` (one row each) and count
-// the rows done in sync[0]; every GEMV block waits for all `rank` rows before its epilogue, and the last block
-// to finish resets sync[0] and sync[1] (its finished-block count) to 0 for the next launch. No extra launch, no
-// zeroing pass. rank 0: no branch.
+// same double). `rank` extra blocks at the front of the GEMV's grid compute l into `l` (one row each) and add
+// one to sync[0] each; every GEMV block waits for its launch's `rank` rows before its epilogue. The counters
+// only grow (no reset, no end-of-launch bookkeeping, no two blocks on one counter but sync[0]): sync[1 + s],
+// s < ceil(n / 8), counts the launches of the linear; GEMV block b of a grid of G adds one to the slots b, b + G,
+// b + 2G, .. (so every slot once a launch, whatever G) and reads the launch number e off slot b; launches of one
+// linear never overlap (one stream), so e's rows are written when sync[0] ≥ (e + 1)·rank. rank 0: no branch.
 struct LoraGemv {
     const void * a = nullptr;     // F16 [rank, kp], the file's lora_a
     const void * b = nullptr;     // F16 [n, rank], the file's lora_b
     double * l = nullptr;         // [W4A4_GEMV_MAX_M, rank] workspace
-    unsigned * sync = nullptr;    // [2], zero between launches
+    unsigned long long * sync = nullptr;  // [1 + ceil(n / 8)]: rows written, launches (all zero at first)
     int32_t rank = 0;
 };
 // The low-rank branch in the prefill GEMM's epilogue (gemm-mma.cuh): lora[m, n] = f64(Σ_i b[n, i] · l[m, i]),
