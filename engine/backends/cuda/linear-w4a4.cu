@@ -4,7 +4,7 @@
 // mma.m16n8k64 s4 as they are (FmtS4). Either way the exact int32 sum gets one fp32 multiply by scale[n]:
 // bit-identical to the CPU and numpy integer reference. Kernels measured in bench/kernels/linear.cu:
 //  - decode (m <= 16): GEMV; a block of 8 warps owns 16 weight rows and the warps split K, each thread
-//    keeps 2 chunks x (2 weight + 1-2 activation) 16-byte loads in flight (68 registers: 3 blocks per
+//    keeps 2 chunks x (2 weight + 1-2 activation) 16-byte loads in flight (78 registers: 3 blocks per
 //    SM); partial sums meet in shared memory (integer sums: exact in any order). Launched with PDL
 //    (cuda-common.cuh): the blocks prefetch their first weights into L2 while the kernel before runs.
 //    It also takes the activations as int8 codes, one per byte (the static W4A4 ops' output), and packs
