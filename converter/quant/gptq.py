@@ -32,14 +32,18 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, step: np.ndarray, qmin: in
         out = np.empty_like(q)
         out[:, perm] = q
         return out
-    w = w.astype(np.float64).copy()
-    h = hessian.astype(np.float64).copy()
+    w = w.astype(np.float64)  # astype copies: w and h are this function's own
+    h = hessian.astype(np.float64)
     dead = np.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    h += damp * np.mean(np.diag(h)) * np.eye(k)
+    # the damping on the diagonal in place (the same sums as adding damp·mean·I: the off-diagonal terms add 0),
+    # and H released before its inverse's factorization: [K, K] float64 matrices are the largest this holds
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
     # Upper Cholesky factor of H⁻¹: row i holds the error-propagation weights of column i.
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T
+    h = np.linalg.inv(h)
+    hinv = np.linalg.cholesky(h).T
+    del h
     s = np.where(step > 0, step, 1)
     q = np.zeros((n, k), np.int8)
     for b0 in range(0, k, block):
