@@ -35,8 +35,8 @@ The bound, from the shape and the calibration size M = calib_n x calib_len token
   ffn_down's output [M, 4096]: 69,888 floats per token (280 KB). The script also prints the strict variant the
   issue's wording allows (the residual stream plus the widest intermediate, [M, 4096 + 2 x 11008]).
 The bound counts no GPTQ Hessian: ffn_down's is [Kp, Kp] for Kp = 11008 plus the split slots (13,248 with the
-default 0.2 budget: 702 MB in fp32), which mergequant keeps in float64 while it solves (docs/methods.md,
-"Memory"); the peak against the bound is the measurement.
+default 0.2 budget: 702 MB in fp32), which GPTQ works on in float64 (docs/architecture.md, "Memory of a
+conversion"); the peak against the bound is the measurement.
 
 Runs with numpy, safetensors, gguf, tokenizers, sentencepiece, tqdm and the mergequant package (with its
 compiled extension: calibration tokenizes with the engine's tokenizer). Disk: the checkpoint is 0.52 GB plus

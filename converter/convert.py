@@ -1,6 +1,7 @@
 """Checkpoint → .mq conversion, one decoder layer at a time: at most one layer of float32 weights is held, and
 each layer's packed tensors are streamed to disk as they come (mqfile.MqWriter), so the conversion's memory does
-not grow with the model (docs/methods.md, "Memory"; the .mq tensor names and fusions are those of docs/format.md).
+not grow with the model (docs/architecture.md, "Memory of a conversion"; the .mq tensor names and fusions are
+those of docs/format.md).
 
 A quantization method plugs in as a function of `quant.methods.METHODS` (that file gives its shape); with no
 method every linear is packed by `scheme` (quant/rtn.py, `plain_blocks`). This is the top of the converter:

@@ -199,8 +199,8 @@ def _convert_peak(src, out, **kw):
 @pytest.mark.parametrize("kw", [dict(), dict(scheme="w4a16g"), dict(method="rtn-w4a4-static")],
                          ids=["f16", "w4a16g", "rtn-w4a4-static"])
 def test_conversion_holds_one_layer(tiny_hf_checkpoint, tmp_path, kw):
-    """Conversion streams layer by layer (docs/methods.md, "Memory"): its peak allocation does not grow with the
-    number of layers (6 layers against 2: within a tenth of one layer's fp32 weights, where keeping the packed
+    """Conversion streams layer by layer (docs/architecture.md, "Memory of a conversion"): its peak allocation
+    does not grow with the number of layers (6 layers against 2: within a tenth of one layer's fp32 weights, where keeping the packed
     layers would add 4 packed layers, and keeping the float ones 4 whole layers), and without calibration it stays
     below 2 x one layer's fp32 weights."""
     if "method" in kw:
