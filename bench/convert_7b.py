@@ -58,6 +58,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +190,8 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.period, self.stage, self.t_stage = period, "start", time.perf_counter()
         self.stages: dict[str, dict] = {}
+        self.main_id = threading.get_ident()
+        self.peak_kb, self.peak_where, self.peak_stage = 0, [], ""
         self.order: list[str] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -216,6 +219,12 @@ class Sampler(threading.Thread):
 
     def _sample(self) -> None:
         st = _status()
+        if st.get("VmRSS", 0) > self.peak_kb:  # where the main thread is at each new peak (the last frames)
+            self.peak_kb = st["VmRSS"]
+            frame = sys._current_frames().get(self.main_id)
+            stack = traceback.extract_stack(frame)[-4:] if frame is not None else []
+            self.peak_where = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in stack]
+            self.peak_stage = self.stage
         e = self._entry(self.stage)
         e["rss_kb"] = max(e["rss_kb"], st.get("VmRSS", 0))
         e["anon_kb"] = max(e["anon_kb"], st.get("RssAnon", 0))
@@ -258,6 +267,7 @@ def child(spec: dict) -> None:
                         sampler.rename(f"layer {i}", "after the layers")
                         break
                     yield block  # the consumer writes the block before asking for the next
+                    del block    # (not held here while the next layer is made)
                     now = time.perf_counter()
                     layer_s.append(now - t)
                     t, i = now, i + 1
@@ -276,7 +286,8 @@ def child(spec: dict) -> None:
         finish = writer_cls.finish
 
         def timed_finish(self, *a, **k):
-            sampler.mark("write file")
+            if str(self.path) == spec["out"]:  # not the tokenizer-only file calibration writes
+                sampler.mark("write file")
             return finish(self, *a, **k)
         writer_cls.finish = timed_finish
     cv.convert(spec["src"], spec["out"], scheme=spec["scheme"], method=method, progress=False, **kwargs)
@@ -287,7 +298,8 @@ def child(spec: dict) -> None:
     f = mqfile.read_mq(out)
     Path(spec["report"]).write_text(json.dumps({
         "total_s": total, "layer_s": layer_s, "stages": [(k, sampler.stages[k]) for k in sampler.order],
-        "vmhwm_kb": st["VmHWM"], "mq_bytes": out.stat().st_size, "mq_tensors": len(f.names()),
+        "vmhwm_kb": st["VmHWM"], "peak_sampled_kb": sampler.peak_kb, "peak_stage": sampler.peak_stage,
+        "peak_where": sampler.peak_where, "mq_bytes": out.stat().st_size, "mq_tensors": len(f.names()),
         "quant_method": (f.quant or {}).get("method")}, indent=1))
 
 
@@ -444,6 +456,8 @@ def main() -> None:
         lines.append(f"| {name} | {s['s']:.1f} | {gb(s['rss_kb'] * 1024)} | {gb(s['anon_kb'] * 1024)} | "
                      f"{gb(s['file_kb'] * 1024)} |")
     lines.append("")
+    lines.append(f"Sampled peak {gb(rep['peak_sampled_kb'] * 1024)} in stage '{rep['peak_stage']}', the main thread at: "
+                 + " ← ".join(reversed(rep["peak_where"])) + "  ")
     lines.append(f"32 layers extrapolated: {outside:.0f} s outside the layers + 32 x {mean_layer:.1f} s = "
                  f"{extrap:.0f} s ({extrap / 60:.1f} min); the writer's final copy grows with the file (about "
                  f"{rep['mq_bytes'] / 1e9:.2f} GB here, 3.7 GB at 32 layers), not counted in that scaling.")
