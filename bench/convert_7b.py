@@ -300,6 +300,7 @@ def child(spec: dict) -> None:
         "total_s": total, "layer_s": layer_s, "stages": [(k, sampler.stages[k]) for k in sampler.order],
         "vmhwm_kb": st["VmHWM"], "peak_sampled_kb": sampler.peak_kb, "peak_stage": sampler.peak_stage,
         "peak_where": sampler.peak_where, "mq_bytes": out.stat().st_size, "mq_tensors": len(f.names()),
+        "blk_bytes": sum(f.nbytes(n) for n in f.names() if n.startswith("blk.")),
         "quant_method": (f.quant or {}).get("method")}, indent=1))
 
 
@@ -458,9 +459,11 @@ def main() -> None:
     lines.append("")
     lines.append(f"Sampled peak {gb(rep['peak_sampled_kb'] * 1024)} in stage '{rep['peak_stage']}', the main thread at: "
                  + " ← ".join(reversed(rep["peak_where"])) + "  ")
+    mq_32 = rep["mq_bytes"] + (FULL_LAYERS - a.layers) * rep.get("blk_bytes", 0) / a.layers
     lines.append(f"32 layers extrapolated: {outside:.0f} s outside the layers + 32 x {mean_layer:.1f} s = "
-                 f"{extrap:.0f} s ({extrap / 60:.1f} min); the writer's final copy grows with the file (about "
-                 f"{rep['mq_bytes'] / 1e9:.2f} GB here, 3.7 GB at 32 layers), not counted in that scaling.")
+                 f"{extrap:.0f} s ({extrap / 60:.1f} min); the .mq would be {mq_32 / 1e9:.2f} GB (here "
+                 f"{rep['mq_bytes'] / 1e9:.2f} GB), and the writer's final copy, which grows with it, is scaled with "
+                 f"the rest of the time outside the layers, i.e. not at all (a few seconds a GB).")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.md:
