@@ -213,8 +213,12 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
                               (a.T @ y).astype(np.float64) + prior).T.astype(np.float32)
     scale = search_weight_scale(w_t, np.diag(gram)) if opts.clip else np.abs(w_t).max(axis=1) / QMAX
     codes = gptq_codes(w_t, gram, scale, damp=opts.damp, act_order=opts.act_order) if opts.gptq else quant_rows(w_t, scale)[0]
+    if fit >= len(a_all):
+        w_t = w_fold = None  # only the held-out error report reads the folded weight again
     codes_t = codes.T.astype(np.float32)
-    y_q = fitted_apart(lambda v: v @ codes_t, a_all, fit) * scale
+    y_q = fitted_apart(lambda v: v @ codes_t, a_all, fit)
+    y_q *= scale
+    del codes_t
     lora = None
     if opts.rank > 0:
         la, lb = fit_lowrank(gram, a.T @ (y - y_q[:fit]), opts.rank, opts.damp)
