@@ -17,8 +17,9 @@ special_tokens_map.json; reading it needs the `sentencepiece` package, a mergequ
 text is the built-in wikitext2+c4 set under $MERGEQUANT_SHARED/data/eval, tokenized with that tokenizer.
 
 Measurement: the conversion runs in a child process (`--_child`, not for direct use) so its memory is its own:
-peak RSS is the child's ru_maxrss from wait4 (the kernel's high-water mark, VmHWM: anonymous memory plus the
-resident pages of the memory-mapped checkpoint), and a sampler thread in the child reads /proc/self/status
+peak RSS is the child's VmHWM read by itself when the conversion is done (the kernel's high-water mark of its
+resident set: anonymous memory plus the resident pages of the memory-mapped checkpoint; wait4's ru_maxrss is
+printed beside it, but on Linux it also counts the image forked from this parent before exec), and a sampler thread in the child reads /proc/self/status
 every 20 ms for the peak per stage and the anonymous / file-backed split (sampled, so a spike shorter than 20 ms
 can be missed there; the overall peak is exact). Per-layer time is the time between the method yielding layer i
 and layer i + 1 (it includes writing the layer's packed tensors). "Extrapolated to 32 layers" is the measured
@@ -307,7 +308,7 @@ def child(spec: dict) -> None:
 # ---------------------------------------------------------------- the parent
 
 def run_child(spec: dict) -> tuple[dict, int, float]:
-    """(child's report, its ru_maxrss in kB, its wall s)."""
+    """(child's report, its ru_maxrss in kB (which includes the pre-exec forked image), its wall s)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_child", json.dumps(spec)])
     _, status, usage = os.wait4(proc.pid, 0)
@@ -412,7 +413,7 @@ def main() -> None:
     act = 4 * m_tok * ACT_WIDTH
     act_strict = 4 * m_tok * STRICT_WIDTH
     bound, bound_strict = 2 * w_layer + act, 2 * w_layer + act_strict
-    peak = maxrss_kb * 1024
+    peak = rep["vmhwm_kb"] * 1024
     layers_s = rep["layer_s"]
     mean_layer = sum(layers_s) / len(layers_s)
     outside = rep["total_s"] - sum(layers_s)
@@ -438,7 +439,8 @@ def main() -> None:
              f"Bound: 2 x one layer's fp32 weights ({w_layer / 1e6:.1f} MB) + one block's fp32 calibration activations "
              f"({m_tok} tokens x {ACT_WIDTH} floats = {act / 1e6:.1f} MB) = {gb(bound)}; the strict variant (residual "
              f"stream + widest intermediate, {m_tok} x {STRICT_WIDTH} floats) = {gb(bound_strict)}  ",
-             f"Peak RSS: the conversion child's ru_maxrss = {gb(peak)} ({peak / 2**30:.2f} GiB); child wall "
+             f"Peak RSS: the conversion child's VmHWM = {gb(peak)} ({peak / 2**30:.2f} GiB; wait4's ru_maxrss "
+             f"{gb(maxrss_kb * 1024)}, which counts the image forked before exec too); child wall "
              f"{wall:.0f} s. Load average (1 / 5 / 15 min) before → after the conversion: {la(load_before)} → "
              f"{la(load_after)}",
              "",
