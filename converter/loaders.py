@@ -132,8 +132,10 @@ class SafetensorsFile:
         self.check_float(name)
         raw = self._window(name)
         if self.dtype(name) == "BF16":
-            # bfloat16 is the top half of a float32.
-            return (raw.astype(np.uint32) << 16).view(np.float32)
+            # bfloat16 is the top half of a float32 (shifted in place: one array of the float32's size)
+            bits = raw.astype(np.uint32)
+            bits <<= 16
+            return bits.view(np.float32)
         return raw.astype(np.float32)
 
     def read_into(self, name: str, out: np.ndarray) -> None:
