@@ -71,10 +71,12 @@ def convert(src: str | Path, out: str | Path, scheme: str = "f16", method: str |
 
         put(tok_tensors)
         del tok_tensors
-        for block in tqdm(blocks, total=cfg.num_hidden_layers, desc=f"convert {Path(src).name}",
-                          unit="layer", disable=not progress):
+        bar = tqdm(total=cfg.num_hidden_layers, desc=f"convert {Path(src).name}", unit="layer", disable=not progress)
+        for block in blocks:  # (not through tqdm's iterator, which would hold the last block while the next is made)
             put(block)
             del block
+            bar.update()
+        bar.close()
         put(output_tensors(ck, output_scheme, quant))
         put({"output_norm.weight": ck.get("model.norm.weight").astype(np.float32)})
         if kv_spec is not None:

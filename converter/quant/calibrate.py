@@ -118,4 +118,6 @@ def run_sequential(ck: Checkpoint, ids: np.ndarray,
     for i in range(cfg.num_hidden_layers):
         tensors, blk = quantize_layer(i, h, fused_layer(ck, i))
         h = block_forward(h, blk, cfg, cos, sin)
+        del blk
         yield tensors
+        del tensors  # nothing of layer i is held while layer i + 1 is quantized
