@@ -39,6 +39,11 @@ The bound counts no GPTQ Hessian: ffn_down's is [Kp, Kp] for Kp = 11008 plus the
 default 0.2 budget: 702 MB in fp32), which GPTQ works on in float64 (docs/architecture.md, "Memory of a
 conversion"); the peak against the bound is the measurement.
 
+What to expect (bench/RESULTS.md, "Converting a 7B shape"; 2 busy vCPUs, 8 x 512 calibration): --method none
+1.4 GB and ~25 s a layer; rtn-w4a4-static 2.5 GB, ~100 s a layer; mergequant 7.6 GB (GPTQ's inverse of
+ffn_down's float64 Hessian) and ~30 min a layer. The conversion runs on the CPU (numpy / OpenBLAS, all cores
+unless OPENBLAS_NUM_THREADS says otherwise); there is no --device.
+
 Runs with numpy, safetensors, gguf, tokenizers, sentencepiece, tqdm and the mergequant package (with its
 compiled extension: calibration tokenizes with the engine's tokenizer). Disk: the checkpoint is 0.52 GB plus
 0.40 GB per layer (13.5 GB at 32 layers), the .mq about 0.1 GB per layer plus 0.5 GB, and the converter's scratch
