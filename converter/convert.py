@@ -1,5 +1,7 @@
-"""Checkpoint → .mq conversion, one decoder layer at a time: at most one layer of float32 weights is held
-while the packed outputs accumulate (the .mq tensor names and fusions are those of docs/format.md).
+"""Checkpoint → .mq conversion, one decoder layer at a time: at most one layer of float32 weights is held, and
+each layer's packed tensors are streamed to disk as they come (mqfile.MqWriter), so the conversion's memory does
+not grow with the model (docs/architecture.md, "Memory of a conversion"; the .mq tensor names and fusions are
+those of docs/format.md).
 
 A quantization method plugs in as a function of `quant.methods.METHODS` (that file gives its shape); with no
 method every linear is packed by `scheme` (quant/rtn.py, `plain_blocks`). This is the top of the converter:
@@ -14,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .loaders import load_checkpoint
-from .mqfile import write_mq
+from .mqfile import MqWriter, mq_metadata
 from .quant.calibrate import calibration_tokens
 from .quant.kv_cache import kv_calibration_args, kv_scale_tensors
 from .quant.methods import METHODS
@@ -45,7 +47,7 @@ def convert(src: str | Path, out: str | Path, scheme: str = "f16", method: str |
     if kv_int8:
         kv_spec, method_args = kv_calibration_args(METHODS.get(method), method_args)
     ck = load_checkpoint(src)
-    tok_meta, tensors = export_tokenizer(ck)
+    tok_meta, tok_tensors = export_tokenizer(ck)
     quant: dict[str, Any] = {"method": method or scheme, "params": {}, "linears": {}}
     if method is None:
         if method_args:
@@ -58,13 +60,27 @@ def convert(src: str | Path, out: str | Path, scheme: str = "f16", method: str |
             raise TypeError("scheme_params apply only without a method (a method packs its own linears)")
         blocks = METHODS[method](ck, scheme=scheme, quant=quant, **method_args)
     cfg = ck.config
-    for block in tqdm(blocks, total=cfg.num_hidden_layers, desc=f"convert {Path(src).name}",
-                      unit="layer", disable=not progress):
-        tensors |= block
-    tensors |= output_tensors(ck, output_scheme, quant)
-    tensors["output_norm.weight"] = ck.get("model.norm.weight").astype(np.float32)
-    if kv_spec is not None:
-        sim = SimModel(cfg, tensors, quant)
-        tensors |= kv_scale_tensors(sim, calibration_tokens(kv_spec, ck), progress)
-        quant["params"]["kv_cache"] = {"dtype": "int8", "calibration": asdict(kv_spec)}
-    return write_mq(out, cfg, quant, tok_meta, tensors)
+    # Each layer's packed tensors go to the writer's scratch file as they come (MqWriter), so the conversion holds
+    # one layer; only the int8 KV-cache calibration, which runs the finished model, keeps them all in memory.
+    kept: dict[str, np.ndarray] | None = {} if kv_spec is not None else None
+    with MqWriter(out) as writer:
+        def put(tensors: dict[str, np.ndarray]) -> None:
+            writer.add_all(tensors)
+            if kept is not None:
+                kept.update(tensors)
+
+        put(tok_tensors)
+        del tok_tensors
+        bar = tqdm(total=cfg.num_hidden_layers, desc=f"convert {Path(src).name}", unit="layer", disable=not progress)
+        for block in blocks:  # (not through tqdm's iterator, which would hold the last block while the next is made)
+            put(block)
+            del block
+            bar.update()
+        bar.close()
+        put(output_tensors(ck, output_scheme, quant))
+        put({"output_norm.weight": ck.get("model.norm.weight").astype(np.float32)})
+        if kv_spec is not None:
+            sim = SimModel(cfg, kept, quant)
+            put(kv_scale_tensors(sim, calibration_tokens(kv_spec, ck), progress))
+            quant["params"]["kv_cache"] = {"dtype": "int8", "calibration": asdict(kv_spec)}
+        return writer.finish(mq_metadata(cfg, quant, tok_meta))

@@ -117,13 +117,41 @@ class SafetensorsFile:
             raise UnsupportedModelError(f"{self.path}: tensor {name!r} has dtype {self.dtype(name)}; "
                                         f"expected one of {', '.join(_FLOAT_DTYPES)}")
 
+    def _window(self, name: str) -> np.ndarray:
+        """The stored array through a mapping of its own bytes only, unmapped when the array is released: the
+        pages a conversion reads leave this process's resident set with the tensor (a mapping of the whole file
+        kept open would keep every page read so far resident)."""
+        entry = self.entries[name]
+        start, end = entry["data_offsets"]
+        dtype = _ST_DTYPES[entry["dtype"]]
+        if end == start or not entry["shape"]:
+            return np.array(self.raw(name))
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + start, shape=tuple(entry["shape"]))
+
     def float32(self, name: str) -> np.ndarray:
         self.check_float(name)
-        raw = self.raw(name)
+        raw = self._window(name)
         if self.dtype(name) == "BF16":
-            # bfloat16 is the top half of a float32.
-            return (raw.astype(np.uint32) << 16).view(np.float32)
+            # bfloat16 is the top half of a float32 (shifted in place: one array of the float32's size)
+            bits = raw.astype(np.uint32)
+            bits <<= 16
+            return bits.view(np.float32)
         return raw.astype(np.float32)
+
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        """float32(name) written into `out` (a C-contiguous float32 array of the tensor's shape, e.g. rows of a
+        larger matrix), without a float32 temporary."""
+        self.check_float(name)
+        if out.shape != self.shape(name) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"{self.path}: read_into {name!r} needs a C-contiguous float32 array of shape "
+                             f"{self.shape(name)}, got {out.dtype} {out.shape}")
+        raw = self._window(name)
+        if self.dtype(name) == "BF16":
+            bits = out.view(np.uint32)
+            bits[...] = raw
+            bits <<= 16
+        else:
+            out[...] = raw
 
 
 class LazyTensors(Mapping[str, np.ndarray]):
@@ -154,8 +182,18 @@ class Checkpoint:
     gguf_reader: Any = None  # gguf.GGUFReader for GGUF sources
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # HF name → shape, known without loading
 
+    readers: dict[str, Callable[[np.ndarray], None]] = field(default_factory=dict)  # HF name → fill a float32 array
+
     def get(self, name: str) -> np.ndarray:
         return self.tensors[name]
+
+    def get_into(self, name: str, out: np.ndarray) -> None:
+        """get(name) written into `out` (its shape, float32, C-contiguous): straight from the file where the
+        loader can (Hugging Face safetensors), else through get()."""
+        if name in self.readers:
+            self.readers[name](out)
+        else:
+            out[...] = self.get(name)
 
     def names(self) -> list[str]:
         return self.tensors.names()
@@ -201,7 +239,8 @@ def _load_hf(src: Path) -> Checkpoint:
     loaders = {name: (lambda n=name: owner[n].float32(n)) for name in expected}
     for name in expected:  # refuse an unusable dtype now rather than halfway through a conversion
         owner[name].check_float(name)
-    return Checkpoint(config, LazyTensors(loaders), src, hf_dir=src, shapes=shapes)
+    readers = {name: (lambda out, n=name: owner[n].read_into(n, out)) for name in expected}
+    return Checkpoint(config, LazyTensors(loaders), src, hf_dir=src, shapes=shapes, readers=readers)
 
 
 _GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")

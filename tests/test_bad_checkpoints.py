@@ -106,20 +106,30 @@ def test_gguf_unknown_tensor_type_refused_before_output(tiny_gguf, tmp_path):
 
 
 def test_failed_write_leaves_no_file(tiny_hf_checkpoint, tmp_path, monkeypatch):
-    """A write that fails half-way (here: the disk 'fills' after the first bytes) leaves neither the output
-    nor its temporary; a successful one leaves exactly the output."""
+    """A write that fails half-way (here: the disk 'fills' after the first bytes of the final copy, or while the
+    layers stream to the scratch file) leaves neither the output nor its temporary nor the scratch file; a
+    successful one leaves exactly the output."""
+    import os
+
     from mergequant.convert import mqfile
 
-    real = mqfile.save_file
+    real_copy, real_add = mqfile._copy_range, mqfile.MqWriter.add
 
-    def failing(tensors, path, metadata=None):
-        Path(path).write_bytes(b"partial")
+    def failing_copy(src, src_off, dst, dst_off, count):
+        os.pwrite(dst, b"partial", dst_off)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(mqfile, "save_file", failing)
-    with pytest.raises(OSError, match="No space left"):
-        convert(tiny_hf_checkpoint().path, tmp_path / "model.mq", progress=False)
-    assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(mqfile, "save_file", real)
+    def failing_add(self, name, array):
+        if name.startswith("blk.1."):
+            raise OSError(28, "No space left on device")
+        real_add(self, name, array)
+
+    for target, attr, fake in ((mqfile, "_copy_range", failing_copy), (mqfile.MqWriter, "add", failing_add)):
+        monkeypatch.setattr(target, attr, fake)
+        with pytest.raises(OSError, match="No space left"):
+            convert(tiny_hf_checkpoint().path, tmp_path / "model.mq", progress=False)
+        assert list(tmp_path.iterdir()) == []
+        monkeypatch.undo()
+    assert mqfile._copy_range is real_copy and mqfile.MqWriter.add is real_add
     convert(tiny_hf_checkpoint().path, tmp_path / "model.mq", progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["model.mq"]

@@ -133,3 +133,86 @@ def test_inspect_lists_metadata_and_tensors(tiny_hf_checkpoint, tmp_path):
     assert re.search(r"blk\.1\.ffn_gate_up\.weight +F16 +\[256, 64\] +32768\n", text)
     total = sum(mq.nbytes(n) for n in mq.names())
     assert f"total tensor data: {total} bytes" in text
+
+
+def _safetensors_parts(path):
+    """(header without its metadata, metadata, data bytes) of a safetensors file."""
+    import struct
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    return header, header.pop("__metadata__"), raw[8 + n:], n
+
+
+def test_streaming_writer_lays_out_like_safetensors(tmp_path):
+    """MqWriter (tensors streamed through a scratch file) writes what safetensors.numpy.save_file writes: the same
+    header entries (dtype, shape, offsets: the same order and alignment), header length and data bytes; only the
+    metadata's key order may differ (safetensors' is a hash map's). A tensor added twice is the last one."""
+    from mergequant.convert.mqfile import MqWriter
+    rng = np.random.default_rng(1)
+    tensors = {"z.f64": rng.standard_normal(3), "blk.0.q": rng.integers(0, 255, (5, 7), dtype=np.uint8),
+               "blk.0.scale": rng.standard_normal(5).astype(np.float32), "i8": np.arange(-3, 4, dtype=np.int8),
+               "h": rng.standard_normal((2, 3)).astype(np.float16), "i32": np.arange(9, dtype=np.int32),
+               "i64": np.arange(2, dtype=np.int64), "u16": np.arange(5, dtype=np.uint16),
+               "empty": np.zeros((0, 4), np.float32), "a.odd": np.ones(3, np.uint8)}
+    meta = {"format": "mergequant", "zeta": "1", "alpha": json.dumps({"é": [1, 2]})}
+    save_file(tensors, str(tmp_path / "ref.st"), metadata=meta)
+    with MqWriter(tmp_path / "ours.st") as w:
+        w.add("i32", np.zeros(9, np.int32))  # replaced below
+        w.add_all(tensors)
+        w.finish(meta)
+    ref, ours = _safetensors_parts(tmp_path / "ref.st"), _safetensors_parts(tmp_path / "ours.st")
+    assert list(ours[0].items()) == list(ref[0].items())
+    assert ours[1] == ref[1] and ours[2] == ref[2] and ours[3] == ref[3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.st", "ref.st"]  # no scratch or temporary left
+
+
+def test_streaming_writer_leaves_nothing_on_failure(tmp_path):
+    from mergequant.convert.mqfile import MqWriter
+    with pytest.raises(RuntimeError):
+        with MqWriter(tmp_path / "m.mq") as w:
+            w.add("a", np.zeros(4, np.float32))
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+LAYER_SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4)
+
+
+def _layer_fp32_bytes(cfg):
+    d, f = cfg["hidden_size"], cfg["intermediate_size"]
+    return 4 * (4 * d * d + 3 * d * f + 2 * d)
+
+
+def _convert_peak(src, out, **kw):
+    """Peak bytes of numpy/Python allocations (tracemalloc) during one conversion."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        convert(src, out, progress=False, **kw)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(scheme="w4a16g"), dict(method="rtn-w4a4-static")],
+                         ids=["f16", "w4a16g", "rtn-w4a4-static"])
+def test_conversion_holds_one_layer(tiny_hf_checkpoint, tmp_path, kw):
+    """Conversion streams layer by layer (docs/architecture.md, "Memory of a conversion"): its peak allocation
+    does not grow with the number of layers (6 layers against 2: within a tenth of one layer's fp32 weights, where keeping the packed
+    layers would add 4 packed layers, and keeping the float ones 4 whole layers), and without calibration it stays
+    below 2 x one layer's fp32 weights."""
+    if "method" in kw:
+        text = tmp_path / "calib.txt"
+        text.write_text(" ".join(["the river city music year first game team war"] * 300))
+        kw = kw | dict(calib=str(text), calib_n=2, calib_len=32,
+                       tokenizer=str(tiny_hf_checkpoint(**LAYER_SHAPE).path / "tokenizer.json"))
+    peaks = {}
+    for layers in (2, 6):
+        ck = tiny_hf_checkpoint(dtype="f16", tied=False, num_hidden_layers=layers, **LAYER_SHAPE)
+        peaks[layers] = _convert_peak(ck.path, tmp_path / f"m{layers}.mq", **kw)
+    layer = _layer_fp32_bytes(LAYER_SHAPE)
+    assert peaks[6] - peaks[2] < 0.1 * layer, (peaks, layer)
+    if "method" not in kw:
+        assert peaks[6] < 2 * layer, (peaks, layer)

@@ -114,8 +114,10 @@ def run_sequential(ck: Checkpoint, ids: np.ndarray,
     SimBlock that executes them, which then produces the stream for layer i + 1."""
     cfg: LlamaConfig = ck.config
     cos, sin = rope_cos_sin(cfg, np.arange(ids.shape[1]))
-    h = ck.get("model.embed_tokens.weight").astype(np.float16)[ids].astype(np.float32)
+    h = ck.get("model.embed_tokens.weight")[ids].astype(np.float16).astype(np.float32)  # the rows, not an fp16 table
     for i in range(cfg.num_hidden_layers):
         tensors, blk = quantize_layer(i, h, fused_layer(ck, i))
         h = block_forward(h, blk, cfg, cos, sin)
+        del blk
         yield tensors
+        del tensors  # nothing of layer i is held while layer i + 1 is quantized

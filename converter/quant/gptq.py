@@ -25,22 +25,29 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, step: np.ndarray, qmin: in
     if hessian.shape != (k, k):
         raise ValueError(f"gptq: Hessian of shape {hessian.shape} for a weight of shape {w.shape}")
     step = np.asarray(step, np.float64)
-    step = np.broadcast_to(step[:, None] if step.ndim == 1 else step, (n, k))
+    per_row = step.ndim == 1
+    step = np.broadcast_to(step[:, None] if per_row else step, (n, k))
     if act_order:
         perm = np.argsort(-np.diag(hessian), kind="stable")
         q = gptq_quantize(w[:, perm], hessian[np.ix_(perm, perm)], step[:, perm], qmin, qmax, block, damp)
         out = np.empty_like(q)
         out[:, perm] = q
         return out
-    w = w.astype(np.float64).copy()
-    h = hessian.astype(np.float64).copy()
+    # [K, K] float64 matrices are the largest this holds: H's inverse is taken before the float64 copy of W
+    # exists, the damping goes on the diagonal in place (the same sums as adding damp·mean·I: the off-diagonal
+    # terms add 0), and H is released before its inverse is factorized
+    h = hessian.astype(np.float64)  # astype copies: h and w are this function's own
     dead = np.diag(h) == 0
     h[dead, dead] = 1
-    w[:, dead] = 0
-    h += damp * np.mean(np.diag(h)) * np.eye(k)
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
     # Upper Cholesky factor of H⁻¹: row i holds the error-propagation weights of column i.
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T
-    s = np.where(step > 0, step, 1)
+    h = np.linalg.inv(h)
+    hinv = np.linalg.cholesky(h).T
+    del h
+    w = w.astype(np.float64)
+    w[:, dead] = 0
+    # the safe divisor, a broadcast view of one column for per-row steps (not an [N, K] float64 array)
+    s = np.broadcast_to(np.where(step[:, :1] > 0, step[:, :1], 1), (n, k)) if per_row else np.where(step > 0, step, 1)
     q = np.zeros((n, k), np.int8)
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)

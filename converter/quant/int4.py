@@ -34,8 +34,11 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
 
 
 def round_codes(x: np.ndarray, lo: float | np.ndarray = QMIN, hi: float | np.ndarray = QMAX) -> np.ndarray:
-    """clamp(rint(x), lo, hi) in float32 (rint is round-half-to-even, as on every backend)."""
-    return np.clip(np.rint(x), lo, hi).astype(np.float32, copy=False)
+    """clamp(rint(x), lo, hi) in float32 (rint is round-half-to-even, as on every backend); one temporary of
+    x's size (the clamp is done in place on the rounded copy)."""
+    r = np.rint(x)
+    np.clip(r, lo, hi, out=r)
+    return r.astype(np.float32, copy=False)
 
 
 def quant_rows(w: np.ndarray, scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

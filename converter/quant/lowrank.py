@@ -12,7 +12,8 @@ def fit_lowrank(gram: np.ndarray, cross: np.ndarray, rank: int, damp: float = 0.
     Zᵀ·Z [N, N] when N ≤ K, else V_r = Zᵀ·U_r / σ_r from Z·Zᵀ [K, K].
     Returns A = (M·V_r)ᵀ [r, K] and B = V_r [N, r]."""
     k, n = cross.shape
-    reg = gram.astype(np.float64) + damp * max(float(np.mean(np.diag(gram))), 1e-8) * np.eye(k)
+    reg = gram.astype(np.float64)
+    reg[np.diag_indices(k)] += damp * max(float(np.mean(np.diag(gram))), 1e-8)  # + λI without a [K, K] identity
     m = np.linalg.solve(reg, cross.astype(np.float64))
     z = np.linalg.cholesky(reg).T @ m
     if n <= k:

@@ -80,13 +80,15 @@ class LinearQuant:
     codes: np.ndarray             # int8 [N, Kp]
     scale: np.ndarray             # fp32 [N]
     lora: tuple[np.ndarray, np.ndarray] | None  # fp16-exact A [r, Kp], B [N, r]
-    y: np.ndarray                 # the quantized linear's output on the calibration inputs [M, N]
+    y: np.ndarray | None          # the quantized linear's output on the calibration inputs [M, N] (None: released)
     errors: dict[str, float] | None = None  # on the held-out rows (error_report)
 
     def fold_rows(self, rows: slice, divisor: np.ndarray) -> None:
-        """Divide output rows by a step folded downstream (v rows by Δᵒ, up rows by Δᵈ); exact."""
+        """Divide output rows by a step folded downstream (v rows by Δᵒ, up rows by Δᵈ); exact. The calibration
+        output `y`, once released (None: its consumers have run), is left alone."""
         self.scale[rows] /= divisor
-        self.y[:, rows] /= divisor
+        if self.y is not None:
+            self.y[:, rows] /= divisor
         if self.lora is not None:
             b = self.lora[1].copy()
             b[rows] /= divisor[:, None]
@@ -211,8 +213,12 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
                               (a.T @ y).astype(np.float64) + prior).T.astype(np.float32)
     scale = search_weight_scale(w_t, np.diag(gram)) if opts.clip else np.abs(w_t).max(axis=1) / QMAX
     codes = gptq_codes(w_t, gram, scale, damp=opts.damp, act_order=opts.act_order) if opts.gptq else quant_rows(w_t, scale)[0]
+    if fit >= len(a_all):
+        w_t = w_fold = None  # only the held-out error report reads the folded weight again
     codes_t = codes.T.astype(np.float32)
-    y_q = fitted_apart(lambda v: v @ codes_t, a_all, fit) * scale
+    y_q = fitted_apart(lambda v: v @ codes_t, a_all, fit)
+    y_q *= scale
+    del codes_t
     lora = None
     if opts.rank > 0:
         la, lb = fit_lowrank(gram, a.T @ (y - y_q[:fit]), opts.rank, opts.damp)
@@ -250,7 +256,9 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
                    quant: dict[str, Any], rng: np.random.Generator, held_out: int = 0,
                    report: list[dict[str, Any]] | None = None) -> tuple[dict[str, np.ndarray], SimBlock]:
     """One block on its input stream h [B, T, D] → its file tensors and the SimBlock executing them. The
-    last `held_out` sequences of h are not fitted; each linear's errors on them go to `report`."""
+    last `held_out` sequences of h are not fitted; each linear's errors on them go to `report`. Each linear's
+    float32 weights leave `fused` once quantized, and each calibration output once consumed, so the block holds
+    what its remaining linears need (docs/architecture.md, "Memory of a conversion")."""
     b, t, d = h.shape
     p = f"blk.{i}."
     hd, h_q, h_kv, f = config.head_dim, config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
@@ -267,8 +275,9 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
     def split_input_linear(x: np.ndarray, name: str) -> tuple[InputQuant, LinearQuant]:
         """A linear on a splittable input: its input steps and slots, then its weights on those codes."""
         budget = opts.budget_down if name == "ffn_down" and opts.budget_down is not None else opts.budget
-        inp = quantize_input(x, fused[p + name], rows, opts, splittable=True, budget=budget)
-        return inp, record(name, quantize_linear(inp.codes(x), x, fused[p + name], inp, opts, fit))
+        w = fused.pop(p + name)
+        inp = quantize_input(x, w, rows, opts, splittable=True, budget=budget)
+        return inp, record(name, quantize_linear(inp.codes(x), x, w, inp, opts, fit))
 
     # attention: q/k/v input (norm output), Δ folded into the norm weight
     g1 = fused[p + "attn_norm.weight"]
@@ -276,18 +285,21 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
     in_qkv, qkv = split_input_linear(x1, "attn_qkv")
     del x1
     q, k, v = split_qkv(qkv.y.reshape(b, t, -1), config)
+    qkv.y = None
     cos_sin = rope_cos_sin(config, np.arange(t))
     o = flat(attend(q, k, v, config, *cos_sin))
     del q, k, v
 
     # o_proj input: one step per (kv head, dim) since v rows carry it (query heads of a group share v)
     tie = lambda c: tie_kv_groups(c, config)  # noqa: E731
-    step_o = quantize_input(o, fused[p + "attn_output"], rows, opts, splittable=False, tie=tie).step
+    w_o = fused.pop(p + "attn_output")
+    step_o = quantize_input(o, w_o, rows, opts, splittable=False, tie=tie).step
     a_o = pad_columns(round_codes(o / step_o), pad_k(o.shape[1]))
-    out = record("attn_output", quantize_linear(a_o, o, fused[p + "attn_output"], step_o, opts, fit))
+    out = record("attn_output", quantize_linear(a_o, o, w_o, step_o, opts, fit))
     qkv.fold_rows(slice((h_q + h_kv) * hd, None), v_row_steps(step_o, config))
     h_mid = h + out.y.reshape(b, t, d)
-    del a_o, o
+    out.y = None
+    del a_o, o, w_o
 
     # MLP: gate/up input (norm output), then the SwiGLU output feeding down_proj
     g2 = fused[p + "ffn_norm.weight"]
@@ -295,8 +307,9 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
     in_gu, gate_up = split_input_linear(x2, "ffn_gate_up")
     del x2
     m = swiglu(gate_up.y[:, :f], gate_up.y[:, f:])
+    gate_up.y = None
     if opts.down_a8:
-        smooth, w_down, codes, scale = quantize_down_a8(m, fused[p + "ffn_down"], opts, fit)
+        smooth, w_down, codes, scale = quantize_down_a8(m, fused.pop(p + "ffn_down"), opts, fit)
         gate_up.fold_rows(slice(f, None), smooth)
         down_tensors = pack_linear(p + "ffn_down", w_down, "w4a8", quant, codes=codes, scale=scale)
     else:

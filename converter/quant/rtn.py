@@ -19,11 +19,14 @@ def plain_blocks(ck: Checkpoint, scheme: str, quant: dict[str, Any], **params: A
     e.g. bits=6 for w8a8), norms as float32."""
     for i in range(ck.config.num_hidden_layers):
         out: dict[str, np.ndarray] = {}
-        for name, w in fused_layer(ck, i).items():
+        fused = fused_layer(ck, i)
+        for name in list(fused):
+            w = fused.pop(name)  # each linear's float32 weights released once packed
             if name.endswith("norm.weight"):
                 out[name] = w.astype(np.float32)
             else:
                 out |= pack_linear(name, w, scheme, quant, **params)
+            del w
         yield out
 
 
@@ -55,7 +58,11 @@ def output_tensors(ck: Checkpoint, output_scheme: str, quant: dict[str, Any]) ->
     out: dict[str, np.ndarray] = {}
     if not tied or output_scheme == "f16":
         out["token_embd.weight"] = emb.astype(np.float16)
-    head = emb if tied else ck.get("lm_head.weight")
+    if tied:
+        head = emb
+    else:
+        del emb  # the float32 embedding and the float32 output matrix are not held together
+        head = ck.get("lm_head.weight")
     if output_scheme == "f16":
         if not tied:
             out["output.weight"] = head.astype(np.float16)
