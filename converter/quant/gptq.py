@@ -32,28 +32,34 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, step: np.ndarray, qmin: in
         out = np.empty_like(q)
         out[:, perm] = q
         return out
-    w = w.astype(np.float64).copy()
+    # the columns as rows (wt[i] = W[:, i]): the sweep reads and updates contiguous memory; every element
+    # sees the same operations as in the [N, K] layout, so the codes are those of the textbook loop
+    wt = np.ascontiguousarray(w.T, dtype=np.float64)
     h = hessian.astype(np.float64).copy()
     dead = np.diag(h) == 0
     h[dead, dead] = 1
-    w[:, dead] = 0
+    wt[dead] = 0
     h += damp * np.mean(np.diag(h)) * np.eye(k)
     # Upper Cholesky factor of H⁻¹: row i holds the error-propagation weights of column i.
     hinv = np.linalg.cholesky(np.linalg.inv(h)).T
-    s = np.where(step > 0, step, 1)
-    q = np.zeros((n, k), np.int8)
+    per_row = step.strides[1] == 0  # one step per row: the same vector for every column
+    st = step[:, 0] if per_row else np.ascontiguousarray(step.T)
+    s = np.where(st > 0, st, 1)
+    zero = st == 0
+    qt = np.zeros((k, n), np.int8)
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         err = np.zeros((n, b1 - b0))
         for i in range(b0, b1):
-            qi = np.clip(np.rint(w[:, i] / s[:, i]), qmin, qmax)
-            qi[step[:, i] == 0] = 0
-            q[:, i] = qi
-            e = (w[:, i] - qi * step[:, i]) / hinv[i, i]
-            w[:, i + 1:b1] -= e[:, None] * hinv[i, i + 1:b1]
+            si, sti, zi = (s, st, zero) if per_row else (s[i], st[i], zero[i])
+            qi = np.clip(np.rint(wt[i] / si), qmin, qmax)
+            qi[zi] = 0
+            qt[i] = qi
+            e = (wt[i] - qi * sti) / hinv[i, i]
+            wt[i + 1:b1] -= hinv[i, i + 1:b1, None] * e
             err[:, i - b0] = e
-        w[:, b1:] -= err @ hinv[b0:b1, b1:]
-    return q
+        wt[b1:] -= (err @ hinv[b0:b1, b1:]).T
+    return np.ascontiguousarray(qt.T)
 
 
 def gptq_codes(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, block: int = 128,

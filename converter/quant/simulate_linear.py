@@ -28,11 +28,25 @@ def expand_slots(z: np.ndarray, in_map: np.ndarray) -> np.ndarray:
     t = clamp(rint(z_j), -8m, 7m), slot = floor((t + k) / m) for in_map rows (j, k, m); j = -1 gives 0.
     floor of the fp32 quotient is exact: a non-integer (t+k)/m lies ≥ 1/m away from any integer."""
     src, part, parts = (in_map[:, c] for c in range(3))
-    live = src >= 0
-    m = parts[live].astype(np.float32)
-    t = round_codes(z[:, src[live]], QMIN * m, QMAX * m)
+    k = z.shape[1]
     out = np.zeros((z.shape[0], in_map.shape[0]), np.float32)
-    out[:, live] = np.floor((t + part[live].astype(np.float32)) / m)
+    if len(src) >= k and np.array_equal(src[:k], np.arange(k)) and not part[:k].any():
+        # the converter's layout (split.build_in_map): slot j is part 0 of channel j, computed in place
+        m = parts[:k].astype(np.float32)
+        t = out[:, :k]
+        np.rint(z, out=t)
+        np.clip(t, QMIN * m, QMAX * m, out=t)
+        t += np.float32(0)  # -0 → +0, as t + k does below
+        split = np.flatnonzero(parts[:k] > 1)
+        if split.size:
+            out[:, split] = np.floor(t[:, split] / m[split])
+        rest = np.flatnonzero(src[k:] >= 0) + k
+    else:
+        rest = np.flatnonzero(src >= 0)
+    if rest.size:
+        m = parts[rest].astype(np.float32)
+        t = round_codes(z[:, src[rest]], QMIN * m, QMAX * m)
+        out[:, rest] = np.floor((t + part[rest].astype(np.float32)) / m)
     return out
 
 
