@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .blas import blas_threads
 from .int4 import QMAX, QMIN
 
 
@@ -41,7 +42,8 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, step: np.ndarray, qmin: in
     wt[dead] = 0
     h += damp * np.mean(np.diag(h)) * np.eye(k)
     # Upper Cholesky factor of H⁻¹: row i holds the error-propagation weights of column i.
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T
+    with blas_threads(1):  # level-2-bound factorizations: faster on one thread (blas.py)
+        hinv = np.linalg.cholesky(np.linalg.inv(h)).T
     per_row = step.strides[1] == 0  # one step per row: the same vector for every column
     st = step[:, 0] if per_row else np.ascontiguousarray(step.T)
     s = np.where(st > 0, st, 1)

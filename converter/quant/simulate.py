@@ -15,6 +15,7 @@ from ..config import LlamaConfig
 from ..mqfile import read_mq
 from ..reference import rope, rope_cos_sin
 from ..schemes import get_scheme
+from .blas import parallel_for
 from .int4 import pad_columns, round_codes
 from .simulate_linear import SimLinear, expand_slots, fp16_round
 
@@ -124,7 +125,8 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, config: LlamaConfig,
     b, t, _ = q.shape
     h, hkv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     out = np.empty((b, t, h * hd), np.float32)
-    for i in range(b):
+
+    def sequence(i: int) -> None:
         qi = fp16_round(rope(q[i].reshape(t, h, hd), cos, sin))
         ki = rope(k[i].reshape(t, hkv, hd), cos, sin)
         vi = v[i].reshape(t, hkv, hd)
@@ -135,6 +137,9 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, config: LlamaConfig,
         else:
             ki, vi = kv.keys(ki), kv.values(vi)
         out[i] = causal_attention(qi, ki, vi)
+
+    # the sequences are independent: in threads (the observer, when given, sees them in order)
+    parallel_for(sequence, b, threads=1 if observe is not None else None)
     return out
 
 
