@@ -22,6 +22,7 @@ from ..config import LlamaConfig
 from ..loaders import Checkpoint
 from ..reference import rope_cos_sin
 from ..schemes import pack_linear
+from .blas import parallel_for
 from .calibrate import CalibrationSpec, calibration_tokens, run_sequential
 from .clip import fake_quant, search_act_clip, search_weight_scale
 from .gptq import gptq_codes
@@ -126,7 +127,12 @@ def choose_ranges(xs: np.ndarray, w: np.ndarray, parts: np.ndarray, opts: Option
         return amax
     candidates = [amax] + [tie(r * amax) for r in search_act_clip(xs, amax, parts, (opts.clip_power, 2.0))]
     y = xs @ w.T
-    errors = [layer_error(xs, y, w, c, parts) for c in candidates]
+    errors = [0.0] * len(candidates)
+
+    def error(i: int) -> None:
+        errors[i] = layer_error(xs, y, w, candidates[i], parts)
+
+    parallel_for(error, len(candidates))  # in threads
     return candidates[int(np.argmin(errors))]
 
 

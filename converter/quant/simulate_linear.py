@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .blas import parallel_for
 from .int4 import QMAX, QMIN, pad_columns, round_codes, unpack_int4
 
 TensorGetter = Callable[[str], "np.ndarray | None"]  # suffix → the linear's tensor P.<suffix>, None if absent
@@ -53,7 +54,16 @@ def expand_slots(z: np.ndarray, in_map: np.ndarray) -> np.ndarray:
 def lora_branch(a: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray) -> np.ndarray:
     """(a · Aᵀ) · Bᵀ in float64, rounded once to fp32: a · Aᵀ on int4 codes and fp16 values is exact in
     float64, so every summation order gives the same fp32 result."""
-    return ((a.astype(np.float64) @ lora_a.T.astype(np.float64)) @ lora_b.T.astype(np.float64)).astype(np.float32)
+    a_t, b_t = lora_a.T.astype(np.float64), lora_b.T.astype(np.float64)
+    out = np.empty((a.shape[0], b_t.shape[1]), np.float32)
+    rows = 2048  # row blocks (each row's sums are those of the one product), in threads
+
+    def block(i: int) -> None:
+        r = slice(i * rows, (i + 1) * rows)
+        out[r] = (a[r].astype(np.float64) @ a_t) @ b_t
+
+    parallel_for(block, -(-a.shape[0] // rows))
+    return out
 
 
 @dataclass
