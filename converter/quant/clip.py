@@ -40,7 +40,14 @@ def search_act_clip(x: np.ndarray, amax: np.ndarray, parts: np.ndarray,
             e -= x
             np.abs(e, out=e)
             for i, power in enumerate(powers):
-                errs[r, i] = (e * e if power == 2 else e ** np.float32(power)).sum(axis=0, dtype=np.float64)
+                if power == 2:
+                    err = e * e
+                else:  # |e|^p as exp(p·log|e|): numpy's vectorized exp and log, 3-4x faster than its power
+                    with np.errstate(divide="ignore"):
+                        err = np.log(e)
+                    err *= np.float32(power)
+                    np.exp(err, out=err)
+                errs[r, i] = err.sum(axis=0, dtype=np.float64)
 
     parallel_for(ratio_errors, len(bufs))
     best = np.full((len(powers), x.shape[1]), np.inf)

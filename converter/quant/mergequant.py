@@ -204,9 +204,17 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
         w_t = pad_columns(w * inp, a.shape[1])
     w_fold = w_t
     fit = len(a) if fit is None else fit
-    y_all = fitted_apart(lambda v: v @ w.T, x, fit)
+    report = fit < len(a)
+    ls_target = opts.gptq and opts.gptq_target in ("ls", "ridge")
+    k, kp, n = x.shape[1], a.shape[1], w.shape[0]
+    # the low-rank fit needs aᵀ·y (y = x·Wᵀ on the fitted rows): as (aᵀ·x)·Wᵀ where that product over the
+    # calibration rows is the smaller one (kp·k < (k + kp)·n: q/k/v, o, gate/up), else from y itself (down)
+    via_x = opts.rank > 0 and not report and not ls_target and kp * k < (k + kp) * n
+    need_y = report or ls_target or (opts.rank > 0 and not via_x)
+    y_all = fitted_apart(lambda v: v @ w.T, x, fit) if need_y else None
     a_all = a
-    a, y = a_all[:fit], y_all[:fit]
+    a = a_all[:fit]
+    y = y_all[:fit] if need_y else None
     gram = a.T @ a  # exact: integer entries below 2^24
     lam = opts.damp * max(float(np.mean(np.diag(gram))), 1e-8)
     if opts.gptq and opts.gptq_target in ("ls", "ridge"):
@@ -221,7 +229,12 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
     y_q = fitted_apart(lambda v: v @ codes_t, a_all, fit) * scale
     lora = None
     if opts.rank > 0:
-        la, lb = fit_lowrank(gram, a.T @ (y - y_q[:fit]), opts.rank, opts.damp)
+        if via_x:  # aᵀ·(y − y_q) = (aᵀ·x)·Wᵀ − (aᵀa)·codesᵀ·diag(scale), the small products in float64
+            cross = ((a.T @ x[:fit]).astype(np.float64) @ w.T.astype(np.float64)
+                     - (gram.astype(np.float64) @ codes_t.astype(np.float64)) * scale.astype(np.float64))
+        else:
+            cross = a.T @ (y - y_q[:fit])
+        la, lb = fit_lowrank(gram, cross, opts.rank, opts.damp)
         lora = (la.astype(np.float16).astype(np.float32), lb.astype(np.float16).astype(np.float32))
         y_q += fitted_apart(lambda v: lora_branch(v, *lora), a_all, fit)
     lq = LinearQuant(codes, scale.astype(np.float32), lora, y_q)
