@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .loaders import load_checkpoint
 from .mqfile import write_mq
-from .quant.calibrate import calibration_tokens
+from .quant.calibrate import calibration_tokens, stage_sink
 from .quant.kv_cache import kv_calibration_args, kv_scale_tensors
 from .quant.methods import METHODS
 from .quant.rtn import OUTPUT_SCHEMES, default_output_scheme, output_tensors, plain_blocks
@@ -58,9 +58,11 @@ def convert(src: str | Path, out: str | Path, scheme: str = "f16", method: str |
             raise TypeError("scheme_params apply only without a method (a method packs its own linears)")
         blocks = METHODS[method](ck, scheme=scheme, quant=quant, **method_args)
     cfg = ck.config
-    for block in tqdm(blocks, total=cfg.num_hidden_layers, desc=f"convert {Path(src).name}",
-                      unit="layer", disable=not progress):
-        tensors |= block
+    bar = tqdm(blocks, total=cfg.num_hidden_layers, desc=f"convert {Path(src).name}", unit="layer",
+               disable=not progress)
+    with stage_sink(bar.set_postfix_str if progress else None):  # the method's stages beside the bar
+        for block in bar:
+            tensors |= block
     tensors |= output_tensors(ck, output_scheme, quant)
     tensors["output_norm.weight"] = ck.get("model.norm.weight").astype(np.float32)
     if kv_spec is not None:

@@ -23,7 +23,7 @@ from ..loaders import Checkpoint
 from ..reference import rope_cos_sin
 from ..schemes import pack_linear
 from .blas import parallel_for
-from .calibrate import CalibrationSpec, calibration_tokens, run_sequential
+from .calibrate import CalibrationSpec, calibration_tokens, run_sequential, stage
 from .clip import fake_quant, search_act_clip, search_weight_scale
 from .gptq import gptq_codes
 from .int4 import QMAX, pad_columns, pad_k, quant_rows, round_codes
@@ -32,6 +32,12 @@ from .rtn import check_scheme
 from .simulate import SimBlock, attend, load_block, rms_factor, split_qkv, swiglu
 from .simulate_linear import expand_slots, lora_branch
 from .split import allocate_parts, build_in_map, expand_columns, extra_slots
+
+
+# The numerics of the file this method writes for given options: raise it with every change that alters the file
+# (the default model's cache key includes it: python/mergequant/default_model.py). 2: the low-rank cross term
+# from (aᵀx)·Wᵀ (2026-12-04).
+RECIPE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -209,7 +215,7 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
     k, kp, n = x.shape[1], a.shape[1], w.shape[0]
     # the low-rank fit needs aᵀ·y (y = x·Wᵀ on the fitted rows): as (aᵀ·x)·Wᵀ where that product over the
     # calibration rows is the smaller one (kp·k < (k + kp)·n: q/k/v, o, gate/up), else from y itself (down)
-    via_x = opts.rank > 0 and not report and not ls_target and kp * k < (k + kp) * n
+    via_x = opts.rank > 0 and kp * k < (k + kp) * n  # (the error report's held-out rows do not change the choice)
     need_y = report or ls_target or (opts.rank > 0 and not via_x)
     y_all = fitted_apart(lambda v: v @ w.T, x, fit) if need_y else None
     a_all = a
@@ -285,6 +291,7 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
 
     def split_input_linear(x: np.ndarray, name: str) -> tuple[InputQuant, LinearQuant]:
         """A linear on a splittable input: its input steps and slots, then its weights on those codes."""
+        stage(f"layer {i}: {name}")
         budget = opts.budget_down if name == "ffn_down" and opts.budget_down is not None else opts.budget
         inp = quantize_input(x, fused[p + name], rows, opts, splittable=True, budget=budget)
         return inp, record(name, quantize_linear(inp.codes(x), x, fused[p + name], inp, opts, fit))
@@ -296,11 +303,13 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
     del x1
     q, k, v = split_qkv(qkv.y.reshape(b, t, -1), config)
     cos_sin = rope_cos_sin(config, np.arange(t))
+    stage(f"layer {i}: attention")
     o = flat(attend(q, k, v, config, *cos_sin))
     del q, k, v
 
     # o_proj input: one step per (kv head, dim) since v rows carry it (query heads of a group share v)
     tie = lambda c: tie_kv_groups(c, config)  # noqa: E731
+    stage(f"layer {i}: attn_output")
     step_o = quantize_input(o, fused[p + "attn_output"], rows, opts, splittable=False, tie=tie).step
     a_o = pad_columns(round_codes(o / step_o), pad_k(o.shape[1]))
     out = record("attn_output", quantize_linear(a_o, o, fused[p + "attn_output"], step_o, opts, fit))
@@ -340,16 +349,15 @@ def w4a4_static(ck: Checkpoint, quant: dict[str, Any], opts: Options, calib: Cal
     apart from chance overlaps they are not calibration text) run through the same quantized stream
     unfitted, and every linear's held-out errors (`linear_errors`) are written there as JSON."""
     quant["params"] = {"options": asdict(opts), "calibration": asdict(calib)}
-    ids = calibration_tokens(calib, ck)
-    held_out = 0
-    if report is not None:
-        extra = calibration_tokens(replace(calib, n=report_n, seed=calib.seed + 1), ck)
-        held_out = len(extra)
-        ids = np.concatenate([ids, extra])
     rng = np.random.default_rng(calib.seed)
     rows: list[dict[str, Any]] = []
+    held_out = report_n if report is not None else 0
 
     def blocks() -> Iterator[dict[str, np.ndarray]]:
+        stage("calibration text")
+        ids = calibration_tokens(calib, ck)
+        if report is not None:
+            ids = np.concatenate([ids, calibration_tokens(replace(calib, n=report_n, seed=calib.seed + 1), ck)])
         yield from run_sequential(ck, ids, lambda i, h, fused: quantize_layer(
             i, h, fused, ck.config, opts, quant, rng, held_out, rows if report is not None else None))
         if report is not None:
