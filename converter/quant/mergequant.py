@@ -125,14 +125,14 @@ def layer_error(x: np.ndarray, y: np.ndarray, w: np.ndarray, c: np.ndarray, part
 
 
 def choose_ranges(xs: np.ndarray, w: np.ndarray, parts: np.ndarray, opts: Options,
-                  tie: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+                  tie: Callable[[np.ndarray], np.ndarray], y: np.ndarray | None = None) -> np.ndarray:
     """Static ranges c [K] on the sample xs: absmax, or (clip) the per-channel searches with the
-    |·|^2.4 and the squared objective; the layer-output error picks among them."""
+    |·|^2.4 and the squared objective; the layer-output error picks among them (y: xs·Wᵀ when known)."""
     amax = tie(np.abs(xs).max(axis=0))
     if not opts.clip:
         return amax
     candidates = [amax] + [tie(r * amax) for r in search_act_clip(xs, amax, parts, (opts.clip_power, 2.0))]
-    y = xs @ w.T
+    y = xs @ w.T if y is None else y
     errors = [0.0] * len(candidates)
 
     def error(i: int) -> None:
@@ -150,10 +150,11 @@ def quantize_input(x: np.ndarray, w: np.ndarray, rows: np.ndarray, opts: Options
     budget = opts.budget if budget is None else budget
     xs = x[rows]
     parts = np.ones(k, np.int64)
-    c = choose_ranges(xs, w, parts, opts, tie)
+    y = xs @ w.T if opts.clip else None  # the sample's fp output, for both range choices
+    c = choose_ranges(xs, w, parts, opts, tie, y)
     if splittable and opts.split:
         parts = allocate_parts(c, np.sum(w * w, axis=0), extra_slots(k, budget))
-        c = choose_ranges(xs, w, parts, opts, tie)
+        c = choose_ranges(xs, w, parts, opts, tie, y)
         kp = pad_k(k + extra_slots(k, budget))
     else:
         kp = pad_k(k)

@@ -28,9 +28,20 @@ def expand_slots(z: np.ndarray, in_map: np.ndarray) -> np.ndarray:
     """Values z [M, K] in step units → int4 input slots [M, Kp] (fp32 holding integers):
     t = clamp(rint(z_j), -8m, 7m), slot = floor((t + k) / m) for in_map rows (j, k, m); j = -1 gives 0.
     floor of the fp32 quotient is exact: a non-integer (t+k)/m lies ≥ 1/m away from any integer."""
+    out = np.zeros((z.shape[0], in_map.shape[0]), np.float32)
+    rows = 2048  # elementwise: row blocks in threads give the same values
+
+    def block(i: int) -> None:
+        r = slice(i * rows, (i + 1) * rows)
+        _expand_slots(z[r], in_map, out[r])
+
+    parallel_for(block, -(-z.shape[0] // rows))
+    return out
+
+
+def _expand_slots(z: np.ndarray, in_map: np.ndarray, out: np.ndarray) -> None:
     src, part, parts = (in_map[:, c] for c in range(3))
     k = z.shape[1]
-    out = np.zeros((z.shape[0], in_map.shape[0]), np.float32)
     if len(src) >= k and np.array_equal(src[:k], np.arange(k)) and not part[:k].any():
         # the converter's layout (split.build_in_map): slot j is part 0 of channel j, computed in place
         m = parts[:k].astype(np.float32)
@@ -48,7 +59,6 @@ def expand_slots(z: np.ndarray, in_map: np.ndarray) -> np.ndarray:
         m = parts[rest].astype(np.float32)
         t = round_codes(z[:, src[rest]], QMIN * m, QMAX * m)
         out[:, rest] = np.floor((t + part[rest].astype(np.float32)) / m)
-    return out
 
 
 def lora_branch(a: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray) -> np.ndarray:
