@@ -253,3 +253,28 @@ def test_packaged_calibration_text_is_the_shared_one(shared_data, tiny, monkeypa
     monkeypatch.setattr(calibrate, "shared_data_dir", absent)
     assert [p.parent for p in builtin_set_files("wikitext2+c4")] == [PACKAGED_DATA] * 2
     assert np.array_equal(calibration_tokens(spec, ck), with_shared)
+
+
+@pytest.mark.parametrize("report", [False, True])
+def test_layer_stream_is_the_engines(tiny, report):
+    """quantize_layer fits every linear on the codes the engine feeds it and returns the block's output itself
+    (no second pass): that stream is exactly what the simulator's block_forward computes from the written tensors,
+    held-out rows of the error report included."""
+    from mergequant.convert.quant.calibrate import calibration_spec, calibration_tokens
+    from mergequant.convert.quant.mergequant import Options, quantize_layer
+    from mergequant.convert.quant.simulate import block_forward as sim_block_forward
+
+    _, ck, calib = tiny
+    spec = calibration_spec(calib)
+    ids = calibration_tokens(spec, ck)
+    h = ck.get("model.embed_tokens.weight").astype(np.float16)[ids].astype(np.float32)
+    cos, sin = rope_cos_sin(ck.config, np.arange(ids.shape[1]))
+    rows: list = []
+    for i in range(ck.config.num_hidden_layers):
+        quant = {"method": "mergequant", "params": {}, "linears": {}}
+        _, blk, h_next = quantize_layer(i, h, fused_layer(ck, i), ck.config, Options(), quant,
+                                        np.random.default_rng(0), held_out=4 if report else 0,
+                                        report=rows if report else None)
+        want = sim_block_forward(h, blk, ck.config, cos, sin)
+        assert np.array_equal(h_next, want), i
+        h = want

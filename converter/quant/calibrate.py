@@ -121,7 +121,8 @@ def calibration_tokens(spec: CalibrationSpec, ck: Checkpoint) -> np.ndarray:
     return np.stack(rows)
 
 
-QuantizeLayer = Callable[[int, np.ndarray, dict[str, np.ndarray]], tuple[dict[str, np.ndarray], SimBlock]]
+QuantizeLayer = Callable[[int, np.ndarray, dict[str, np.ndarray]],
+                         "tuple[dict[str, np.ndarray], SimBlock] | tuple[dict[str, np.ndarray], SimBlock, np.ndarray | None]"]
 
 # where a running conversion reports its stage ("layer 3: ffn_down"): convert() points it at its progress bar
 _stage_sink: ContextVar[Callable[[str], None] | None] = ContextVar("stage_sink", default=None)
@@ -149,15 +150,18 @@ def run_sequential(ck: Checkpoint, ids: np.ndarray,
     """Yields each layer's file tensors. `quantize_layer(i, h, fused)` gets the residual stream h [B, T, D]
     entering layer i (computed through the already-quantized layers, with the engine's exact numerics) and
     the layer's fused float32 weights (layers.fused_layer); it returns the layer's tensors and the
-    SimBlock that executes them, which then produces the stream for layer i + 1."""
+    SimBlock that executes them, which then produces the stream for layer i + 1, or a third item: that stream,
+    computed by the method itself with the engine's numerics (no second pass through the block)."""
     cfg: LlamaConfig = ck.config
     cos, sin = rope_cos_sin(cfg, np.arange(ids.shape[1]))
     h = ck.get("model.embed_tokens.weight").astype(np.float16)[ids].astype(np.float32)
     for i in range(cfg.num_hidden_layers):
         stage(f"layer {i}: weights")
         fused = fused_layer(ck, i)
-        tensors, blk = quantize_layer(i, h, fused)
-        if i + 1 < cfg.num_hidden_layers:  # the last layer's output feeds nothing
+        tensors, blk, *out = quantize_layer(i, h, fused)
+        if out and out[0] is not None:
+            h = out[0]  # the method computed the block's output with the engine's numerics itself
+        elif i + 1 < cfg.num_hidden_layers:  # the last layer's output feeds nothing
             stage(f"layer {i}: forward")
             h = block_forward(h, blk, cfg, cos, sin)
         yield tensors

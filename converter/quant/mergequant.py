@@ -274,9 +274,12 @@ def quantize_down_a8(m: np.ndarray, w: np.ndarray, opts: Options, fit: int) -> t
 
 def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: LlamaConfig, opts: Options,
                    quant: dict[str, Any], rng: np.random.Generator, held_out: int = 0,
-                   report: list[dict[str, Any]] | None = None) -> tuple[dict[str, np.ndarray], SimBlock]:
-    """One block on its input stream h [B, T, D] → its file tensors and the SimBlock executing them. The
-    last `held_out` sequences of h are not fitted; each linear's errors on them go to `report`."""
+                   report: list[dict[str, Any]] | None = None
+                   ) -> tuple[dict[str, np.ndarray], SimBlock, np.ndarray | None]:
+    """One block on its input stream h [B, T, D] → its file tensors, the SimBlock executing them and the block's
+    output stream (each linear is fitted on the codes the engine feeds it, so its fitted output is the engine's
+    and the block's output needs no second pass; None with the mixed-precision ffn_down). The last `held_out`
+    sequences of h are not fitted; each linear's errors on them go to `report`."""
     b, t, d = h.shape
     p = f"blk.{i}."
     hd, h_q, h_kv, f = config.head_dim, config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
@@ -290,49 +293,77 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
             report.append({"layer": i, "linear": name, **lq.errors})
         return lq
 
-    def split_input_linear(x: np.ndarray, name: str) -> tuple[InputQuant, LinearQuant]:
-        """A linear on a splittable input: its input steps and slots, then its weights on those codes."""
+    def split_input_linear(x: np.ndarray, name: str, engine_input: Callable[[InputQuant], np.ndarray]
+                           ) -> tuple[InputQuant, LinearQuant, np.ndarray]:
+        """A linear on a splittable input x (fp): its input steps and slots, then its weights fitted on the int4
+        codes the engine will feed it (`engine_input(steps)`, returned too), so that its output is the engine's."""
         stage(f"layer {i}: {name}")
         budget = opts.budget_down if name == "ffn_down" and opts.budget_down is not None else opts.budget
         inp = quantize_input(x, fused[p + name], rows, opts, splittable=True, budget=budget)
-        return inp, record(name, quantize_linear(inp.codes(x), x, fused[p + name], inp, opts, fit))
+        a = engine_input(inp)
+        return inp, record(name, quantize_linear(a, x, fused[p + name], inp, opts, fit)), a
+
+    def norm_codes(h: np.ndarray, r: np.ndarray, g: np.ndarray) -> Callable[[InputQuant], np.ndarray]:
+        """The engine's codes of a norm's output: its weight γ/Δ (`in_scale`) applied, then the slots."""
+        return lambda inp: expand_slots(flat(h * r * (g / inp.step).astype(np.float32)), inp.in_map)
+
+    def rows_again(lq: LinearQuant, a: np.ndarray, cols: slice) -> np.ndarray:
+        """The output columns `cols` of a linear as the engine computes them after a fold (static_path)."""
+        y = (a @ lq.codes[cols].astype(np.float32).T) * lq.scale[cols]
+        if lq.lora is not None:
+            y += lora_branch(a, lq.lora[0], lq.lora[1][cols])
+        return y
 
     # attention: q/k/v input (norm output), Δ folded into the norm weight
     g1 = fused[p + "attn_norm.weight"]
-    x1 = flat(h * rms_factor(h, eps) * g1)
-    in_qkv, qkv = split_input_linear(x1, "attn_qkv")
+    r1 = rms_factor(h, eps)
+    x1 = flat(h * r1 * g1)
+    in_qkv, qkv, a1 = split_input_linear(x1, "attn_qkv", norm_codes(h, r1, g1))
     del x1
     q, k, v = split_qkv(qkv.y.reshape(b, t, -1), config)
     cos_sin = rope_cos_sin(config, np.arange(t))
     stage(f"layer {i}: attention")
     o = flat(attend(q, k, v, config, *cos_sin))
-    del q, k, v
 
     # o_proj input: one step per (kv head, dim) since v rows carry it (query heads of a group share v)
     tie = lambda c: tie_kv_groups(c, config)  # noqa: E731
     stage(f"layer {i}: attn_output")
     step_o = quantize_input(o, fused[p + "attn_output"], rows, opts, splittable=False, tie=tie).step
-    a_o = pad_columns(round_codes(o / step_o), pad_k(o.shape[1]))
+    v_rows = slice((h_q + h_kv) * hd, None)
+    qkv.fold_rows(v_rows, v_row_steps(step_o, config))
+    # the engine's attention on the folded v rows emits the o_proj codes
+    v_eng = rows_again(qkv, a1, v_rows).reshape(b, t, -1)
+    del a1
+    stage(f"layer {i}: attention")
+    a_o = pad_columns(round_codes(flat(attend(q, k, v_eng, config, *cos_sin))), pad_k(o.shape[1]))
+    del q, k, v, v_eng
+    stage(f"layer {i}: attn_output")
     out = record("attn_output", quantize_linear(a_o, o, fused[p + "attn_output"], step_o, opts, fit))
-    qkv.fold_rows(slice((h_q + h_kv) * hd, None), v_row_steps(step_o, config))
     h_mid = h + out.y.reshape(b, t, d)
     del a_o, o
 
     # MLP: gate/up input (norm output), then the SwiGLU output feeding down_proj
     g2 = fused[p + "ffn_norm.weight"]
-    x2 = flat(h_mid * rms_factor(h_mid, eps) * g2)
-    in_gu, gate_up = split_input_linear(x2, "ffn_gate_up")
+    r2 = rms_factor(h_mid, eps)
+    x2 = flat(h_mid * r2 * g2)
+    in_gu, gate_up, a2 = split_input_linear(x2, "ffn_gate_up", norm_codes(h_mid, r2, g2))
     del x2
     m = swiglu(gate_up.y[:, :f], gate_up.y[:, f:])
+    h_next = None
     if opts.down_a8:
         smooth, w_down, codes, scale = quantize_down_a8(m, fused[p + "ffn_down"], opts, fit)
         gate_up.fold_rows(slice(f, None), smooth)
         down_tensors = pack_linear(p + "ffn_down", w_down, "w4a8", quant, codes=codes, scale=scale)
     else:
-        in_down, down = split_input_linear(m, "ffn_down")
-        gate_up.fold_rows(slice(f, None), in_down.step)
+        def down_codes(inp: InputQuant) -> np.ndarray:  # the engine's SwiGLU on the folded up rows
+            gate_up.fold_rows(slice(f, None), inp.step)
+            m_eng = swiglu(gate_up.y[:, :f], rows_again(gate_up, a2, slice(f, None)))
+            return expand_slots(m_eng, inp.in_map)
+
+        in_down, down, _ = split_input_linear(m, "ffn_down", down_codes)
         down_tensors = down.tensors(p + "ffn_down", quant) | {p + "ffn_down.in_map": in_down.in_map}
-    del m
+        h_next = h_mid + down.y.reshape(b, t, d)
+    del m, a2
 
     tensors = {p + "attn_norm.weight": g1.astype(np.float32), p + "ffn_norm.weight": g2.astype(np.float32)}
     tensors |= qkv.tensors(p + "attn_qkv", quant) | out.tensors(p + "attn_output", quant)
@@ -341,7 +372,7 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
                 p + "attn_qkv.in_map": in_qkv.in_map,
                 p + "ffn_gate_up.in_scale": (g2 / in_gu.step).astype(np.float32),
                 p + "ffn_gate_up.in_map": in_gu.in_map}
-    return tensors, load_block(config, tensors.get, quant["linears"], i)
+    return tensors, load_block(config, tensors.get, quant["linears"], i), h_next
 
 
 def w4a4_static(ck: Checkpoint, quant: dict[str, Any], opts: Options, calib: CalibrationSpec,
