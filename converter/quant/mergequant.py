@@ -35,8 +35,8 @@ from .split import allocate_parts, build_in_map, expand_columns, extra_slots
 
 
 # The numerics of the file this method writes for given options: raise it with every change that alters the file
-# (the default model's cache key includes it: python/mergequant/default_model.py). 2: the low-rank cross term
-# from (aᵀx)·Wᵀ (2026-12-04).
+# (the default model's cache key includes it: python/mergequant/default_model.py). 2 (2026-12-04): the linears
+# fitted on the engine's own input codes, the low-rank cross term from (aᵀx)·Wᵀ.
 RECIPE_VERSION = 2
 
 
