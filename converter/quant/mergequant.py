@@ -89,6 +89,7 @@ class LinearQuant:
     lora: tuple[np.ndarray, np.ndarray] | None  # fp16-exact A [r, Kp], B [N, r]
     y: np.ndarray                 # the quantized linear's output on the calibration inputs [M, N]
     errors: dict[str, float] | None = None  # on the held-out rows (error_report)
+    acc: np.ndarray | None = None  # the integer accumulators a·qᵀ of the output columns `keep_acc` (exact in fp32)
 
     def fold_rows(self, rows: slice, divisor: np.ndarray) -> None:
         """Divide output rows by a step folded downstream (v rows by Δᵒ, up rows by Δᵈ); exact."""
@@ -201,7 +202,7 @@ def fitted_apart(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray, fit: int)
 
 
 def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant | np.ndarray,
-                    opts: Options, fit: int | None = None) -> LinearQuant:
+                    opts: Options, fit: int | None = None, keep_acc: slice | None = None) -> LinearQuant:
     """Weights of one linear given its int4 input codes a [M, Kp] and fp input x [M, K]: W̃ = W·diag(Δ)
     in slot layout, per-row steps, RTN or GPTQ codes, then the low-rank branch on the residual. Only the
     first `fit` rows (all by default) are fitted; the rest are held out for the error report."""
@@ -233,7 +234,9 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
     scale = search_weight_scale(w_t, np.diag(gram)) if opts.clip else np.abs(w_t).max(axis=1) / QMAX
     codes = gptq_codes(w_t, gram, scale, damp=opts.damp, act_order=opts.act_order) if opts.gptq else quant_rows(w_t, scale)[0]
     codes_t = codes.T.astype(np.float32)
-    y_q = fitted_apart(lambda v: v @ codes_t, a_all, fit) * scale
+    y_q = fitted_apart(lambda v: v @ codes_t, a_all, fit)
+    acc = None if keep_acc is None else y_q[:, keep_acc].copy()  # integers: any product order gives these
+    y_q *= scale
     lora = None
     if opts.rank > 0:
         if via_x:  # aᵀ·(y − y_q) = (aᵀ·x)·Wᵀ − (aᵀa)·codesᵀ·diag(scale), the small products in float64
@@ -244,7 +247,7 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
         la, lb = fit_lowrank(gram, cross, opts.rank, opts.damp)
         lora = (la.astype(np.float16).astype(np.float32), lb.astype(np.float16).astype(np.float32))
         y_q += fitted_apart(lambda v: lora_branch(v, *lora), a_all, fit)
-    lq = LinearQuant(codes, scale.astype(np.float32), lora, y_q)
+    lq = LinearQuant(codes, scale.astype(np.float32), lora, y_q, acc=acc)
     if fit < len(a_all):
         lq.errors = linear_errors(x, a_all, y_all, w_fold, lq, inp, fit)
     return lq
@@ -293,23 +296,24 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
             report.append({"layer": i, "linear": name, **lq.errors})
         return lq
 
-    def split_input_linear(x: np.ndarray, name: str, engine_input: Callable[[InputQuant], np.ndarray]
-                           ) -> tuple[InputQuant, LinearQuant, np.ndarray]:
+    def split_input_linear(x: np.ndarray, name: str, engine_input: Callable[[InputQuant], np.ndarray],
+                           keep_acc: slice | None = None) -> tuple[InputQuant, LinearQuant, np.ndarray]:
         """A linear on a splittable input x (fp): its input steps and slots, then its weights fitted on the int4
         codes the engine will feed it (`engine_input(steps)`, returned too), so that its output is the engine's."""
         stage(f"layer {i}: {name}")
         budget = opts.budget_down if name == "ffn_down" and opts.budget_down is not None else opts.budget
         inp = quantize_input(x, fused[p + name], rows, opts, splittable=True, budget=budget)
         a = engine_input(inp)
-        return inp, record(name, quantize_linear(a, x, fused[p + name], inp, opts, fit)), a
+        return inp, record(name, quantize_linear(a, x, fused[p + name], inp, opts, fit, keep_acc)), a
 
     def norm_codes(h: np.ndarray, r: np.ndarray, g: np.ndarray) -> Callable[[InputQuant], np.ndarray]:
         """The engine's codes of a norm's output: its weight γ/Δ (`in_scale`) applied, then the slots."""
         return lambda inp: expand_slots(flat(h * r * (g / inp.step).astype(np.float32)), inp.in_map)
 
     def rows_again(lq: LinearQuant, a: np.ndarray, cols: slice) -> np.ndarray:
-        """The output columns `cols` of a linear as the engine computes them after a fold (static_path)."""
-        y = (a @ lq.codes[cols].astype(np.float32).T) * lq.scale[cols]
+        """The output columns `cols` of a linear as the engine computes them after a fold (static_path), from the
+        integer accumulators kept for them."""
+        y = (lq.acc if lq.acc is not None else a @ lq.codes[cols].astype(np.float32).T) * lq.scale[cols]
         if lq.lora is not None:
             y += lora_branch(a, lq.lora[0], lq.lora[1][cols])
         return y
@@ -318,7 +322,8 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
     g1 = fused[p + "attn_norm.weight"]
     r1 = rms_factor(h, eps)
     x1 = flat(h * r1 * g1)
-    in_qkv, qkv, a1 = split_input_linear(x1, "attn_qkv", norm_codes(h, r1, g1))
+    v_rows = slice((h_q + h_kv) * hd, None)
+    in_qkv, qkv, a1 = split_input_linear(x1, "attn_qkv", norm_codes(h, r1, g1), keep_acc=v_rows)
     del x1
     q, k, v = split_qkv(qkv.y.reshape(b, t, -1), config)
     cos_sin = rope_cos_sin(config, np.arange(t))
@@ -329,11 +334,11 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
     tie = lambda c: tie_kv_groups(c, config)  # noqa: E731
     stage(f"layer {i}: attn_output")
     step_o = quantize_input(o, fused[p + "attn_output"], rows, opts, splittable=False, tie=tie).step
-    v_rows = slice((h_q + h_kv) * hd, None)
     qkv.fold_rows(v_rows, v_row_steps(step_o, config))
     # the engine's attention on the folded v rows emits the o_proj codes
     v_eng = rows_again(qkv, a1, v_rows).reshape(b, t, -1)
     del a1
+    qkv.acc = None
     stage(f"layer {i}: attention")
     a_o = pad_columns(round_codes(flat(attend(q, k, v_eng, config, *cos_sin))), pad_k(o.shape[1]))
     del q, k, v, v_eng
@@ -346,7 +351,8 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
     g2 = fused[p + "ffn_norm.weight"]
     r2 = rms_factor(h_mid, eps)
     x2 = flat(h_mid * r2 * g2)
-    in_gu, gate_up, a2 = split_input_linear(x2, "ffn_gate_up", norm_codes(h_mid, r2, g2))
+    in_gu, gate_up, a2 = split_input_linear(x2, "ffn_gate_up", norm_codes(h_mid, r2, g2),
+                                            keep_acc=None if opts.down_a8 else slice(f, None))
     del x2
     m = swiglu(gate_up.y[:, :f], gate_up.y[:, f:])
     h_next = None
@@ -358,6 +364,7 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
         def down_codes(inp: InputQuant) -> np.ndarray:  # the engine's SwiGLU on the folded up rows
             gate_up.fold_rows(slice(f, None), inp.step)
             m_eng = swiglu(gate_up.y[:, :f], rows_again(gate_up, a2, slice(f, None)))
+            gate_up.acc = None
             return expand_slots(m_eng, inp.in_map)
 
         in_down, down, _ = split_input_linear(m, "ffn_down", down_codes)
