@@ -46,6 +46,7 @@ def default_main_job(smollm2_gguf_path, tmp_path_factory):
     r = mq("generate", "-p", "The capital of France is", "-n", "8", "--temp", "0", "--device", "cpu", env=env,
            timeout=1200)
     assert r.returncode == 0, r.stderr
+    print(f"\n[default main job] {r.stderr.strip().splitlines()[-1]}; uptime {os.getloadavg()}")  # shown with -s
     return r, cache
 
 
