@@ -32,7 +32,7 @@ def main() -> int:
     a = ap.parse_args()
     if a.model is None:
         from mergequant.default_model import default_model_path
-        a.model = str(default_model_path())
+        a.model = str(default_model_path("f16"))
     llm = LLM(a.model, device="cpu")
     ids = llm.tokenize(Path(a.text).read_text(encoding="utf-8"), add_special=False)
     n = min(len(ids) // a.window, a.max_windows)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .loaders import load_checkpoint
 from .mqfile import MqWriter, mq_metadata
-from .quant.calibrate import calibration_tokens
+from .quant.calibrate import calibration_tokens, stage_sink
 from .quant.kv_cache import kv_calibration_args, kv_scale_tensors
 from .quant.methods import METHODS
 from .quant.rtn import OUTPUT_SCHEMES, default_output_scheme, output_tensors, plain_blocks
@@ -72,10 +72,11 @@ def convert(src: str | Path, out: str | Path, scheme: str = "f16", method: str |
         put(tok_tensors)
         del tok_tensors
         bar = tqdm(total=cfg.num_hidden_layers, desc=f"convert {Path(src).name}", unit="layer", disable=not progress)
-        for block in blocks:  # (not through tqdm's iterator, which would hold the last block while the next is made)
-            put(block)
-            del block
-            bar.update()
+        with stage_sink(bar.set_postfix_str if progress else None):  # the method's stages beside the bar
+            for block in blocks:  # (not through tqdm's iterator, which would hold the last block while the next is made)
+                put(block)
+                del block
+                bar.update()
         bar.close()
         put(output_tensors(ck, output_scheme, quant))
         put({"output_norm.weight": ck.get("model.norm.weight").astype(np.float32)})

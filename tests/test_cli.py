@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,13 +36,111 @@ def test_help(cmd):
     assert r.returncode == 0 and "usage: mergequant" in r.stdout
 
 
-def test_default_model_main_job(tmp_path, smollm2_gguf_path):
-    """The README's first command: no MODEL converts the built-in model into the cache and generates."""
+@pytest.fixture(scope="session")
+def default_main_job(smollm2_gguf_path, tmp_path_factory):
+    """The README's first command in a fresh cache: `generate` with no MODEL converts the built-in model with
+    MergeQuant W4A4 (the one default-model conversion of the suite: minutes on a 2-core machine), then
+    generates. Returns (the run, the cache directory)."""
+    cache = tmp_path_factory.mktemp("mq_cache")
+    env = dict(os.environ, MERGEQUANT_CACHE=str(cache))
+    r = mq("generate", "-p", "The capital of France is", "-n", "8", "--temp", "0", "--device", "cpu", env=env,
+           timeout=1200)
+    assert r.returncode == 0, r.stderr
+    print(f"\n[default main job] {r.stderr.strip().splitlines()[-1]}; uptime {os.getloadavg()}")  # shown with -s
+    return r, cache
+
+
+def test_default_model_main_job(default_main_job):
+    """No MODEL: the default model's MergeQuant W4A4 file (convert --method mergequant with its default options and
+    calibration), cached under a name that carries its recipe; the stages and the conversion time are printed."""
+    from dataclasses import asdict
+
+    from mergequant.convert.mqfile import read_mq
+    from mergequant.convert.quant.calibrate import CalibrationSpec
+    from mergequant.convert.quant.mergequant import Options
+    from mergequant.default_model import default_model_file
+
+    r, cache = default_main_job
+    files = sorted(cache.glob("*.mq"))
+    assert [f.name for f in files] == [f"SmolLM2-135M-Instruct.{_key('w4a4')}.mq"]
+    assert re.search(r"converted SmolLM2-135M-Instruct \(w4a4\) in \d+\.\d s", r.stderr)
+    for needle in ("calibration text", "layer 0: attn_qkv", "layer 29: ffn_down"):  # the stages beside the bar
+        assert needle in r.stderr
+    m = read_mq(files[0])
+    assert m.quant["method"] == "mergequant"
+    assert m.quant["params"] == {"options": asdict(Options()), "calibration": asdict(CalibrationSpec())}
+    linears = m.quant["linears"]
+    assert {s for n, s in linears.items() if n.startswith("blk.")} == {"w4a4"} and len(linears) >= 4 * 30
+    os.environ["MERGEQUANT_CACHE"], old = str(cache), os.environ.get("MERGEQUANT_CACHE")
+    try:
+        assert default_model_file() == files[0]
+    finally:
+        if old is None:
+            del os.environ["MERGEQUANT_CACHE"]
+        else:
+            os.environ["MERGEQUANT_CACHE"] = old
+
+
+def _key(scheme: str) -> str:
+    from mergequant.default_model import conversion_key
+    return conversion_key(scheme)
+
+
+def test_default_model_api_reuses_cache(default_main_job, monkeypatch):
+    """LLM() with no model opens the cached MergeQuant file (no second conversion) and greedy-generates what the
+    command line did."""
+    r, cache = default_main_job
+    monkeypatch.setenv("MERGEQUANT_CACHE", str(cache))
+    (path,) = cache.glob("*.mq")
+    mtime = path.stat().st_mtime_ns
+    llm = LLM(device="cpu")
+    assert Path(llm.path) == path and path.stat().st_mtime_ns == mtime
+    assert llm.generate("The capital of France is", max_tokens=8, temperature=0.0) + "\n" == r.stdout
+    assert Path(LLM(device="cpu", scheme="w4a4").path) == path
+
+
+def test_default_model_main_job_generates_what_the_file_computes(default_main_job):
+    """The command's greedy text is the continuation the W4A4 file computes: the numpy simulator of the file's
+    integer numerics (an executor independent of the engine) picks the same tokens."""
+    import numpy as np
+
+    from mergequant.convert.quant.simulate import SimModel
+
+    r, cache = default_main_job
+    (path,) = cache.glob("*.mq")
+    llm = LLM(path, device="cpu")
+    sim = SimModel.from_mq(path)
+    ids = llm.tokenize("The capital of France is", add_special=True)
+    out: list[int] = []
+    stops = {t for name in ("<|im_end|>", "<|endoftext|>") for t in llm.tokenize(name, add_special=False, special=True)}
+    for _ in range(8):
+        nxt = int(np.argmax(sim.forward(np.asarray(ids + out))[-1]))
+        if nxt in stops:
+            break
+        out.append(nxt)
+    assert out and llm.detokenize(out) + "\n" == r.stdout
+
+
+def test_default_model_f16(tmp_path, smollm2_gguf_path, monkeypatch):
+    """--scheme f16 / LLM(scheme="f16"): the unquantized file, in the same cache."""
     env = dict(os.environ, MERGEQUANT_CACHE=str(tmp_path))
-    r = mq("generate", "-p", "The capital of France is", "-n", "8", "--temp", "0", env=env)
+    r = mq("generate", "-p", "The capital of France is", "-n", "8", "--temp", "0", "--scheme", "f16", env=env)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
-    assert (tmp_path / "SmolLM2-135M-Instruct.f16.mq").is_file()
+    assert sorted(f.name for f in tmp_path.glob("*.mq")) == ["SmolLM2-135M-Instruct.f16.mq"]
+    monkeypatch.setenv("MERGEQUANT_CACHE", str(tmp_path))
+    llm = LLM(device="cpu", scheme="f16")
+    assert Path(llm.path) == tmp_path / "SmolLM2-135M-Instruct.f16.mq"
+    assert llm.generate("The capital of France is", max_tokens=8, temperature=0.0) + "\n" == r.stdout
+
+
+def test_default_model_scheme_refused_with_a_model(smollm2_f16_mq):
+    with pytest.raises(ValueError, match="default model"):
+        LLM(smollm2_f16_mq, scheme="f16")
+    with pytest.raises(ValueError, match="unknown default-model scheme"):
+        LLM(scheme="w4a8")
+    r = mq("generate", str(smollm2_f16_mq), "--scheme", "f16", "-p", "hi", "-n", "1")
+    assert r.returncode != 0 and "--scheme selects the default model" in r.stderr
 
 
 def test_generate_equals_api(smollm2_f16_mq):

@@ -20,7 +20,8 @@ SKIN = ROOT / "python" / "mergequant"
 # (The package façades `mergequant` and `mergequant.convert` re-export the public names: they sit on top.)
 LAYERS: list[tuple[str, list[str]]] = [
     ("engine binding", ["mergequant._engine"]),  # the compiled extension: imports nothing of the packages
-    ("primitives", ["mergequant.convert.config", "mergequant.convert.quant.int4", "mergequant.convert.quant"]),
+    ("primitives", ["mergequant.convert.config", "mergequant.convert.quant.int4", "mergequant.convert.quant.blas",
+                    "mergequant.convert.quant"]),
     ("loaders", ["mergequant.convert.loaders", "mergequant.convert.mqfile", "mergequant.convert.tokenizer",
                  "mergequant.convert.engine_tokenizer", "mergequant.convert.layers"]),
     ("schemes", ["mergequant.convert.quant.simulate_linear", "mergequant.convert.schemes"]),

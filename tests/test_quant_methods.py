@@ -197,3 +197,84 @@ def test_error_report_is_held_out_and_exact(tiny, tmp_path):
     want = np.sum((y - x_hat @ w.T) ** 2) / np.sum(y ** 2)
     got = next(r for r in rep["linears"] if r["layer"] == 0 and r["linear"] == "attn_qkv")["inputs"]
     assert abs(got - want) <= 1e-3 * want
+
+
+@pytest.mark.parametrize("n", [40, 300])  # the low-rank cross term via (aᵀx)·Wᵀ (n = 300), and from y (n = 40)
+def test_lowrank_branch_fits_the_residual_of_the_codes(n):
+    """quantize_linear's low-rank branch is the reduced-rank fit of what its int4 weights leave, whichever way it
+    forms the cross term: its fitted output matches the float64 closed form (same codes, same Gram matrix)."""
+    from mergequant.convert.quant.mergequant import InputQuant, Options, quantize_linear
+    from mergequant.convert.quant.simulate_linear import lora_branch
+
+    rng = np.random.default_rng(5)
+    m, k = 4000, 64
+    x = (rng.standard_normal((m, k)) * rng.uniform(0.2, 3, k)).astype(np.float32)
+    w = (rng.standard_normal((n, k)) / 8).astype(np.float32)
+    step = (np.abs(x).max(axis=0) / 7).astype(np.float32)
+    inp = InputQuant(step, build_in_map(np.ones(k, np.int64), 64))
+    a = inp.codes(x)
+    lq = quantize_linear(a, x, w, inp, Options(clip=False, split=False, rank=4, gptq=False))
+    a64, x64 = a.astype(np.float64), x.astype(np.float64)
+    y_q = (a64 @ lq.codes.T.astype(np.float64)) * lq.scale
+    resid = x64 @ w.T.astype(np.float64) - y_q
+    la, lb = fit_lowrank(a64.T @ a64, a64.T @ resid, 4, 0.01)
+    want = (a64 @ la.T.astype(np.float64)) @ lb.T.astype(np.float64)
+    got = lora_branch(a, *lq.lora)
+    assert np.linalg.norm(got - want) < 1e-2 * np.linalg.norm(want)
+    assert np.linalg.norm(resid - got) < np.linalg.norm(resid)  # and it reduces the error
+
+
+def test_convert_names_its_stages(tiny, tmp_path, capsys):
+    """The conversion's progress bar shows the stage that runs (calibration text, each layer's linears)."""
+    ck_files, _, calib = tiny
+    convert(ck_files.path, tmp_path / "t.mq", method="mergequant", progress=True, **calib)
+    err = capsys.readouterr().err
+    for stage in ("calibration text", "layer 0: attn_qkv", "layer 0: attention", "layer 0: attn_output",
+                  "layer 1: ffn_gate_up", "layer 1: ffn_down"):
+        assert stage in err, stage
+
+
+def test_packaged_calibration_text_is_the_shared_one(shared_data, tiny, monkeypatch):
+    """Without the shared data folder (a fresh install) the built-in calibration sets come from the copies shipped
+    with the converter: the same bytes, so the same calibration windows and the same converted file."""
+    from mergequant.convert.quant.calibrate import (BUILTIN_SETS, PACKAGED_DATA, CalibrationSpec, builtin_set_files,
+                                                    calibration_tokens)
+
+    _, ck, calib = tiny
+    for name in BUILTIN_SETS["wikitext2+c4"]:
+        assert (PACKAGED_DATA / name).read_bytes() == (shared_data / "eval" / name).read_bytes()
+    spec = CalibrationSpec("wikitext2+c4", 6, 64, 3, calib["tokenizer"])
+    with_shared = calibration_tokens(spec, ck)
+    import mergequant.convert.quant.calibrate as calibrate
+
+    def absent():
+        raise FileNotFoundError("no shared data")
+
+    monkeypatch.setattr(calibrate, "shared_data_dir", absent)
+    assert [p.parent for p in builtin_set_files("wikitext2+c4")] == [PACKAGED_DATA] * 2
+    assert np.array_equal(calibration_tokens(spec, ck), with_shared)
+
+
+@pytest.mark.parametrize("report", [False, True])
+def test_layer_stream_is_the_engines(tiny, report):
+    """quantize_layer fits every linear on the codes the engine feeds it and returns the block's output itself
+    (no second pass): that stream is exactly what the simulator's block_forward computes from the written tensors,
+    held-out rows of the error report included."""
+    from mergequant.convert.quant.calibrate import calibration_spec, calibration_tokens
+    from mergequant.convert.quant.mergequant import Options, quantize_layer
+    from mergequant.convert.quant.simulate import block_forward as sim_block_forward
+
+    _, ck, calib = tiny
+    spec = calibration_spec(calib)
+    ids = calibration_tokens(spec, ck)
+    h = ck.get("model.embed_tokens.weight").astype(np.float16)[ids].astype(np.float32)
+    cos, sin = rope_cos_sin(ck.config, np.arange(ids.shape[1]))
+    rows: list = []
+    for i in range(ck.config.num_hidden_layers):
+        quant = {"method": "mergequant", "params": {}, "linears": {}}
+        _, blk, h_next = quantize_layer(i, h, fused_layer(ck, i), ck.config, Options(), quant,
+                                        np.random.default_rng(0), held_out=4 if report else 0,
+                                        report=rows if report else None)
+        want = sim_block_forward(h, blk, ck.config, cos, sin)
+        assert np.array_equal(h_next, want), i
+        h = want

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,23 @@ def shared_data_dir() -> Path:
             return base / "shared" / "data"
     raise FileNotFoundError("calibration data (shared/data/eval) not found: pass a text file as the calibration "
                             "source (--calib FILE) or set MERGEQUANT_SHARED to the shared folder")
+
+
+# the built-in sets' files shipped with the converter (converter/data, byte-identical to shared/data/eval)
+PACKAGED_DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def builtin_set_files(name: str) -> list[Path]:
+    """The files of the built-in calibration set `name`: in the shared data folder (shared_data_dir) when there is
+    one, else the copies shipped with the converter (a fresh install)."""
+    try:
+        base = shared_data_dir() / "eval"
+    except FileNotFoundError:
+        base = PACKAGED_DATA
+    files = [base / f for f in BUILTIN_SETS[name]]
+    if not all(f.is_file() for f in files) and all((PACKAGED_DATA / f).is_file() for f in BUILTIN_SETS[name]):
+        files = [PACKAGED_DATA / f for f in BUILTIN_SETS[name]]
+    return files
 
 
 def load_tokenizer(path: str | Path):  # -> tokenizers.Tokenizer
@@ -87,8 +106,7 @@ def calibration_tokens(spec: CalibrationSpec, ck: Checkpoint) -> np.ndarray:
         tokenize = lambda text: hf.encode(text, add_special_tokens=False).ids  # noqa: E731
     else:
         tokenize = checkpoint_tokenizer(ck)
-    files = ([shared_data_dir() / "eval" / f for f in BUILTIN_SETS[spec.source]]
-             if spec.source in BUILTIN_SETS else [Path(spec.source)])
+    files = builtin_set_files(spec.source) if spec.source in BUILTIN_SETS else [Path(spec.source)]
     rng = np.random.default_rng(spec.seed)
     rows = []
     for i, path in enumerate(files):
@@ -103,7 +121,28 @@ def calibration_tokens(spec: CalibrationSpec, ck: Checkpoint) -> np.ndarray:
     return np.stack(rows)
 
 
-QuantizeLayer = Callable[[int, np.ndarray, dict[str, np.ndarray]], tuple[dict[str, np.ndarray], SimBlock]]
+QuantizeLayer = Callable[[int, np.ndarray, dict[str, np.ndarray]],
+                         "tuple[dict[str, np.ndarray], SimBlock] | tuple[dict[str, np.ndarray], SimBlock, np.ndarray | None]"]
+
+# where a running conversion reports its stage ("layer 3: ffn_down"): convert() points it at its progress bar
+_stage_sink: ContextVar[Callable[[str], None] | None] = ContextVar("stage_sink", default=None)
+
+
+def stage(name: str) -> None:
+    """Report the stage a conversion is in (shown beside the progress bar; nothing when none listens)."""
+    sink = _stage_sink.get()
+    if sink is not None:
+        sink(name)
+
+
+@contextmanager
+def stage_sink(sink: Callable[[str], None] | None) -> Iterator[None]:
+    """Send the stages reported inside the block to `sink`."""
+    token = _stage_sink.set(sink)
+    try:
+        yield
+    finally:
+        _stage_sink.reset(token)
 
 
 def run_sequential(ck: Checkpoint, ids: np.ndarray,
@@ -111,13 +150,20 @@ def run_sequential(ck: Checkpoint, ids: np.ndarray,
     """Yields each layer's file tensors. `quantize_layer(i, h, fused)` gets the residual stream h [B, T, D]
     entering layer i (computed through the already-quantized layers, with the engine's exact numerics) and
     the layer's fused float32 weights (layers.fused_layer); it returns the layer's tensors and the
-    SimBlock that executes them, which then produces the stream for layer i + 1."""
+    SimBlock that executes them, which then produces the stream for layer i + 1, or a third item: that stream,
+    computed by the method itself with the engine's numerics (no second pass through the block)."""
     cfg: LlamaConfig = ck.config
     cos, sin = rope_cos_sin(cfg, np.arange(ids.shape[1]))
     h = ck.get("model.embed_tokens.weight")[ids].astype(np.float16).astype(np.float32)  # the rows, not an fp16 table
     for i in range(cfg.num_hidden_layers):
-        tensors, blk = quantize_layer(i, h, fused_layer(ck, i))
-        h = block_forward(h, blk, cfg, cos, sin)
-        del blk
+        stage(f"layer {i}: weights")
+        fused = fused_layer(ck, i)
+        tensors, blk, *out = quantize_layer(i, h, fused)
+        if out and out[0] is not None:
+            h = out[0]  # the method computed the block's output with the engine's numerics itself
+        elif i + 1 < cfg.num_hidden_layers:  # the last layer's output feeds nothing
+            stage(f"layer {i}: forward")
+            h = block_forward(h, blk, cfg, cos, sin)
+        del blk, fused, out
         yield tensors
         del tensors  # nothing of layer i is held while layer i + 1 is quantized

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .blas import cpu_threads, parallel_for
 from .int4 import QMAX, QMIN
 
 ACT_RATIOS = np.linspace(1.0, 0.2, 33, dtype=np.float32)     # step 0.025
@@ -24,21 +25,37 @@ def search_act_clip(x: np.ndarray, amax: np.ndarray, parts: np.ndarray,
     the rows of x [M, K]; returns [len(powers), K]. One quantization of x per ratio serves every power."""
     m = np.asarray(parts, np.float32) * np.ones(x.shape[1], np.float32)
     safe = np.where(amax > 0, amax, 1).astype(np.float32)
+    errs = np.empty((len(ACT_RATIOS), len(powers), x.shape[1]))
+    threads = cpu_threads()
+    bufs = [np.empty_like(x, dtype=np.float32) for _ in range(min(threads, len(ACT_RATIOS)))]
+
+    def ratio_errors(w: int) -> None:  # worker w: every threads-th ratio, into its own buffer
+        e = bufs[w]
+        for r in range(w, len(ACT_RATIOS), len(bufs)):
+            step = (ACT_RATIOS[r] * safe) / (QMAX * m)
+            np.divide(x, step, out=e)
+            np.rint(e, out=e)
+            np.clip(e, QMIN * m, QMAX * m, out=e)
+            e *= step
+            e -= x
+            np.abs(e, out=e)
+            for i, power in enumerate(powers):
+                if power == 2:
+                    err = e * e
+                else:  # |e|^p as exp(p·log|e|): numpy's vectorized exp and log, 3-4x faster than its power
+                    with np.errstate(divide="ignore"):
+                        err = np.log(e)
+                    err *= np.float32(power)
+                    np.exp(err, out=err)
+                errs[r, i] = err.sum(axis=0, dtype=np.float64)
+
+    parallel_for(ratio_errors, len(bufs))
     best = np.full((len(powers), x.shape[1]), np.inf)
     ratio = np.ones((len(powers), x.shape[1]), np.float32)
-    e = np.empty_like(x, dtype=np.float32)
-    for p in ACT_RATIOS:
-        step = (p * safe) / (QMAX * m)
-        np.divide(x, step, out=e)
-        np.rint(e, out=e)
-        np.clip(e, QMIN * m, QMAX * m, out=e)
-        e *= step
-        e -= x
-        np.abs(e, out=e)
-        for i, power in enumerate(powers):
-            err = (e * e if power == 2 else e ** np.float32(power)).sum(axis=0, dtype=np.float64)
-            better = err < best[i]
-            best[i, better], ratio[i, better] = err[better], p
+    for r, p in enumerate(ACT_RATIOS):  # in ratio order: the first of equal errors wins
+        for i in range(len(powers)):
+            better = errs[r, i] < best[i]
+            best[i, better], ratio[i, better] = errs[r, i, better], p
     return ratio
 
 

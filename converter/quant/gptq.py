@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .blas import blas_threads
 from .int4 import QMAX, QMIN
 
 
@@ -25,8 +26,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, step: np.ndarray, qmin: in
     if hessian.shape != (k, k):
         raise ValueError(f"gptq: Hessian of shape {hessian.shape} for a weight of shape {w.shape}")
     step = np.asarray(step, np.float64)
-    per_row = step.ndim == 1
-    step = np.broadcast_to(step[:, None] if per_row else step, (n, k))
+    step = np.broadcast_to(step[:, None] if step.ndim == 1 else step, (n, k))
     if act_order:
         perm = np.argsort(-np.diag(hessian), kind="stable")
         q = gptq_quantize(w[:, perm], hessian[np.ix_(perm, perm)], step[:, perm], qmin, qmax, block, damp)
@@ -36,31 +36,37 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, step: np.ndarray, qmin: in
     # [K, K] float64 matrices are the largest this holds: H's inverse is taken before the float64 copy of W
     # exists, the damping goes on the diagonal in place (the same sums as adding damp·mean·I: the off-diagonal
     # terms add 0), and H is released before its inverse is factorized
-    h = hessian.astype(np.float64)  # astype copies: h and w are this function's own
+    h = hessian.astype(np.float64)  # astype copies: h is this function's own
     dead = np.diag(h) == 0
     h[dead, dead] = 1
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
     # Upper Cholesky factor of H⁻¹: row i holds the error-propagation weights of column i.
-    h = np.linalg.inv(h)
-    hinv = np.linalg.cholesky(h).T
+    with blas_threads(1):  # level-2-bound factorizations: faster on one thread (blas.py)
+        h = np.linalg.inv(h)
+        hinv = np.linalg.cholesky(h).T
     del h
-    w = w.astype(np.float64)
-    w[:, dead] = 0
-    # the safe divisor, a broadcast view of one column for per-row steps (not an [N, K] float64 array)
-    s = np.broadcast_to(np.where(step[:, :1] > 0, step[:, :1], 1), (n, k)) if per_row else np.where(step > 0, step, 1)
-    q = np.zeros((n, k), np.int8)
+    # the columns as rows (wt[i] = W[:, i]): the sweep reads and updates contiguous memory; every element
+    # sees the same operations as in the [N, K] layout, so the codes are those of the textbook loop
+    wt = np.ascontiguousarray(w.T, dtype=np.float64)
+    wt[dead] = 0
+    per_row = step.strides[1] == 0  # one step per row: the same vector for every column
+    st = step[:, 0] if per_row else np.ascontiguousarray(step.T)
+    s = np.where(st > 0, st, 1)
+    zero = st == 0
+    qt = np.zeros((k, n), np.int8)
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         err = np.zeros((n, b1 - b0))
         for i in range(b0, b1):
-            qi = np.clip(np.rint(w[:, i] / s[:, i]), qmin, qmax)
-            qi[step[:, i] == 0] = 0
-            q[:, i] = qi
-            e = (w[:, i] - qi * step[:, i]) / hinv[i, i]
-            w[:, i + 1:b1] -= e[:, None] * hinv[i, i + 1:b1]
+            si, sti, zi = (s, st, zero) if per_row else (s[i], st[i], zero[i])
+            qi = np.clip(np.rint(wt[i] / si), qmin, qmax)
+            qi[zi] = 0
+            qt[i] = qi
+            e = (wt[i] - qi * sti) / hinv[i, i]
+            wt[i + 1:b1] -= hinv[i, i + 1:b1, None] * e
             err[:, i - b0] = e
-        w[:, b1:] -= err @ hinv[b0:b1, b1:]
-    return q
+        wt[b1:] -= (err @ hinv[b0:b1, b1:]).T
+    return np.ascontiguousarray(qt.T)
 
 
 def gptq_codes(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, block: int = 128,

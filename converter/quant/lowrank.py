@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .blas import blas_threads
+
 
 def fit_lowrank(gram: np.ndarray, cross: np.ndarray, rank: int, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
     """gram = aᵀa [K, K], cross = aᵀR [K, N]. Ridge solution M = (G + λI)⁻¹·aᵀR (λ = damp·mean diag G);
@@ -14,13 +16,16 @@ def fit_lowrank(gram: np.ndarray, cross: np.ndarray, rank: int, damp: float = 0.
     k, n = cross.shape
     reg = gram.astype(np.float64)
     reg[np.diag_indices(k)] += damp * max(float(np.mean(np.diag(gram))), 1e-8)  # + λI without a [K, K] identity
-    m = np.linalg.solve(reg, cross.astype(np.float64))
-    z = np.linalg.cholesky(reg).T @ m
+    with blas_threads(1):  # level-2-bound factorizations: faster on one thread (blas.py)
+        m = np.linalg.solve(reg, cross.astype(np.float64))
+        chol = np.linalg.cholesky(reg)
+    z = chol.T @ m
+    gram_z = z.T @ z if n <= k else z @ z.T
+    with blas_threads(1):
+        evals, evecs = np.linalg.eigh(gram_z)
     if n <= k:
-        evals, evecs = np.linalg.eigh(z.T @ z)
         v = evecs[:, np.argsort(evals)[::-1][:rank]]
     else:
-        evals, evecs = np.linalg.eigh(z @ z.T)
         top = np.argsort(evals)[::-1][:rank]
         v = z.T @ evecs[:, top] / np.sqrt(np.maximum(evals[top], 1e-30))
     return (m @ v).T.astype(np.float32), v.astype(np.float32)

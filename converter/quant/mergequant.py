@@ -22,7 +22,8 @@ from ..config import LlamaConfig
 from ..loaders import Checkpoint
 from ..reference import rope_cos_sin
 from ..schemes import pack_linear
-from .calibrate import CalibrationSpec, calibration_tokens, run_sequential
+from .blas import parallel_for
+from .calibrate import CalibrationSpec, calibration_tokens, run_sequential, stage
 from .clip import fake_quant, search_act_clip, search_weight_scale
 from .gptq import gptq_codes
 from .int4 import QMAX, pad_columns, pad_k, quant_rows, round_codes
@@ -31,6 +32,12 @@ from .rtn import check_scheme
 from .simulate import SimBlock, attend, load_block, rms_factor, split_qkv, swiglu
 from .simulate_linear import expand_slots, lora_branch
 from .split import allocate_parts, build_in_map, expand_columns, extra_slots
+
+
+# The numerics of the file this method writes for given options: raise it with every change that alters the file
+# (the default model's cache key includes it: python/mergequant/default_model.py). 2 (2026-12-04): the linears
+# fitted on the engine's own input codes, the low-rank cross term from (aᵀx)·Wᵀ.
+RECIPE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,7 @@ class LinearQuant:
     lora: tuple[np.ndarray, np.ndarray] | None  # fp16-exact A [r, Kp], B [N, r]
     y: np.ndarray | None          # the quantized linear's output on the calibration inputs [M, N] (None: released)
     errors: dict[str, float] | None = None  # on the held-out rows (error_report)
+    acc: np.ndarray | None = None  # the integer accumulators a·qᵀ of the output columns `keep_acc` (exact in fp32)
 
     def fold_rows(self, rows: slice, divisor: np.ndarray) -> None:
         """Divide output rows by a step folded downstream (v rows by Δᵒ, up rows by Δᵈ); exact. The calibration
@@ -120,15 +128,20 @@ def layer_error(x: np.ndarray, y: np.ndarray, w: np.ndarray, c: np.ndarray, part
 
 
 def choose_ranges(xs: np.ndarray, w: np.ndarray, parts: np.ndarray, opts: Options,
-                  tie: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+                  tie: Callable[[np.ndarray], np.ndarray], y: np.ndarray | None = None) -> np.ndarray:
     """Static ranges c [K] on the sample xs: absmax, or (clip) the per-channel searches with the
-    |·|^2.4 and the squared objective; the layer-output error picks among them."""
+    |·|^2.4 and the squared objective; the layer-output error picks among them (y: xs·Wᵀ when known)."""
     amax = tie(np.abs(xs).max(axis=0))
     if not opts.clip:
         return amax
     candidates = [amax] + [tie(r * amax) for r in search_act_clip(xs, amax, parts, (opts.clip_power, 2.0))]
-    y = xs @ w.T
-    errors = [layer_error(xs, y, w, c, parts) for c in candidates]
+    y = xs @ w.T if y is None else y
+    errors = [0.0] * len(candidates)
+
+    def error(i: int) -> None:
+        errors[i] = layer_error(xs, y, w, candidates[i], parts)
+
+    parallel_for(error, len(candidates))  # in threads
     return candidates[int(np.argmin(errors))]
 
 
@@ -140,10 +153,11 @@ def quantize_input(x: np.ndarray, w: np.ndarray, rows: np.ndarray, opts: Options
     budget = opts.budget if budget is None else budget
     xs = x[rows]
     parts = np.ones(k, np.int64)
-    c = choose_ranges(xs, w, parts, opts, tie)
+    y = xs @ w.T if opts.clip else None  # the sample's fp output, for both range choices
+    c = choose_ranges(xs, w, parts, opts, tie, y)
     if splittable and opts.split:
         parts = allocate_parts(c, np.sum(w * w, axis=0), extra_slots(k, budget))
-        c = choose_ranges(xs, w, parts, opts, tie)
+        c = choose_ranges(xs, w, parts, opts, tie, y)
         kp = pad_k(k + extra_slots(k, budget))
     else:
         kp = pad_k(k)
@@ -190,7 +204,7 @@ def fitted_apart(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray, fit: int)
 
 
 def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant | np.ndarray,
-                    opts: Options, fit: int | None = None) -> LinearQuant:
+                    opts: Options, fit: int | None = None, keep_acc: slice | None = None) -> LinearQuant:
     """Weights of one linear given its int4 input codes a [M, Kp] and fp input x [M, K]: W̃ = W·diag(Δ)
     in slot layout, per-row steps, RTN or GPTQ codes, then the low-rank branch on the residual. Only the
     first `fit` rows (all by default) are fitted; the rest are held out for the error report."""
@@ -200,9 +214,17 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
         w_t = pad_columns(w * inp, a.shape[1])
     w_fold = w_t
     fit = len(a) if fit is None else fit
-    y_all = fitted_apart(lambda v: v @ w.T, x, fit)
+    report = fit < len(a)
+    ls_target = opts.gptq and opts.gptq_target in ("ls", "ridge")
+    k, kp, n = x.shape[1], a.shape[1], w.shape[0]
+    # the low-rank fit needs aᵀ·y (y = x·Wᵀ on the fitted rows): as (aᵀ·x)·Wᵀ where that product over the
+    # calibration rows is the smaller one (kp·k < (k + kp)·n: q/k/v, o, gate/up), else from y itself (down)
+    via_x = opts.rank > 0 and kp * k < (k + kp) * n  # (the error report's held-out rows do not change the choice)
+    need_y = report or ls_target or (opts.rank > 0 and not via_x)
+    y_all = fitted_apart(lambda v: v @ w.T, x, fit) if need_y else None
     a_all = a
-    a, y = a_all[:fit], y_all[:fit]
+    a = a_all[:fit]
+    y = y_all[:fit] if need_y else None
     gram = a.T @ a  # exact: integer entries below 2^24
     lam = opts.damp * max(float(np.mean(np.diag(gram))), 1e-8)
     if opts.gptq and opts.gptq_target in ("ls", "ridge"):
@@ -213,18 +235,24 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
                               (a.T @ y).astype(np.float64) + prior).T.astype(np.float32)
     scale = search_weight_scale(w_t, np.diag(gram)) if opts.clip else np.abs(w_t).max(axis=1) / QMAX
     codes = gptq_codes(w_t, gram, scale, damp=opts.damp, act_order=opts.act_order) if opts.gptq else quant_rows(w_t, scale)[0]
-    if fit >= len(a_all):
+    if not report:
         w_t = w_fold = None  # only the held-out error report reads the folded weight again
     codes_t = codes.T.astype(np.float32)
     y_q = fitted_apart(lambda v: v @ codes_t, a_all, fit)
+    acc = None if keep_acc is None else y_q[:, keep_acc].copy()  # integers: any product order gives these
     y_q *= scale
-    del codes_t
     lora = None
     if opts.rank > 0:
-        la, lb = fit_lowrank(gram, a.T @ (y - y_q[:fit]), opts.rank, opts.damp)
+        if via_x:  # aᵀ·(y − y_q) = (aᵀ·x)·Wᵀ − (aᵀa)·codesᵀ·diag(scale), the small products in float64
+            cross = ((a.T @ x[:fit]).astype(np.float64) @ w.T.astype(np.float64)
+                     - (gram.astype(np.float64) @ codes_t.astype(np.float64)) * scale.astype(np.float64))
+        else:
+            cross = a.T @ (y - y_q[:fit])
+        la, lb = fit_lowrank(gram, cross, opts.rank, opts.damp)
         lora = (la.astype(np.float16).astype(np.float32), lb.astype(np.float16).astype(np.float32))
         y_q += fitted_apart(lambda v: lora_branch(v, *lora), a_all, fit)
-    lq = LinearQuant(codes, scale.astype(np.float32), lora, y_q)
+    del codes_t
+    lq = LinearQuant(codes, scale.astype(np.float32), lora, y_q, acc=acc)
     if fit < len(a_all):
         lq.errors = linear_errors(x, a_all, y_all, w_fold, lq, inp, fit)
     return lq
@@ -254,11 +282,14 @@ def quantize_down_a8(m: np.ndarray, w: np.ndarray, opts: Options, fit: int) -> t
 
 def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: LlamaConfig, opts: Options,
                    quant: dict[str, Any], rng: np.random.Generator, held_out: int = 0,
-                   report: list[dict[str, Any]] | None = None) -> tuple[dict[str, np.ndarray], SimBlock]:
-    """One block on its input stream h [B, T, D] → its file tensors and the SimBlock executing them. The
-    last `held_out` sequences of h are not fitted; each linear's errors on them go to `report`. Each linear's
-    float32 weights leave `fused` once quantized, and each calibration output once consumed, so the block holds
-    what its remaining linears need (docs/architecture.md, "Memory of a conversion")."""
+                   report: list[dict[str, Any]] | None = None
+                   ) -> tuple[dict[str, np.ndarray], SimBlock, np.ndarray | None]:
+    """One block on its input stream h [B, T, D] → its file tensors, the SimBlock executing them and the block's
+    output stream (each linear is fitted on the codes the engine feeds it, so its fitted output is the engine's
+    and the block's output needs no second pass; None with the mixed-precision ffn_down). The last `held_out`
+    sequences of h are not fitted; each linear's errors on them go to `report`. Each linear's float32 weights
+    leave `fused` once quantized, and each calibration output once consumed, so the block holds what its
+    remaining linears need (docs/architecture.md, "Memory of a conversion")."""
     b, t, d = h.shape
     p = f"blk.{i}."
     hd, h_q, h_kv, f = config.head_dim, config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
@@ -272,51 +303,84 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
             report.append({"layer": i, "linear": name, **lq.errors})
         return lq
 
-    def split_input_linear(x: np.ndarray, name: str) -> tuple[InputQuant, LinearQuant]:
-        """A linear on a splittable input: its input steps and slots, then its weights on those codes."""
+    def split_input_linear(x: np.ndarray, name: str, engine_input: Callable[[InputQuant], np.ndarray],
+                           keep_acc: slice | None = None) -> tuple[InputQuant, LinearQuant, np.ndarray]:
+        """A linear on a splittable input x (fp): its input steps and slots, then its weights fitted on the int4
+        codes the engine will feed it (`engine_input(steps)`, returned too), so that its output is the engine's."""
+        stage(f"layer {i}: {name}")
         budget = opts.budget_down if name == "ffn_down" and opts.budget_down is not None else opts.budget
-        w = fused.pop(p + name)
+        w = fused.pop(p + name)  # (each linear's float32 weights leave `fused` once quantized)
         inp = quantize_input(x, w, rows, opts, splittable=True, budget=budget)
-        return inp, record(name, quantize_linear(inp.codes(x), x, w, inp, opts, fit))
+        a = engine_input(inp)
+        return inp, record(name, quantize_linear(a, x, w, inp, opts, fit, keep_acc)), a
+
+    def norm_codes(h: np.ndarray, r: np.ndarray, g: np.ndarray) -> Callable[[InputQuant], np.ndarray]:
+        """The engine's codes of a norm's output: its weight γ/Δ (`in_scale`) applied, then the slots."""
+        return lambda inp: expand_slots(flat(h * r * (g / inp.step).astype(np.float32)), inp.in_map)
+
+    def rows_again(lq: LinearQuant, a: np.ndarray, cols: slice) -> np.ndarray:
+        """The output columns `cols` of a linear as the engine computes them after a fold (static_path), from the
+        integer accumulators kept for them."""
+        y = (lq.acc if lq.acc is not None else a @ lq.codes[cols].astype(np.float32).T) * lq.scale[cols]
+        if lq.lora is not None:
+            y += lora_branch(a, lq.lora[0], lq.lora[1][cols])
+        return y
 
     # attention: q/k/v input (norm output), Δ folded into the norm weight
     g1 = fused[p + "attn_norm.weight"]
-    x1 = flat(h * rms_factor(h, eps) * g1)
-    in_qkv, qkv = split_input_linear(x1, "attn_qkv")
+    r1 = rms_factor(h, eps)
+    x1 = flat(h * r1 * g1)
+    v_rows = slice((h_q + h_kv) * hd, None)
+    in_qkv, qkv, a1 = split_input_linear(x1, "attn_qkv", norm_codes(h, r1, g1), keep_acc=v_rows)
     del x1
     q, k, v = split_qkv(qkv.y.reshape(b, t, -1), config)
-    qkv.y = None
     cos_sin = rope_cos_sin(config, np.arange(t))
+    stage(f"layer {i}: attention")
     o = flat(attend(q, k, v, config, *cos_sin))
-    del q, k, v
 
     # o_proj input: one step per (kv head, dim) since v rows carry it (query heads of a group share v)
     tie = lambda c: tie_kv_groups(c, config)  # noqa: E731
+    stage(f"layer {i}: attn_output")
     w_o = fused.pop(p + "attn_output")
     step_o = quantize_input(o, w_o, rows, opts, splittable=False, tie=tie).step
-    a_o = pad_columns(round_codes(o / step_o), pad_k(o.shape[1]))
+    qkv.fold_rows(v_rows, v_row_steps(step_o, config))
+    # the engine's attention on the folded v rows emits the o_proj codes
+    v_eng = rows_again(qkv, a1, v_rows).reshape(b, t, -1)
+    del a1
+    qkv.acc = None
+    stage(f"layer {i}: attention")
+    a_o = pad_columns(round_codes(flat(attend(q, k, v_eng, config, *cos_sin))), pad_k(o.shape[1]))
+    del q, k, v, v_eng
+    stage(f"layer {i}: attn_output")
     out = record("attn_output", quantize_linear(a_o, o, w_o, step_o, opts, fit))
-    qkv.fold_rows(slice((h_q + h_kv) * hd, None), v_row_steps(step_o, config))
     h_mid = h + out.y.reshape(b, t, d)
     out.y = None
     del a_o, o, w_o
 
     # MLP: gate/up input (norm output), then the SwiGLU output feeding down_proj
     g2 = fused[p + "ffn_norm.weight"]
-    x2 = flat(h_mid * rms_factor(h_mid, eps) * g2)
-    in_gu, gate_up = split_input_linear(x2, "ffn_gate_up")
+    r2 = rms_factor(h_mid, eps)
+    x2 = flat(h_mid * r2 * g2)
+    in_gu, gate_up, a2 = split_input_linear(x2, "ffn_gate_up", norm_codes(h_mid, r2, g2),
+                                            keep_acc=None if opts.down_a8 else slice(f, None))
     del x2
     m = swiglu(gate_up.y[:, :f], gate_up.y[:, f:])
-    gate_up.y = None
+    h_next = None
     if opts.down_a8:
         smooth, w_down, codes, scale = quantize_down_a8(m, fused.pop(p + "ffn_down"), opts, fit)
         gate_up.fold_rows(slice(f, None), smooth)
         down_tensors = pack_linear(p + "ffn_down", w_down, "w4a8", quant, codes=codes, scale=scale)
     else:
-        in_down, down = split_input_linear(m, "ffn_down")
-        gate_up.fold_rows(slice(f, None), in_down.step)
+        def down_codes(inp: InputQuant) -> np.ndarray:  # the engine's SwiGLU on the folded up rows
+            gate_up.fold_rows(slice(f, None), inp.step)
+            m_eng = swiglu(gate_up.y[:, :f], rows_again(gate_up, a2, slice(f, None)))
+            gate_up.acc = None
+            return expand_slots(m_eng, inp.in_map)
+
+        in_down, down, _ = split_input_linear(m, "ffn_down", down_codes)
         down_tensors = down.tensors(p + "ffn_down", quant) | {p + "ffn_down.in_map": in_down.in_map}
-    del m
+        h_next = h_mid + down.y.reshape(b, t, d)
+    del m, a2
 
     tensors = {p + "attn_norm.weight": g1.astype(np.float32), p + "ffn_norm.weight": g2.astype(np.float32)}
     tensors |= qkv.tensors(p + "attn_qkv", quant) | out.tensors(p + "attn_output", quant)
@@ -325,7 +389,7 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
                 p + "attn_qkv.in_map": in_qkv.in_map,
                 p + "ffn_gate_up.in_scale": (g2 / in_gu.step).astype(np.float32),
                 p + "ffn_gate_up.in_map": in_gu.in_map}
-    return tensors, load_block(config, tensors.get, quant["linears"], i)
+    return tensors, load_block(config, tensors.get, quant["linears"], i), h_next
 
 
 def w4a4_static(ck: Checkpoint, quant: dict[str, Any], opts: Options, calib: CalibrationSpec,
@@ -334,16 +398,15 @@ def w4a4_static(ck: Checkpoint, quant: dict[str, Any], opts: Options, calib: Cal
     apart from chance overlaps they are not calibration text) run through the same quantized stream
     unfitted, and every linear's held-out errors (`linear_errors`) are written there as JSON."""
     quant["params"] = {"options": asdict(opts), "calibration": asdict(calib)}
-    ids = calibration_tokens(calib, ck)
-    held_out = 0
-    if report is not None:
-        extra = calibration_tokens(replace(calib, n=report_n, seed=calib.seed + 1), ck)
-        held_out = len(extra)
-        ids = np.concatenate([ids, extra])
     rng = np.random.default_rng(calib.seed)
     rows: list[dict[str, Any]] = []
+    held_out = report_n if report is not None else 0
 
     def blocks() -> Iterator[dict[str, np.ndarray]]:
+        stage("calibration text")
+        ids = calibration_tokens(calib, ck)
+        if report is not None:
+            ids = np.concatenate([ids, calibration_tokens(replace(calib, n=report_n, seed=calib.seed + 1), ck)])
         yield from run_sequential(ck, ids, lambda i, h, fused: quantize_layer(
             i, h, fused, ck.config, opts, quant, rng, held_out, rows if report is not None else None))
         if report is not None:

@@ -15,6 +15,7 @@ from ..config import LlamaConfig
 from ..mqfile import read_mq
 from ..reference import rope, rope_cos_sin
 from ..schemes import get_scheme
+from .blas import parallel_for
 from .int4 import pad_columns, round_codes
 from .simulate_linear import SimLinear, expand_slots, fp16_round
 
@@ -35,6 +36,18 @@ def rms_factor(h: np.ndarray, eps: float) -> np.ndarray:
 
 def swiglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
     """silu(g) · u = (g / (1 + exp(-g))) · u in float64, rounded once to fp32."""
+    out = np.empty(np.broadcast_shapes(g.shape, u.shape), np.float32)
+    rows = 1024  # elementwise: row blocks in threads give the same values
+
+    def block(i: int) -> None:
+        r = slice(i * rows, (i + 1) * rows)
+        g64 = g[r].astype(np.float64)
+        with np.errstate(over="ignore"):
+            out[r] = g64 / (1.0 + np.exp(-g64)) * u[r]
+
+    if g.ndim == 2 and g.shape == u.shape:
+        parallel_for(block, -(-len(g) // rows))
+        return out
     g64 = g.astype(np.float64)
     with np.errstate(over="ignore"):
         return (g64 / (1.0 + np.exp(-g64)) * u).astype(np.float32)
@@ -91,7 +104,9 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 2
     """q [T, H, hd], k/v [T, Hkv, hd] at positions 0..T-1 → [T, H·hd]: with qc = fp32(q · fp32(1/sqrt(hd))),
     s = qc · k, p = exp(s - max s) over keys ≤ the query position, o = fp32((p · v) / Σ p), all in float64
     (rounded once, so summation order does not reach the fp32 result). Per kv head, its query heads
-    stacked, in query blocks that read only the keys up to the block's end (the causal half is skipped)."""
+    stacked, in query blocks that read only the keys up to the block's end (the causal half is skipped).
+    The products run as 2-D GEMMs (the G heads' rows stacked): numpy's stacked matmul computes the same
+    sums several times slower."""
     t, h, hd = q.shape
     g = h // k.shape[1]
     out = np.empty((h, t, hd), np.float32)
@@ -100,13 +115,16 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 2
     vh = np.ascontiguousarray(v.transpose(1, 0, 2), np.float64)
     for i0 in range(0, t, block):
         i1 = min(i0 + block, t)
-        mask = np.triu(np.full((i1 - i0, i1), -np.inf), i0 + 1)
+        rows = i1 - i0
+        mask = np.triu(np.full((rows, i1), -np.inf), i0 + 1)
         for j in range(k.shape[1]):
-            s = qh[j * g:(j + 1) * g, i0:i1] @ kh[j, :i1].T      # [G, block, i1]
+            qb = qh[j * g:(j + 1) * g, i0:i1].reshape(g * rows, hd)
+            s = (qb @ kh[j, :i1].T).reshape(g, rows, i1)      # [G, block, i1]
             s += mask
             s -= s.max(axis=-1, keepdims=True)
             np.exp(s, out=s)
-            out[j * g:(j + 1) * g, i0:i1] = (s @ vh[j, :i1]) / s.sum(axis=-1, keepdims=True)
+            pv = (s.reshape(g * rows, i1) @ vh[j, :i1]).reshape(g, rows, hd)
+            out[j * g:(j + 1) * g, i0:i1] = pv / s.sum(axis=-1, keepdims=True)
     return out.transpose(1, 0, 2).reshape(t, h * hd)
 
 
@@ -119,7 +137,8 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, config: LlamaConfig,
     b, t, _ = q.shape
     h, hkv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     out = np.empty((b, t, h * hd), np.float32)
-    for i in range(b):
+
+    def sequence(i: int) -> None:
         qi = fp16_round(rope(q[i].reshape(t, h, hd), cos, sin))
         ki = rope(k[i].reshape(t, hkv, hd), cos, sin)
         vi = v[i].reshape(t, hkv, hd)
@@ -130,6 +149,9 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, config: LlamaConfig,
         else:
             ki, vi = kv.keys(ki), kv.values(vi)
         out[i] = causal_attention(qi, ki, vi)
+
+    # the sequences are independent: in threads (the observer, when given, sees them in order)
+    parallel_for(sequence, b, threads=1 if observe is not None else None)
     return out
 
 

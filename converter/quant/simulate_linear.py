@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .blas import parallel_for
 from .int4 import QMAX, QMIN, pad_columns, round_codes, unpack_int4
 
 TensorGetter = Callable[[str], "np.ndarray | None"]  # suffix → the linear's tensor P.<suffix>, None if absent
@@ -27,19 +28,52 @@ def expand_slots(z: np.ndarray, in_map: np.ndarray) -> np.ndarray:
     """Values z [M, K] in step units → int4 input slots [M, Kp] (fp32 holding integers):
     t = clamp(rint(z_j), -8m, 7m), slot = floor((t + k) / m) for in_map rows (j, k, m); j = -1 gives 0.
     floor of the fp32 quotient is exact: a non-integer (t+k)/m lies ≥ 1/m away from any integer."""
-    src, part, parts = (in_map[:, c] for c in range(3))
-    live = src >= 0
-    m = parts[live].astype(np.float32)
-    t = round_codes(z[:, src[live]], QMIN * m, QMAX * m)
     out = np.zeros((z.shape[0], in_map.shape[0]), np.float32)
-    out[:, live] = np.floor((t + part[live].astype(np.float32)) / m)
+    rows = 2048  # elementwise: row blocks in threads give the same values
+
+    def block(i: int) -> None:
+        r = slice(i * rows, (i + 1) * rows)
+        _expand_slots(z[r], in_map, out[r])
+
+    parallel_for(block, -(-z.shape[0] // rows))
     return out
+
+
+def _expand_slots(z: np.ndarray, in_map: np.ndarray, out: np.ndarray) -> None:
+    src, part, parts = (in_map[:, c] for c in range(3))
+    k = z.shape[1]
+    if len(src) >= k and np.array_equal(src[:k], np.arange(k)) and not part[:k].any():
+        # the converter's layout (split.build_in_map): slot j is part 0 of channel j, computed in place
+        m = parts[:k].astype(np.float32)
+        t = out[:, :k]
+        np.rint(z, out=t)
+        np.clip(t, QMIN * m, QMAX * m, out=t)
+        t += np.float32(0)  # -0 → +0, as t + k does below
+        split = np.flatnonzero(parts[:k] > 1)
+        if split.size:
+            out[:, split] = np.floor(t[:, split] / m[split])
+        rest = np.flatnonzero(src[k:] >= 0) + k
+    else:
+        rest = np.flatnonzero(src >= 0)
+    if rest.size:
+        m = parts[rest].astype(np.float32)
+        t = round_codes(z[:, src[rest]], QMIN * m, QMAX * m)
+        out[:, rest] = np.floor((t + part[rest].astype(np.float32)) / m)
 
 
 def lora_branch(a: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray) -> np.ndarray:
     """(a · Aᵀ) · Bᵀ in float64, rounded once to fp32: a · Aᵀ on int4 codes and fp16 values is exact in
     float64, so every summation order gives the same fp32 result."""
-    return ((a.astype(np.float64) @ lora_a.T.astype(np.float64)) @ lora_b.T.astype(np.float64)).astype(np.float32)
+    a_t, b_t = lora_a.T.astype(np.float64), lora_b.T.astype(np.float64)
+    out = np.empty((a.shape[0], b_t.shape[1]), np.float32)
+    rows = 2048  # row blocks (each row's sums are those of the one product), in threads
+
+    def block(i: int) -> None:
+        r = slice(i * rows, (i + 1) * rows)
+        out[r] = (a[r].astype(np.float64) @ a_t) @ b_t
+
+    parallel_for(block, -(-a.shape[0] // rows))
+    return out
 
 
 @dataclass

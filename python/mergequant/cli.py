@@ -14,7 +14,8 @@ from typing import Optional, Sequence
 from .llm import KV_CACHE_TYPES
 
 EPILOG = """examples:
-  mergequant generate -p "The capital of France is" -n 32          # built-in SmolLM2, converted on first use
+  mergequant generate -p "The capital of France is" -n 32          # built-in SmolLM2, MergeQuant W4A4 (converted once)
+  mergequant generate -p "The capital of France is" --scheme f16   # ... its unquantized f16 file
   mergequant convert ./Llama-3.2-1B -o llama.mq                     # HF checkpoint directory -> f16 model file
   mergequant convert model.gguf -o model.mq --method mergequant     # GGUF -> W4A4 static (MergeQuant)
   mergequant convert model.gguf -o model.mq --method qqq --group-size 128   # W4A8 (QQQ), group-wise
@@ -30,7 +31,11 @@ EPILOG = """examples:
 def _add_model_args(p: argparse.ArgumentParser, optional: bool) -> None:
     if optional:
         p.add_argument("model", nargs="?", default=None,
-                       help="a .mq model file (default: the built-in SmolLM2-135M-Instruct, converted on first use)")
+                       help="a .mq model file (default: the built-in SmolLM2-135M-Instruct, converted on first use "
+                            "into the cache with --method mergequant: W4A4, a few minutes once)")
+        p.add_argument("--scheme", default=None, choices=("w4a4", "f16"),
+                       help="without MODEL: the default model's file, w4a4 (MergeQuant, the default) or f16 "
+                            "(unquantized)")
     else:
         p.add_argument("model", help="a .mq model file")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
@@ -61,7 +66,10 @@ def _sampling(a: argparse.Namespace) -> dict:
 
 def _load(a: argparse.Namespace):
     from .llm import LLM
-    return LLM(a.model, device=a.device, n_ctx=a.ctx, threads=a.threads, kv_cache=a.kv_cache)
+    scheme = getattr(a, "scheme", None)
+    if scheme is not None and a.model is not None:
+        raise SystemExit(f"{a.command}: --scheme selects the default model's file; a MODEL file has its scheme already")
+    return LLM(a.model, device=a.device, n_ctx=a.ctx, threads=a.threads, kv_cache=a.kv_cache, scheme=scheme)
 
 
 def cmd_convert(a: argparse.Namespace) -> int:

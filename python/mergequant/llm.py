@@ -33,7 +33,10 @@ class LLM:
 
     Args:
         model: path of a .mq file (see `mergequant convert`); None uses the built-in default model
-            (SmolLM2-135M-Instruct), converted on first use into the cache directory.
+            (SmolLM2-135M-Instruct), converted on first use into the cache directory: with MergeQuant W4A4
+            (`convert --method mergequant`, a few minutes once; its stages and time are printed).
+        scheme: the default model's file when `model` is None: "w4a4" (MergeQuant, the default) or "f16"
+            (unquantized); not allowed with a model path.
         device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
         n_ctx: context length in tokens; None uses min(the model's trained context, 4096). A context
             that does not fit in the free host (or GPU) memory is refused up front, naming the sizes and
@@ -49,10 +52,14 @@ class LLM:
     """
 
     def __init__(self, model: Union[str, os.PathLike, None] = None, device: str = "auto",
-                 n_ctx: Optional[int] = None, threads: Optional[int] = None, kv_cache: str = "fp16"):
+                 n_ctx: Optional[int] = None, threads: Optional[int] = None, kv_cache: str = "fp16",
+                 scheme: Optional[str] = None):
         if model is None:
-            from .default_model import default_model_path
-            model = default_model_path()
+            from .default_model import DEFAULT_SCHEME, check_scheme, default_model_path
+            model = default_model_path(check_scheme(scheme or DEFAULT_SCHEME))
+        elif scheme is not None:
+            raise ValueError(f"scheme={scheme!r} selects the default model's file: pass it without a model path "
+                             f"(a .mq file has its scheme already)")
         path = os.fspath(model)
         if not os.path.exists(path):
             raise FileNotFoundError(f"model file not found: {path}")
