@@ -39,13 +39,13 @@ def shared_data_dir() -> Path:
                             "source (--calib FILE) or set MERGEQUANT_SHARED to the shared folder")
 
 
-# the built-in sets' files shipped with the converter (converter/data, byte-identical to shared/data/eval)
+# the built-in sets' files in the installed package (copied from shared/data/eval at build time: CMakeLists.txt)
 PACKAGED_DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def builtin_set_files(name: str) -> list[Path]:
     """The files of the built-in calibration set `name`: in the shared data folder (shared_data_dir) when there is
-    one, else the copies shipped with the converter (a fresh install)."""
+    one, else the copies the build put into the installed package (PACKAGED_DATA)."""
     try:
         base = shared_data_dir() / "eval"
     except FileNotFoundError:
