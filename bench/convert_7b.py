@@ -9,7 +9,8 @@ memory bound the converter is meant to keep:
     python3 bench/convert_7b.py --layers 2 --method none --scheme w4a16g      # no calibration: the floor
 
 The checkpoint: config.json (LlamaForCausalLM, Llama-2-7B's numbers except num_hidden_layers = N), weights
-N(0, 0.02) (so the calibration forward stays finite), norms ones, stored in fp16 (or --dtype bf16) as one
+those of bench/peer/random_weights.py (uniform, standard deviation 0.02, the same values as bench_gpu.py's files;
+the calibration forward stays finite), norms ones, stored in fp16 (or --dtype bf16) as one
 safetensors shard per decoder layer plus one for the embedding / final norm / lm_head, with
 model.safetensors.index.json (as Llama-2-7b-hf ships, sharded; the writer holds one layer), and the Llama-2
 SentencePiece tokenizer from $MERGEQUANT_SHARED/data/tokenizers/llama2 (tokenizer.model, tokenizer_config.json,
@@ -69,20 +70,23 @@ from pathlib import Path
 
 import numpy as np
 
-# Llama-2-7B (meta-llama/Llama-2-7b-hf config.json)
-SHAPE = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
-         "vocab_size": 32000, "num_hidden_layers": 32}
-FULL_LAYERS = 32
+# the Llama-2-7B shape and its random weights as the GPU benchmark draws them (bench/peer/random_weights.py)
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peer"))
+import random_weights as rw  # noqa: E402
+
+C = rw.LLAMA2_7B
+SHAPE = {"hidden_size": C.hidden_size, "intermediate_size": C.intermediate_size,
+         "num_attention_heads": C.num_attention_heads, "num_key_value_heads": C.num_key_value_heads,
+         "vocab_size": C.vocab_size}
+FULL_LAYERS = C.num_hidden_layers
 
 
 def hf_config(layers: int, dtype: str) -> dict:
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-            "hidden_size": SHAPE["hidden_size"], "intermediate_size": SHAPE["intermediate_size"],
-            "num_attention_heads": SHAPE["num_attention_heads"], "num_key_value_heads": SHAPE["num_key_value_heads"],
-            "num_hidden_layers": layers, "vocab_size": SHAPE["vocab_size"], "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": None, "tie_word_embeddings": False,
-            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None, "initializer_range": 0.02,
-            "torch_dtype": "float16" if dtype == "f16" else "bfloat16"}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", **SHAPE,
+            "num_hidden_layers": layers, "max_position_embeddings": C.max_position_embeddings,
+            "rms_norm_eps": C.rms_norm_eps, "rope_theta": C.rope_theta, "rope_scaling": None,
+            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,
+            "initializer_range": rw.SD, "torch_dtype": "float16" if dtype == "f16" else "bfloat16"}
 
 
 def layer_fp32_bytes() -> int:
@@ -96,14 +100,12 @@ STRICT_WIDTH = SHAPE["hidden_size"] + 2 * SHAPE["intermediate_size"]
 
 
 def shared_dir() -> Path:
-    env = os.environ.get("MERGEQUANT_SHARED")
-    if env:
-        return Path(env)
-    for base in (Path.cwd(), Path(__file__).resolve().parents[1], Path(__file__).resolve().parents[2]):
-        if (base / "shared" / "data").is_dir():
-            return base / "shared"
-    raise SystemExit("shared data not found: set MERGEQUANT_SHARED to the folder holding data/tokenizers/llama2 "
-                     "and data/eval")
+    """The shared folder (holding data/eval and data/tokenizers), where the converter's calibration finds it."""
+    from mergequant.convert.quant.calibrate import shared_data_dir
+    try:
+        return shared_data_dir().parent
+    except FileNotFoundError as e:
+        raise SystemExit(f"{e} (this script also reads data/tokenizers/llama2 there)") from None
 
 
 # ---------------------------------------------------------------- the checkpoint
@@ -133,7 +135,7 @@ def _save_shard(path: Path, tensors: dict[str, np.ndarray], dtype: str) -> None:
         path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
 
 
-def write_checkpoint(out: Path, layers: int, dtype: str, seed: int, tokenizer_dir: Path) -> dict:
+def write_checkpoint(out: Path, layers: int, dtype: str, tokenizer_dir: Path) -> dict:
     """config.json, one shard per layer + one for the rest, the index, the tokenizer files. Returns timings."""
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -143,14 +145,12 @@ def write_checkpoint(out: Path, layers: int, dtype: str, seed: int, tokenizer_di
         if not (tokenizer_dir / src).is_file():
             raise SystemExit(f"{tokenizer_dir / src} not found (the Llama-2 tokenizer files)")
         shutil.copyfile(tokenizer_dir / src, out / dst)
-    rng = np.random.default_rng(seed)
-    d, f, v = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"]
-    hd = d // SHAPE["num_attention_heads"]
-    kv = SHAPE["num_key_value_heads"] * hd
 
-    def normal(*shape: int) -> np.ndarray:
-        return _store(rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02), dtype)
+    def drawn(name: str) -> np.ndarray:  # rw's fp16 draws (the same values as bench_gpu's files), then stored
+        return _store(rw.weight(name, *shapes[name]).astype(np.float32), dtype)
 
+    shapes = {"token_embd": (C.vocab_size, C.hidden_size), "output": (C.vocab_size, C.hidden_size)}
+    d = C.hidden_size
     ones = _store(np.ones(d, np.float32), dtype)
     n_shards = layers + 1
     weight_map: dict[str, str] = {}
@@ -158,15 +158,15 @@ def write_checkpoint(out: Path, layers: int, dtype: str, seed: int, tokenizer_di
         name = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
         p = f"model.layers.{i}."
         shard = {p + "input_layernorm.weight": ones, p + "post_attention_layernorm.weight": ones}
-        for key, shape in (("self_attn.q_proj", (d, d)), ("self_attn.k_proj", (kv, d)), ("self_attn.v_proj", (kv, d)),
-                           ("self_attn.o_proj", (d, d)), ("mlp.gate_proj", (f, d)), ("mlp.up_proj", (f, d)),
-                           ("mlp.down_proj", (d, f))):
-            shard[p + key + ".weight"] = normal(*shape)
+        for key, short in (("self_attn.q_proj", "q"), ("self_attn.k_proj", "k"), ("self_attn.v_proj", "v"),
+                           ("self_attn.o_proj", "o"), ("mlp.gate_proj", "gate"), ("mlp.up_proj", "up"),
+                           ("mlp.down_proj", "down")):
+            shard[p + key + ".weight"] = _store(rw.linear(C, i, short).astype(np.float32), dtype)
         _save_shard(out / name, shard, dtype)
         weight_map |= {k: name for k in shard}
         del shard
     name = f"model-{n_shards:05d}-of-{n_shards:05d}.safetensors"
-    shard = {"model.embed_tokens.weight": normal(v, d), "model.norm.weight": ones, "lm_head.weight": normal(v, d)}
+    shard = {"model.embed_tokens.weight": drawn("token_embd"), "model.norm.weight": ones, "lm_head.weight": drawn("output")}
     _save_shard(out / name, shard, dtype)
     weight_map |= {k: name for k in shard}
     del shard
@@ -360,7 +360,6 @@ def main() -> None:
     ap.add_argument("--method-arg", action="append", default=[], metavar="KEY=JSON",
                     help="a further method keyword, e.g. rank=0 or gptq=false (repeatable)")
     ap.add_argument("--dtype", choices=("f16", "bf16"), default="f16", help="checkpoint storage dtype (default f16)")
-    ap.add_argument("--seed", type=int, default=0, help="random weights' seed")
     ap.add_argument("--workdir", default=None, help="folder for the checkpoint and the .mq (default: a new temporary "
                                                     "folder under /tmp); removed afterwards unless --keep")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and the .mq")
@@ -402,7 +401,7 @@ def main() -> None:
         if free < need:
             raise SystemExit(f"{work}: {free / 1e9:.1f} GB free, about {need / 1e9:.1f} GB needed")
         print(f"writing a {a.layers}-layer Llama-2-7B-shaped checkpoint ({a.dtype}) to {ck_dir} ...", flush=True)
-        ck = write_checkpoint(ck_dir, a.layers, a.dtype, a.seed, tok_dir)
+        ck = write_checkpoint(ck_dir, a.layers, a.dtype, tok_dir)
         print(f"  {ck['bytes'] / 1e9:.2f} GB in {ck['write_s']:.1f} s; converting ...", flush=True)
         load_before = os.getloadavg()
         spec = {"src": str(ck_dir), "out": str(out), "method": method, "scheme": scheme, "method_args": method_args,
@@ -438,7 +437,7 @@ def main() -> None:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"Command: `{cmd}` ({now})  ",
              f"Machine: {machine}; Python {platform.python_version()}, numpy {np.__version__}  ",
-             f"Checkpoint: Llama-2-7B shape, {a.layers} layer(s), random N(0, 0.02) weights in {a.dtype}, "
+             f"Checkpoint: Llama-2-7B shape, {a.layers} layer(s), random weights (bench/peer/random_weights.py, sd 0.02) in {a.dtype}, "
              f"{ck['bytes'] / 1e9:.2f} GB, written in {ck['write_s']:.0f} s (not in the conversion time); "
              f".mq {rep['mq_bytes'] / 1e9:.3f} GB, {rep['mq_tensors']} tensors, method {rep['quant_method']!r}  ",
              f"Bound: 2 x one layer's fp32 weights ({w_layer / 1e6:.1f} MB) + one block's fp32 calibration activations "

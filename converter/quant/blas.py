@@ -54,11 +54,6 @@ def _controls() -> tuple | None:
     return None
 
 
-def get_blas_threads() -> int | None:
-    c = _controls()
-    return None if c is None else int(c[1]())
-
-
 @contextmanager
 def blas_threads(n: int) -> Iterator[None]:
     """numpy's OpenBLAS on `n` threads inside the block (process-wide), the previous count restored after."""
