@@ -53,6 +53,17 @@ ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
     "down-a8": ("mixed precision: ffn_down in w4a8 (per-token int8 inputs, smoothed α 0.5), not plain W4A4",
                 "mergequant", {"down_a8": True}),
     "rank32": ("+ act-order, rank 32", "mergequant", {"act_order": True, "rank": 32}),
+    "ls-nat": ("GPTQ target: plain least squares on the int4 inputs, natural column order", "mergequant",
+               {"gptq_target": "ls"}),
+    "ridge1-nat": ("GPTQ target: least squares shrunk to W̃ (ridge 1), natural column order", "mergequant",
+                   {"gptq_target": "ridge", "ridge": 1.0}),
+    "rank32-heavy": ("rank 32 for ffn_down and attn_output only (16 elsewhere)", "mergequant",
+                     {"rank_down": 32, "rank_o": 32}),
+    "clip-scales": ("activation ranges: the chosen ones scaled by 0.8, 0.9, 1.1 tried too (layer error decides)",
+                    "mergequant", {"clip_scales": [0.8, 0.9, 1.1]}),
+    "damp0.001": ("GPTQ / low-rank damping 0.001 (0.01 before)", "mergequant", {"damp": 0.001}),
+    "damp0.1": ("GPTQ / low-rank damping 0.1 (0.01 before)", "mergequant", {"damp": 0.1}),
+    "calib64": ("calibration 64 × 512 tokens (twice the default)", "mergequant", {"calib_n": 64}),
     "default": ("MergeQuant default (this commit)", "mergequant", {}),
 }
 BEGIN, END = "<!-- ablate_w4a4:begin -->", "<!-- ablate_w4a4:end -->"
@@ -117,6 +128,8 @@ def main() -> None:
                 continue
             calib = {"calib_n": args.calib_n, "calib_len": args.calib_len} if method in ("mergequant",
                                                                                          "rtn-w4a4-static") else {}
+            calib |= {k: v for k, v in opts.items() if k in ("calib_n", "calib_len")}  # a row's own calibration
+            opts = {k: v for k, v in opts.items() if k not in calib}
             out = Path(tmp) / f"{key}.mq"
             t0 = time.perf_counter()
             convert(src, out, method=method, progress=True, **opts, **calib)
@@ -124,7 +137,7 @@ def main() -> None:
             if ids is None:
                 ids = LLM(str(out), device="cpu").tokenize(TEXT.read_text(encoding="utf-8"), add_special=False)
             ppl = engine_ppl(out, ids, args.windows, args.window)
-            cache[ckey] = {"label": label, "method": method, "options": opts, "ppl": ppl, "seconds": seconds}
+            cache[ckey] = {"label": label, "method": method, "options": ROWS[key][2], "ppl": ppl, "seconds": seconds}
             print(f"{key}: PPL {ppl:.3f}, converted in {seconds:.0f} s", flush=True)
             args.cache.write_text(json.dumps(cache, indent=1, ensure_ascii=False) + "\n")
             out.unlink()

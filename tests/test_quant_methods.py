@@ -278,3 +278,24 @@ def test_layer_stream_is_the_engines(tiny, report):
         want = sim_block_forward(h, blk, ck.config, cos, sin)
         assert np.array_equal(h_next, want), i
         h = want
+
+
+def test_mergequant_per_linear_ranks_and_clip_scales(tiny):
+    """rank_down / rank_o set those linears' low-rank branches alone; clip_scales only adds range candidates, so
+    the layer error of the ranges it picks is never above the ranges picked without it."""
+    from mergequant.convert.quant.mergequant import Options, choose_ranges, layer_error
+    _, ck, calib = tiny
+    m = quantize(ck, "mergequant", rank=4, rank_down=6, rank_o=2, clip_scales="0.9,1.1", **calib)
+    b = m.blocks[0]
+    assert b.qkv.lora_a.shape[0] == 4 and b.gate_up.lora_a.shape[0] == 4
+    assert b.down.lora_a.shape[0] == 6 and b.o.lora_a.shape[0] == 2
+    assert tuple(m.quant["params"]["options"]["clip_scales"]) == (0.9, 1.1)
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((1500, 48)) * rng.uniform(0.2, 3, 48)).astype(np.float32)
+    x[::50] *= 8  # outlier tokens
+    w = (rng.standard_normal((32, 48)) / 8).astype(np.float32)
+    parts = np.ones(48, np.int64)
+    y = x @ w.T
+    base = choose_ranges(x, w, parts, Options(), lambda c: c, y)
+    wide = choose_ranges(x, w, parts, Options(clip_scales=(0.8, 0.9, 1.1)), lambda c: c, y)
+    assert layer_error(x, y, w, wide, parts) <= layer_error(x, y, w, base, parts)

@@ -50,6 +50,8 @@ class Options:
     down_a8: bool = False      # mixed precision: ffn_down in w4a8 (per-token int8 inputs), not static W4A4
     down_alpha: float = 0.5    # its smoothing exponent (SmoothQuant's α), the scales folded into the up rows
     rank: int = 16             # low-rank compensation rank (0: off)
+    rank_down: int | None = None  # ffn_down's own rank (None: `rank`)
+    rank_o: int | None = None     # attn_output's own rank (None: `rank`)
     gptq: bool = True          # GPTQ codes instead of RTN (the low-rank branch then fits what GPTQ leaves)
     gptq_target: str = "w"     # "w": the folded weight W̃; "ls": least-squares fit of X·Wᵀ on the int4 inputs;
                                # "ridge": that fit shrunk toward W̃ (weight `ridge` · mean diag of aᵀa)
@@ -58,6 +60,14 @@ class Options:
     clip_power: float = 2.4    # per-channel clip objective Σ|x̂ − x|^p (then p = 2; the layer error decides)
     clip_sample: int = 2048    # tokens the clip searches look at (plus every sequence's first token)
     damp: float = 0.01
+    block: int = 128           # GPTQ lazy-update block (columns)
+    clip_scales: tuple[float, ...] = ()  # global factors tried on the chosen activation ranges (the layer error
+                                         # decides; () : none)
+
+    def rank_for(self, name: str) -> int:
+        """The low-rank rank of linear `name` (attn_qkv, attn_output, ffn_gate_up, ffn_down)."""
+        own = {"ffn_down": self.rank_down, "attn_output": self.rank_o}.get(name)
+        return self.rank if own is None else own
 
 
 @dataclass
@@ -142,6 +152,18 @@ def choose_ranges(xs: np.ndarray, w: np.ndarray, parts: np.ndarray, opts: Option
         errors[i] = layer_error(xs, y, w, candidates[i], parts)
 
     parallel_for(error, len(candidates))  # in threads
+    best = candidates[int(np.argmin(errors))]
+    if not opts.clip_scales:
+        return best
+    # the winner scaled by global factors (a range the per-channel objectives cannot reach: they see one channel)
+    scaled = [best] + [np.float32(f) * best for f in opts.clip_scales]
+    errors = [errors[int(np.argmin(errors))]] + [0.0] * len(opts.clip_scales)
+    candidates = scaled
+
+    def error_scaled(i: int) -> None:
+        errors[i + 1] = layer_error(xs, y, w, candidates[i + 1], parts)
+
+    parallel_for(error_scaled, len(opts.clip_scales))
     return candidates[int(np.argmin(errors))]
 
 
@@ -204,10 +226,13 @@ def fitted_apart(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray, fit: int)
 
 
 def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant | np.ndarray,
-                    opts: Options, fit: int | None = None, keep_acc: slice | None = None) -> LinearQuant:
+                    opts: Options, fit: int | None = None, keep_acc: slice | None = None,
+                    rank: int | None = None) -> LinearQuant:
     """Weights of one linear given its int4 input codes a [M, Kp] and fp input x [M, K]: W̃ = W·diag(Δ)
     in slot layout, per-row steps, RTN or GPTQ codes, then the low-rank branch on the residual. Only the
-    first `fit` rows (all by default) are fitted; the rest are held out for the error report."""
+    first `fit` rows (all by default) are fitted; the rest are held out for the error report. `rank`: the
+    low-rank branch's rank (None: opts.rank)."""
+    rank = opts.rank if rank is None else rank
     if isinstance(inp, InputQuant):
         w_t = expand_columns(w * inp.step, inp.in_map)
     else:  # a step vector for an unsplit input (o_proj): columns scaled, K padded
@@ -219,8 +244,8 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
     k, kp, n = x.shape[1], a.shape[1], w.shape[0]
     # the low-rank fit needs aᵀ·y (y = x·Wᵀ on the fitted rows): as (aᵀ·x)·Wᵀ where that product over the
     # calibration rows is the smaller one (kp·k < (k + kp)·n: q/k/v, o, gate/up), else from y itself (down)
-    via_x = opts.rank > 0 and kp * k < (k + kp) * n  # (the error report's held-out rows do not change the choice)
-    need_y = report or ls_target or (opts.rank > 0 and not via_x)
+    via_x = rank > 0 and kp * k < (k + kp) * n  # (the error report's held-out rows do not change the choice)
+    need_y = report or ls_target or (rank > 0 and not via_x)
     y_all = fitted_apart(lambda v: v @ w.T, x, fit) if need_y else None
     a_all = a
     a = a_all[:fit]
@@ -234,7 +259,7 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
         w_t = np.linalg.solve(gram.astype(np.float64) + mu * np.eye(len(gram)),
                               (a.T @ y).astype(np.float64) + prior).T.astype(np.float32)
     scale = search_weight_scale(w_t, np.diag(gram)) if opts.clip else np.abs(w_t).max(axis=1) / QMAX
-    codes = gptq_codes(w_t, gram, scale, damp=opts.damp, act_order=opts.act_order) if opts.gptq else quant_rows(w_t, scale)[0]
+    codes = gptq_codes(w_t, gram, scale, block=opts.block, damp=opts.damp, act_order=opts.act_order) if opts.gptq else quant_rows(w_t, scale)[0]
     if not report:
         w_t = w_fold = None  # only the held-out error report reads the folded weight again
     codes_t = codes.T.astype(np.float32)
@@ -242,13 +267,13 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
     acc = None if keep_acc is None else y_q[:, keep_acc].copy()  # integers: any product order gives these
     y_q *= scale
     lora = None
-    if opts.rank > 0:
+    if rank > 0:
         if via_x:  # aᵀ·(y − y_q) = (aᵀ·x)·Wᵀ − (aᵀa)·codesᵀ·diag(scale), the small products in float64
             cross = ((a.T @ x[:fit]).astype(np.float64) @ w.T.astype(np.float64)
                      - (gram.astype(np.float64) @ codes_t.astype(np.float64)) * scale.astype(np.float64))
         else:
             cross = a.T @ (y - y_q[:fit])
-        la, lb = fit_lowrank(gram, cross, opts.rank, opts.damp)
+        la, lb = fit_lowrank(gram, cross, rank, opts.damp)
         lora = (la.astype(np.float16).astype(np.float32), lb.astype(np.float16).astype(np.float32))
         y_q += fitted_apart(lambda v: lora_branch(v, *lora), a_all, fit)
     del codes_t
@@ -276,7 +301,7 @@ def quantize_down_a8(m: np.ndarray, w: np.ndarray, opts: Options, fit: int) -> t
     x_hat = round_codes(x * (np.float32(127) / safe), -127, 127) * (amax / np.float32(127))
     gram = x_hat.T.astype(np.float64) @ x_hat.astype(np.float64)
     scale = search_weight_scale(w_s, np.diag(gram)) if opts.clip else np.abs(w_s).max(axis=1) / QMAX
-    codes = gptq_codes(w_s, gram, scale, damp=opts.damp, act_order=opts.act_order) if opts.gptq else quant_rows(w_s, scale)[0]
+    codes = gptq_codes(w_s, gram, scale, block=opts.block, damp=opts.damp, act_order=opts.act_order) if opts.gptq else quant_rows(w_s, scale)[0]
     return smooth, w_s, codes, scale.astype(np.float32)
 
 
@@ -312,7 +337,7 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
         w = fused.pop(p + name)  # (each linear's float32 weights leave `fused` once quantized)
         inp = quantize_input(x, w, rows, opts, splittable=True, budget=budget)
         a = engine_input(inp)
-        return inp, record(name, quantize_linear(a, x, w, inp, opts, fit, keep_acc)), a
+        return inp, record(name, quantize_linear(a, x, w, inp, opts, fit, keep_acc, opts.rank_for(name))), a
 
     def norm_codes(h: np.ndarray, r: np.ndarray, g: np.ndarray) -> Callable[[InputQuant], np.ndarray]:
         """The engine's codes of a norm's output: its weight γ/Δ (`in_scale`) applied, then the slots."""
@@ -352,7 +377,7 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
     a_o = pad_columns(round_codes(flat(attend(q, k, v_eng, config, *cos_sin))), pad_k(o.shape[1]))
     del q, k, v, v_eng
     stage(f"layer {i}: attn_output")
-    out = record("attn_output", quantize_linear(a_o, o, w_o, step_o, opts, fit))
+    out = record("attn_output", quantize_linear(a_o, o, w_o, step_o, opts, fit, rank=opts.rank_for("attn_output")))
     h_mid = h + out.y.reshape(b, t, d)
     out.y = None
     del a_o, o, w_o
@@ -420,16 +445,27 @@ def mergequant(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] 
                gptq_target: str = Options.gptq_target, act_order: bool = Options.act_order,
                ridge: float = Options.ridge, budget: float = Options.budget, budget_down: float | None = Options.budget_down,
                down_a8: bool = Options.down_a8, down_alpha: float = Options.down_alpha,
+               rank_down: int | None = Options.rank_down, rank_o: int | None = Options.rank_o,
+               damp: float = Options.damp, block: int = Options.block,
+               clip_scales: tuple[float, ...] | str = Options.clip_scales,
                calib: str = "wikitext2+c4", calib_n: int = CalibrationSpec.n, calib_len: int = CalibrationSpec.length,
                seed: int = 0, tokenizer: str | None = None, report: str | None = None,
                report_n: int = 4) -> Iterator[dict[str, np.ndarray]]:
     """The `mergequant` method (`report`: write the per-linear error report there, see w4a4_static); switches: no_clip, no_split, rank=0 (no low-rank branch), gptq=False (RTN
-    weights), gptq_target ("w" | "ls" | "ridge" with weight `ridge`), act_order (GPTQ column order)."""
+    weights), gptq_target ("w" | "ls" | "ridge" with weight `ridge`), act_order (GPTQ column order); rank_down /
+    rank_o (ffn_down's / attn_output's own low-rank rank), damp and block (GPTQ), clip_scales (global factors tried
+    on the chosen activation ranges; a tuple or a comma-separated string, as `--opt clip_scales=0.9,1.1` gives)."""
     check_scheme("mergequant", "w4a4", scheme)
     if gptq_target not in ("w", "ls", "ridge"):
         raise ValueError(f"mergequant: gptq_target must be 'w', 'ls' or 'ridge', got {gptq_target!r}")
-    opts = Options(clip=not no_clip, split=not no_split, budget=budget, budget_down=budget_down, down_a8=down_a8, down_alpha=down_alpha, rank=rank, gptq=gptq, gptq_target=gptq_target,
-                   act_order=act_order, ridge=ridge)
+    if isinstance(clip_scales, str):
+        clip_scales = tuple(float(v) for v in clip_scales.split(",") if v)
+    elif isinstance(clip_scales, (int, float)):
+        clip_scales = (float(clip_scales),)
+    opts = Options(clip=not no_clip, split=not no_split, budget=budget, budget_down=budget_down, down_a8=down_a8,
+                   down_alpha=down_alpha, rank=rank, rank_down=rank_down, rank_o=rank_o, gptq=gptq,
+                   gptq_target=gptq_target, act_order=act_order, ridge=ridge, damp=damp, block=block,
+                   clip_scales=tuple(clip_scales))
     return w4a4_static(ck, {} if quant is None else quant, opts,
                        CalibrationSpec(calib, calib_n, calib_len, seed, tokenizer), report, report_n)
 
