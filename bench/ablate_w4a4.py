@@ -22,6 +22,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from mergequant import LLM
 from results_section import write_section
 from mergequant.convert.convert import convert
@@ -64,6 +65,10 @@ ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
     "damp0.001": ("GPTQ / low-rank damping 0.001 (0.01 before)", "mergequant", {"damp": 0.001}),
     "damp0.1": ("GPTQ / low-rank damping 0.1 (0.01 before)", "mergequant", {"damp": 0.1}),
     "calib64": ("calibration 64 × 512 tokens (twice the default)", "mergequant", {"calib_n": 64}),
+    "d0-down0.35": ("split only ffn_down's input, 35% of K (qkv / gate_up inputs unsplit)", "mergequant",
+                    {"budget": 0.0, "budget_down": 0.35}),
+    "d0-down0.5": ("split only ffn_down's input, 50% of K (about the default's int4 bytes)", "mergequant",
+                   {"budget": 0.0, "budget_down": 0.5}),
     "default": ("MergeQuant default (this commit)", "mergequant", {}),
 }
 BEGIN, END = "<!-- ablate_w4a4:begin -->", "<!-- ablate_w4a4:end -->"
@@ -77,6 +82,35 @@ def engine_ppl(path: Path, ids: list[int], windows: int, window: int) -> float:
     return math.exp(nll / (windows * (window - 1)))
 
 
+def linear_bytes(path: Path) -> dict[str, int] | None:
+    """The int4 weight bytes of a W4A4 file's block linears (qweight), those plain static W4A4 would store
+    (N × K padded to the kernels' multiple, K the linear's source channels, no split slots), and the low-rank
+    factors' bytes; None for a file without w4a4 linears."""
+    from mergequant.convert.mqfile import read_mq
+    from mergequant.convert.quant.int4 import pad_k
+    mq = read_mq(path)
+    names = set(mq.names())
+    out = {"int4": 0, "plain": 0, "lora": 0}
+    for name in names:
+        if not (name.startswith("blk.") and name.endswith(".qweight")):
+            continue
+        prefix = name[: -len(".qweight")]
+        if prefix + ".in_map" not in names and prefix + ".scale" not in names:
+            continue
+        n, half = mq.shape(name)
+        out["int4"] += mq.nbytes(name)
+        if prefix + ".in_map" in names:
+            in_map = mq.tensor(prefix + ".in_map")
+            k = int(np.sum((in_map[:, 0] >= 0) & (in_map[:, 1] == 0)))
+        else:
+            k = 2 * half
+        out["plain"] += n * pad_k(k) // 2
+        for f in (".lora_a", ".lora_b"):
+            if prefix + f in names:
+                out["lora"] += mq.nbytes(prefix + f)
+    return out if out["plain"] else None
+
+
 def markdown(rows: list[str], done: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     f16 = done["f16"]["ppl"]
     lines = [
@@ -88,13 +122,19 @@ def markdown(rows: list[str], done: dict[str, dict[str, Any]], args: argparse.Na
         f"Calibration: {args.calib_n} × {args.calib_len} tokens (WikiText-2 validation + C4 sample, seed 0). "
         f"Convert: wall time of `convert()` under nice 10 on {os.cpu_count()} CPU cores "
         f"({platform.machine()}) shared with other jobs (load from several other processes): direction only.", "",
-        "| row | options | PPL | ×f16 | convert (s) |", "|---|---|---|---|---|",
+        "int4 bytes: the block linears' int4 weights against plain static W4A4's (no split slots); "
+        "low-rank: the fp16 factors' bytes (— : not recorded for the row).", "",
+        "| row | options | PPL | ×f16 | int4 bytes vs plain | low-rank MB | convert (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key in rows:
         r = done[key]
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "—"
+        b = r.get("bytes")
+        ratio = f"{b['int4'] / b['plain']:.3f}" if b else "—"
+        lora = f"{b['lora'] / 1e6:.2f}" if b else "—"
         lines.append(f"| {r['label']} | {r['method'] or 'f16'}: {opts} | {r['ppl']:.2f} | {r['ppl'] / f16:.2f} | "
-                     f"{r['seconds']:.0f} |")
+                     f"{ratio} | {lora} | {r['seconds']:.0f} |")
     return "\n".join([BEGIN, *lines, END]) + "\n"
 
 
@@ -137,7 +177,8 @@ def main() -> None:
             if ids is None:
                 ids = LLM(str(out), device="cpu").tokenize(TEXT.read_text(encoding="utf-8"), add_special=False)
             ppl = engine_ppl(out, ids, args.windows, args.window)
-            cache[ckey] = {"label": label, "method": method, "options": ROWS[key][2], "ppl": ppl, "seconds": seconds}
+            cache[ckey] = {"label": label, "method": method, "options": ROWS[key][2], "ppl": ppl, "seconds": seconds,
+                           "bytes": linear_bytes(out)}
             print(f"{key}: PPL {ppl:.3f}, converted in {seconds:.0f} s", flush=True)
             args.cache.write_text(json.dumps(cache, indent=1, ensure_ascii=False) + "\n")
             out.unlink()
