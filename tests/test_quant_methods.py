@@ -299,3 +299,68 @@ def test_mergequant_per_linear_ranks_and_clip_scales(tiny):
     base = choose_ranges(x, w, parts, Options(), lambda c: c, y)
     wide = choose_ranges(x, w, parts, Options(clip_scales=(0.8, 0.9, 1.1)), lambda c: c, y)
     assert layer_error(x, y, w, wide, parts) <= layer_error(x, y, w, base, parts)
+
+
+def test_gptq_and_lowrank_work_in_the_callers_hessian_buffer():
+    """The inverse factor GPTQ needs is formed in place: with overwrite_hessian, gptq_quantize allocates nothing of
+    the Hessian's size (tracemalloc sees numpy's buffers), its factor is the textbook one (upper Cholesky of H⁻¹),
+    and its codes are those of the copying call; fit_lowrank likewise with overwrite; gram_matrix is aᵀa exactly."""
+    import tracemalloc
+    from mergequant.convert.quant.gptq import gptq_quantize, inverse_upper_cholesky
+    from mergequant.convert.quant.mergequant import gram_matrix
+
+    rng = np.random.default_rng(2)
+    m, k, n = 3000, 640, 24
+    a = np.clip(np.rint(rng.standard_normal((m, k)) * 3), -8, 7).astype(np.float32)
+    h = gram_matrix(a, cols=100)
+    assert np.array_equal(gram_matrix(a, np.float32), a.T @ a)
+    assert np.array_equal(h, (a.T @ a).astype(np.float64))
+    ref = np.linalg.cholesky(np.linalg.inv(h + np.eye(k))).T
+    u = inverse_upper_cholesky(h + np.eye(k))
+    assert np.abs(u - ref).max() < 1e-9 * np.abs(ref).max() and not np.tril(u, -1).any()
+
+    w = (rng.standard_normal((n, k)) / 8).astype(np.float32)
+    step = np.abs(w).max(axis=1) / 7
+    want = gptq_quantize(w, h, step)  # copies: h is left as it was
+    assert np.array_equal(h, (a.T @ a).astype(np.float64))
+    buf = h.copy()
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    got = gptq_quantize(w, buf, step, overwrite_hessian=True)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 0.25 * h.nbytes
+    assert np.mean(got == want) > 0.999  # the same factor up to rounding in its last bits
+
+    cross = np.asfortranarray(rng.standard_normal((k, n)))
+    la, lb = fit_lowrank(h, cross, 4)  # copies
+    buf, cross_buf = h.copy(), cross.copy(order="F")
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    la2, lb2 = fit_lowrank(buf, cross_buf, 4, overwrite=True)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 0.25 * h.nbytes
+    assert np.allclose(la @ la.T, la2 @ la2.T, rtol=1e-4) and np.allclose(np.abs(lb), np.abs(lb2), atol=1e-5)
+
+
+def test_float32_gram_path_matches_float64():
+    """Above Options.f64_limit the Gram matrix, GPTQ's factor and the low-rank solve are float32 (half the memory
+    of a 7B ffn_down): the fitted linear is the float64 one up to rounding."""
+    from mergequant.convert.quant.mergequant import InputQuant, Options, quantize_linear
+
+    rng = np.random.default_rng(7)
+    m, k, n = 4000, 96, 48
+    x = (rng.standard_normal((m, k)) * rng.uniform(0.2, 3, k)).astype(np.float32)
+    w = (rng.standard_normal((n, k)) / 8).astype(np.float32)
+    step = (np.abs(x).max(axis=0) / 7).astype(np.float32)
+    inp = InputQuant(step, build_in_map(np.ones(k, np.int64), 128))
+    a = inp.codes(x)
+    y = x @ w.T
+    f64 = quantize_linear(a, x, w, inp, Options(rank=4))
+    f32 = quantize_linear(a, x, w, inp, Options(rank=4, f64_limit=0))
+    assert np.mean(f64.codes == f32.codes) > 0.99
+    e64, e32 = (float(np.sum((y - lq.y) ** 2)) for lq in (f64, f32))
+    assert abs(e32 - e64) < 0.01 * e64
+    rtn = quantize_linear(a, x, w, inp, Options(rank=0, gptq=False))
+    assert e32 < 0.9 * float(np.sum((y - rtn.y) ** 2))

@@ -10,18 +10,46 @@ of the group it sits in, so the stored layout stays contiguous groups (no column
 from __future__ import annotations
 
 import numpy as np
+from scipy.linalg import lapack
 
 from .blas import blas_threads
 from .int4 import QMAX, QMIN
 
 
+def inverse_upper_cholesky(h: np.ndarray) -> np.ndarray:
+    """In place: a symmetric positive definite H [K, K] (C-contiguous float64 or float32) → the upper Cholesky
+    factor U of H⁻¹ (H⁻¹ = UᵀU), in H's own buffer, with zeros below the diagonal. Three LAPACK calls on the one
+    buffer (Cholesky of H, the inverse from it, Cholesky of the inverse), so the only [K, K] matrix alive is H
+    itself; LAPACK reads the C array as its transpose, which is H again. Raises LinAlgError when H (as damped by
+    the caller) is not positive definite."""
+    if h.dtype not in (np.float64, np.float32) or not h.flags.c_contiguous or h.shape[0] != h.shape[1]:
+        raise ValueError("inverse_upper_cholesky: needs a square C-contiguous float64 or float32 matrix")
+    f = h.T  # Fortran-contiguous view of the same memory: no copy in the wrappers
+    potrf, potri = lapack.get_lapack_funcs(("potrf", "potri"), (f,))
+    with blas_threads(1):  # level-2-bound factorizations: faster on one thread (blas.py)
+        c, info = potrf(f, lower=1, clean=0, overwrite_a=1)
+        if info == 0:
+            c, info = potri(c, lower=1, overwrite_c=1)
+        if info == 0:
+            c, info = potrf(c, lower=1, clean=1, overwrite_a=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"gptq: Hessian not positive definite (LAPACK info {info})")
+    if not np.shares_memory(c, h):  # the wrappers promise in place on Fortran-contiguous input
+        raise RuntimeError("inverse_upper_cholesky: LAPACK copied the matrix")
+    return h  # f's lower triangle is L₂ with H⁻¹ = L₂L₂ᵀ: as the C array, h is L₂ᵀ = U
+
+
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, step: np.ndarray, qmin: int = QMIN, qmax: int = QMAX,
-                  block: int = 128, damp: float = 0.01, act_order: bool = False) -> np.ndarray:
+                  block: int = 128, damp: float = 0.01, act_order: bool = False,
+                  overwrite_hessian: bool = False) -> np.ndarray:
     """Codes int8 [N, K] in [qmin, qmax] for W [N, K] on the steps `step` ([N]: one per row, or [N, K]: one
     per weight), minimizing ‖x·Wᵀ − x·(step ⊙ q)ᵀ‖² for inputs x with xᵀx = `hessian` [K, K]. `damp`: the
     fraction of mean(diag H) added to the diagonal; `block`: columns whose error is applied lazily as one
     GEMM (the result does not depend on it up to float rounding). A zero step gives code 0; a column that
-    no input reaches (H[j, j] = 0) is quantized from a zero weight."""
+    no input reaches (H[j, j] = 0) is quantized from a zero weight. `overwrite_hessian`: a C-contiguous float64
+    or float32 `hessian` is worked on in place (its values are lost) instead of copied: the caller's [K, K] buffer
+    is then the only one. The sweep runs in float64, or in float32 for a float32 Hessian given with
+    overwrite_hessian (the precision of the reference GPTQ implementation; half the memory of a large layer)."""
     n, k = w.shape
     if hessian.shape != (k, k):
         raise ValueError(f"gptq: Hessian of shape {hessian.shape} for a weight of shape {w.shape}")
@@ -29,25 +57,26 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, step: np.ndarray, qmin: in
     step = np.broadcast_to(step[:, None] if step.ndim == 1 else step, (n, k))
     if act_order:
         perm = np.argsort(-np.diag(hessian), kind="stable")
-        q = gptq_quantize(w[:, perm], hessian[np.ix_(perm, perm)], step[:, perm], qmin, qmax, block, damp)
+        q = gptq_quantize(w[:, perm], hessian[np.ix_(perm, perm)], step[:, perm], qmin, qmax, block, damp,
+                          overwrite_hessian=True)  # (the permuted copy is its own)
         out = np.empty_like(q)
         out[:, perm] = q
         return out
-    # [K, K] float64 matrices are the largest this holds: H's inverse is taken before the float64 copy of W
-    # exists, the damping goes on the diagonal in place (the same sums as adding damp·mean·I: the off-diagonal
-    # terms add 0), and H is released before its inverse is factorized
-    h = hessian.astype(np.float64)  # astype copies: h is this function's own
+    # one [K, K] matrix is the largest this holds: H (a copy, or the caller's with overwrite_hessian) turns into
+    # the upper Cholesky factor of its inverse in place, before the working copy of W exists; the damping
+    # goes on the diagonal in place (the same sums as adding damp·mean·I: the off-diagonal terms add 0)
+    own = overwrite_hessian and hessian.dtype in (np.float64, np.float32) and hessian.flags.c_contiguous
+    h = hessian if own else np.array(hessian, dtype=np.float64, order="C")
+    dt = h.dtype
     dead = np.diag(h) == 0
     h[dead, dead] = 1
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
     # Upper Cholesky factor of H⁻¹: row i holds the error-propagation weights of column i.
-    with blas_threads(1):  # level-2-bound factorizations: faster on one thread (blas.py)
-        h = np.linalg.inv(h)
-        hinv = np.linalg.cholesky(h).T
+    hinv = inverse_upper_cholesky(h)
     del h
     # the columns as rows (wt[i] = W[:, i]): the sweep reads and updates contiguous memory; every element
     # sees the same operations as in the [N, K] layout, so the codes are those of the textbook loop
-    wt = np.ascontiguousarray(w.T, dtype=np.float64)
+    wt = np.ascontiguousarray(w.T, dtype=dt)
     wt[dead] = 0
     per_row = step.strides[1] == 0  # one step per row: the same vector for every column
     st = step[:, 0] if per_row else np.ascontiguousarray(step.T)
@@ -56,7 +85,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, step: np.ndarray, qmin: in
     qt = np.zeros((k, n), np.int8)
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
-        err = np.zeros((n, b1 - b0))
+        err = np.zeros((n, b1 - b0), dt)
         for i in range(b0, b1):
             si, sti, zi = (s, st, zero) if per_row else (s[i], st[i], zero[i])
             qi = np.clip(np.rint(wt[i] / si), qmin, qmax)
@@ -70,6 +99,6 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, step: np.ndarray, qmin: in
 
 
 def gptq_codes(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, block: int = 128,
-               damp: float = 0.01, act_order: bool = False) -> np.ndarray:
+               damp: float = 0.01, act_order: bool = False, overwrite_hessian: bool = False) -> np.ndarray:
     """Int4 codes [-8, 7] on one step per row `scale` [N] (the w4a4 weights of quant/mergequant.py)."""
-    return gptq_quantize(w, hessian, scale, QMIN, QMAX, block, damp, act_order)
+    return gptq_quantize(w, hessian, scale, QMIN, QMAX, block, damp, act_order, overwrite_hessian)

@@ -3,29 +3,53 @@ closed form as a reduced-rank regression of the quantization residual R = X·W�
 from __future__ import annotations
 
 import numpy as np
+from scipy.linalg import lapack
 
 from .blas import blas_threads
 
 
-def fit_lowrank(gram: np.ndarray, cross: np.ndarray, rank: int, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+def fit_lowrank(gram: np.ndarray, cross: np.ndarray, rank: int, damp: float = 0.01,
+                overwrite: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """gram = aᵀa [K, K], cross = aᵀR [K, N]. Ridge solution M = (G + λI)⁻¹·aᵀR (λ = damp·mean diag G);
     the best rank-r fit in the row space is a·M·V_r·V_rᵀ, V_r the top right singular vectors of the fitted
     values a·M, i.e. of Z = Lᵀ·M with G + λI = L·Lᵀ. Solved on the smaller side: eigenvectors of
-    Zᵀ·Z [N, N] when N ≤ K, else V_r = Zᵀ·U_r / σ_r from Z·Zᵀ [K, K].
+    Zᵀ·Z = Mᵀ·aᵀR [N, N] when N ≤ K, else V_r = Zᵀ·U_r / σ_r from Z·Zᵀ [K, K]. `overwrite`: see ridge_solve.
     Returns A = (M·V_r)ᵀ [r, K] and B = V_r [N, r]."""
+    return top_directions(*ridge_solve(gram, cross, damp, overwrite), rank)
+
+
+def ridge_solve(gram: np.ndarray, cross: np.ndarray, damp: float = 0.01,
+                overwrite: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """fit_lowrank's first half: M [K, N], the Gram matrix of the fitted values (Zᵀ·Z [N, N] or Z·Zᵀ [K, K]) and
+    Z when N > K. The Cholesky factorization and the solve run in LAPACK in place on one [K, K] buffer: with
+    `overwrite`, a C-contiguous float64 or float32 `gram` itself (its values are lost; float32 is then the
+    precision of the fit), else a float64 copy; nothing of that size is returned, so a caller that drops `gram`
+    and `cross` afterwards holds no [K, K] matrix during the eigen-decomposition (top_directions)."""
     k, n = cross.shape
-    reg = gram.astype(np.float64)
-    reg[np.diag_indices(k)] += damp * max(float(np.mean(np.diag(gram))), 1e-8)  # + λI without a [K, K] identity
+    lam = damp * max(float(np.mean(np.diag(gram))), 1e-8)
+    own = overwrite and gram.dtype in (np.float64, np.float32) and gram.flags.c_contiguous
+    reg = gram if own else np.array(gram, dtype=np.float64, order="C")
+    reg[np.diag_indices(k)] += lam  # + λI without a [K, K] identity
+    potrf, potrs = lapack.get_lapack_funcs(("potrf", "potrs"), (reg,))
     with blas_threads(1):  # level-2-bound factorizations: faster on one thread (blas.py)
-        m = np.linalg.solve(reg, cross.astype(np.float64))
-        chol = np.linalg.cholesky(reg)
-    z = chol.T @ m
-    gram_z = z.T @ z if n <= k else z @ z.T
-    with blas_threads(1):
-        evals, evecs = np.linalg.eigh(gram_z)
+        # the C array read as Fortran is reg itself (symmetric): its lower factor L there is Lᵀ as the C array
+        c, info = potrf(reg.T, lower=1, clean=1, overwrite_a=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"fit_lowrank: Gram matrix not positive definite (LAPACK info {info})")
+        m, info = potrs(c, np.array(cross, dtype=reg.dtype, order="F"), lower=1, overwrite_b=1)  # (L·Lᵀ)⁻¹ aᵀR
     if n <= k:
-        v = evecs[:, np.argsort(evals)[::-1][:rank]]
-    else:
-        top = np.argsort(evals)[::-1][:rank]
-        v = z.T @ evecs[:, top] / np.sqrt(np.maximum(evals[top], 1e-30))
+        gram_z = m.T @ cross.astype(m.dtype, copy=False)  # Zᵀ·Z = Mᵀ·(G + λI)·M = Mᵀ·aᵀR
+        return m, (gram_z + gram_z.T) / 2, None  # (symmetric up to rounding)
+    z = c.T @ m  # c.T is the C array reg = Lᵀ
+    return m, z @ z.T, z
+
+
+def top_directions(m: np.ndarray, gram_z: np.ndarray, z: np.ndarray | None, rank: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """fit_lowrank's second half: the top `rank` right singular vectors V_r of Z from its Gram matrix, and
+    A = (M·V_r)ᵀ [r, K], B = V_r [N, r]."""
+    with blas_threads(1):
+        evals, evecs = np.linalg.eigh(gram_z.astype(np.float64, copy=False))
+    top = np.argsort(evals)[::-1][:rank]
+    v = evecs[:, top] if z is None else z.T @ evecs[:, top] / np.sqrt(np.maximum(evals[top], 1e-30))
     return (m @ v).T.astype(np.float32), v.astype(np.float32)

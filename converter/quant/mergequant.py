@@ -27,7 +27,7 @@ from .calibrate import CalibrationSpec, calibration_tokens, run_sequential, stag
 from .clip import fake_quant, search_act_clip, search_weight_scale
 from .gptq import gptq_codes
 from .int4 import QMAX, pad_columns, pad_k, quant_rows, round_codes
-from .lowrank import fit_lowrank
+from .lowrank import ridge_solve, top_directions
 from .rtn import check_scheme
 from .simulate import SimBlock, attend, load_block, rms_factor, split_qkv, swiglu
 from .simulate_linear import expand_slots, lora_branch
@@ -36,8 +36,9 @@ from .split import allocate_parts, build_in_map, expand_columns, extra_slots
 
 # The numerics of the file this method writes for given options: raise it with every change that alters the file
 # (the default model's cache key includes it: python/mergequant/default_model.py). 2 (2026-12-04): the linears
-# fitted on the engine's own input codes, the low-rank cross term from (aᵀx)·Wᵀ.
-RECIPE_VERSION = 2
+# fitted on the engine's own input codes, the low-rank cross term from (aᵀx)·Wᵀ. 3 (2026-12-05): GPTQ's inverse
+# factor and the low-rank solve in place (Cholesky-based: other rounding), float32 above Options.f64_limit.
+RECIPE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class Options:
     clip_sample: int = 2048    # tokens the clip searches look at (plus every sequence's first token)
     damp: float = 0.01
     block: int = 128           # GPTQ lazy-update block (columns)
+    f64_limit: int = 1 << 28   # bytes: Gram matrices / GPTQ Hessians up to this in float64, larger ones in
+                               # float32 (a 7B ffn_down's [13248²]; the reference GPTQ's precision)
     clip_scales: tuple[float, ...] = ()  # global factors tried on the chosen activation ranges (the layer error
                                          # decides; () : none)
 
@@ -225,6 +228,24 @@ def fitted_apart(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray, fit: int)
     return np.concatenate([f(x[:fit]), f(x[fit:])])
 
 
+# the largest Gram matrix (fp32 bytes) quantize_linear keeps beside GPTQ's buffer for the low-rank fit; above
+# it, the matrix is formed again after GPTQ (the same exact integers, one more GEMM)
+KEEP_GRAM_BYTES = 64 << 20
+
+
+def gram_matrix(a: np.ndarray, dtype: type = np.float64, cols: int = 1024) -> np.ndarray:
+    """aᵀa [K, K] for integer codes a [M, K] (fp32): in float32 the one product, in float64 from fp32 products of
+    `cols` columns at a time, without an fp32 [K, K] copy beside it; exact (the same values) either way while the
+    entries stay below 2^24."""
+    if dtype == np.float32:
+        return a.T @ a
+    k = a.shape[1]
+    out = np.empty((k, k), np.float64)
+    for j in range(0, k, cols):
+        out[:, j:j + cols] = a.T @ a[:, j:j + cols]
+    return out
+
+
 def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant | np.ndarray,
                     opts: Options, fit: int | None = None, keep_acc: slice | None = None,
                     rank: int | None = None) -> LinearQuant:
@@ -250,33 +271,54 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
     a_all = a
     a = a_all[:fit]
     y = y_all[:fit] if need_y else None
-    gram = a.T @ a  # exact: integer entries below 2^24
-    lam = opts.damp * max(float(np.mean(np.diag(gram))), 1e-8)
+    # the Gram matrix aᵀa (exact: integer entries below 2^24 in the fp32 products), in float64 up to
+    # opts.f64_limit bytes, in float32 above (a 7B ffn_down: docs/architecture.md, "Memory of a conversion");
+    # GPTQ turns this buffer into its inverse factor in place
+    dt = np.float64 if kp * kp * 8 <= opts.f64_limit else np.float32
+    gram = gram_matrix(a, dt)
+    diag = np.diag(gram).astype(np.float64)
+    lam = opts.damp * max(float(np.mean(diag)), 1e-8)
     if opts.gptq and opts.gptq_target in ("ls", "ridge"):
         # argmin ‖a·Vᵀ − y‖² + μ‖V − V₀‖² = (aᵀa + μI)⁻¹ (aᵀy + μV₀ᵀ); V₀ = 0 ("ls") or W̃ ("ridge")
         mu = lam if opts.gptq_target == "ls" else opts.ridge * lam / opts.damp
         prior = 0 if opts.gptq_target == "ls" else mu * w_t.T.astype(np.float64)
         w_t = np.linalg.solve(gram.astype(np.float64) + mu * np.eye(len(gram)),
                               (a.T @ y).astype(np.float64) + prior).T.astype(np.float32)
-    scale = search_weight_scale(w_t, np.diag(gram)) if opts.clip else np.abs(w_t).max(axis=1) / QMAX
-    codes = gptq_codes(w_t, gram, scale, block=opts.block, damp=opts.damp, act_order=opts.act_order) if opts.gptq else quant_rows(w_t, scale)[0]
+    scale = search_weight_scale(w_t, diag) if opts.clip else np.abs(w_t).max(axis=1) / QMAX
+    # a small Gram matrix is kept (fp32, exact) for the low-rank fit; a large one is formed again after GPTQ
+    # rather than held beside GPTQ's buffer
+    keep = None if not (opts.gptq and rank > 0) or kp * kp * 4 > KEEP_GRAM_BYTES else gram.astype(np.float32)
+    if opts.gptq:
+        codes = gptq_codes(w_t, gram, scale, block=opts.block, damp=opts.damp, act_order=opts.act_order,
+                           overwrite_hessian=True)
+        gram = None  # (the buffer held GPTQ's factor)
+    else:
+        codes = quant_rows(w_t, scale)[0]
     if not report:
         w_t = w_fold = None  # only the held-out error report reads the folded weight again
     codes_t = codes.T.astype(np.float32)
     y_q = fitted_apart(lambda v: v @ codes_t, a_all, fit)
+    del codes_t
     acc = None if keep_acc is None else y_q[:, keep_acc].copy()  # integers: any product order gives these
     y_q *= scale
     lora = None
     if rank > 0:
-        if via_x:  # aᵀ·(y − y_q) = (aᵀ·x)·Wᵀ − (aᵀa)·codesᵀ·diag(scale), the small products in float64
-            cross = ((a.T @ x[:fit]).astype(np.float64) @ w.T.astype(np.float64)
-                     - (gram.astype(np.float64) @ codes_t.astype(np.float64)) * scale.astype(np.float64))
+        if gram is None:
+            gram = gram_matrix(a, dt) if keep is None else keep.astype(dt)
+        keep = None
+        # the cross term aᵀ·(y − y_q) [Kp, N], formed as its transpose (a Fortran-ordered [Kp, N]: the solve's
+        # layout); both go once solved, before the eigen-decomposition
+        if via_x:  # (y − y_q)ᵀ·a = W·(xᵀ·a) − diag(scale)·codes·(aᵀa), the small products in float64
+            cross = (w.astype(np.float64) @ (x[:fit].T @ a).astype(np.float64)
+                     - scale.astype(np.float64)[:, None] * (codes.astype(np.float64) @ gram.astype(np.float64, copy=False))).T
         else:
-            cross = a.T @ (y - y_q[:fit])
-        la, lb = fit_lowrank(gram, cross, rank, opts.damp)
+            cross = ((y - y_q[:fit]).T @ a).astype(dt).T
+        solved = ridge_solve(gram, cross, opts.damp, overwrite=True)
+        del gram, cross
+        la, lb = top_directions(*solved, rank)
+        del solved
         lora = (la.astype(np.float16).astype(np.float32), lb.astype(np.float16).astype(np.float32))
         y_q += fitted_apart(lambda v: lora_branch(v, *lora), a_all, fit)
-    del codes_t
     lq = LinearQuant(codes, scale.astype(np.float32), lora, y_q, acc=acc)
     if fit < len(a_all):
         lq.errors = linear_errors(x, a_all, y_all, w_fold, lq, inp, fit)
@@ -399,7 +441,7 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
         def down_codes(inp: InputQuant) -> np.ndarray:  # the engine's SwiGLU on the folded up rows
             gate_up.fold_rows(slice(f, None), inp.step)
             m_eng = swiglu(gate_up.y[:, :f], rows_again(gate_up, a2, slice(f, None)))
-            gate_up.acc = None
+            gate_up.acc = gate_up.y = None  # (consumed: its [M, 2F] would otherwise live through ffn_down's fit)
             return expand_slots(m_eng, inp.in_map)
 
         in_down, down, _ = split_input_linear(m, "ffn_down", down_codes)
