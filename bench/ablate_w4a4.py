@@ -69,6 +69,8 @@ ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
                     {"budget": 0.0, "budget_down": 0.35}),
     "d0-down0.5": ("split only ffn_down's input, 50% of K (about the default's int4 bytes)", "mergequant",
                    {"budget": 0.0, "budget_down": 0.5}),
+    "default-r3": ("the 2026-12-04 default options on recipe 3 (GPTQ's factor and the low-rank solve in place)",
+                   "mergequant", {}),
     "default": ("MergeQuant default (this commit)", "mergequant", {}),
 }
 BEGIN, END = "<!-- ablate_w4a4:begin -->", "<!-- ablate_w4a4:end -->"
