@@ -69,6 +69,8 @@ ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
                     {"budget": 0.0, "budget_down": 0.35}),
     "d0-down0.5": ("split only ffn_down's input, 50% of K (about the default's int4 bytes)", "mergequant",
                    {"budget": 0.0, "budget_down": 0.5}),
+    "clip-sample8k": ("activation range searches on 8192 sampled tokens (2048 before)", "mergequant",
+                      {"clip_sample": 8192}),
     "default-r3": ("the 2026-12-04 default options on recipe 3 (GPTQ's factor and the low-rank solve in place)",
                    "mergequant", {}),
     "default": ("MergeQuant default (this commit)", "mergequant", {}),

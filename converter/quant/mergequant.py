@@ -490,13 +490,15 @@ def mergequant(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] 
                rank_down: int | None = Options.rank_down, rank_o: int | None = Options.rank_o,
                damp: float = Options.damp, block: int = Options.block,
                clip_scales: tuple[float, ...] | str = Options.clip_scales,
+               clip_sample: int = Options.clip_sample, clip_power: float = Options.clip_power,
                calib: str = "wikitext2+c4", calib_n: int = CalibrationSpec.n, calib_len: int = CalibrationSpec.length,
                seed: int = 0, tokenizer: str | None = None, report: str | None = None,
                report_n: int = 4) -> Iterator[dict[str, np.ndarray]]:
     """The `mergequant` method (`report`: write the per-linear error report there, see w4a4_static); switches: no_clip, no_split, rank=0 (no low-rank branch), gptq=False (RTN
     weights), gptq_target ("w" | "ls" | "ridge" with weight `ridge`), act_order (GPTQ column order); rank_down /
     rank_o (ffn_down's / attn_output's own low-rank rank), damp and block (GPTQ), clip_scales (global factors tried
-    on the chosen activation ranges; a tuple or a comma-separated string, as `--opt clip_scales=0.9,1.1` gives)."""
+    on the chosen activation ranges; a tuple or a comma-separated string, as `--opt clip_scales=0.9,1.1` gives),
+    clip_sample (tokens the range searches see) and clip_power (the first per-channel objective's exponent)."""
     check_scheme("mergequant", "w4a4", scheme)
     if gptq_target not in ("w", "ls", "ridge"):
         raise ValueError(f"mergequant: gptq_target must be 'w', 'ls' or 'ridge', got {gptq_target!r}")
@@ -507,7 +509,7 @@ def mergequant(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] 
     opts = Options(clip=not no_clip, split=not no_split, budget=budget, budget_down=budget_down, down_a8=down_a8,
                    down_alpha=down_alpha, rank=rank, rank_down=rank_down, rank_o=rank_o, gptq=gptq,
                    gptq_target=gptq_target, act_order=act_order, ridge=ridge, damp=damp, block=block,
-                   clip_scales=tuple(clip_scales))
+                   clip_scales=tuple(clip_scales), clip_sample=clip_sample, clip_power=clip_power)
     return w4a4_static(ck, {} if quant is None else quant, opts,
                        CalibrationSpec(calib, calib_n, calib_len, seed, tokenizer), report, report_n)
 
