@@ -75,7 +75,24 @@ ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
                    "mergequant", {}),
     "default": ("MergeQuant default (this commit)", "mergequant", {}),
 }
-BEGIN, END = "<!-- ablate_w4a4:begin -->", "<!-- ablate_w4a4:end -->"
+
+
+def markers(calib_n: int, calib_len: int) -> tuple[str, str]:
+    """The section's begin/end markers: one section per calibration size (the 8 × 256 one kept its first
+    markers), so a table at another calibration is added at the end of RESULTS.md instead of replacing it."""
+    if (calib_n, calib_len) == (8, 256):
+        return "<!-- ablate_w4a4:begin -->", "<!-- ablate_w4a4:end -->"
+    return f"<!-- ablate_w4a4 {calib_n}x{calib_len}:begin -->", f"<!-- ablate_w4a4 {calib_n}x{calib_len}:end -->"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def engine_ppl(path: Path, ids: list[int], windows: int, window: int) -> float:
@@ -117,15 +134,19 @@ def linear_bytes(path: Path) -> dict[str, int] | None:
 
 def markdown(rows: list[str], done: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     f16 = done["f16"]["ppl"]
+    begin, end = markers(args.calib_n, args.calib_len)
     lines = [
-        f"## W4A4 levers measured by the engine: SmolLM2-135M-Instruct ({date.today()})", "",
-        f"Command: `nice -n 10 python bench/ablate_w4a4.py --rows {','.join(rows)} --windows {args.windows} "
-        f"--window {args.window} --calib-n {args.calib_n} --calib-len {args.calib_len}`  ",
+        f"## W4A4 levers measured by the engine: SmolLM2-135M-Instruct, {args.calib_n} × {args.calib_len} "
+        f"calibration ({date.today()})", "",
+        f"Command: `nice -n {os.nice(0)} python bench/ablate_w4a4.py --rows {','.join(rows)} --windows {args.windows} "
+        f"--window {args.window} --calib-n {args.calib_n} --calib-len {args.calib_len}` (rows in the cache, "
+        "bench/ablate_w4a4.json, are not recomputed: the rows were converted by earlier calls of the same command on "
+        "the code of their commits)  ",
         f"Text: WikiText-2 test raw, the first {args.windows} windows of {args.window} tokens, each a fresh context; "
         "perplexity by the CPU engine (`LLM(..., device='cpu').token_logprobs`) on the converted file. "
         f"Calibration: {args.calib_n} × {args.calib_len} tokens (WikiText-2 validation + C4 sample, seed 0). "
-        f"Convert: wall time of `convert()` under nice 10 on {os.cpu_count()} CPU cores "
-        f"({platform.machine()}) shared with other jobs (load from several other processes): direction only.", "",
+        f"Convert: wall time of `convert()` under nice on {os.cpu_count()} CPU cores "
+        f"({cpu_name()}) shared with other jobs (load from several other processes): direction only.", "",
         "int4 bytes: the block linears' int4 weights against plain static W4A4's (no split slots); "
         "low-rank: the fp16 factors' bytes (— : not recorded for the row).", "",
         "| row | options | PPL | ×f16 | int4 bytes vs plain | low-rank MB | convert (s) |",
@@ -139,7 +160,7 @@ def markdown(rows: list[str], done: dict[str, dict[str, Any]], args: argparse.Na
         lora = f"{b['lora'] / 1e6:.2f}" if b else "—"
         lines.append(f"| {r['label']} | {r['method'] or 'f16'}: {opts} | {r['ppl']:.2f} | {r['ppl'] / f16:.2f} | "
                      f"{ratio} | {lora} | {r['seconds']:.0f} |")
-    return "\n".join([BEGIN, *lines, END]) + "\n"
+    return "\n".join([begin, *lines, end]) + "\n"
 
 
 
@@ -189,7 +210,7 @@ def main() -> None:
     section = markdown(rows, {k: cache[f"{k}@{tag}"] for k in rows}, args)
     print(section)
     if not args.no_write:
-        write_section(args.results, section, BEGIN, END)
+        write_section(args.results, section, *markers(args.calib_n, args.calib_len))
 
 
 if __name__ == "__main__":
