@@ -71,6 +71,13 @@ ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
                    {"budget": 0.0, "budget_down": 0.5}),
     "clip-sample8k": ("activation range searches on 8192 sampled tokens (2048 before)", "mergequant",
                       {"clip_sample": 8192}),
+    "d0-down0.2": ("split only ffn_down's input, 20% of K (5% int4 bytes over plain W4A4)", "mergequant",
+                   {"budget": 0.0, "budget_down": 0.2}),
+    "combo-down0.35": ("act-order + rank 32 for ffn_down / attn_output + ffn_down split 35%", "mergequant",
+                       {"act_order": True, "rank_down": 32, "rank_o": 32, "budget_down": 0.35}),
+    "combo-d0-down0.5": ("act-order + rank 32 for ffn_down / attn_output + only ffn_down split, 50% (the old "
+                         "default's int4 bytes)", "mergequant",
+                         {"act_order": True, "rank_down": 32, "rank_o": 32, "budget": 0.0, "budget_down": 0.5}),
     "default-r3": ("the 2026-12-04 default options on recipe 3 (GPTQ's factor and the low-rank solve in place)",
                    "mergequant", {}),
     "default": ("MergeQuant default (this commit)", "mergequant", {}),
