@@ -57,8 +57,9 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, step: np.ndarray, qmin: in
     step = np.broadcast_to(step[:, None] if step.ndim == 1 else step, (n, k))
     if act_order:
         perm = np.argsort(-np.diag(hessian), kind="stable")
+        # (the permuted copy is this call's own: worked on in place, or copied again as the caller asked)
         q = gptq_quantize(w[:, perm], hessian[np.ix_(perm, perm)], step[:, perm], qmin, qmax, block, damp,
-                          overwrite_hessian=True)  # (the permuted copy is its own)
+                          overwrite_hessian=overwrite_hessian)
         out = np.empty_like(q)
         out[:, perm] = q
         return out
@@ -66,13 +67,20 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, step: np.ndarray, qmin: in
     # the upper Cholesky factor of its inverse in place, before the working copy of W exists; the damping
     # goes on the diagonal in place (the same sums as adding damp·mean·I: the off-diagonal terms add 0)
     own = overwrite_hessian and hessian.dtype in (np.float64, np.float32) and hessian.flags.c_contiguous
-    h = hessian if own else np.array(hessian, dtype=np.float64, order="C")
+    h = hessian if own else hessian.astype(np.float64)  # astype copies: h is this function's own
     dt = h.dtype
     dead = np.diag(h) == 0
     h[dead, dead] = 1
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
-    # Upper Cholesky factor of H⁻¹: row i holds the error-propagation weights of column i.
-    hinv = inverse_upper_cholesky(h)
+    # Upper Cholesky factor of H⁻¹: row i holds the error-propagation weights of column i. In place with
+    # overwrite_hessian (mergequant); the copying call keeps numpy's inverse and Cholesky, whose rounding the
+    # files of the other GPTQ-based methods were measured with (they hold four [K, K] matrices at the inverse)
+    if own:
+        hinv = inverse_upper_cholesky(h)
+    else:
+        with blas_threads(1):  # level-2-bound factorizations: faster on one thread (blas.py)
+            h = np.linalg.inv(h)
+            hinv = np.linalg.cholesky(h).T
     del h
     # the columns as rows (wt[i] = W[:, i]): the sweep reads and updates contiguous memory; every element
     # sees the same operations as in the [N, K] layout, so the codes are those of the textbook loop
