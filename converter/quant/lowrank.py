@@ -3,7 +3,7 @@ closed form as a reduced-rank regression of the quantization residual R = X·W�
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg import lapack
+from scipy.linalg import blas, lapack, solve_triangular
 
 from .blas import blas_threads
 
@@ -18,38 +18,56 @@ def fit_lowrank(gram: np.ndarray, cross: np.ndarray, rank: int, damp: float = 0.
     return top_directions(*ridge_solve(gram, cross, damp, overwrite), rank)
 
 
-def ridge_solve(gram: np.ndarray, cross: np.ndarray, damp: float = 0.01,
-                overwrite: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """fit_lowrank's first half: M [K, N], the Gram matrix of the fitted values (Zᵀ·Z [N, N] or Z·Zᵀ [K, K]) and
-    Z when N > K. The Cholesky factorization and the solve run in LAPACK in place on one [K, K] buffer: with
-    `overwrite`, a C-contiguous float64 or float32 `gram` itself (its values are lost; float32 is then the
-    precision of the fit), else a float64 copy; nothing of that size is returned, so a caller that drops `gram`
-    and `cross` afterwards holds no [K, K] matrix during the eigen-decomposition (top_directions)."""
+def ridge_solve(gram: np.ndarray, cross: np.ndarray, damp: float = 0.01, overwrite: bool = False
+                ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """fit_lowrank's first half: (M [K, N] or None, the Gram matrix of the fitted values (Zᵀ·Z [N, N] or
+    Z·Zᵀ [K, K]), Z when N > K, L when M is None). The Cholesky factorization and the solve run in LAPACK in place
+    on one [K, K] buffer: with `overwrite`, a C-contiguous float64 or float32 `gram` itself (its values are lost;
+    float32 is then the precision of the fit), else a float64 copy. N ≤ K: nothing of that size is returned, so a
+    caller that drops `gram` and `cross` afterwards holds no [K, K] matrix during the eigen-decomposition
+    (top_directions). N > K with `overwrite` and a Fortran-ordered `cross` of the buffer's dtype: M and then
+    Z = Lᵀ·M take `cross`'s own memory (M is not returned: top_directions gets M·V_r from L instead)."""
     k, n = cross.shape
     lam = damp * max(float(np.mean(np.diag(gram))), 1e-8)
     own = overwrite and gram.dtype in (np.float64, np.float32) and gram.flags.c_contiguous
     reg = gram if own else np.array(gram, dtype=np.float64, order="C")
     reg[np.diag_indices(k)] += lam  # + λI without a [K, K] identity
     potrf, potrs = lapack.get_lapack_funcs(("potrf", "potrs"), (reg,))
+    in_place = n > k and overwrite and cross.dtype == reg.dtype and cross.flags.f_contiguous
     with blas_threads(1):  # level-2-bound factorizations: faster on one thread (blas.py)
         # the C array read as Fortran is reg itself (symmetric): its lower factor L there is Lᵀ as the C array
         c, info = potrf(reg.T, lower=1, clean=1, overwrite_a=1)
         if info != 0:
             raise np.linalg.LinAlgError(f"fit_lowrank: Gram matrix not positive definite (LAPACK info {info})")
-        m, info = potrs(c, np.array(cross, dtype=reg.dtype, order="F"), lower=1, overwrite_b=1)  # (L·Lᵀ)⁻¹ aᵀR
+        rhs = cross if in_place else np.array(cross, dtype=reg.dtype, order="F")
+        m, info = potrs(c, rhs, lower=1, overwrite_b=1)  # M = (L·Lᵀ)⁻¹ aᵀR
+    if in_place:
+        trmm = blas.get_blas_funcs("trmm", (c,))
+        z = trmm(1.0, c, m, lower=1, trans_a=1, overwrite_b=1)  # Z = Lᵀ·M, in M's memory
+        if not np.shares_memory(z, cross):
+            raise RuntimeError("ridge_solve: BLAS copied the right-hand side")
+        return None, z @ z.T, z, c
     if n <= k:
         gram_z = m.T @ cross.astype(m.dtype, copy=False)  # Zᵀ·Z = Mᵀ·(G + λI)·M = Mᵀ·aᵀR
-        return m, (gram_z + gram_z.T) / 2, None  # (symmetric up to rounding)
+        return m, (gram_z + gram_z.T) / 2, None, None  # (symmetric up to rounding)
     z = c.T @ m  # c.T is the C array reg = Lᵀ
-    return m, z @ z.T, z
+    return m, z @ z.T, z, None
 
 
-def top_directions(m: np.ndarray, gram_z: np.ndarray, z: np.ndarray | None, rank: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def top_directions(m: np.ndarray | None, gram_z: np.ndarray, z: np.ndarray | None, chol: np.ndarray | None,
+                   rank: int) -> tuple[np.ndarray, np.ndarray]:
     """fit_lowrank's second half: the top `rank` right singular vectors V_r of Z from its Gram matrix, and
-    A = (M·V_r)ᵀ [r, K], B = V_r [N, r]."""
+    A = (M·V_r)ᵀ [r, K], B = V_r [N, r]; without M (ridge_solve in place), M·V_r = L⁻ᵀ·Z·V_r = L⁻ᵀ·U_r·Σ_r."""
     with blas_threads(1):
         evals, evecs = np.linalg.eigh(gram_z.astype(np.float64, copy=False))
     top = np.argsort(evals)[::-1][:rank]
-    v = evecs[:, top] if z is None else z.T @ evecs[:, top] / np.sqrt(np.maximum(evals[top], 1e-30))
-    return (m @ v).T.astype(np.float32), v.astype(np.float32)
+    if z is None:
+        v = evecs[:, top]
+    else:
+        sigma = np.sqrt(np.maximum(evals[top], 1e-30))
+        v = z.T @ evecs[:, top] / sigma
+    if m is None:
+        mv = solve_triangular(chol, evecs[:, top] * sigma, lower=True, trans="T", check_finite=False)
+    else:
+        mv = m @ v
+    return mv.T.astype(np.float32), v.astype(np.float32)

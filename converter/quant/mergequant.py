@@ -62,8 +62,9 @@ class Options:
     clip_sample: int = 2048    # tokens the clip searches look at (plus every sequence's first token)
     damp: float = 0.01
     block: int = 128           # GPTQ lazy-update block (columns)
-    f64_limit: int = 1 << 28   # bytes: Gram matrices / GPTQ Hessians up to this in float64, larger ones in
-                               # float32 (a 7B ffn_down's [13248²]; the reference GPTQ's precision)
+    f64_limit: int = 1 << 28   # bytes: a linear whose [Kp, Kp] or [N, Kp] float64 work arrays would exceed this
+                               # has its Gram matrix, GPTQ and low-rank fit in float32 (a 7B q/k/v, gate/up,
+                               # down; the reference GPTQ's precision), else float64 (every SmolLM2 linear)
     clip_scales: tuple[float, ...] = ()  # global factors tried on the chosen activation ranges (the layer error
                                          # decides; () : none)
 
@@ -123,6 +124,11 @@ class LinearQuant:
         return out
 
 
+# a linear's work arrays above this many bytes are formed in blocks (layer_error) or in float32 (quantize_linear's
+# Gram matrix, GPTQ and the low-rank fit: Options.f64_limit); SmolLM2-135M's linears stay below it
+LARGE_BYTES = 64 << 20
+
+
 def sample_rows(m: int, seq_len: int, count: int, rng: np.random.Generator) -> np.ndarray:
     """Every sequence's first token (attention sinks carry the outlier values) plus random rows."""
     first = np.arange(0, m, seq_len)
@@ -134,10 +140,17 @@ def layer_error(x: np.ndarray, y: np.ndarray, w: np.ndarray, c: np.ndarray, part
     """‖y − x̂·Ŵᵀ‖² (y = x·Wᵀ) with x̂ the static int4 activations on ranges c and Ŵ the per-row RTN of the
     folded weight W·diag(Δ), mapped back (Ŵ = Q(W·Δ)/Δ)."""
     step = np.where(c > 0, c, 1) / (QMAX * parts)
-    q, s = quant_rows(w * step)
-    w_hat = q * s[:, None] / step
-    e = y - fake_quant(x, c, parts) @ w_hat.T
-    return float(np.sum(e * e, dtype=np.float64))
+    x_hat = fake_quant(x, c, parts)
+    # in blocks of output rows past LARGE_BYTES of W (a 7B gate/up: 360 MB, and the candidates run in threads);
+    # one block below it (per-row RTN: the blocks' rows are the whole matrix's)
+    rows = w.shape[0] if w.nbytes <= LARGE_BYTES else max(1, LARGE_BYTES // 4 // max(w.shape[1], 1))
+    total = 0.0
+    for r0 in range(0, w.shape[0], rows):
+        q, s = quant_rows(w[r0:r0 + rows] * step)
+        w_hat = q * s[:, None] / step
+        e = y[:, r0:r0 + rows] - x_hat @ w_hat.T
+        total += float(np.sum(e * e, dtype=np.float64))
+    return total
 
 
 def choose_ranges(xs: np.ndarray, w: np.ndarray, parts: np.ndarray, opts: Options,
@@ -274,7 +287,7 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
     # the Gram matrix aᵀa (exact: integer entries below 2^24 in the fp32 products), in float64 up to
     # opts.f64_limit bytes, in float32 above (a 7B ffn_down: docs/architecture.md, "Memory of a conversion");
     # GPTQ turns this buffer into its inverse factor in place
-    dt = np.float64 if kp * kp * 8 <= opts.f64_limit else np.float32
+    dt = np.float64 if max(kp, n) * kp * 8 <= opts.f64_limit else np.float32
     gram = gram_matrix(a, dt)
     diag = np.diag(gram).astype(np.float64)
     lam = opts.damp * max(float(np.mean(diag)), 1e-8)
@@ -308,11 +321,22 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
         keep = None
         # the cross term aᵀ·(y − y_q) [Kp, N], formed as its transpose (a Fortran-ordered [Kp, N]: the solve's
         # layout); both go once solved, before the eigen-decomposition
-        if via_x:  # (y − y_q)ᵀ·a = W·(xᵀ·a) − diag(scale)·codes·(aᵀa), the small products in float64
+        if via_x and dt == np.float64:  # (y − y_q)ᵀ·a = W·(xᵀ·a) − diag(scale)·codes·(aᵀa), small products in float64
             cross = (w.astype(np.float64) @ (x[:fit].T @ a).astype(np.float64)
-                     - scale.astype(np.float64)[:, None] * (codes.astype(np.float64) @ gram.astype(np.float64, copy=False))).T
+                     - scale.astype(np.float64)[:, None] * (codes.astype(np.float64) @ gram)).T
+        elif via_x:  # the same in blocks of output rows into a float32 [N, Kp] (a 7B q/k/v or gate/up)
+            xa, g64 = (x[:fit].T @ a).astype(np.float64), gram.astype(np.float64)
+            cross_t = np.empty((n, kp), np.float32)
+            rows = max(1, LARGE_BYTES // 8 // max(k, kp))
+            for r0 in range(0, n, rows):
+                r1 = min(r0 + rows, n)
+                cross_t[r0:r1] = (w[r0:r1].astype(np.float64) @ xa
+                                  - scale[r0:r1, None].astype(np.float64) * (codes[r0:r1].astype(np.float64) @ g64))
+            del xa, g64
+            cross = cross_t.T
+            del cross_t
         else:
-            cross = ((y - y_q[:fit]).T @ a).astype(dt).T
+            cross = ((y - y_q[:fit]).T @ a).astype(dt, copy=False).T
         solved = ridge_solve(gram, cross, opts.damp, overwrite=True)
         del gram, cross
         la, lb = top_directions(*solved, rank)
