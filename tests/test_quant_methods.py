@@ -380,3 +380,23 @@ def test_lowrank_in_place_solve_matches_the_copying_one():
     buf, cross_buf = gram.copy(), cross.copy(order="F")
     la2, lb2 = fit_lowrank(buf, cross_buf, 4, overwrite=True)
     assert np.allclose(la.T @ lb.T, la2.T @ lb2.T, rtol=1e-4, atol=1e-6 * np.abs(la.T @ lb.T).max())
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_act_order_is_gptq_on_the_permuted_problem(overwrite):
+    """Act-order (with the Hessian permuted in place under overwrite_hessian) gives the codes of natural-order
+    GPTQ on the columns sorted by decreasing diag(H), put back in place; per-row and per-element steps alike."""
+    from mergequant.convert.quant.gptq import gptq_quantize, permute_symmetric
+    rng = np.random.default_rng(9)
+    a = np.rint(rng.standard_normal((1500, 12)) @ rng.standard_normal((12, 80)) * rng.uniform(0.3, 2, 80))
+    h = (a.T @ a).astype(np.float64)
+    w = rng.standard_normal((20, 80)).astype(np.float32)
+    perm = np.argsort(-np.diag(h), kind="stable")
+    p = h.copy()
+    permute_symmetric(p, perm)
+    assert np.array_equal(p, h[np.ix_(perm, perm)])
+    for step in (np.abs(w).max(axis=1) / 7, np.abs(w) / 5 + 0.01):
+        want = np.empty((20, 80), np.int8)
+        want[:, perm] = gptq_quantize(w[:, perm], h[np.ix_(perm, perm)], step if step.ndim == 1 else step[:, perm])
+        got = gptq_quantize(w, h.copy(), step, act_order=True, overwrite_hessian=overwrite)
+        assert np.mean(got == want) > (0.999 if overwrite else 1.0 - 1e-12), step.ndim

@@ -55,19 +55,19 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, step: np.ndarray, qmin: in
         raise ValueError(f"gptq: Hessian of shape {hessian.shape} for a weight of shape {w.shape}")
     step = np.asarray(step, np.float64)
     step = np.broadcast_to(step[:, None] if step.ndim == 1 else step, (n, k))
-    if act_order:
-        perm = np.argsort(-np.diag(hessian), kind="stable")
-        # (the permuted copy is this call's own: worked on in place, or copied again as the caller asked)
-        q = gptq_quantize(w[:, perm], hessian[np.ix_(perm, perm)], step[:, perm], qmin, qmax, block, damp,
-                          overwrite_hessian=overwrite_hessian)
-        out = np.empty_like(q)
-        out[:, perm] = q
-        return out
+    # act-order: the columns in decreasing order of diag(H), H permuted symmetrically (in place with
+    # overwrite_hessian: no second [K, K] matrix) and W's columns taken in that order by the working copy below
+    perm = np.argsort(-np.diag(hessian), kind="stable") if act_order else None
     # one [K, K] matrix is the largest this holds: H (a copy, or the caller's with overwrite_hessian) turns into
     # the upper Cholesky factor of its inverse in place, before the working copy of W exists; the damping
     # goes on the diagonal in place (the same sums as adding damp·mean·I: the off-diagonal terms add 0)
     own = overwrite_hessian and hessian.dtype in (np.float64, np.float32) and hessian.flags.c_contiguous
-    h = hessian if own else hessian.astype(np.float64)  # astype copies: h is this function's own
+    if own:
+        h = hessian
+        if perm is not None:
+            permute_symmetric(h, perm)
+    else:  # astype copies: h is this function's own
+        h = (hessian if perm is None else hessian[np.ix_(perm, perm)]).astype(np.float64)
     dt = h.dtype
     dead = np.diag(h) == 0
     h[dead, dead] = 1
@@ -84,10 +84,10 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, step: np.ndarray, qmin: in
     del h
     # the columns as rows (wt[i] = W[:, i]): the sweep reads and updates contiguous memory; every element
     # sees the same operations as in the [N, K] layout, so the codes are those of the textbook loop
-    wt = np.ascontiguousarray(w.T, dtype=dt)
+    wt = np.ascontiguousarray(w.T if perm is None else w.T[perm], dtype=dt)
     wt[dead] = 0
     per_row = step.strides[1] == 0  # one step per row: the same vector for every column
-    st = step[:, 0] if per_row else np.ascontiguousarray(step.T)
+    st = step[:, 0] if per_row else np.ascontiguousarray(step.T if perm is None else step.T[perm])
     s = np.where(st > 0, st, 1)
     zero = st == 0
     qt = np.zeros((k, n), np.int8)
@@ -103,7 +103,34 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, step: np.ndarray, qmin: in
             wt[i + 1:b1] -= hinv[i, i + 1:b1, None] * e
             err[:, i - b0] = e
         wt[b1:] -= (err @ hinv[b0:b1, b1:]).T
-    return np.ascontiguousarray(qt.T)
+    if perm is None:
+        return np.ascontiguousarray(qt.T)
+    out = np.empty((n, k), np.int8)
+    out[:, perm] = qt.T
+    return out
+
+
+def permute_symmetric(h: np.ndarray, perm: np.ndarray) -> None:
+    """h ← h[perm][:, perm] in place, one row of scratch: the rows along the permutation's cycles, then each
+    row's columns."""
+    k = len(perm)
+    done = np.zeros(k, bool)
+    row = np.empty(h.shape[1], h.dtype)
+    for start in range(k):
+        if done[start]:
+            continue
+        row[:] = h[start]
+        i = start
+        while True:  # new row i = old row perm[i]
+            done[i] = True
+            j = int(perm[i])
+            if j == start:
+                h[i] = row
+                break
+            h[i] = h[j]
+            i = j
+    for r in range(k):
+        h[r] = h[r, perm]
 
 
 def gptq_codes(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, block: int = 128,
