@@ -80,7 +80,12 @@ ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
                          {"act_order": True, "rank_down": 32, "rank_o": 32, "budget": 0.0, "budget_down": 0.5}),
     "default-r3": ("the 2026-12-04 default options on recipe 3 (GPTQ's factor and the low-rank solve in place)",
                    "mergequant", {}),
-    "default": ("MergeQuant default (this commit)", "mergequant", {}),
+    "budget0.12": ("the 2026-12-05 default + 128 split slots for the q/k/v and gate/up inputs (budget 0.12; 64 at "
+                   "0.03)", "mergequant", {"budget": 0.12}),
+    "default-1204": ("MergeQuant default of 2026-12-04 (main 210f76c: natural GPTQ order, rank 16, ffn_down split 20%)",
+                     "mergequant", {"act_order": False, "rank_down": None, "rank_o": None, "budget_down": 0.2}),
+    "default": ("MergeQuant default (2026-12-05: act-order, rank 32 at ffn_down / attn_output, ffn_down split 35%)",
+                "mergequant", {}),
 }
 
 

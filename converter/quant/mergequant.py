@@ -38,7 +38,9 @@ from .split import allocate_parts, build_in_map, expand_columns, extra_slots
 # (the default model's cache key includes it: python/mergequant/default_model.py). 2 (2026-12-04): the linears
 # fitted on the engine's own input codes, the low-rank cross term from (aᵀx)·Wᵀ. 3 (2026-12-05): GPTQ's inverse
 # factor and the low-rank solve in place (Cholesky-based: other rounding), float32 above Options.f64_limit.
-RECIPE_VERSION = 3
+# 4 (2026-12-05): the defaults act_order, rank 32 at ffn_down and attn_output, ffn_down split budget 0.35
+# (bench/RESULTS.md, "W4A4 levers ... 32 × 512 calibration").
+RECIPE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -46,17 +48,17 @@ class Options:
     clip: bool = True          # adaptive clipping of activation ranges and weight-row steps
     split: bool = True         # channel splitting into the K padding plus `budget`·K slots
     budget: float = 0.03
-    budget_down: float | None = 0.2  # ffn_down's own split budget (its SwiGLU input carries the most error; the
-                                     # engine-measured curve is in bench/RESULTS.md); None: `budget`
+    budget_down: float | None = 0.35  # ffn_down's own split budget (its SwiGLU input carries the most error; the
+                                      # engine-measured curve is in bench/RESULTS.md); None: `budget`
     down_a8: bool = False      # mixed precision: ffn_down in w4a8 (per-token int8 inputs), not static W4A4
     down_alpha: float = 0.5    # its smoothing exponent (SmoothQuant's α), the scales folded into the up rows
     rank: int = 16             # low-rank compensation rank (0: off)
-    rank_down: int | None = None  # ffn_down's own rank (None: `rank`)
-    rank_o: int | None = None     # attn_output's own rank (None: `rank`)
+    rank_down: int | None = 32    # ffn_down's own rank (None: `rank`)
+    rank_o: int | None = 32       # attn_output's own rank (None: `rank`)
     gptq: bool = True          # GPTQ codes instead of RTN (the low-rank branch then fits what GPTQ leaves)
     gptq_target: str = "w"     # "w": the folded weight W̃; "ls": least-squares fit of X·Wᵀ on the int4 inputs;
                                # "ridge": that fit shrunk toward W̃ (weight `ridge` · mean diag of aᵀa)
-    act_order: bool = False    # GPTQ columns in decreasing input energy
+    act_order: bool = True     # GPTQ columns in decreasing input energy
     ridge: float = 1.0
     clip_power: float = 2.4    # per-channel clip objective Σ|x̂ − x|^p (then p = 2; the layer error decides)
     clip_sample: int = 2048    # tokens the clip searches look at (plus every sequence's first token)
@@ -284,6 +286,8 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
     a_all = a
     a = a_all[:fit]
     y = y_all[:fit] if need_y else None
+    if not via_x:
+        del w  # (a caller that hands W over as a temporary holds no other reference: split_input_linear)
     # the Gram matrix aᵀa (exact: integer entries below 2^24 in the fp32 products), in float64 up to
     # opts.f64_limit bytes, in float32 above (a 7B ffn_down: docs/architecture.md, "Memory of a conversion");
     # GPTQ turns this buffer into its inverse factor in place
@@ -312,7 +316,8 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
     codes_t = codes.T.astype(np.float32)
     y_q = fitted_apart(lambda v: v @ codes_t, a_all, fit)
     del codes_t
-    acc = None if keep_acc is None else y_q[:, keep_acc].copy()  # integers: any product order gives these
+    # integers: any product order gives these; a large linear's are formed again when needed (rows_again)
+    acc = None if keep_acc is None or dt == np.float32 else y_q[:, keep_acc].copy()
     y_q *= scale
     lora = None
     if rank > 0:
@@ -337,6 +342,8 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
             del cross_t
         else:
             cross = ((y - y_q[:fit]).T @ a).astype(dt, copy=False).T
+        if via_x:
+            del w
         solved = ridge_solve(gram, cross, opts.damp, overwrite=True)
         del gram, cross
         la, lb = top_directions(*solved, rank)
@@ -403,7 +410,10 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
         w = fused.pop(p + name)  # (each linear's float32 weights leave `fused` once quantized)
         inp = quantize_input(x, w, rows, opts, splittable=True, budget=budget)
         a = engine_input(inp)
-        return inp, record(name, quantize_linear(a, x, w, inp, opts, fit, keep_acc, opts.rank_for(name))), a
+        fused[p + name] = w
+        del w  # handed over as a temporary: quantize_linear then holds the only reference and drops it once used
+        lq = quantize_linear(a, x, fused.pop(p + name), inp, opts, fit, keep_acc, opts.rank_for(name))
+        return inp, record(name, lq), a
 
     def norm_codes(h: np.ndarray, r: np.ndarray, g: np.ndarray) -> Callable[[InputQuant], np.ndarray]:
         """The engine's codes of a norm's output: its weight γ/Δ (`in_scale`) applied, then the slots."""
@@ -442,6 +452,7 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
     stage(f"layer {i}: attention")
     a_o = pad_columns(round_codes(flat(attend(q, k, v_eng, config, *cos_sin))), pad_k(o.shape[1]))
     del q, k, v, v_eng
+    qkv.y = None  # (consumed: q, k, v were its views)
     stage(f"layer {i}: attn_output")
     out = record("attn_output", quantize_linear(a_o, o, w_o, step_o, opts, fit, rank=opts.rank_for("attn_output")))
     h_mid = h + out.y.reshape(b, t, d)
