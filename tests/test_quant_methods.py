@@ -400,3 +400,14 @@ def test_act_order_is_gptq_on_the_permuted_problem(overwrite):
         want[:, perm] = gptq_quantize(w[:, perm], h[np.ix_(perm, perm)], step if step.ndim == 1 else step[:, perm])
         got = gptq_quantize(w, h.copy(), step, act_order=True, overwrite_hessian=overwrite)
         assert np.mean(got == want) > (0.999 if overwrite else 1.0 - 1e-12), step.ndim
+
+
+def test_weight_scale_search_in_row_blocks_is_the_same(monkeypatch):
+    """A weight above clip.BLOCK_BYTES is searched in blocks of rows (a 7B linear's temporaries): the same steps."""
+    import mergequant.convert.quant.clip as clip
+    rng = np.random.default_rng(11)
+    w = (rng.standard_normal((300, 200)) * rng.uniform(0.1, 3, (300, 1))).astype(np.float32)
+    h = rng.uniform(0, 1, 200)
+    whole = clip.search_weight_scale(w, h)
+    monkeypatch.setattr(clip, "BLOCK_BYTES", 4096)
+    assert np.array_equal(clip.search_weight_scale(w, h), whole)

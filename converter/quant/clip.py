@@ -9,6 +9,7 @@ from .int4 import QMAX, QMIN
 
 ACT_RATIOS = np.linspace(1.0, 0.2, 33, dtype=np.float32)     # step 0.025
 WEIGHT_RATIOS = np.linspace(1.0, 0.5, 11, dtype=np.float32)   # step 0.05
+BLOCK_BYTES = 64 << 20  # search_weight_scale works on blocks of rows of a weight larger than this
 
 
 def fake_quant(x: np.ndarray, c: np.ndarray, parts: np.ndarray | int = 1) -> np.ndarray:
@@ -62,6 +63,9 @@ def search_act_clip(x: np.ndarray, amax: np.ndarray, parts: np.ndarray,
 def search_weight_scale(w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
     """Per row n, δ_n = p·max|W[n]|/7 with p minimizing Σ_k h_k (W[n,k] − δ_n·clamp(rint(W[n,k]/δ_n)))²,
     h = `importance` (the diagonal of the input Gram matrix XᵀX), or uniform when None."""
+    if w.nbytes > BLOCK_BYTES:  # rows are independent: a large W (a 7B linear) in blocks of rows, few temporaries
+        rows = max(1, BLOCK_BYTES // 4 // max(w.shape[1], 1))
+        return np.concatenate([search_weight_scale(w[r0:r0 + rows], importance) for r0 in range(0, len(w), rows)])
     absmax = np.abs(w).max(axis=1)
     h = np.ones(w.shape[1], np.float32) if importance is None else importance.astype(np.float32)
     best = np.full(w.shape[0], np.inf)
