@@ -31,6 +31,9 @@ from mergequant.default_model import default_gguf_path
 HERE = Path(__file__).resolve().parent
 TEXT = HERE.parent.parent / "shared" / "data" / "eval" / "wiki.test.raw"
 
+# the 2026-12-04 defaults, explicit: the single-lever rows of the 32 x 512 table are measured on top of them
+OLD_DEFAULT = {"act_order": False, "rank_down": None, "rank_o": None, "budget_down": 0.2}
+
 # row key → (label, method, method options)
 ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
     "f16": ("f16 file", None, {}),
@@ -40,7 +43,7 @@ ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
                {"act_order": False, "gptq_target": "w", "rank": 16, "budget_down": None}),
     "no-lowrank": ("MergeQuant without the low-rank branch", "mergequant", {"rank": 0}),
     "rtn-weights": ("MergeQuant with RTN weights (no GPTQ)", "mergequant", {"gptq": False}),
-    "act-order": ("+ GPTQ act-order", "mergequant", {"act_order": True}),
+    "act-order": ("+ GPTQ act-order (on the 2026-12-04 defaults)", "mergequant", {**OLD_DEFAULT, "act_order": True}),
     "ridge1": ("+ act-order, GPTQ target: least squares shrunk to W̃ (ridge 1)", "mergequant",
                {"act_order": True, "gptq_target": "ridge", "ridge": 1.0, "budget_down": None}),
     "ridge0.1": ("+ act-order, GPTQ target: least squares shrunk to W̃ (ridge 0.1)", "mergequant",
@@ -50,19 +53,19 @@ ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
     "down0.1": ("split budget 10% of K for ffn_down only", "mergequant", {"budget_down": 0.1}),
     "down0.2": ("split budget 20% of K for ffn_down only (the default from 2026-12-02)", "mergequant",
                 {"budget_down": 0.2}),
-    "down0.35": ("split budget 35% of K for ffn_down only", "mergequant", {"budget_down": 0.35}),
+    "down0.35": ("split budget 35% of K for ffn_down only", "mergequant", {**OLD_DEFAULT, "budget_down": 0.35}),
     "down-a8": ("mixed precision: ffn_down in w4a8 (per-token int8 inputs, smoothed α 0.5), not plain W4A4",
                 "mergequant", {"down_a8": True}),
     "rank32": ("+ act-order, rank 32", "mergequant", {"act_order": True, "rank": 32}),
     "ls-nat": ("GPTQ target: plain least squares on the int4 inputs, natural column order", "mergequant",
-               {"gptq_target": "ls"}),
+               {**OLD_DEFAULT, "gptq_target": "ls"}),
     "ridge1-nat": ("GPTQ target: least squares shrunk to W̃ (ridge 1), natural column order", "mergequant",
                    {"gptq_target": "ridge", "ridge": 1.0}),
     "rank32-heavy": ("rank 32 for ffn_down and attn_output only (16 elsewhere)", "mergequant",
-                     {"rank_down": 32, "rank_o": 32}),
+                     {**OLD_DEFAULT, "rank_down": 32, "rank_o": 32}),
     "clip-scales": ("activation ranges: the chosen ones scaled by 0.8, 0.9, 1.1 tried too (layer error decides)",
-                    "mergequant", {"clip_scales": [0.8, 0.9, 1.1]}),
-    "damp0.001": ("GPTQ / low-rank damping 0.001 (0.01 before)", "mergequant", {"damp": 0.001}),
+                    "mergequant", {**OLD_DEFAULT, "clip_scales": [0.8, 0.9, 1.1]}),
+    "damp0.001": ("GPTQ / low-rank damping 0.001 (0.01 before)", "mergequant", {**OLD_DEFAULT, "damp": 0.001}),
     "damp0.1": ("GPTQ / low-rank damping 0.1 (0.01 before)", "mergequant", {"damp": 0.1}),
     "calib64": ("calibration 64 × 512 tokens (twice the default)", "mergequant", {"calib_n": 64}),
     "d0-down0.35": ("split only ffn_down's input, 35% of K (qkv / gate_up inputs unsplit)", "mergequant",
@@ -73,17 +76,18 @@ ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
                       {"clip_sample": 8192}),
     "d0-down0.2": ("split only ffn_down's input, 20% of K (5% int4 bytes over plain W4A4)", "mergequant",
                    {"budget": 0.0, "budget_down": 0.2}),
-    "combo-down0.35": ("act-order + rank 32 for ffn_down / attn_output + ffn_down split 35%", "mergequant",
+    "combo-down0.35": ("act-order + rank 32 for ffn_down / attn_output + ffn_down split 35% (the 2026-12-05 "
+                       "default's options and file)", "mergequant",
                        {"act_order": True, "rank_down": 32, "rank_o": 32, "budget_down": 0.35}),
     "combo-d0-down0.5": ("act-order + rank 32 for ffn_down / attn_output + only ffn_down split, 50% (the old "
                          "default's int4 bytes)", "mergequant",
                          {"act_order": True, "rank_down": 32, "rank_o": 32, "budget": 0.0, "budget_down": 0.5}),
     "default-r3": ("the 2026-12-04 default options on recipe 3 (GPTQ's factor and the low-rank solve in place)",
-                   "mergequant", {}),
+                   "mergequant", OLD_DEFAULT),
     "budget0.12": ("the 2026-12-05 default + 128 split slots for the q/k/v and gate/up inputs (budget 0.12; 64 at "
                    "0.03)", "mergequant", {"budget": 0.12}),
     "default-1204": ("MergeQuant default of 2026-12-04 (main 210f76c: natural GPTQ order, rank 16, ffn_down split 20%)",
-                     "mergequant", {"act_order": False, "rank_down": None, "rank_o": None, "budget_down": 0.2}),
+                     "mergequant", OLD_DEFAULT),
     "default": ("MergeQuant default (2026-12-05: act-order, rank 32 at ffn_down / attn_output, ffn_down split 35%)",
                 "mergequant", {}),
 }
@@ -165,12 +169,12 @@ def markdown(rows: list[str], done: dict[str, dict[str, Any]], args: argparse.Na
         "|---|---|---|---|---|---|---|",
     ]
     for key in rows:
-        r = done[key]
-        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "—"
+        r = done[key]  # (the label and options as ROWS states them now; the numbers as measured)
+        opts = ", ".join(f"{k}={v}" for k, v in ROWS[key][2].items()) or "—"
         b = r.get("bytes")
         ratio = f"{b['int4'] / b['plain']:.3f}" if b else "—"
         lora = f"{b['lora'] / 1e6:.2f}" if b else "—"
-        lines.append(f"| {r['label']} | {r['method'] or 'f16'}: {opts} | {r['ppl']:.2f} | {r['ppl'] / f16:.2f} | "
+        lines.append(f"| {ROWS[key][0]} | {r['method'] or 'f16'}: {opts} | {r['ppl']:.2f} | {r['ppl'] / f16:.2f} | "
                      f"{ratio} | {lora} | {r['seconds']:.0f} |")
     return "\n".join([begin, *lines, end]) + "\n"
 
