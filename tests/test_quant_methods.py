@@ -411,3 +411,16 @@ def test_weight_scale_search_in_row_blocks_is_the_same(monkeypatch):
     whole = clip.search_weight_scale(w, h)
     monkeypatch.setattr(clip, "BLOCK_BYTES", 4096)
     assert np.array_equal(clip.search_weight_scale(w, h), whole)
+
+
+def test_act_clip_search_in_column_blocks_is_the_same(monkeypatch):
+    """An input above clip.BLOCK_BYTES is searched in blocks of channels: the same ratios."""
+    import mergequant.convert.quant.clip as clip
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal((700, 90)) * rng.uniform(0.2, 3, 90)).astype(np.float32)
+    x[::37] *= 6
+    amax = np.abs(x).max(axis=0)
+    parts = rng.integers(1, 3, 90)
+    whole = clip.search_act_clip(x, amax, parts, (2.4, 2.0))
+    monkeypatch.setattr(clip, "BLOCK_BYTES", 4 * 700 * 16)
+    assert np.array_equal(clip.search_act_clip(x, amax, parts, (2.4, 2.0)), whole)

@@ -23,7 +23,14 @@ def fake_quant(x: np.ndarray, c: np.ndarray, parts: np.ndarray | int = 1) -> np.
 def search_act_clip(x: np.ndarray, amax: np.ndarray, parts: np.ndarray,
                     powers: tuple[float, ...]) -> np.ndarray:
     """Per objective `power` and channel j, the ratio p of amax_j minimizing Σ_t |x̂_tj − x_tj|^power over
-    the rows of x [M, K]; returns [len(powers), K]. One quantization of x per ratio serves every power."""
+    the rows of x [M, K]; returns [len(powers), K]. One quantization of x per ratio serves every power. Channels
+    are independent: an x above BLOCK_BYTES (a 7B ffn_down's input) is searched in blocks of columns."""
+    if x.nbytes > BLOCK_BYTES:
+        cols = max(1, BLOCK_BYTES // 4 // max(len(x), 1))
+        pv = np.asarray(parts) * np.ones(x.shape[1], np.int64)
+        return np.concatenate([search_act_clip(np.ascontiguousarray(x[:, c0:c0 + cols]), amax[c0:c0 + cols],
+                                               pv[c0:c0 + cols], powers)
+                               for c0 in range(0, x.shape[1], cols)], axis=1)
     m = np.asarray(parts, np.float32) * np.ones(x.shape[1], np.float32)
     safe = np.where(amax > 0, amax, 1).astype(np.float32)
     errs = np.empty((len(ACT_RATIOS), len(powers), x.shape[1]))

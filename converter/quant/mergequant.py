@@ -473,10 +473,15 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
         gate_up.fold_rows(slice(f, None), smooth)
         down_tensors = pack_linear(p + "ffn_down", w_down, "w4a8", quant, codes=codes, scale=scale)
     else:
+        # the gate half alone is read again (the up half is formed again from the accumulators after the fold):
+        # gate/up's [M, 2F] output goes now, before ffn_down's range search
+        gate = [np.ascontiguousarray(gate_up.y[:, :f])]
+        gate_up.y = None
+
         def down_codes(inp: InputQuant) -> np.ndarray:  # the engine's SwiGLU on the folded up rows
             gate_up.fold_rows(slice(f, None), inp.step)
-            m_eng = swiglu(gate_up.y[:, :f], rows_again(gate_up, a2, slice(f, None)))
-            gate_up.acc = gate_up.y = None  # (consumed: its [M, 2F] would otherwise live through ffn_down's fit)
+            m_eng = swiglu(gate.pop(), rows_again(gate_up, a2, slice(f, None)))
+            gate_up.acc = None
             return expand_slots(m_eng, inp.in_map)
 
         in_down, down, _ = split_input_linear(m, "ffn_down", down_codes)
