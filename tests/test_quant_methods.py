@@ -424,3 +424,16 @@ def test_act_clip_search_in_column_blocks_is_the_same(monkeypatch):
     whole = clip.search_act_clip(x, amax, parts, (2.4, 2.0))
     monkeypatch.setattr(clip, "BLOCK_BYTES", 4 * 700 * 16)
     assert np.array_equal(clip.search_act_clip(x, amax, parts, (2.4, 2.0)), whole)
+
+
+def test_lowrank_float32_in_place_matches_float64():
+    """A float32 Gram matrix and a Fortran-ordered float32 cross term with overwrite (a large linear, N ≤ K):
+    M and Z in the cross term's memory, M·V_r from L; the branch is the float64 copying fit's up to rounding."""
+    rng = np.random.default_rng(6)
+    a = np.rint(rng.standard_normal((3000, 120)) * 3).astype(np.float32)
+    resid = a @ (rng.standard_normal((120, 5)) @ rng.standard_normal((5, 40))) + rng.standard_normal((3000, 40))
+    gram, cross = a.T @ a, (a.T @ resid)
+    la, lb = fit_lowrank(gram.astype(np.float64), cross, 4)
+    la2, lb2 = fit_lowrank(gram.copy(), np.asfortranarray(cross, np.float32), 4, overwrite=True)
+    want, got = la.T @ lb.T, la2.T @ lb2.T
+    assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()

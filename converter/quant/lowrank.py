@@ -3,7 +3,7 @@ closed form as a reduced-rank regression of the quantization residual R = X·W�
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg import blas, lapack, solve_triangular
+from scipy.linalg import blas, eigh, lapack, solve_triangular
 
 from .blas import blas_threads
 
@@ -33,7 +33,9 @@ def ridge_solve(gram: np.ndarray, cross: np.ndarray, damp: float = 0.01, overwri
     reg = gram if own else np.array(gram, dtype=np.float64, order="C")
     reg[np.diag_indices(k)] += lam  # + λI without a [K, K] identity
     potrf, potrs = lapack.get_lapack_funcs(("potrf", "potrs"), (reg,))
-    in_place = n > k and overwrite and cross.dtype == reg.dtype and cross.flags.f_contiguous
+    # in place: N > K, or any N in float32 (a large linear; float64 keeps the copying solve's rounding)
+    in_place = (overwrite and cross.dtype == reg.dtype and cross.flags.f_contiguous
+                and (n > k or reg.dtype == np.float32))
     with blas_threads(1):  # level-2-bound factorizations: faster on one thread (blas.py)
         # the C array read as Fortran is reg itself (symmetric): its lower factor L there is Lᵀ as the C array
         c, info = potrf(reg.T, lower=1, clean=1, overwrite_a=1)
@@ -46,28 +48,36 @@ def ridge_solve(gram: np.ndarray, cross: np.ndarray, damp: float = 0.01, overwri
         z = trmm(1.0, c, m, lower=1, trans_a=1, overwrite_b=1)  # Z = Lᵀ·M, in M's memory
         if not np.shares_memory(z, cross):
             raise RuntimeError("ridge_solve: BLAS copied the right-hand side")
-        return None, z @ z.T, z, c
+        return None, (z @ z.T if n > k else z.T @ z), z, c, n > k
     if n <= k:
         gram_z = m.T @ cross.astype(m.dtype, copy=False)  # Zᵀ·Z = Mᵀ·(G + λI)·M = Mᵀ·aᵀR
-        return m, (gram_z + gram_z.T) / 2, None, None  # (symmetric up to rounding)
+        return m, (gram_z + gram_z.T) / 2, None, None, False  # (symmetric up to rounding)
     z = c.T @ m  # c.T is the C array reg = Lᵀ
-    return m, z @ z.T, z, None
+    return m, z @ z.T, z, None, True
 
 
 def top_directions(m: np.ndarray | None, gram_z: np.ndarray, z: np.ndarray | None, chol: np.ndarray | None,
-                   rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """fit_lowrank's second half: the top `rank` right singular vectors V_r of Z from its Gram matrix, and
-    A = (M·V_r)ᵀ [r, K], B = V_r [N, r]; without M (ridge_solve in place), M·V_r = L⁻ᵀ·Z·V_r = L⁻ᵀ·U_r·Σ_r."""
+                   left: bool, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """fit_lowrank's second half: the top `rank` right singular vectors V_r of Z from its Gram matrix (Z·Zᵀ when
+    `left`, else Zᵀ·Z), and A = (M·V_r)ᵀ [r, K], B = V_r [N, r]; without M (ridge_solve in place),
+    M·V_r = L⁻ᵀ·Z·V_r (= L⁻ᵀ·U_r·Σ_r when left)."""
     with blas_threads(1):
-        evals, evecs = np.linalg.eigh(gram_z.astype(np.float64, copy=False))
+        if gram_z.dtype == np.float32:  # (the float32 fit of a large linear: the top eigenpairs alone)
+            size = len(gram_z)
+            evals, evecs = eigh(gram_z, subset_by_index=[max(size - rank, 0), size - 1], check_finite=False)
+            evals, evecs = evals.astype(np.float64), evecs.astype(np.float64)
+        else:
+            evals, evecs = np.linalg.eigh(gram_z.astype(np.float64, copy=False))
     top = np.argsort(evals)[::-1][:rank]
-    if z is None:
-        v = evecs[:, top]
-    else:
+    if left:
         sigma = np.sqrt(np.maximum(evals[top], 1e-30))
         v = z.T @ evecs[:, top] / sigma
+        zv = None if m is not None else evecs[:, top] * sigma
+    else:
+        v = evecs[:, top]
+        zv = None if m is not None else z @ v.astype(z.dtype)
     if m is None:
-        mv = solve_triangular(chol, evecs[:, top] * sigma, lower=True, trans="T", check_finite=False)
+        mv = solve_triangular(chol, zv, lower=True, trans="T", check_finite=False)
     else:
         mv = m @ v
     return mv.T.astype(np.float32), v.astype(np.float32)
