@@ -278,3 +278,162 @@ def test_layer_stream_is_the_engines(tiny, report):
         want = sim_block_forward(h, blk, ck.config, cos, sin)
         assert np.array_equal(h_next, want), i
         h = want
+
+
+def test_mergequant_per_linear_ranks_and_clip_scales(tiny):
+    """rank_down / rank_o set those linears' low-rank branches alone; clip_scales only adds range candidates, so
+    the layer error of the ranges it picks is never above the ranges picked without it."""
+    from mergequant.convert.quant.mergequant import Options, choose_ranges, layer_error
+    _, ck, calib = tiny
+    m = quantize(ck, "mergequant", rank=4, rank_down=6, rank_o=2, clip_scales="0.9,1.1", **calib)
+    b = m.blocks[0]
+    assert b.qkv.lora_a.shape[0] == 4 and b.gate_up.lora_a.shape[0] == 4
+    assert b.down.lora_a.shape[0] == 6 and b.o.lora_a.shape[0] == 2
+    assert tuple(m.quant["params"]["options"]["clip_scales"]) == (0.9, 1.1)
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((1500, 48)) * rng.uniform(0.2, 3, 48)).astype(np.float32)
+    x[::50] *= 8  # outlier tokens
+    w = (rng.standard_normal((32, 48)) / 8).astype(np.float32)
+    parts = np.ones(48, np.int64)
+    y = x @ w.T
+    base = choose_ranges(x, w, parts, Options(), lambda c: c, y)
+    wide = choose_ranges(x, w, parts, Options(clip_scales=(0.8, 0.9, 1.1)), lambda c: c, y)
+    assert layer_error(x, y, w, wide, parts) <= layer_error(x, y, w, base, parts)
+
+
+def test_gptq_and_lowrank_work_in_the_callers_hessian_buffer():
+    """The inverse factor GPTQ needs is formed in place: with overwrite_hessian, gptq_quantize allocates nothing of
+    the Hessian's size (tracemalloc sees numpy's buffers), its factor is the textbook one (upper Cholesky of H⁻¹),
+    and its codes are those of the copying call; fit_lowrank likewise with overwrite; gram_matrix is aᵀa exactly."""
+    import tracemalloc
+    from mergequant.convert.quant.gptq import gptq_quantize, inverse_upper_cholesky
+    from mergequant.convert.quant.mergequant import gram_matrix
+
+    rng = np.random.default_rng(2)
+    m, k, n = 3000, 640, 24
+    a = np.clip(np.rint(rng.standard_normal((m, k)) * 3), -8, 7).astype(np.float32)
+    h = gram_matrix(a, cols=100)
+    assert np.array_equal(gram_matrix(a, np.float32), a.T @ a)
+    assert np.array_equal(h, (a.T @ a).astype(np.float64))
+    ref = np.linalg.cholesky(np.linalg.inv(h + np.eye(k))).T
+    u = inverse_upper_cholesky(h + np.eye(k))
+    assert np.abs(u - ref).max() < 1e-9 * np.abs(ref).max() and not np.tril(u, -1).any()
+
+    w = (rng.standard_normal((n, k)) / 8).astype(np.float32)
+    step = np.abs(w).max(axis=1) / 7
+    want = gptq_quantize(w, h, step)  # copies: h is left as it was
+    assert np.array_equal(h, (a.T @ a).astype(np.float64))
+    buf = h.copy()
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    got = gptq_quantize(w, buf, step, overwrite_hessian=True)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 0.25 * h.nbytes
+    assert np.mean(got == want) > 0.999  # the same factor up to rounding in its last bits
+
+    cross = np.asfortranarray(rng.standard_normal((k, n)))
+    la, lb = fit_lowrank(h, cross, 4)  # copies
+    buf, cross_buf = h.copy(), cross.copy(order="F")
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    la2, lb2 = fit_lowrank(buf, cross_buf, 4, overwrite=True)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 0.25 * h.nbytes
+    assert np.allclose(la @ la.T, la2 @ la2.T, rtol=1e-4) and np.allclose(np.abs(lb), np.abs(lb2), atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [48, 300])  # N ≤ Kp (the cross term from y), N > Kp (via xᵀa, the in-place solve)
+def test_float32_gram_path_matches_float64(n, monkeypatch):
+    """Above Options.f64_limit the Gram matrix, GPTQ's factor and the low-rank solve are float32 (half the memory
+    of a 7B linear), and the work arrays formed in blocks: the fitted linear is the float64 one up to rounding."""
+    import mergequant.convert.quant.mergequant as mq
+    from mergequant.convert.quant.mergequant import InputQuant, Options, quantize_linear
+
+    monkeypatch.setattr(mq, "LARGE_BYTES", 4096)  # blocks of a few rows
+    rng = np.random.default_rng(7)
+    m, k = 4000, 96
+    x = (rng.standard_normal((m, k)) * rng.uniform(0.2, 3, k)).astype(np.float32)
+    w = (rng.standard_normal((n, k)) / 8).astype(np.float32)
+    step = (np.abs(x).max(axis=0) / 7).astype(np.float32)
+    inp = InputQuant(step, build_in_map(np.ones(k, np.int64), 128))
+    a = inp.codes(x)
+    y = x @ w.T
+    f64 = quantize_linear(a, x, w, inp, Options(rank=4))
+    f32 = quantize_linear(a, x, w, inp, Options(rank=4, f64_limit=0))
+    assert np.mean(f64.codes == f32.codes) > 0.99
+    e64, e32 = (float(np.sum((y - lq.y) ** 2)) for lq in (f64, f32))
+    assert abs(e32 - e64) < 0.01 * e64
+    rtn = quantize_linear(a, x, w, inp, Options(rank=0, gptq=False))
+    assert e32 < 0.97 * float(np.sum((y - rtn.y) ** 2))
+
+
+def test_lowrank_in_place_solve_matches_the_copying_one():
+    """N > K with overwrite and a Fortran-ordered float64 cross term: M and Z take the cross term's memory and
+    M·V_r comes from L; the factors are the copying call's."""
+    rng = np.random.default_rng(4)
+    a = np.rint(rng.standard_normal((2000, 64)) * 3).astype(np.float32)
+    resid = a @ (rng.standard_normal((64, 6)) @ rng.standard_normal((6, 200))) + rng.standard_normal((2000, 200))
+    gram, cross = (a.T @ a).astype(np.float64), np.asfortranarray((a.T @ resid).astype(np.float64))
+    la, lb = fit_lowrank(gram, cross, 4)
+    buf, cross_buf = gram.copy(), cross.copy(order="F")
+    la2, lb2 = fit_lowrank(buf, cross_buf, 4, overwrite=True)
+    assert np.allclose(la.T @ lb.T, la2.T @ lb2.T, rtol=1e-4, atol=1e-6 * np.abs(la.T @ lb.T).max())
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_act_order_is_gptq_on_the_permuted_problem(overwrite):
+    """Act-order (with the Hessian permuted in place under overwrite_hessian) gives the codes of natural-order
+    GPTQ on the columns sorted by decreasing diag(H), put back in place; per-row and per-element steps alike."""
+    from mergequant.convert.quant.gptq import gptq_quantize, permute_symmetric
+    rng = np.random.default_rng(9)
+    a = np.rint(rng.standard_normal((1500, 12)) @ rng.standard_normal((12, 80)) * rng.uniform(0.3, 2, 80))
+    h = (a.T @ a).astype(np.float64)
+    w = rng.standard_normal((20, 80)).astype(np.float32)
+    perm = np.argsort(-np.diag(h), kind="stable")
+    p = h.copy()
+    permute_symmetric(p, perm)
+    assert np.array_equal(p, h[np.ix_(perm, perm)])
+    for step in (np.abs(w).max(axis=1) / 7, np.abs(w) / 5 + 0.01):
+        want = np.empty((20, 80), np.int8)
+        want[:, perm] = gptq_quantize(w[:, perm], h[np.ix_(perm, perm)], step if step.ndim == 1 else step[:, perm])
+        got = gptq_quantize(w, h.copy(), step, act_order=True, overwrite_hessian=overwrite)
+        assert np.mean(got == want) > (0.999 if overwrite else 1.0 - 1e-12), step.ndim
+
+
+def test_weight_scale_search_in_row_blocks_is_the_same(monkeypatch):
+    """A weight above clip.BLOCK_BYTES is searched in blocks of rows (a 7B linear's temporaries): the same steps."""
+    import mergequant.convert.quant.clip as clip
+    rng = np.random.default_rng(11)
+    w = (rng.standard_normal((300, 200)) * rng.uniform(0.1, 3, (300, 1))).astype(np.float32)
+    h = rng.uniform(0, 1, 200)
+    whole = clip.search_weight_scale(w, h)
+    monkeypatch.setattr(clip, "BLOCK_BYTES", 4096)
+    assert np.array_equal(clip.search_weight_scale(w, h), whole)
+
+
+def test_act_clip_search_in_column_blocks_is_the_same(monkeypatch):
+    """An input above clip.BLOCK_BYTES is searched in blocks of channels: the same ratios."""
+    import mergequant.convert.quant.clip as clip
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal((700, 90)) * rng.uniform(0.2, 3, 90)).astype(np.float32)
+    x[::37] *= 6
+    amax = np.abs(x).max(axis=0)
+    parts = rng.integers(1, 3, 90)
+    whole = clip.search_act_clip(x, amax, parts, (2.4, 2.0))
+    monkeypatch.setattr(clip, "BLOCK_BYTES", 4 * 700 * 16)
+    assert np.array_equal(clip.search_act_clip(x, amax, parts, (2.4, 2.0)), whole)
+
+
+def test_lowrank_float32_in_place_matches_float64():
+    """A float32 Gram matrix and a Fortran-ordered float32 cross term with overwrite (a large linear, N ≤ K):
+    M and Z in the cross term's memory, M·V_r from L; the branch is the float64 copying fit's up to rounding."""
+    rng = np.random.default_rng(6)
+    a = np.rint(rng.standard_normal((3000, 120)) * 3).astype(np.float32)
+    resid = a @ (rng.standard_normal((120, 5)) @ rng.standard_normal((5, 40))) + rng.standard_normal((3000, 40))
+    gram, cross = a.T @ a, (a.T @ resid)
+    la, lb = fit_lowrank(gram.astype(np.float64), cross, 4)
+    la2, lb2 = fit_lowrank(gram.copy(), np.asfortranarray(cross, np.float32), 4, overwrite=True)
+    want, got = la.T @ lb.T, la2.T @ lb2.T
+    assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()

@@ -146,8 +146,11 @@ def test_simulator_matches_naive_engine(tiny, method):
     ck, calib = tiny
     model = quantize(ck, method, output_scheme="f16", **(calib if method == "mergequant" else {}))
     if method == "mergequant":  # the tiny model exercises splits, padding and the low-rank branch
-        blk = model.blocks[0]
-        assert blk.qkv.in_map[:, 2].max() > 1 and blk.qkv.lora_a is not None and blk.down.kp == 192
+        from mergequant.convert.quant.mergequant import Options
+        from mergequant.convert.quant.split import extra_slots
+        blk, f = model.blocks[0], ck.config.intermediate_size
+        assert blk.qkv.in_map[:, 2].max() > 1 and blk.qkv.lora_a is not None
+        assert blk.down.kp == f + extra_slots(f, Options.budget_down) > f  # ffn_down's own split budget
     ids = np.random.default_rng(2).integers(0, ck.config.vocab_size, 24)
     record: dict[str, np.ndarray] = {}
     logits = model.forward(ids, record)

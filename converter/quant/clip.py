@@ -9,6 +9,7 @@ from .int4 import QMAX, QMIN
 
 ACT_RATIOS = np.linspace(1.0, 0.2, 33, dtype=np.float32)     # step 0.025
 WEIGHT_RATIOS = np.linspace(1.0, 0.5, 11, dtype=np.float32)   # step 0.05
+BLOCK_BYTES = 64 << 20  # search_weight_scale works on blocks of rows of a weight larger than this
 
 
 def fake_quant(x: np.ndarray, c: np.ndarray, parts: np.ndarray | int = 1) -> np.ndarray:
@@ -22,7 +23,14 @@ def fake_quant(x: np.ndarray, c: np.ndarray, parts: np.ndarray | int = 1) -> np.
 def search_act_clip(x: np.ndarray, amax: np.ndarray, parts: np.ndarray,
                     powers: tuple[float, ...]) -> np.ndarray:
     """Per objective `power` and channel j, the ratio p of amax_j minimizing Σ_t |x̂_tj − x_tj|^power over
-    the rows of x [M, K]; returns [len(powers), K]. One quantization of x per ratio serves every power."""
+    the rows of x [M, K]; returns [len(powers), K]. One quantization of x per ratio serves every power. Channels
+    are independent: an x above BLOCK_BYTES (a 7B ffn_down's input) is searched in blocks of columns."""
+    if x.nbytes > BLOCK_BYTES:
+        cols = max(1, BLOCK_BYTES // 4 // max(len(x), 1))
+        pv = np.asarray(parts) * np.ones(x.shape[1], np.int64)
+        return np.concatenate([search_act_clip(np.ascontiguousarray(x[:, c0:c0 + cols]), amax[c0:c0 + cols],
+                                               pv[c0:c0 + cols], powers)
+                               for c0 in range(0, x.shape[1], cols)], axis=1)
     m = np.asarray(parts, np.float32) * np.ones(x.shape[1], np.float32)
     safe = np.where(amax > 0, amax, 1).astype(np.float32)
     errs = np.empty((len(ACT_RATIOS), len(powers), x.shape[1]))
@@ -62,6 +70,9 @@ def search_act_clip(x: np.ndarray, amax: np.ndarray, parts: np.ndarray,
 def search_weight_scale(w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
     """Per row n, δ_n = p·max|W[n]|/7 with p minimizing Σ_k h_k (W[n,k] − δ_n·clamp(rint(W[n,k]/δ_n)))²,
     h = `importance` (the diagonal of the input Gram matrix XᵀX), or uniform when None."""
+    if w.nbytes > BLOCK_BYTES:  # rows are independent: a large W (a 7B linear) in blocks of rows, few temporaries
+        rows = max(1, BLOCK_BYTES // 4 // max(w.shape[1], 1))
+        return np.concatenate([search_weight_scale(w[r0:r0 + rows], importance) for r0 in range(0, len(w), rows)])
     absmax = np.abs(w).max(axis=1)
     h = np.ones(w.shape[1], np.float32) if importance is None else importance.astype(np.float32)
     best = np.full(w.shape[0], np.inf)

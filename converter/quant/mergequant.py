@@ -27,7 +27,7 @@ from .calibrate import CalibrationSpec, calibration_tokens, run_sequential, stag
 from .clip import fake_quant, search_act_clip, search_weight_scale
 from .gptq import gptq_codes
 from .int4 import QMAX, pad_columns, pad_k, quant_rows, round_codes
-from .lowrank import fit_lowrank
+from .lowrank import ridge_solve, top_directions
 from .rtn import check_scheme
 from .simulate import SimBlock, attend, load_block, rms_factor, split_qkv, swiglu
 from .simulate_linear import expand_slots, lora_branch
@@ -36,8 +36,11 @@ from .split import allocate_parts, build_in_map, expand_columns, extra_slots
 
 # The numerics of the file this method writes for given options: raise it with every change that alters the file
 # (the default model's cache key includes it: python/mergequant/default_model.py). 2 (2026-12-04): the linears
-# fitted on the engine's own input codes, the low-rank cross term from (aᵀx)·Wᵀ.
-RECIPE_VERSION = 2
+# fitted on the engine's own input codes, the low-rank cross term from (aᵀx)·Wᵀ. 3 (2026-12-05): GPTQ's inverse
+# factor and the low-rank solve in place (Cholesky-based: other rounding), float32 above Options.f64_limit.
+# 4 (2026-12-05): the defaults act_order, rank 32 at ffn_down and attn_output, ffn_down split budget 0.35
+# (bench/RESULTS.md, "W4A4 levers ... 32 × 512 calibration").
+RECIPE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -45,19 +48,32 @@ class Options:
     clip: bool = True          # adaptive clipping of activation ranges and weight-row steps
     split: bool = True         # channel splitting into the K padding plus `budget`·K slots
     budget: float = 0.03
-    budget_down: float | None = 0.2  # ffn_down's own split budget (its SwiGLU input carries the most error; the
-                                     # engine-measured curve is in bench/RESULTS.md); None: `budget`
+    budget_down: float | None = 0.35  # ffn_down's own split budget (its SwiGLU input carries the most error; the
+                                      # engine-measured curve is in bench/RESULTS.md); None: `budget`
     down_a8: bool = False      # mixed precision: ffn_down in w4a8 (per-token int8 inputs), not static W4A4
     down_alpha: float = 0.5    # its smoothing exponent (SmoothQuant's α), the scales folded into the up rows
     rank: int = 16             # low-rank compensation rank (0: off)
+    rank_down: int | None = 32    # ffn_down's own rank (None: `rank`)
+    rank_o: int | None = 32       # attn_output's own rank (None: `rank`)
     gptq: bool = True          # GPTQ codes instead of RTN (the low-rank branch then fits what GPTQ leaves)
     gptq_target: str = "w"     # "w": the folded weight W̃; "ls": least-squares fit of X·Wᵀ on the int4 inputs;
                                # "ridge": that fit shrunk toward W̃ (weight `ridge` · mean diag of aᵀa)
-    act_order: bool = False    # GPTQ columns in decreasing input energy
+    act_order: bool = True     # GPTQ columns in decreasing input energy
     ridge: float = 1.0
     clip_power: float = 2.4    # per-channel clip objective Σ|x̂ − x|^p (then p = 2; the layer error decides)
     clip_sample: int = 2048    # tokens the clip searches look at (plus every sequence's first token)
     damp: float = 0.01
+    block: int = 128           # GPTQ lazy-update block (columns)
+    f64_limit: int = 1 << 28   # bytes: a linear whose [Kp, Kp] or [N, Kp] float64 work arrays would exceed this
+                               # has its Gram matrix, GPTQ and low-rank fit in float32 (a 7B q/k/v, gate/up,
+                               # down; the reference GPTQ's precision), else float64 (every SmolLM2 linear)
+    clip_scales: tuple[float, ...] = ()  # global factors tried on the chosen activation ranges (the layer error
+                                         # decides; () : none)
+
+    def rank_for(self, name: str) -> int:
+        """The low-rank rank of linear `name` (attn_qkv, attn_output, ffn_gate_up, ffn_down)."""
+        own = {"ffn_down": self.rank_down, "attn_output": self.rank_o}.get(name)
+        return self.rank if own is None else own
 
 
 @dataclass
@@ -110,6 +126,11 @@ class LinearQuant:
         return out
 
 
+# a linear's work arrays above this many bytes are formed in blocks (layer_error) or in float32 (quantize_linear's
+# Gram matrix, GPTQ and the low-rank fit: Options.f64_limit); SmolLM2-135M's linears stay below it
+LARGE_BYTES = 64 << 20
+
+
 def sample_rows(m: int, seq_len: int, count: int, rng: np.random.Generator) -> np.ndarray:
     """Every sequence's first token (attention sinks carry the outlier values) plus random rows."""
     first = np.arange(0, m, seq_len)
@@ -121,10 +142,17 @@ def layer_error(x: np.ndarray, y: np.ndarray, w: np.ndarray, c: np.ndarray, part
     """‖y − x̂·Ŵᵀ‖² (y = x·Wᵀ) with x̂ the static int4 activations on ranges c and Ŵ the per-row RTN of the
     folded weight W·diag(Δ), mapped back (Ŵ = Q(W·Δ)/Δ)."""
     step = np.where(c > 0, c, 1) / (QMAX * parts)
-    q, s = quant_rows(w * step)
-    w_hat = q * s[:, None] / step
-    e = y - fake_quant(x, c, parts) @ w_hat.T
-    return float(np.sum(e * e, dtype=np.float64))
+    x_hat = fake_quant(x, c, parts)
+    # in blocks of output rows past LARGE_BYTES of W (a 7B gate/up: 360 MB, and the candidates run in threads);
+    # one block below it (per-row RTN: the blocks' rows are the whole matrix's)
+    rows = w.shape[0] if w.nbytes <= LARGE_BYTES else max(1, LARGE_BYTES // 4 // max(w.shape[1], 1))
+    total = 0.0
+    for r0 in range(0, w.shape[0], rows):
+        q, s = quant_rows(w[r0:r0 + rows] * step)
+        w_hat = q * s[:, None] / step
+        e = y[:, r0:r0 + rows] - x_hat @ w_hat.T
+        total += float(np.sum(e * e, dtype=np.float64))
+    return total
 
 
 def choose_ranges(xs: np.ndarray, w: np.ndarray, parts: np.ndarray, opts: Options,
@@ -142,6 +170,18 @@ def choose_ranges(xs: np.ndarray, w: np.ndarray, parts: np.ndarray, opts: Option
         errors[i] = layer_error(xs, y, w, candidates[i], parts)
 
     parallel_for(error, len(candidates))  # in threads
+    best = candidates[int(np.argmin(errors))]
+    if not opts.clip_scales:
+        return best
+    # the winner scaled by global factors (a range the per-channel objectives cannot reach: they see one channel)
+    scaled = [best] + [np.float32(f) * best for f in opts.clip_scales]
+    errors = [errors[int(np.argmin(errors))]] + [0.0] * len(opts.clip_scales)
+    candidates = scaled
+
+    def error_scaled(i: int) -> None:
+        errors[i + 1] = layer_error(xs, y, w, candidates[i + 1], parts)
+
+    parallel_for(error_scaled, len(opts.clip_scales))
     return candidates[int(np.argmin(errors))]
 
 
@@ -203,11 +243,32 @@ def fitted_apart(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray, fit: int)
     return np.concatenate([f(x[:fit]), f(x[fit:])])
 
 
+# the largest Gram matrix (fp32 bytes) quantize_linear keeps beside GPTQ's buffer for the low-rank fit; above
+# it, the matrix is formed again after GPTQ (the same exact integers, one more GEMM)
+KEEP_GRAM_BYTES = 64 << 20
+
+
+def gram_matrix(a: np.ndarray, dtype: type = np.float64, cols: int = 1024) -> np.ndarray:
+    """aᵀa [K, K] for integer codes a [M, K] (fp32): in float32 the one product, in float64 from fp32 products of
+    `cols` columns at a time, without an fp32 [K, K] copy beside it; exact (the same values) either way while the
+    entries stay below 2^24."""
+    if dtype == np.float32:
+        return a.T @ a
+    k = a.shape[1]
+    out = np.empty((k, k), np.float64)
+    for j in range(0, k, cols):
+        out[:, j:j + cols] = a.T @ a[:, j:j + cols]
+    return out
+
+
 def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant | np.ndarray,
-                    opts: Options, fit: int | None = None, keep_acc: slice | None = None) -> LinearQuant:
+                    opts: Options, fit: int | None = None, keep_acc: slice | None = None,
+                    rank: int | None = None) -> LinearQuant:
     """Weights of one linear given its int4 input codes a [M, Kp] and fp input x [M, K]: W̃ = W·diag(Δ)
     in slot layout, per-row steps, RTN or GPTQ codes, then the low-rank branch on the residual. Only the
-    first `fit` rows (all by default) are fitted; the rest are held out for the error report."""
+    first `fit` rows (all by default) are fitted; the rest are held out for the error report. `rank`: the
+    low-rank branch's rank (None: opts.rank)."""
+    rank = opts.rank if rank is None else rank
     if isinstance(inp, InputQuant):
         w_t = expand_columns(w * inp.step, inp.in_map)
     else:  # a step vector for an unsplit input (o_proj): columns scaled, K padded
@@ -219,39 +280,76 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
     k, kp, n = x.shape[1], a.shape[1], w.shape[0]
     # the low-rank fit needs aᵀ·y (y = x·Wᵀ on the fitted rows): as (aᵀ·x)·Wᵀ where that product over the
     # calibration rows is the smaller one (kp·k < (k + kp)·n: q/k/v, o, gate/up), else from y itself (down)
-    via_x = opts.rank > 0 and kp * k < (k + kp) * n  # (the error report's held-out rows do not change the choice)
-    need_y = report or ls_target or (opts.rank > 0 and not via_x)
+    via_x = rank > 0 and kp * k < (k + kp) * n  # (the error report's held-out rows do not change the choice)
+    need_y = report or ls_target or (rank > 0 and not via_x)
     y_all = fitted_apart(lambda v: v @ w.T, x, fit) if need_y else None
     a_all = a
     a = a_all[:fit]
     y = y_all[:fit] if need_y else None
-    gram = a.T @ a  # exact: integer entries below 2^24
-    lam = opts.damp * max(float(np.mean(np.diag(gram))), 1e-8)
+    if not via_x:
+        del w  # (a caller that hands W over as a temporary holds no other reference: split_input_linear)
+    # the Gram matrix aᵀa (exact: integer entries below 2^24 in the fp32 products), in float64 up to
+    # opts.f64_limit bytes, in float32 above (a 7B ffn_down: docs/architecture.md, "Memory of a conversion");
+    # GPTQ turns this buffer into its inverse factor in place
+    dt = np.float64 if max(kp, n) * kp * 8 <= opts.f64_limit else np.float32
+    gram = gram_matrix(a, dt)
+    diag = np.diag(gram).astype(np.float64)
+    lam = opts.damp * max(float(np.mean(diag)), 1e-8)
     if opts.gptq and opts.gptq_target in ("ls", "ridge"):
         # argmin ‖a·Vᵀ − y‖² + μ‖V − V₀‖² = (aᵀa + μI)⁻¹ (aᵀy + μV₀ᵀ); V₀ = 0 ("ls") or W̃ ("ridge")
         mu = lam if opts.gptq_target == "ls" else opts.ridge * lam / opts.damp
         prior = 0 if opts.gptq_target == "ls" else mu * w_t.T.astype(np.float64)
         w_t = np.linalg.solve(gram.astype(np.float64) + mu * np.eye(len(gram)),
                               (a.T @ y).astype(np.float64) + prior).T.astype(np.float32)
-    scale = search_weight_scale(w_t, np.diag(gram)) if opts.clip else np.abs(w_t).max(axis=1) / QMAX
-    codes = gptq_codes(w_t, gram, scale, damp=opts.damp, act_order=opts.act_order) if opts.gptq else quant_rows(w_t, scale)[0]
+    scale = search_weight_scale(w_t, diag) if opts.clip else np.abs(w_t).max(axis=1) / QMAX
+    # a small Gram matrix is kept (fp32, exact) for the low-rank fit; a large one is formed again after GPTQ
+    # rather than held beside GPTQ's buffer
+    keep = None if not (opts.gptq and rank > 0) or kp * kp * 4 > KEEP_GRAM_BYTES else gram.astype(np.float32)
+    if opts.gptq:
+        codes = gptq_codes(w_t, gram, scale, block=opts.block, damp=opts.damp, act_order=opts.act_order,
+                           overwrite_hessian=True)
+        gram = None  # (the buffer held GPTQ's factor)
+    else:
+        codes = quant_rows(w_t, scale)[0]
     if not report:
         w_t = w_fold = None  # only the held-out error report reads the folded weight again
     codes_t = codes.T.astype(np.float32)
     y_q = fitted_apart(lambda v: v @ codes_t, a_all, fit)
-    acc = None if keep_acc is None else y_q[:, keep_acc].copy()  # integers: any product order gives these
+    del codes_t
+    # integers: any product order gives these; a large linear's are formed again when needed (rows_again)
+    acc = None if keep_acc is None or dt == np.float32 else y_q[:, keep_acc].copy()
     y_q *= scale
     lora = None
-    if opts.rank > 0:
-        if via_x:  # aᵀ·(y − y_q) = (aᵀ·x)·Wᵀ − (aᵀa)·codesᵀ·diag(scale), the small products in float64
-            cross = ((a.T @ x[:fit]).astype(np.float64) @ w.T.astype(np.float64)
-                     - (gram.astype(np.float64) @ codes_t.astype(np.float64)) * scale.astype(np.float64))
+    if rank > 0:
+        if gram is None:
+            gram = gram_matrix(a, dt) if keep is None else keep.astype(dt)
+        keep = None
+        # the cross term aᵀ·(y − y_q) [Kp, N], formed as its transpose (a Fortran-ordered [Kp, N]: the solve's
+        # layout); both go once solved, before the eigen-decomposition
+        if via_x and dt == np.float64:  # (y − y_q)ᵀ·a = W·(xᵀ·a) − diag(scale)·codes·(aᵀa), small products in float64
+            cross = (w.astype(np.float64) @ (x[:fit].T @ a).astype(np.float64)
+                     - scale.astype(np.float64)[:, None] * (codes.astype(np.float64) @ gram)).T
+        elif via_x:  # the same in blocks of output rows into a float32 [N, Kp] (a 7B q/k/v or gate/up)
+            xa, g64 = (x[:fit].T @ a).astype(np.float64), gram.astype(np.float64)
+            cross_t = np.empty((n, kp), np.float32)
+            rows = max(1, LARGE_BYTES // 8 // max(k, kp))
+            for r0 in range(0, n, rows):
+                r1 = min(r0 + rows, n)
+                cross_t[r0:r1] = (w[r0:r1].astype(np.float64) @ xa
+                                  - scale[r0:r1, None].astype(np.float64) * (codes[r0:r1].astype(np.float64) @ g64))
+            del xa, g64
+            cross = cross_t.T
+            del cross_t
         else:
-            cross = a.T @ (y - y_q[:fit])
-        la, lb = fit_lowrank(gram, cross, opts.rank, opts.damp)
+            cross = ((y - y_q[:fit]).T @ a).astype(dt, copy=False).T
+        if via_x:
+            del w
+        solved = ridge_solve(gram, cross, opts.damp, overwrite=True)
+        del gram, cross
+        la, lb = top_directions(*solved, rank)
+        del solved
         lora = (la.astype(np.float16).astype(np.float32), lb.astype(np.float16).astype(np.float32))
         y_q += fitted_apart(lambda v: lora_branch(v, *lora), a_all, fit)
-    del codes_t
     lq = LinearQuant(codes, scale.astype(np.float32), lora, y_q, acc=acc)
     if fit < len(a_all):
         lq.errors = linear_errors(x, a_all, y_all, w_fold, lq, inp, fit)
@@ -276,7 +374,7 @@ def quantize_down_a8(m: np.ndarray, w: np.ndarray, opts: Options, fit: int) -> t
     x_hat = round_codes(x * (np.float32(127) / safe), -127, 127) * (amax / np.float32(127))
     gram = x_hat.T.astype(np.float64) @ x_hat.astype(np.float64)
     scale = search_weight_scale(w_s, np.diag(gram)) if opts.clip else np.abs(w_s).max(axis=1) / QMAX
-    codes = gptq_codes(w_s, gram, scale, damp=opts.damp, act_order=opts.act_order) if opts.gptq else quant_rows(w_s, scale)[0]
+    codes = gptq_codes(w_s, gram, scale, block=opts.block, damp=opts.damp, act_order=opts.act_order) if opts.gptq else quant_rows(w_s, scale)[0]
     return smooth, w_s, codes, scale.astype(np.float32)
 
 
@@ -312,7 +410,10 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
         w = fused.pop(p + name)  # (each linear's float32 weights leave `fused` once quantized)
         inp = quantize_input(x, w, rows, opts, splittable=True, budget=budget)
         a = engine_input(inp)
-        return inp, record(name, quantize_linear(a, x, w, inp, opts, fit, keep_acc)), a
+        fused[p + name] = w
+        del w  # handed over as a temporary: quantize_linear then holds the only reference and drops it once used
+        lq = quantize_linear(a, x, fused.pop(p + name), inp, opts, fit, keep_acc, opts.rank_for(name))
+        return inp, record(name, lq), a
 
     def norm_codes(h: np.ndarray, r: np.ndarray, g: np.ndarray) -> Callable[[InputQuant], np.ndarray]:
         """The engine's codes of a norm's output: its weight γ/Δ (`in_scale`) applied, then the slots."""
@@ -351,8 +452,9 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
     stage(f"layer {i}: attention")
     a_o = pad_columns(round_codes(flat(attend(q, k, v_eng, config, *cos_sin))), pad_k(o.shape[1]))
     del q, k, v, v_eng
+    qkv.y = None  # (consumed: q, k, v were its views)
     stage(f"layer {i}: attn_output")
-    out = record("attn_output", quantize_linear(a_o, o, w_o, step_o, opts, fit))
+    out = record("attn_output", quantize_linear(a_o, o, w_o, step_o, opts, fit, rank=opts.rank_for("attn_output")))
     h_mid = h + out.y.reshape(b, t, d)
     out.y = None
     del a_o, o, w_o
@@ -371,9 +473,14 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
         gate_up.fold_rows(slice(f, None), smooth)
         down_tensors = pack_linear(p + "ffn_down", w_down, "w4a8", quant, codes=codes, scale=scale)
     else:
+        # the gate half alone is read again (the up half is formed again from the accumulators after the fold):
+        # gate/up's [M, 2F] output goes now, before ffn_down's range search
+        gate = [np.ascontiguousarray(gate_up.y[:, :f])]
+        gate_up.y = None
+
         def down_codes(inp: InputQuant) -> np.ndarray:  # the engine's SwiGLU on the folded up rows
             gate_up.fold_rows(slice(f, None), inp.step)
-            m_eng = swiglu(gate_up.y[:, :f], rows_again(gate_up, a2, slice(f, None)))
+            m_eng = swiglu(gate.pop(), rows_again(gate_up, a2, slice(f, None)))
             gate_up.acc = None
             return expand_slots(m_eng, inp.in_map)
 
@@ -420,16 +527,29 @@ def mergequant(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] 
                gptq_target: str = Options.gptq_target, act_order: bool = Options.act_order,
                ridge: float = Options.ridge, budget: float = Options.budget, budget_down: float | None = Options.budget_down,
                down_a8: bool = Options.down_a8, down_alpha: float = Options.down_alpha,
+               rank_down: int | None = Options.rank_down, rank_o: int | None = Options.rank_o,
+               damp: float = Options.damp, block: int = Options.block,
+               clip_scales: tuple[float, ...] | str = Options.clip_scales,
+               clip_sample: int = Options.clip_sample, clip_power: float = Options.clip_power,
                calib: str = "wikitext2+c4", calib_n: int = CalibrationSpec.n, calib_len: int = CalibrationSpec.length,
                seed: int = 0, tokenizer: str | None = None, report: str | None = None,
                report_n: int = 4) -> Iterator[dict[str, np.ndarray]]:
     """The `mergequant` method (`report`: write the per-linear error report there, see w4a4_static); switches: no_clip, no_split, rank=0 (no low-rank branch), gptq=False (RTN
-    weights), gptq_target ("w" | "ls" | "ridge" with weight `ridge`), act_order (GPTQ column order)."""
+    weights), gptq_target ("w" | "ls" | "ridge" with weight `ridge`), act_order (GPTQ column order); rank_down /
+    rank_o (ffn_down's / attn_output's own low-rank rank), damp and block (GPTQ), clip_scales (global factors tried
+    on the chosen activation ranges; a tuple or a comma-separated string, as `--opt clip_scales=0.9,1.1` gives),
+    clip_sample (tokens the range searches see) and clip_power (the first per-channel objective's exponent)."""
     check_scheme("mergequant", "w4a4", scheme)
     if gptq_target not in ("w", "ls", "ridge"):
         raise ValueError(f"mergequant: gptq_target must be 'w', 'ls' or 'ridge', got {gptq_target!r}")
-    opts = Options(clip=not no_clip, split=not no_split, budget=budget, budget_down=budget_down, down_a8=down_a8, down_alpha=down_alpha, rank=rank, gptq=gptq, gptq_target=gptq_target,
-                   act_order=act_order, ridge=ridge)
+    if isinstance(clip_scales, str):
+        clip_scales = tuple(float(v) for v in clip_scales.split(",") if v)
+    elif isinstance(clip_scales, (int, float)):
+        clip_scales = (float(clip_scales),)
+    opts = Options(clip=not no_clip, split=not no_split, budget=budget, budget_down=budget_down, down_a8=down_a8,
+                   down_alpha=down_alpha, rank=rank, rank_down=rank_down, rank_o=rank_o, gptq=gptq,
+                   gptq_target=gptq_target, act_order=act_order, ridge=ridge, damp=damp, block=block,
+                   clip_scales=tuple(clip_scales), clip_sample=clip_sample, clip_power=clip_power)
     return w4a4_static(ck, {} if quant is None else quant, opts,
                        CalibrationSpec(calib, calib_n, calib_len, seed, tokenizer), report, report_n)
 
