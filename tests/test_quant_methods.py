@@ -129,14 +129,18 @@ def test_mergequant_beats_plain_static(tiny):
     tok = Tokenizer.from_file(calib["tokenizer"])
     ids = np.asarray(tok.encode(random_text(1, 400), add_special_tokens=False).ids[:4 * 64]).reshape(4, 64)
     f16 = quantize(ck, None)
-    plain = kl_to_f16(quantize(ck, "rtn-w4a4-static", **calib), f16, ids)
+    plain_model = quantize(ck, "rtn-w4a4-static", **calib)
+    plain = kl_to_f16(plain_model, f16, ids)
+    # plain static W4A4 has no low-rank branch on any linear (ffn_down's and attn_output's own ranks included)
+    assert all(lin.lora_a is None for b in plain_model.blocks for lin in (b.qkv, b.o, b.gate_up, b.down))
     full = quantize(ck, "mergequant", **calib)
     assert kl_to_f16(full, f16, ids) < 0.7 * plain
     assert full.quant["params"]["options"]["rank"] > 0
     off = quantize(ck, "mergequant", no_clip=True, no_split=True, rank=0, gptq=True, **calib)
     opts = off.quant["params"]["options"]
     assert (opts["clip"], opts["split"], opts["rank"], opts["gptq"]) == (False, False, 0, True)
-    assert off.blocks[0].qkv.lora_a is None and off.blocks[0].qkv.in_map[:, 2].max() == 1
+    assert off.blocks[0].qkv.in_map[:, 2].max() == 1
+    assert all(lin.lora_a is None for b in off.blocks for lin in (b.qkv, b.o, b.gate_up, b.down))  # rank 0: none
 
 
 def test_converted_file_simulates_like_memory(tiny, tmp_path):

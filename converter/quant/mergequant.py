@@ -71,7 +71,11 @@ class Options:
                                          # decides; () : none)
 
     def rank_for(self, name: str) -> int:
-        """The low-rank rank of linear `name` (attn_qkv, attn_output, ffn_gate_up, ffn_down)."""
+        """The low-rank rank of linear `name` (attn_qkv, attn_output, ffn_gate_up, ffn_down): rank 0 turns the
+        branch off everywhere (rtn-w4a4-static, `--rank 0`); else ffn_down's and attn_output's own ranks, where set,
+        replace it for those two."""
+        if self.rank == 0:
+            return 0
         own = {"ffn_down": self.rank_down, "attn_output": self.rank_o}.get(name)
         return self.rank if own is None else own
 

@@ -282,12 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     m = c.add_argument_group("mergequant options (defaults: every component on)")
     m.add_argument("--no-clip", action="store_true", help="no adaptive clipping of activation ranges / weight steps")
     m.add_argument("--no-split", action="store_true", help="no dimensional reconstruction (channel splitting)")
-    m.add_argument("--rank", type=int, default=None, help="rank of the low-rank compensation; 0 = off")
+    m.add_argument("--rank", type=int, default=None,
+                   help="rank of the low-rank compensation (default 16; ffn_down and attn_output take 32, "
+                        "--opt rank_down=R / rank_o=R); 0 = off everywhere")
     m.add_argument("--no-gptq", action="store_true",
                    help="round-to-nearest weight codes instead of GPTQ (the low-rank branch then fits RTN's error)")
     m.add_argument("--budget", type=float, default=None, help="channel-split budget as a share of K (default 0.03)")
     m.add_argument("--budget-down", type=float, default=None,
-                   help="ffn_down's own channel-split budget (default 0.2: its SwiGLU input carries the most error)")
+                   help="ffn_down's own channel-split budget (default 0.35: its SwiGLU input carries the most error)")
     m.add_argument("--down-a8", action="store_true",
                    help="mixed precision: ffn_down as w4a8 (per-token int8 inputs, smoothing folded into the up rows) "
                         "instead of static W4A4")
@@ -298,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "recipes)")
     g.add_argument("--gptq", action="store_true", help="GPTQ weight codes where the method defaults to RTN (smoothquant, fptq)")
     g.add_argument("--act-order", dest="act_order", action="store_true", default=None,
-                   help="GPTQ columns in decreasing input energy (default on for gptq-w4a16 and qqq)")
+                   help="GPTQ columns in decreasing input energy (default on for mergequant, gptq-w4a16 and qqq)")
     g.add_argument("--no-act-order", dest="act_order", action="store_false", help="GPTQ columns in natural order")
     g.add_argument("--damp", type=float, default=None, help="GPTQ damping, a fraction of mean(diag H) (default 0.01)")
     g.add_argument("--gptq-block", type=int, default=None, help="GPTQ lazy-update block in columns (default 128)")
