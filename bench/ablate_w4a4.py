@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import tempfile
 import time
 from datetime import date
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 from mergequant import LLM
-from results_section import write_section
+from results_section import cpu_name, write_section
 from mergequant.convert.convert import convert
 from mergequant.default_model import default_gguf_path
 
@@ -99,16 +98,6 @@ def markers(calib_n: int, calib_len: int) -> tuple[str, str]:
     if (calib_n, calib_len) == (8, 256):
         return "<!-- ablate_w4a4:begin -->", "<!-- ablate_w4a4:end -->"
     return f"<!-- ablate_w4a4 {calib_n}x{calib_len}:begin -->", f"<!-- ablate_w4a4 {calib_n}x{calib_len}:end -->"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def engine_ppl(path: Path, ids: list[int], windows: int, window: int) -> float:

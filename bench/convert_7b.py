@@ -73,6 +73,7 @@ import numpy as np
 # the Llama-2-7B shape and its random weights as the GPU benchmark draws them (bench/peer/random_weights.py)
 sys.path.insert(0, str(Path(__file__).resolve().parent / "peer"))
 import random_weights as rw  # noqa: E402
+from results_section import cpu_name  # noqa: E402
 
 C = rw.LLAMA2_7B
 SHAPE = {"hidden_size": C.hidden_size, "intermediate_size": C.intermediate_size,
@@ -322,16 +323,6 @@ def run_child(spec: dict) -> tuple[dict, int, float]:
     if proc.returncode != 0:
         raise SystemExit(f"conversion child failed (exit {proc.returncode})")
     return json.loads(Path(spec["report"]).read_text()), usage.ru_maxrss, wall
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def mem_total_gb() -> float:

@@ -1,8 +1,8 @@
 """The `mergequant` command line and the `mergequant-chat` binary, end to end."""
 from __future__ import annotations
 
-import os
 import json
+import os
 import re
 import shutil
 import subprocess

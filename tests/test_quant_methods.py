@@ -203,20 +203,26 @@ def test_error_report_is_held_out_and_exact(tiny, tmp_path):
     assert abs(got - want) <= 1e-3 * want
 
 
+def linear_problem(rng: np.random.Generator, m: int, k: int, n: int, kp: int):
+    """One linear to fit: inputs x [m, k] with channel scales over a decade, weights w [n, k], absmax static steps
+    (no split slots, kp - k padding slots) and the input codes a [m, kp]."""
+    from mergequant.convert.quant.mergequant import InputQuant
+
+    x = (rng.standard_normal((m, k)) * rng.uniform(0.2, 3, k)).astype(np.float32)
+    w = (rng.standard_normal((n, k)) / 8).astype(np.float32)
+    step = (np.abs(x).max(axis=0) / 7).astype(np.float32)
+    inp = InputQuant(step, build_in_map(np.ones(k, np.int64), kp))
+    return x, w, inp, inp.codes(x)
+
+
 @pytest.mark.parametrize("n", [40, 300])  # the low-rank cross term via (aᵀx)·Wᵀ (n = 300), and from y (n = 40)
 def test_lowrank_branch_fits_the_residual_of_the_codes(n):
     """quantize_linear's low-rank branch is the reduced-rank fit of what its int4 weights leave, whichever way it
     forms the cross term: its fitted output matches the float64 closed form (same codes, same Gram matrix)."""
-    from mergequant.convert.quant.mergequant import InputQuant, Options, quantize_linear
+    from mergequant.convert.quant.mergequant import Options, quantize_linear
     from mergequant.convert.quant.simulate_linear import lora_branch
 
-    rng = np.random.default_rng(5)
-    m, k = 4000, 64
-    x = (rng.standard_normal((m, k)) * rng.uniform(0.2, 3, k)).astype(np.float32)
-    w = (rng.standard_normal((n, k)) / 8).astype(np.float32)
-    step = (np.abs(x).max(axis=0) / 7).astype(np.float32)
-    inp = InputQuant(step, build_in_map(np.ones(k, np.int64), 64))
-    a = inp.codes(x)
+    x, w, inp, a = linear_problem(np.random.default_rng(5), 4000, 64, n, 64)
     lq = quantize_linear(a, x, w, inp, Options(clip=False, split=False, rank=4, gptq=False))
     a64, x64 = a.astype(np.float64), x.astype(np.float64)
     y_q = (a64 @ lq.codes.T.astype(np.float64)) * lq.scale
@@ -353,16 +359,10 @@ def test_float32_gram_path_matches_float64(n, monkeypatch):
     """Above Options.f64_limit the Gram matrix, GPTQ's factor and the low-rank solve are float32 (half the memory
     of a 7B linear), and the work arrays formed in blocks: the fitted linear is the float64 one up to rounding."""
     import mergequant.convert.quant.mergequant as mq
-    from mergequant.convert.quant.mergequant import InputQuant, Options, quantize_linear
+    from mergequant.convert.quant.mergequant import Options, quantize_linear
 
     monkeypatch.setattr(mq, "LARGE_BYTES", 4096)  # blocks of a few rows
-    rng = np.random.default_rng(7)
-    m, k = 4000, 96
-    x = (rng.standard_normal((m, k)) * rng.uniform(0.2, 3, k)).astype(np.float32)
-    w = (rng.standard_normal((n, k)) / 8).astype(np.float32)
-    step = (np.abs(x).max(axis=0) / 7).astype(np.float32)
-    inp = InputQuant(step, build_in_map(np.ones(k, np.int64), 128))
-    a = inp.codes(x)
+    x, w, inp, a = linear_problem(np.random.default_rng(7), 4000, 96, n, 128)
     y = x @ w.T
     f64 = quantize_linear(a, x, w, inp, Options(rank=4))
     f32 = quantize_linear(a, x, w, inp, Options(rank=4, f64_limit=0))
