@@ -1,0 +1,199 @@
+// The integer schemes' prefill GEMM on cuBLAS (gemm-cublas-i8.cuh): widen the int4 weights of a block of output
+// columns to int8, one cuBLAS int8 GEMM into int32 sums, one epilogue kernel.
+#include "gemm-cublas-i8.cuh"
+
+#include "cublas.cuh"
+#include "cuda-common.cuh"
+
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <string>
+
+namespace mq {
+
+namespace {
+
+constexpr size_t WORK_MAX = size_t(64) << 20;  // bytes of widened weights + int32 sums per block of columns
+constexpr int EPI_COLS = 128, EPI_ROWS = 32;  // an epilogue block's tile
+
+int32_t min_m() {
+    static const int32_t v = [] {
+        const char * e = std::getenv("MERGEQUANT_CUBLAS_I8_MIN_M");
+        if (!e || !*e) return 64;
+        char * end = nullptr;
+        const long x = std::strtol(e, &end, 10);
+        if (*end != '\0' || x < 17) {
+            throw Error(std::string("MERGEQUANT_CUBLAS_I8_MIN_M='") + e + "': expected an integer >= 17 (smaller m "
+                        "takes the GEMV)");
+        }
+        return (int32_t) std::min<long>(x, INT32_MAX);
+    }();
+    return v;
+}
+
+bool widened(I8Weights fmt) {
+    return fmt != I8Weights::I8;
+}
+
+// the output columns of one block: a multiple of 128 whose widened weights and sums fit WORK_MAX (at least 128)
+int64_t block_cols(int32_t m, int64_t n, int64_t k, I8Weights fmt) {
+    const size_t per_col = (size_t) m * sizeof(int32_t) + (widened(fmt) ? (size_t) k : 0);
+    const int64_t cols = std::max<int64_t>(EPI_COLS, (int64_t) (WORK_MAX / per_col) / EPI_COLS * EPI_COLS);
+    return std::min(cols, (n + EPI_COLS - 1) / EPI_COLS * EPI_COLS);
+}
+
+size_t round256(size_t b) {
+    return (b + 255) / 256 * 256;
+}
+
+// w8[r][k] = q[n0 + r][k] (· gscale[n0 + r][k / group]) for the block's rows r < rows: each thread widens 16 bytes
+// (32 codes, inside one group: group is a multiple of 64) into two 16-byte stores
+__global__ void widen_int4_kernel(const uint8_t * __restrict__ q, const uint8_t * __restrict__ gscale, int ng,
+                                  int group, int64_t k, int64_t pieces, int8_t * __restrict__ w8) {
+    const int64_t i = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;  // piece of 16 packed bytes
+    if (i >= pieces) return;
+    const int64_t per_row = k / 32, r = i / per_row, kk = (i % per_row) * 32;
+    const uint4 v = ((const uint4 *) q)[i];
+    const int gs = gscale ? gscale[r * ng + kk / group] : 1;
+    const uint32_t in[4] = {v.x, v.y, v.z, v.w};
+    uint32_t out[8];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        uint32_t lo = 0, hi = 0;
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            const uint32_t byte = (in[j] >> (8 * b)) & 0xFF;
+            const int c0 = ((int) (byte << 28)) >> 28, c1 = ((int) (byte << 24)) >> 28;  // low, high nibble
+            const uint32_t pair = ((uint32_t) (uint8_t) (int8_t) (c0 * gs)) | ((uint32_t) (uint8_t) (int8_t) (c1 * gs) << 8);
+            if (b < 2) {
+                lo |= pair << (16 * b);
+            } else {
+                hi |= pair << (16 * (b - 2));
+            }
+        }
+        out[2 * j] = lo, out[2 * j + 1] = hi;
+    }
+    uint4 * dst = (uint4 *) (w8 + r * k + kk);
+    dst[0] = make_uint4(out[0], out[1], out[2], out[3]);
+    dst[1] = make_uint4(out[4], out[5], out[6], out[7]);
+}
+
+// the epilogue of gemm-cublas-i8.cuh over the int32 sums c [m][ldc] of columns n0 .. n0 + ldc - 1 of y [m][n]:
+// a block has 32 rows x 128 columns, a thread one column and every other row. With a low-rank branch the block's
+// rows of l and columns of b are staged in shared memory as doubles: sb[i][col], sl[row][i].
+__global__ void __launch_bounds__(256) i8_epilogue_kernel(const int32_t * __restrict__ c, int ldc, int n0, int M, int N,
+                                                          const float * __restrict__ scale, const float * __restrict__ add,
+                                                          const float * __restrict__ row_scale,
+                                                          const float * __restrict__ bias, GemmLora lo, int accumulate,
+                                                          float * __restrict__ y) {
+    extern __shared__ double lsm[];
+    const int col = threadIdx.x & (EPI_COLS - 1), r0 = threadIdx.x / EPI_COLS;
+    const int cl = blockIdx.x * EPI_COLS + col;  // column within the block of columns
+    const int n = n0 + cl, mb = blockIdx.y * EPI_ROWS;
+    const int rank = lo.rank;
+    double * sb = lsm;                     // [rank][EPI_COLS]
+    double * sl = lsm + rank * EPI_COLS;   // [EPI_ROWS][rank]
+    if (rank > 0) {
+        for (int q = threadIdx.x; q < rank * EPI_COLS; q += blockDim.x) {
+            const int i = q / EPI_COLS, cc = q % EPI_COLS, nn = n0 + blockIdx.x * EPI_COLS + cc;
+            sb[q] = nn < N && blockIdx.x * EPI_COLS + cc < ldc
+                        ? (double) __half2float(((const __half *) lo.b)[(size_t) nn * rank + i]) : 0.0;
+        }
+        for (int q = threadIdx.x; q < rank * EPI_ROWS; q += blockDim.x) {
+            const int r = q / rank, i = q % rank;
+            sl[q] = mb + r < M ? lo.l[(size_t) (mb + r) * rank + i] : 0.0;
+        }
+        __syncthreads();
+    }
+    if (n >= N || cl >= ldc) return;
+    const float sc = scale ? scale[n] : 1.0f, bs = bias ? bias[n] : 0.0f;
+    for (int r = r0; r < EPI_ROWS; r += 2) {
+        const int m = mb + r;
+        if (m >= M) break;
+        const float f = (float) c[(size_t) m * ldc + cl];
+        float v = scale ? __fmul_rn(f, sc) : f;
+        if (rank > 0) {
+            double s = 0.0;
+            for (int i = 0; i < rank; i++) s = fma(sb[i * EPI_COLS + col], sl[r * rank + i], s);
+            v = __fadd_rn(v, (float) s);
+        } else if (add) {
+            v = __fadd_rn(v, add[(size_t) m * N + n]);
+        }
+        if (row_scale) v = __fmul_rn(v, row_scale[m]);
+        if (bias) v = __fadd_rn(v, bs);
+        float * yo = y + (size_t) m * N + n;
+        *yo = accumulate ? __fadd_rn(*yo, v) : v;
+    }
+}
+
+}  // namespace
+
+bool cuda_cublas_i8_enabled(int32_t m) {
+    return m >= min_m() && cuda_cublas_available();
+}
+
+size_t cuda_cublas_i8_work_bytes(int32_t m, int64_t n, int64_t k, I8Weights fmt) {
+    const int64_t cols = block_cols(m, n, k, fmt);
+    return (widened(fmt) ? round256((size_t) cols * k) : 0) + round256((size_t) cols * m * sizeof(int32_t));
+}
+
+bool cuda_gemm_i8_cublas(const void * w, I8Weights fmt, const uint8_t * gscale, int64_t group, int64_t n, int64_t k,
+                         const int8_t * a, int32_t m, const I8Epilogue & ep, float * y, void * work, size_t work_bytes,
+                         cudaStream_t st) {
+    if (m <= 0 || !cuda_cublas_i8_enabled(m)) return false;
+    if (k <= 0 || k % (widened(fmt) ? 64 : 16) != 0 || n <= 0 || (fmt == I8Weights::I4G && (!gscale || group <= 0 ||
+                                                                                               group % 64 != 0 || k % group != 0))) {
+        throw Error("CUDA int8 GEMM (cuBLAS): K = " + std::to_string(k) + " must be a positive multiple of " +
+                    (widened(fmt) ? "64" : "16") + ", N = " + std::to_string(n) + " positive, w4a8g's group (" +
+                    std::to_string(group) + ") a multiple of 64 dividing K");
+    }
+    if (ep.lo.rank > CUBLAS_I8_MAX_RANK || (ep.lo.rank > 0 && (!ep.lo.b || !ep.lo.l || ep.add))) {
+        throw Error("CUDA int8 GEMM (cuBLAS): the low-rank epilogue takes rank <= " + std::to_string(CUBLAS_I8_MAX_RANK) +
+                    " with lora_b and l and no other add (rank " + std::to_string(ep.lo.rank) + ")");
+    }
+    if (work_bytes < cuda_cublas_i8_work_bytes(m, n, k, fmt)) {
+        throw Error("CUDA int8 GEMM (cuBLAS): a work buffer of " + std::to_string(work_bytes) + " bytes, " +
+                    std::to_string(cuda_cublas_i8_work_bytes(m, n, k, fmt)) + " needed");
+    }
+    const size_t smem = (size_t) ep.lo.rank * (EPI_COLS + EPI_ROWS) * sizeof(double);
+    static std::atomic<uint64_t> smem_set{0};
+    cuda_once_per_device(smem_set, [] {
+        cuda_check(cudaFuncSetAttribute(i8_epilogue_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int) (CUBLAS_I8_MAX_RANK * (EPI_COLS + EPI_ROWS) * sizeof(double))),
+                   "cudaFuncSetAttribute(i8_epilogue_kernel)");
+    });
+    const int64_t cols = block_cols(m, n, k, fmt);
+    int8_t * w8 = (int8_t *) work;
+    int32_t * sums = (int32_t *) ((uint8_t *) work + (widened(fmt) ? round256((size_t) cols * k) : 0));
+    const int ng = fmt == I8Weights::I4G ? (int) (k / group) : 0;
+    for (int64_t n0 = 0; n0 < n; n0 += cols) {
+        const int64_t nc = std::min(cols, n - n0);
+        const int8_t * wb;
+        if (widened(fmt)) {
+            const int64_t pieces = nc * (k / 32);
+            widen_int4_kernel<<<(unsigned) ((pieces + 255) / 256), 256, 0, st>>>(
+                (const uint8_t *) w + (size_t) n0 * (k / 2), fmt == I8Weights::I4G ? gscale + (size_t) n0 * ng : nullptr,
+                ng, (int) group, k, pieces, w8);
+            cuda_check_launch("widen_int4_kernel");
+            wb = w8;
+        } else {
+            wb = (const int8_t *) w + (size_t) n0 * k;
+        }
+        const int err = cuda_cublas_gemm_i8(wb, nc, k, a, m, sums, nc, st);
+        if (err != 0) {
+            if (n0 == 0) return false;  // cuBLAS declines the shape: the caller's GEMM runs (nothing written yet)
+            throw Error("CUDA int8 GEMM: cublasGemmEx failed with status " + std::to_string(err) + " at column " +
+                        std::to_string(n0));
+        }
+        const dim3 grid((unsigned) ((nc + EPI_COLS - 1) / EPI_COLS), (unsigned) ((m + EPI_ROWS - 1) / EPI_ROWS));
+        i8_epilogue_kernel<<<grid, 256, smem, st>>>(sums, (int) nc, (int) n0, m, (int) n, ep.scale, ep.add, ep.row_scale,
+                                                    ep.bias, ep.lo, ep.accumulate ? 1 : 0, y);
+        cuda_check_launch("i8_epilogue_kernel");
+    }
+    return true;
+}
+
+}  // namespace mq
