@@ -475,9 +475,7 @@ static __global__ void __launch_bounds__(ATT_THREADS) attention_prefill_kernel(
 // ranges per (token, head) of the split kernel: up to about 4 blocks per SM over the whole launch
 static int32_t att_splits(int32_t n_tokens, int32_t n_head, int32_t n_ctx) {
     if (n_tokens > ATT_SPLIT_MAX_T || (int64_t) n_tokens * n_head > ATT_TICKETS) return 1;
-    int sms = 0;  // of the current device (a cached attribute: cheap)
-    cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, cuda_current_device()),
-               "cudaDeviceGetAttribute");
+    const int sms = cuda_sm_count();
     const int64_t want = ceil_div(4 * (int64_t) sms, (int64_t) n_head * n_tokens);
     return (int32_t) std::max<int64_t>(1, std::min<int64_t>({want, ceil_div(n_ctx, ATT_MIN_RANGE), (int64_t) ATT_THREADS}));
 }

@@ -81,51 +81,87 @@ __global__ void widen_int4_kernel(const uint8_t * __restrict__ q, const uint8_t 
     dst[1] = make_uint4(out[4], out[5], out[6], out[7]);
 }
 
-// the epilogue of gemm-cublas-i8.cuh over the int32 sums c [m][ldc] of columns n0 .. n0 + ldc - 1 of y [m][n]:
-// a block has 32 rows x 128 columns, a thread one column and every other row. With a low-rank branch the block's
-// rows of l and columns of b are staged in shared memory as doubles: sb[i][col], sl[row][i].
+// one output of the epilogue (gemm-cublas-i8.cuh), given its integer sum and its low-rank value (lora: the fp32
+// of the float64 sum; used where has_lora, else add[m, n] where add is given)
+__device__ __forceinline__ void i8_finish(int32_t acc, bool has_lora, float lora, int m, int n, int N,
+                                          const float * __restrict__ scale, const float * __restrict__ add,
+                                          const float * __restrict__ row_scale, const float * __restrict__ bias,
+                                          int accumulate, float * __restrict__ y) {
+    const float f = (float) acc;
+    float v = scale ? __fmul_rn(f, scale[n]) : f;
+    if (has_lora) {
+        v = __fadd_rn(v, lora);
+    } else if (add) {
+        v = __fadd_rn(v, add[(size_t) m * N + n]);
+    }
+    if (row_scale) v = __fmul_rn(v, row_scale[m]);
+    if (bias) v = __fadd_rn(v, bias[n]);
+    float * yo = y + (size_t) m * N + n;
+    *yo = accumulate ? __fadd_rn(*yo, v) : v;
+}
+
+// the epilogue over the int32 sums c [m][ldc] of columns n0 .. n0 + ldc - 1 of y [m][n], no low-rank branch: a
+// block has 32 rows x 128 columns, a thread one column and every other row (coalesced along the row)
 __global__ void __launch_bounds__(256) i8_epilogue_kernel(const int32_t * __restrict__ c, int ldc, int n0, int M, int N,
                                                           const float * __restrict__ scale, const float * __restrict__ add,
                                                           const float * __restrict__ row_scale,
-                                                          const float * __restrict__ bias, GemmLora lo, int accumulate,
+                                                          const float * __restrict__ bias, int accumulate,
                                                           float * __restrict__ y) {
-    extern __shared__ double lsm[];
-    const int col = threadIdx.x & (EPI_COLS - 1), r0 = threadIdx.x / EPI_COLS;
-    const int cl = blockIdx.x * EPI_COLS + col;  // column within the block of columns
-    const int n = n0 + cl, mb = blockIdx.y * EPI_ROWS;
-    const int rank = lo.rank;
-    double * sb = lsm;                     // [rank][EPI_COLS]
-    double * sl = lsm + rank * EPI_COLS;   // [EPI_ROWS][rank]
-    if (rank > 0) {
-        for (int q = threadIdx.x; q < rank * EPI_COLS; q += blockDim.x) {
-            const int i = q / EPI_COLS, cc = q % EPI_COLS, nn = n0 + blockIdx.x * EPI_COLS + cc;
-            sb[q] = nn < N && blockIdx.x * EPI_COLS + cc < ldc
-                        ? (double) __half2float(((const __half *) lo.b)[(size_t) nn * rank + i]) : 0.0;
-        }
-        for (int q = threadIdx.x; q < rank * EPI_ROWS; q += blockDim.x) {
-            const int r = q / rank, i = q % rank;
-            sl[q] = mb + r < M ? lo.l[(size_t) (mb + r) * rank + i] : 0.0;
-        }
-        __syncthreads();
-    }
+    const int cl = blockIdx.x * EPI_COLS + (threadIdx.x & (EPI_COLS - 1)), n = n0 + cl, mb = blockIdx.y * EPI_ROWS;
     if (n >= N || cl >= ldc) return;
-    const float sc = scale ? scale[n] : 1.0f, bs = bias ? bias[n] : 0.0f;
-    for (int r = r0; r < EPI_ROWS; r += 2) {
+    for (int r = threadIdx.x / EPI_COLS; r < EPI_ROWS && mb + r < M; r += 2) {
         const int m = mb + r;
+        i8_finish(c[(size_t) m * ldc + cl], false, 0.0f, m, n, N, scale, add, row_scale, bias, accumulate, y);
+    }
+}
+
+// the same with the low-rank up-projection: lora[m, n] = fp32(Σ_i b[n, i] · l[m, i]), fma in float64 for
+// i = 0, 1, .. (the tiled GEMM's order). A block has 64 rows x 128 columns, the tile's l rows and b columns
+// staged in shared memory as doubles (sl[row][i], sb[i][col]); thread (tx, ty) = (tid % 32, tid / 32) owns
+// columns tx + 32·j (j < 4) of rows ty + 8·r (r < 8): 12 shared loads per 32 fma (the row's l is one broadcast).
+constexpr int LORA_ROWS = 64;
+__global__ void __launch_bounds__(256) i8_epilogue_lora_kernel(const int32_t * __restrict__ c, int ldc, int n0, int M,
+                                                               int N, const float * __restrict__ scale,
+                                                               const float * __restrict__ row_scale,
+                                                               const float * __restrict__ bias, GemmLora lo,
+                                                               int accumulate, float * __restrict__ y) {
+    extern __shared__ double lsm[];
+    const int rank = lo.rank, tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+    const int c0 = blockIdx.x * EPI_COLS, mb = blockIdx.y * LORA_ROWS;
+    double * sb = lsm;                    // [rank][EPI_COLS]
+    double * sl = lsm + rank * EPI_COLS;  // [LORA_ROWS][rank]
+    for (int q = threadIdx.x; q < rank * EPI_COLS; q += blockDim.x) {
+        const int i = q / EPI_COLS, cc = c0 + q % EPI_COLS, nn = n0 + cc;
+        sb[q] = nn < N && cc < ldc ? (double) __half2float(((const __half *) lo.b)[(size_t) nn * rank + i]) : 0.0;
+    }
+    for (int q = threadIdx.x; q < rank * LORA_ROWS; q += blockDim.x) {
+        const int r = q / rank, i = q % rank;
+        sl[q] = mb + r < M ? lo.l[(size_t) (mb + r) * rank + i] : 0.0;
+    }
+    __syncthreads();
+    double s[8][4] = {};
+    for (int i = 0; i < rank; i++) {
+        double bv[4], lv[8];
+#pragma unroll
+        for (int j = 0; j < 4; j++) bv[j] = sb[i * EPI_COLS + tx + 32 * j];
+#pragma unroll
+        for (int r = 0; r < 8; r++) lv[r] = sl[(ty + 8 * r) * rank + i];
+#pragma unroll
+        for (int r = 0; r < 8; r++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) s[r][j] = fma(bv[j], lv[r], s[r][j]);
+    }
+#pragma unroll
+    for (int r = 0; r < 8; r++) {
+        const int m = mb + ty + 8 * r;
         if (m >= M) break;
-        const float f = (float) c[(size_t) m * ldc + cl];
-        float v = scale ? __fmul_rn(f, sc) : f;
-        if (rank > 0) {
-            double s = 0.0;
-            for (int i = 0; i < rank; i++) s = fma(sb[i * EPI_COLS + col], sl[r * rank + i], s);
-            v = __fadd_rn(v, (float) s);
-        } else if (add) {
-            v = __fadd_rn(v, add[(size_t) m * N + n]);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int cl = c0 + tx + 32 * j, n = n0 + cl;
+            if (n >= N || cl >= ldc) continue;
+            i8_finish(c[(size_t) m * ldc + cl], true, (float) s[r][j], m, n, N, scale, nullptr, row_scale, bias,
+                      accumulate, y);
         }
-        if (row_scale) v = __fmul_rn(v, row_scale[m]);
-        if (bias) v = __fadd_rn(v, bs);
-        float * yo = y + (size_t) m * N + n;
-        *yo = accumulate ? __fadd_rn(*yo, v) : v;
     }
 }
 
@@ -158,12 +194,12 @@ bool cuda_gemm_i8_cublas(const void * w, I8Weights fmt, const uint8_t * gscale, 
         throw Error("CUDA int8 GEMM (cuBLAS): a work buffer of " + std::to_string(work_bytes) + " bytes, " +
                     std::to_string(cuda_cublas_i8_work_bytes(m, n, k, fmt)) + " needed");
     }
-    const size_t smem = (size_t) ep.lo.rank * (EPI_COLS + EPI_ROWS) * sizeof(double);
+    const size_t smem = (size_t) ep.lo.rank * (EPI_COLS + LORA_ROWS) * sizeof(double);
     static std::atomic<uint64_t> smem_set{0};
     cuda_once_per_device(smem_set, [] {
-        cuda_check(cudaFuncSetAttribute(i8_epilogue_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int) (CUBLAS_I8_MAX_RANK * (EPI_COLS + EPI_ROWS) * sizeof(double))),
-                   "cudaFuncSetAttribute(i8_epilogue_kernel)");
+        cuda_check(cudaFuncSetAttribute(i8_epilogue_lora_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int) (CUBLAS_I8_MAX_RANK * (EPI_COLS + LORA_ROWS) * sizeof(double))),
+                   "cudaFuncSetAttribute(i8_epilogue_lora_kernel)");
     });
     const int64_t cols = block_cols(m, n, k, fmt);
     int8_t * w8 = (int8_t *) work;
@@ -188,10 +224,16 @@ bool cuda_gemm_i8_cublas(const void * w, I8Weights fmt, const uint8_t * gscale, 
             throw Error("CUDA int8 GEMM: cublasGemmEx failed with status " + std::to_string(err) + " at column " +
                         std::to_string(n0));
         }
-        const dim3 grid((unsigned) ((nc + EPI_COLS - 1) / EPI_COLS), (unsigned) ((m + EPI_ROWS - 1) / EPI_ROWS));
-        i8_epilogue_kernel<<<grid, 256, smem, st>>>(sums, (int) nc, (int) n0, m, (int) n, ep.scale, ep.add, ep.row_scale,
-                                                    ep.bias, ep.lo, ep.accumulate ? 1 : 0, y);
-        cuda_check_launch("i8_epilogue_kernel");
+        const unsigned gx = (unsigned) ((nc + EPI_COLS - 1) / EPI_COLS);
+        if (ep.lo.rank > 0) {
+            i8_epilogue_lora_kernel<<<dim3(gx, (unsigned) ((m + LORA_ROWS - 1) / LORA_ROWS)), 256, smem, st>>>(
+                sums, (int) nc, (int) n0, m, (int) n, ep.scale, ep.row_scale, ep.bias, ep.lo, ep.accumulate ? 1 : 0, y);
+            cuda_check_launch("i8_epilogue_lora_kernel");
+        } else {
+            i8_epilogue_kernel<<<dim3(gx, (unsigned) ((m + EPI_ROWS - 1) / EPI_ROWS)), 256, 0, st>>>(
+                sums, (int) nc, (int) n0, m, (int) n, ep.scale, ep.add, ep.row_scale, ep.bias, ep.accumulate ? 1 : 0, y);
+            cuda_check_launch("i8_epilogue_kernel");
+        }
     }
     return true;
 }
