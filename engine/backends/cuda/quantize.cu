@@ -24,22 +24,25 @@ static __global__ void rmsnorm_quant_kernel(const float * __restrict__ x, const 
     const float * xr = x + (size_t) blockIdx.y * dim;
     const float inv = block_rms_factor(xr, dim, eps);  // float64 sum like the CPU backend: the same r
     int8_t * o = out + (size_t) blockIdx.y * kp;
-    // a thread's Q_SLOTS / 256 slots: the map, then the gathered inputs, then the codes, each batch of
-    // loads issued together (the maps come from device memory every step)
-    const int64_t s0 = (int64_t) blockIdx.x * Q_SLOTS + threadIdx.x;
-    int32_t jm[Q_PER], km[Q_PER], pm[Q_PER];
-    float z[Q_PER];
+    // a thread's Q_SLOTS / 256 slots of each round: the map, then the gathered inputs, then the codes, each
+    // batch of loads issued together (the maps come from device memory every step). Decode launches a block
+    // per Q_SLOTS slots (one round each: the row spread over SMs); prefill a block per row (every round: the
+    // row's r computed once)
+    for (int64_t s0 = (int64_t) blockIdx.x * Q_SLOTS + threadIdx.x; s0 - threadIdx.x < kp; s0 += (int64_t) gridDim.x * Q_SLOTS) {
+        int32_t jm[Q_PER], km[Q_PER], pm[Q_PER];
+        float z[Q_PER];
 #pragma unroll
-    for (int u = 0; u < Q_PER; u++) {
-        const int64_t s = s0 + u * 256;
-        jm[u] = s < kp ? in_map[3 * s] : -1, km[u] = s < kp ? in_map[3 * s + 1] : 0, pm[u] = s < kp ? in_map[3 * s + 2] : 1;
-    }
+        for (int u = 0; u < Q_PER; u++) {
+            const int64_t s = s0 + u * 256;
+            jm[u] = s < kp ? in_map[3 * s] : -1, km[u] = s < kp ? in_map[3 * s + 1] : 0, pm[u] = s < kp ? in_map[3 * s + 2] : 1;
+        }
 #pragma unroll
-    for (int u = 0; u < Q_PER; u++) z[u] = jm[u] < 0 ? 0.0f : (xr[jm[u]] * inv) * in_scale[jm[u]];
+        for (int u = 0; u < Q_PER; u++) z[u] = jm[u] < 0 ? 0.0f : (xr[jm[u]] * inv) * in_scale[jm[u]];
 #pragma unroll
-    for (int u = 0; u < Q_PER; u++) {
-        const int64_t s = s0 + u * 256;
-        if (s < kp) o[s] = jm[u] < 0 ? 0 : slot_code(z[u], km[u], pm[u]);
+        for (int u = 0; u < Q_PER; u++) {
+            const int64_t s = s0 + u * 256;
+            if (s < kp) o[s] = jm[u] < 0 ? 0 : slot_code(z[u], km[u], pm[u]);
+        }
     }
 }
 
@@ -238,7 +241,7 @@ static unsigned grid_for(int64_t total) { return (unsigned) std::min<int64_t>(ce
 void cuda_rmsnorm_quant(const float * x, const float * in_scale, const int32_t * in_map, int32_t m, int32_t dim,
                         int64_t kp, float eps, int8_t * out, cudaStream_t st) {
     if (m <= 0) return;
-    launch_pdl(rmsnorm_quant_kernel, dim3((unsigned) ceil_div(kp, Q_SLOTS), m), dim3(256), 0, st,
+    launch_pdl(rmsnorm_quant_kernel, dim3(m >= 64 ? 1u : (unsigned) ceil_div(kp, Q_SLOTS), m), dim3(256), 0, st,
                "rmsnorm_quant_kernel", x, in_scale, in_map, dim, kp, eps, out);
 }
 
