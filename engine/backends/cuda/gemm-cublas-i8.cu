@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <string>
 
 namespace mq {
@@ -38,9 +40,10 @@ bool widened(I8Weights fmt) {
     return fmt != I8Weights::I8;
 }
 
-// the output columns of one block: a multiple of 128 whose widened weights and sums fit WORK_MAX (at least 128)
+// the output columns of one block: a multiple of 128 whose widened weights (two buffers) and sums fit WORK_MAX
+// (at least 128)
 int64_t block_cols(int32_t m, int64_t n, int64_t k, I8Weights fmt) {
-    const size_t per_col = (size_t) m * sizeof(int32_t) + (widened(fmt) ? (size_t) k : 0);
+    const size_t per_col = (size_t) m * sizeof(int32_t) + (widened(fmt) ? 2 * (size_t) k : 0);
     const int64_t cols = std::max<int64_t>(EPI_COLS, (int64_t) (WORK_MAX / per_col) / EPI_COLS * EPI_COLS);
     return std::min(cols, (n + EPI_COLS - 1) / EPI_COLS * EPI_COLS);
 }
@@ -165,6 +168,38 @@ __global__ void __launch_bounds__(256) i8_epilogue_lora_kernel(const int32_t * _
     }
 }
 
+// The widening of block i + 1 runs on a second stream while block i's GEMM runs (memory-bound beside
+// compute-bound), into the other of two buffers: per device a side stream and its events, made at first use.
+struct Side {
+    cudaStream_t stream = nullptr;
+    cudaEvent_t start = nullptr, end = nullptr, widened[2] = {}, done[2] = {};
+};
+Side * side_for_device() {
+    static std::mutex mu;
+    static std::map<int, Side *> sides;
+    std::lock_guard<std::mutex> lock(mu);
+    const int dev = cuda_current_device();
+    Side *& s = sides[dev];
+    if (!s) {
+        Side * n = new Side();
+        cuda_check(cudaStreamCreateWithFlags(&n->stream, cudaStreamNonBlocking), "cudaStreamCreate (int8 GEMM)");
+        for (cudaEvent_t * e : {&n->start, &n->end, &n->widened[0], &n->widened[1], &n->done[0], &n->done[1]}) {
+            cuda_check(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "cudaEventCreate (int8 GEMM)");
+        }
+        s = n;
+    }
+    return s;
+}
+
+void widen_block(const void * w, I8Weights fmt, const uint8_t * gscale, int ng, int64_t group, int64_t k, int64_t n0,
+                 int64_t nc, int8_t * w8, cudaStream_t st) {
+    const int64_t pieces = nc * (k / 32);
+    widen_int4_kernel<<<(unsigned) ((pieces + 255) / 256), 256, 0, st>>>(
+        (const uint8_t *) w + (size_t) n0 * (k / 2), fmt == I8Weights::I4G ? gscale + (size_t) n0 * ng : nullptr, ng,
+        (int) group, k, pieces, w8);
+    cuda_check_launch("widen_int4_kernel");
+}
+
 }  // namespace
 
 bool cuda_cublas_i8_enabled(int32_t m) {
@@ -173,7 +208,7 @@ bool cuda_cublas_i8_enabled(int32_t m) {
 
 size_t cuda_cublas_i8_work_bytes(int32_t m, int64_t n, int64_t k, I8Weights fmt) {
     const int64_t cols = block_cols(m, n, k, fmt);
-    return (widened(fmt) ? round256((size_t) cols * k) : 0) + round256((size_t) cols * m * sizeof(int32_t));
+    return (widened(fmt) ? 2 * round256((size_t) cols * k) : 0) + round256((size_t) cols * m * sizeof(int32_t));
 }
 
 bool cuda_gemm_i8_cublas(const void * w, I8Weights fmt, const uint8_t * gscale, int64_t group, int64_t n, int64_t k,
@@ -201,25 +236,48 @@ bool cuda_gemm_i8_cublas(const void * w, I8Weights fmt, const uint8_t * gscale, 
                                         (int) (CUBLAS_I8_MAX_RANK * (EPI_COLS + LORA_ROWS) * sizeof(double))),
                    "cudaFuncSetAttribute(i8_epilogue_lora_kernel)");
     });
-    const int64_t cols = block_cols(m, n, k, fmt);
-    int8_t * w8 = (int8_t *) work;
-    int32_t * sums = (int32_t *) ((uint8_t *) work + (widened(fmt) ? round256((size_t) cols * k) : 0));
+    const int64_t cols = block_cols(m, n, k, fmt), wbytes = widened(fmt) ? (int64_t) round256((size_t) cols * k) : 0;
+    int8_t * w8[2] = {(int8_t *) work, (int8_t *) work + wbytes};
+    int32_t * sums = (int32_t *) ((uint8_t *) work + 2 * wbytes);
     const int ng = fmt == I8Weights::I4G ? (int) (k / group) : 0;
-    for (int64_t n0 = 0; n0 < n; n0 += cols) {
+    // the widening on the side stream, except inside a graph capture (then all on st)
+    cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+    cuda_check(cudaStreamIsCapturing(st, &cap), "cudaStreamIsCapturing");
+    Side * side = widened(fmt) && cap == cudaStreamCaptureStatusNone ? side_for_device() : nullptr;
+    if (side) {  // the side stream starts after st's work so far (the buffers may still be read by the last GEMM)
+        cuda_check(cudaEventRecord(side->start, st), "cudaEventRecord");
+        cuda_check(cudaStreamWaitEvent(side->stream, side->start, 0), "cudaStreamWaitEvent");
+        widen_block(w, fmt, gscale, ng, group, k, 0, std::min(cols, n), w8[0], side->stream);
+        cuda_check(cudaEventRecord(side->widened[0], side->stream), "cudaEventRecord");
+    }
+    // st waits for the side stream's last widening before it goes on (the caller may reuse the work buffer)
+    auto join = [&] {
+        if (!side) return;
+        cuda_check(cudaEventRecord(side->end, side->stream), "cudaEventRecord");
+        cuda_check(cudaStreamWaitEvent(st, side->end, 0), "cudaStreamWaitEvent");
+    };
+    int64_t b = 0;  // the block's index
+    for (int64_t n0 = 0; n0 < n; n0 += cols, b++) {
         const int64_t nc = std::min(cols, n - n0);
         const int8_t * wb;
-        if (widened(fmt)) {
-            const int64_t pieces = nc * (k / 32);
-            widen_int4_kernel<<<(unsigned) ((pieces + 255) / 256), 256, 0, st>>>(
-                (const uint8_t *) w + (size_t) n0 * (k / 2), fmt == I8Weights::I4G ? gscale + (size_t) n0 * ng : nullptr,
-                ng, (int) group, k, pieces, w8);
-            cuda_check_launch("widen_int4_kernel");
-            wb = w8;
+        if (side) {
+            const int64_t n1 = n0 + cols;
+            if (n1 < n) {  // the next block, into the other buffer once the GEMM before this one has read it
+                if (b >= 1) cuda_check(cudaStreamWaitEvent(side->stream, side->done[(b + 1) % 2], 0), "cudaStreamWaitEvent");
+                widen_block(w, fmt, gscale, ng, group, k, n1, std::min(cols, n - n1), w8[(b + 1) % 2], side->stream);
+                cuda_check(cudaEventRecord(side->widened[(b + 1) % 2], side->stream), "cudaEventRecord");
+            }
+            cuda_check(cudaStreamWaitEvent(st, side->widened[b % 2], 0), "cudaStreamWaitEvent");
+            wb = w8[b % 2];
+        } else if (widened(fmt)) {
+            widen_block(w, fmt, gscale, ng, group, k, n0, nc, w8[0], st);
+            wb = w8[0];
         } else {
             wb = (const int8_t *) w + (size_t) n0 * k;
         }
         const int err = cuda_cublas_gemm_i8(wb, nc, k, a, m, sums, nc, st);
         if (err != 0) {
+            join();
             if (n0 == 0) return false;  // cuBLAS declines the shape: the caller's GEMM runs (nothing written yet)
             throw Error("CUDA int8 GEMM: cublasGemmEx failed with status " + std::to_string(err) + " at column " +
                         std::to_string(n0));
@@ -234,7 +292,9 @@ bool cuda_gemm_i8_cublas(const void * w, I8Weights fmt, const uint8_t * gscale, 
                 sums, (int) nc, (int) n0, m, (int) n, ep.scale, ep.add, ep.row_scale, ep.bias, ep.accumulate ? 1 : 0, y);
             cuda_check_launch("i8_epilogue_kernel");
         }
+        if (side) cuda_check(cudaEventRecord(side->done[b % 2], st), "cudaEventRecord");  // block b's buffer is free
     }
+    join();
     return true;
 }
 
