@@ -23,7 +23,8 @@ Files (bench/peer/random_weights.py draws every weight, so all engines run the s
   file: split slots at the converter's default budgets on the three splittable linears (Kp =
   pad(K + ceil(budget·K)), `budget` for q/k/v and gate/up, `budget_down` for ffn_down; the extra slots as
   second parts of random channels) and the low-rank branch
-  at the converter's default rank on every linear (fp16 A [r, Kp], B [N, r]); random codes.
+  at the converter's default rank of each linear (Options.rank_for: 16, and 32 at ffn_down and attn_output;
+  fp16 A [r, Kp], B [N, r]); random codes.
 """
 from __future__ import annotations
 
@@ -146,7 +147,8 @@ def build_model(path: Path, scheme: str, c: LlamaConfig, tok_meta: dict, tok_ten
               "w4a8": "qqq", "w4a8g": "qqq", "w8a8": "smoothquant", "w8a8s": "outliertune"}[scheme]
     params = {"random_weights": True}
     if scheme == "w4a4-mq":
-        params |= {"budget": opts.budget, "budget_down": opts.budget_down, "rank": opts.rank}
+        params |= {"budget": opts.budget, "budget_down": opts.budget_down, "rank": opts.rank,
+                   "rank_down": opts.rank_for("ffn_down"), "rank_o": opts.rank_for("attn_output")}
     quant = {"method": method, "params": {"options": params}, "linears": {}}
     file_scheme = "w4a4" if scheme == "w4a4-mq" else scheme
     for i in range(c.num_hidden_layers):
@@ -174,8 +176,8 @@ def build_model(path: Path, scheme: str, c: LlamaConfig, tok_meta: dict, tok_ten
                     tensors[f"{p}.in_map"] = in_map
                 if short in ("attn_qkv", "ffn_gate_up"):
                     tensors[f"{p}.in_scale"] = np.ones(k, np.float32)
-                if scheme == "w4a4-mq" and opts.rank > 0:
-                    tensors |= low_rank(p, n, kp, opts.rank)
+                if scheme == "w4a4-mq" and opts.rank_for(short) > 0:  # the converter's rank of this linear
+                    tensors |= low_rank(p, n, kp, opts.rank_for(short))
         if keep is not None:
             keep["layers"].append(layer)
     write_mq(path, c, quant, tok_meta, tensors)
@@ -260,10 +262,11 @@ def greedy(llm: "LLM", ids: list[int], n: int) -> None:
         pass
 
 
-def bench_engine(path: Path, n_vocab_tok: int, rng: np.random.Generator, profile: bool = False) -> dict:
+def bench_engine(path: Path, n_vocab_tok: int, rng: np.random.Generator, profile: bool = False,
+                 n_batch: int | None = None) -> dict:
     from mergequant import LLM
 
-    llm = LLM(str(path), device="cuda", n_ctx=4096)
+    llm = LLM(str(path), device="cuda", n_ctx=4096, n_batch=n_batch)
     ids = lambda n: rng.integers(3, n_vocab_tok, n).tolist()  # noqa: E731  (fresh prompts: no cached prefix)
     llm.generate(ids(64), max_tokens=16, temperature=0.0)  # warm-up: module load, first capture
     if profile:
@@ -425,6 +428,8 @@ def main() -> int:
     ap.add_argument("--md", default=None, help="write the markdown table here")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch fp16 baseline")
     ap.add_argument("--build-only", action="store_true", help="write the files and check them on the CPU engine; no GPU")
+    ap.add_argument("--n-batch", type=int, default=None, help="prompt tokens per engine forward pass (default: the CUDA "
+                    "backend's, 2048: a 2048-token prefill in one pass, as llama-bench and PyTorch run it)")
     ap.add_argument("--profile", action="store_true", help="print each engine model's device time per decode token by kernel")
     args = ap.parse_args()
     c = llama_config(rw.SHAPES[args.shape])
@@ -472,14 +477,14 @@ def main() -> int:
             del keep
             gc.collect()
             torch.cuda.empty_cache()
-        r = bench_engine(path, min(n_tok, c.vocab_size), rng, args.profile)
+        r = bench_engine(path, min(n_tok, c.vocab_size), rng, args.profile, args.n_batch)
         rows.append({"model": model, "engine": "mergequant CUDA", "scheme": SCHEME_LABEL[scheme],
                      "weight_bytes": wbytes, **r})
         print(rows[-1], flush=True)
         path.unlink()
     for spec in args.extra:
         p, label = spec.split("=", 1)
-        r = bench_engine(Path(p), read_mq(p).config.vocab_size, rng, args.profile)
+        r = bench_engine(Path(p), read_mq(p).config.vocab_size, rng, args.profile, args.n_batch)
         rows.append({"model": label, "engine": "mergequant CUDA", "scheme": Path(p).name,
                      "weight_bytes": decode_weight_bytes(Path(p)), **r})
         print(rows[-1], flush=True)
@@ -489,7 +494,8 @@ def main() -> int:
     md = [f"## GPU: mergequant vs llama.cpp and PyTorch, {model} ({now})", "",
           f"Command: `{cmd}`  ", f"GPU: {gpu}; streaming read {bw / 1e9:.0f} GB/s (torch sum over 4 GiB, same run)  ",
           f"llama.cpp: {build or 'not run'} (llama-bench -ngl 99 -fa 1; prefill pp512/pp2048, decode tg{DECODE} at "
-          f"depth {PROMPT}); mergequant: {DECODE} greedy tokens after a {PROMPT}-token prompt, device sampling.  ",
+          f"depth {PROMPT}); mergequant: {DECODE} greedy tokens after a {PROMPT}-token prompt, device sampling, "
+          f"n_batch {args.n_batch or 'default (2048)'}.  ",
           "Decode GB/s: bytes one decode step reads (every tensor but the embedding table) x decode tok/s.", "",
           *table(rows, bw), "", *ratios(rows), ""]
     print("\n" + "\n".join(md))

@@ -403,3 +403,23 @@ def test_context_too_large_for_memory(tiny_mq):
                                           r"kv_cache = fp16: the KV cache needs [\d.]+ GiB .* available; "
                                           r"n_ctx <= 128 fits"):
         LLM(tiny_mq, device="cpu", n_ctx=n_ctx)
+
+
+def test_n_batch(tiny_mq):
+    """n_batch: None takes the backend's default (256 on the CPU, capped by n_ctx), a positive value is used as
+    given, anything else is refused naming it; the prefill chunking does not change the greedy tokens."""
+    llm = LLM(tiny_mq, device="cpu")
+    assert llm.memory()["n_batch"] == min(256, llm.n_ctx)
+    small = LLM(tiny_mq, device="cpu", n_batch=3)
+    assert small.memory()["n_batch"] == 3
+    assert small.memory()["scratch"] < llm.memory()["scratch"]
+    prompt = list(range(5, 40))
+    a = llm.generate(prompt, max_tokens=8, temperature=0.0)
+    b = small.generate(prompt, max_tokens=8, temperature=0.0)
+    assert a == b and llm.last_timings["n_prefill"] == len(prompt)
+    for bad in (0, -4, 2.5, True, "64"):
+        with pytest.raises(ValueError, match=r"invalid n_batch"):
+            LLM(tiny_mq, device="cpu", n_batch=bad)
+    from mergequant import _engine
+    with pytest.raises(ValueError, match=r"invalid n_batch -1: must be >= 1 \(or 0 for the backend's default, 256 on cpu\)"):
+        _engine.Session(llm._model, n_batch=-1)

@@ -156,6 +156,9 @@ public:
     Backend(const Backend &) = delete;
     Backend & operator=(const Backend &) = delete;
     virtual std::string name() const = 0;
+    // tokens per prefill pass where the context does not say (ContextParams::n_batch 0): enough to keep the
+    // backend's GEMMs efficient, few enough to bound the scratch memory
+    virtual int32_t default_n_batch() const { return 256; }
 
     // --- device memory -------------------------------------------------------------------------------
     virtual void * alloc(size_t bytes) = 0;

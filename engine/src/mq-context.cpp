@@ -33,8 +33,9 @@ Context::Context(std::shared_ptr<const Model> model, const ContextParams & param
     if (params.n_ctx < 0) {
         throw ArgError("invalid n_ctx " + std::to_string(params.n_ctx) + ": must be > 0 (or 0 for min(trained context, 4096))");
     }
-    if (params.n_batch < 1) {
-        throw ArgError("invalid n_batch " + std::to_string(params.n_batch) + ": must be >= 1");
+    if (params.n_batch < 0) {
+        throw ArgError("invalid n_batch " + std::to_string(params.n_batch) + ": must be >= 1 (or 0 for the backend's default, " +
+                       std::to_string(be_.default_n_batch()) + " on " + be_.name() + ")");
     }
     if (kv_type_ != KV_TYPE_F16 && kv_type_ != KV_TYPE_I8) {
         throw ArgError("invalid KV cache type " + std::to_string((int) kv_type_) + ": expected fp16 or int8");
@@ -44,7 +45,7 @@ Context::Context(std::shared_ptr<const Model> model, const ContextParams & param
                        " has no KV-cache scales (attn_k_scale/attn_v_scale): convert it with --kv-int8");
     }
     n_ctx_ = params.n_ctx > 0 ? params.n_ctx : default_n_ctx(c);
-    n_batch_ = std::min(params.n_batch, n_ctx_);
+    n_batch_ = std::min(params.n_batch > 0 ? params.n_batch : be_.default_n_batch(), n_ctx_);
     memory_check_context(be_, *model_, memory_plan(*model_, n_ctx_, n_batch_, kv_type_));
     const size_t kv_bytes = (size_t) n_ctx_ * c.kv_dim() * kv_elem_size(kv_type_);
     for (int32_t i = 0; i < c.n_layer; i++) {

@@ -16,7 +16,8 @@ class StreamDecoder;
 
 struct ContextParams {
     int32_t n_ctx = 0;      // 0: min(the model's trained context length, 4096) (mq-memory.h)
-    int32_t n_batch = 256;  // tokens per forward pass during prefill (bounds scratch memory)
+    int32_t n_batch = 0;    // tokens per forward pass during prefill (bounds scratch memory); 0: the backend's default
+                            // (Backend::default_n_batch: CPU 256, CUDA 2048)
     KvType kv_type = KV_TYPE_F16;  // int8 needs a model file with KV-cache scales (--kv-int8)
 };
 
@@ -33,6 +34,7 @@ public:
 
     const Model & model() const { return *model_; }
     int32_t n_ctx() const { return n_ctx_; }
+    int32_t n_batch() const { return n_batch_; }  // tokens per prefill pass (params.n_batch, or the backend's default)
     KvType kv_type() const { return kv_type_; }
     // tokens whose keys and values are in the cache, in order
     const std::vector<int32_t> & tokens() const { return tokens_; }

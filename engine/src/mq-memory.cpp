@@ -44,7 +44,7 @@ MemoryPlan memory_plan(const Model & model, int32_t n_ctx, int32_t n_batch, KvTy
     const Config & c = model.config();
     MemoryPlan p;
     p.n_ctx = n_ctx > 0 ? n_ctx : default_n_ctx(c);
-    p.n_batch = std::max(1, std::min(n_batch, p.n_ctx));
+    p.n_batch = std::max(1, std::min(n_batch > 0 ? n_batch : model.backend().default_n_batch(), p.n_ctx));
     p.kv_type = kv_type;
     int64_t max_kp = 0;
     for (const LayerWeights & L : model.layers) {

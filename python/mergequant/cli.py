@@ -183,7 +183,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     # the memory plan at the default context (or --ctx), as the engine computes it before allocating
     from . import _engine
 
-    plan = _engine.Model(a.model, device=a.device, n_threads=1).memory_plan(a.ctx or 0, 256, a.kv_cache)
+    plan = _engine.Model(a.model, device=a.device, n_threads=1).memory_plan(a.ctx or 0, 0, a.kv_cache)
     mib = 1 << 20
     avail = "unknown" if plan["available"] is None else f"{plan['available'] / mib:.1f} MiB"
     print(f"memory on {plan['device']} at n_ctx {plan['n_ctx']} (kv_cache {plan['kv_cache']}, n_batch "

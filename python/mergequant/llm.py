@@ -42,6 +42,8 @@ class LLM:
             that does not fit in the free host (or GPU) memory is refused up front, naming the sizes and
             the n_ctx that would fit (see `memory()`).
         threads: CPU threads; None uses one per core.
+        n_batch: prompt tokens per forward pass; None uses the device's default (CPU 256, CUDA 2048). Larger
+            passes read the weights fewer times and take more scratch memory (see `memory()`).
         kv_cache: "fp16" (default) or "int8" (1 byte per cached value instead of 2, with the static
             per-channel scales of a model converted with `--kv-int8`; docs/numerics.md).
 
@@ -53,7 +55,7 @@ class LLM:
 
     def __init__(self, model: Union[str, os.PathLike, None] = None, device: str = "auto",
                  n_ctx: Optional[int] = None, threads: Optional[int] = None, kv_cache: str = "fp16",
-                 scheme: Optional[str] = None):
+                 scheme: Optional[str] = None, n_batch: Optional[int] = None):
         if model is None:
             from .default_model import DEFAULT_SCHEME, check_scheme, default_model_path
             model = default_model_path(check_scheme(scheme or DEFAULT_SCHEME))
@@ -65,13 +67,15 @@ class LLM:
             raise FileNotFoundError(f"model file not found: {path}")
         if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx <= 0):
             raise ValueError(f"invalid n_ctx {n_ctx!r}: must be a positive integer or None")
+        if n_batch is not None and (not isinstance(n_batch, int) or isinstance(n_batch, bool) or n_batch <= 0):
+            raise ValueError(f"invalid n_batch {n_batch!r}: must be a positive integer or None")
         if threads is not None and (not isinstance(threads, int) or threads <= 0):
             raise ValueError(f"invalid threads {threads!r}: must be a positive integer or None")
         if not isinstance(kv_cache, str):
             raise TypeError(f"kv_cache must be a str ({' or '.join(KV_CACHE_TYPES)}), got {type(kv_cache).__name__}")
         self.path = path
         self._model = _engine.Model(path, device=device, n_threads=threads or 0)
-        self._session = _engine.Session(self._model, n_ctx=n_ctx or 0, kv_cache=kv_cache)
+        self._session = _engine.Session(self._model, n_ctx=n_ctx or 0, n_batch=n_batch or 0, kv_cache=kv_cache)
         # one generation at a time: generate() holds it from start to the last token
         self._lock = threading.RLock()
 

@@ -173,7 +173,7 @@ NB_MODULE(_engine, m) {
              [](mq::Model & md, int32_t n_ctx, int32_t n_batch, const std::string & kv_cache) {
                  return memory_dict(md, n_ctx, n_batch, mq::kv_type_parse(kv_cache));
              },
-             "n_ctx"_a = 0, "n_batch"_a = 256, "kv_cache"_a = "fp16",
+             "n_ctx"_a = 0, "n_batch"_a = 0, "kv_cache"_a = "fp16",
              "the memory a context with these settings would take (n_ctx 0: min(trained context, 4096))")
         .def("tokenize",
              [](const mq::Model & md, const std::string & text, bool add_special, bool special) {
@@ -232,9 +232,9 @@ NB_MODULE(_engine, m) {
                  new (self) Session();
                  self->model = model;
                  self->ctx = std::move(ctx);
-                 self->n_batch = std::min(n_batch, self->ctx->n_ctx());
+                 self->n_batch = self->ctx->n_batch();
              },
-             "model"_a, "n_ctx"_a = 0, "n_batch"_a = 256, "kv_cache"_a = "fp16")
+             "model"_a, "n_ctx"_a = 0, "n_batch"_a = 0, "kv_cache"_a = "fp16")
         .def_prop_ro("n_ctx", [](const Session & s) { return s.ctx->n_ctx(); })
         .def("memory", [](Session & s) { return memory_dict(*s.model, s.ctx->n_ctx(), s.n_batch, s.ctx->kv_type()); },
              "the memory plan of this context (weights, KV cache, scratch, what is available)")

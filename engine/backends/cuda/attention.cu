@@ -249,7 +249,7 @@ template <int HD, typename T> constexpr int att_prefill_smem() {
     return KV_I8<T> ? 2 * 2 * ATT_BK * HD + 2 * ATT_BK * (HD + 8) * 2 : 2 * 2 * ATT_BK * (HD + 8) * 2;
 }
 
-// grid (ceil(n_tokens / 64), n_head), 4 warps; warp w owns query rows 16w .. 16w + 15 of the block. Fragment
+// grid (n_head, ceil(n_tokens / 64)), 4 warps; warp w owns query rows 16w .. 16w + 15 of the block. Fragment
 // names as in mma.cuh: lane = 4g + t; accumulator c0, c1 = (row g, columns 2t, 2t+1), c2, c3 = row g + 8.
 // int8 caches: ks, vs are the steps [n_head_kv * HD].
 template <int HD, typename T>
@@ -268,8 +268,10 @@ static __global__ void __launch_bounds__(ATT_THREADS) attention_prefill_kernel(
     __half * tiles = I8 ? (__half *) (smem + 2 * 2 * RAW) : (__half *) smem;  // int8: the widened K, V pair
     __shared__ int32_t pos_max;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-    const int32_t h = blockIdx.y, kvh = h / (n_head / n_head_kv), kv_dim = n_head_kv * HD;
-    const int32_t t0 = blockIdx.x * ATT_BQ;
+    // the heads side by side, the query blocks last first: the blocks with the most keys (causal) start first
+    // and the grid ends on short ones
+    const int32_t h = blockIdx.x, kvh = h / (n_head / n_head_kv), kv_dim = n_head_kv * HD;
+    const int32_t t0 = (gridDim.y - 1 - blockIdx.y) * ATT_BQ;
     const int32_t r0 = t0 + warp * 16 + g, r1 = r0 + 8;
     const int32_t p0 = pos[min(r0, n_tokens - 1)], p1 = pos[min(r1, n_tokens - 1)];
     if (tid == 0) pos_max = 0;
@@ -475,9 +477,7 @@ static __global__ void __launch_bounds__(ATT_THREADS) attention_prefill_kernel(
 // ranges per (token, head) of the split kernel: up to about 4 blocks per SM over the whole launch
 static int32_t att_splits(int32_t n_tokens, int32_t n_head, int32_t n_ctx) {
     if (n_tokens > ATT_SPLIT_MAX_T || (int64_t) n_tokens * n_head > ATT_TICKETS) return 1;
-    int sms = 0;  // of the current device (a cached attribute: cheap)
-    cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, cuda_current_device()),
-               "cudaDeviceGetAttribute");
+    const int sms = cuda_sm_count();
     const int64_t want = ceil_div(4 * (int64_t) sms, (int64_t) n_head * n_tokens);
     return (int32_t) std::max<int64_t>(1, std::min<int64_t>({want, ceil_div(n_ctx, ATT_MIN_RANGE), (int64_t) ATT_THREADS}));
 }
@@ -498,7 +498,7 @@ static void launch_prefill(const float * qkv, int32_t n_tokens, int32_t row_stri
                                         att_prefill_smem<HD, T>()),
                    "cudaFuncSetAttribute(attention_prefill_kernel)");
     });
-    const dim3 grid((unsigned) ceil_div(n_tokens, ATT_BQ), (unsigned) n_head);
+    const dim3 grid((unsigned) n_head, (unsigned) ceil_div(n_tokens, ATT_BQ));
     attention_prefill_kernel<HD, T><<<grid, ATT_THREADS, att_prefill_smem<HD, T>(), st>>>(
         qkv, row_stride, n_tokens, n_head, n_head_kv, pos, kc, vc, ks, vs, out);
     cuda_check_launch("attention_prefill_kernel");

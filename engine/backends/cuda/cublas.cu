@@ -1,4 +1,4 @@
-// cuBLAS for the f16 prefill GEMMs, loaded at run time (cublas.cuh). The few entry points are declared here from
+// cuBLAS for the f16 and int8 prefill GEMMs, loaded at run time (cublas.cuh). The few entry points are declared here from
 // cuBLAS's C API (v2), so building needs no cuBLAS headers and the engine no cuBLAS at link or load time.
 #include "cublas.cuh"
 #include "cuda-common.cuh"
@@ -16,8 +16,8 @@ namespace {
 
 // cuBLAS v2 C API values (cublas_api.h, library_types.h)
 constexpr int CUBLAS_OP_N = 0, CUBLAS_OP_T = 1;
-constexpr int CUDA_R_32F_ = 0, CUDA_R_16F_ = 2;
-constexpr int CUBLAS_COMPUTE_32F = 68;
+constexpr int CUDA_R_32F_ = 0, CUDA_R_16F_ = 2, CUDA_R_8I_ = 3, CUDA_R_32I_ = 10;
+constexpr int CUBLAS_COMPUTE_32F = 68, CUBLAS_COMPUTE_32I = 72;
 constexpr int CUBLAS_GEMM_DEFAULT = -1;
 using handle_t = void *;
 using create_fn = int (*)(handle_t *);
@@ -89,6 +89,28 @@ bool cuda_cublas_gemm_f16(const __half * w, int64_t n, int64_t k, const __half *
     if (err != 0) throw Error("CUDA f16 GEMM: cublasGemmEx failed with status " + std::to_string(err));
     cuda_check_launch("cublasGemmEx");
     return true;
+}
+
+bool cuda_cublas_available() {
+    return cublas_load() != nullptr;
+}
+
+int cuda_cublas_gemm_i8(const int8_t * w, int64_t n, int64_t k, const int8_t * x, int32_t m, int32_t * c, int64_t ldc,
+                        cudaStream_t st) {
+    Cublas * cb = cublas_load();
+    if (!cb) return -1;
+    std::lock_guard<std::mutex> lock(cb->mu);
+    handle_t handle = cublas_handle(cb);
+    if (!handle) return -1;
+    // the f16 GEMM's column-major view (TN: the layout cuBLAS's int8 kernels take), int32 alpha and beta
+    const int32_t alpha = 1, beta = 0;
+    int err = cb->set_stream(handle, st);
+    if (err == 0) {
+        err = cb->gemm_ex(handle, CUBLAS_OP_T, CUBLAS_OP_N, (int) n, m, (int) k, &alpha, w, CUDA_R_8I_, (int) k, x,
+                          CUDA_R_8I_, (int) k, &beta, c, CUDA_R_32I_, (int) ldc, CUBLAS_COMPUTE_32I, CUBLAS_GEMM_DEFAULT);
+    }
+    if (err == 0) cuda_check_launch("cublasGemmEx (int8)");
+    return err;
 }
 
 }  // namespace mq

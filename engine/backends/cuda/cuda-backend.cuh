@@ -39,6 +39,9 @@ public:
     ~BackendCuda() override;
 
     std::string name() const override { return "cuda"; }
+    // a 2048-token prompt in one pass: every pass reads all the weights again, and the int8 / f16 GEMMs reach
+    // their speed from a few hundred rows up (docs/engine.md)
+    int32_t default_n_batch() const override { return 2048; }
     bool free_device_memory(size_t & bytes) override;
     void * alloc(size_t bytes) override;
     void free(void * p) override;

@@ -35,6 +35,14 @@ inline void cuda_bind_device(int device) {
     if (cuda_current_device() != device) cuda_check(cudaSetDevice(device), "cudaSetDevice");
 }
 
+// the current device's multiprocessor count (a cached attribute: cheap)
+inline int cuda_sm_count() {
+    int sms = 0;
+    cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, cuda_current_device()),
+               "cudaDeviceGetAttribute(multiprocessors)");
+    return sms;
+}
+
 // Per-device one-time settings (a kernel's dynamic shared-memory opt-in holds for the device current when it is
 // set): f() runs once for each device it is called on (devices 0..63; any other device gets it every call).
 // Two threads may both run it the first time: f must be idempotent, as cudaFuncSetAttribute is.

@@ -4,7 +4,8 @@
 // over the file's int8 weights, cuda_linear_i8 of linear-w4a4.cu with the FmtI8 fragments; w4a8, w4a8g: over its
 // packed int4 weights, cuda_linear_w4a8 of linear-w4a8.cu) with y = (float(acc) * scale[n]) * (amax / qmax) in its
 // epilogue, and, where the file has P.bias, adds it in the CPU's order, y = y + (v + bias[n]): in the w4a8 GEMV's
-// epilogue at decode sizes, else in a second pass. The
+// epilogue at decode sizes, else in a second pass. From m = 64 the GEMM is cuBLAS's int8 one with every epilogue
+// operation, the bias included, in one kernel after it (gemm-cublas-i8.cuh), where cuBLAS is found. The
 // same integers and the same fp32 operations in the same order as the CPU backend: bit-identical outputs. w8a8s
 // (static per-channel input, "Static int8 activations") quantizes with its steps and shift instead, a step of 1 per
 // token, and runs w8a8's GEMM and bias pass.
@@ -12,7 +13,9 @@
 #include "cuda-common.cuh"
 #include "linear-w4a4.cuh"
 #include "linear-w4a8.cuh"
+#include "gemm-cublas-i8.cuh"
 
+#include <algorithm>
 #include <string>
 
 namespace mq {
@@ -175,7 +178,11 @@ void run_i8(Backend & be, const Linear & lin, const float * x, int32_t m, float 
     const bool bias_pass = p.bias && !bias_in_gemv(lin, m);
     const size_t codes_bytes = ((size_t) m * lin.kp + 255) / 256 * 256, step_bytes = ((size_t) m * 4 + 255) / 256 * 256;
     const size_t tmp_bytes = bias_pass ? (size_t) m * lin.n * sizeof(float) : 0;
-    uint8_t * buf = (uint8_t *) b.scratch_for(codes_bytes + step_bytes + tmp_bytes);
+    const bool cublas = cuda_cublas_i8_enabled(m);
+    const I8Weights fmt = !int4_weights(lin) ? I8Weights::I8 : p.gscale ? I8Weights::I4G : I8Weights::I4;
+    const int64_t k = int4_weights(lin) ? lin.kp : lin.k;
+    const size_t work_bytes = cublas ? cuda_cublas_i8_work_bytes(m, lin.n, k, fmt) : 0;
+    uint8_t * buf = (uint8_t *) b.scratch_for(codes_bytes + step_bytes + std::max(tmp_bytes, work_bytes));
     int8_t * codes = (int8_t *) buf;
     float * step = (float *) (buf + codes_bytes);
     if (p.shift) {
@@ -185,6 +192,14 @@ void run_i8(Backend & be, const Linear & lin, const float * x, int32_t m, float 
     } else {
         launch_pdl(quantize_i8_kernel, dim3((unsigned) m), dim3(Q8_THREADS), 0, b.stream(), "quantize_i8_kernel", x,
                    (int) lin.k, (int) lin.kp, (int) lin.qmax, codes, step);
+    }
+    if (cublas) {  // cuBLAS's int8 GEMM with scale, step, bias and accumulate in one epilogue (gemm-cublas-i8.cuh)
+        I8Epilogue ep;
+        ep.scale = p.scale, ep.row_scale = step, ep.bias = p.bias, ep.accumulate = accumulate;
+        if (cuda_gemm_i8_cublas(p.qweight, fmt, p.gscale, lin.group, lin.n, k, codes, m, ep, y,
+                                buf + codes_bytes + step_bytes, work_bytes, b.stream())) {
+            return;
+        }
     }
     if (!bias_pass) {
         gemm_i8(lin, p, step, codes, m, y, accumulate, b.stream());

@@ -10,9 +10,11 @@
 //    It also takes the activations as int8 codes, one per byte (the static W4A4 ops' output), and packs
 //    them in registers: a decode step then needs no pack pass (one launch fewer per linear; the
 //    activations are a few KB next to MBs of weights);
-//  - prefill (m > 16): the tiled GEMM of gemm-mma.cuh.
+//  - prefill (m > 16): the tiled GEMM of gemm-mma.cuh; from m = 64, cuBLAS's int8 GEMM on the codes as they are
+//    and the weights widened to int8 (gemm-cublas-i8.cuh), where cuBLAS is found.
 #include "linear-w4a4.cuh"
 #include "cuda-common.cuh"
+#include "gemm-cublas-i8.cuh"
 #include "splitk.cuh"
 #include "cuda-backend.cuh"
 #include "quantize.cuh"
@@ -500,6 +502,31 @@ static LoraGemv lora_gemv_of(const Linear & lin) {
     return lo;
 }
 
+// prefill on cuBLAS (gemm-cublas-i8.cuh): the int8 codes as they are (no pack pass), the low-rank branch's l made
+// first and B·l in the epilogue (ranks above CUBLAS_I8_MAX_RANK: the branch computed whole into `add`); false
+// where cuBLAS declines the shape
+static bool run_w4a4_cublas(BackendCuda & b, const Linear & lin, const CudaLinear4 & p, const int8_t * a, int32_t m,
+                            float * y, bool accumulate) {
+    const size_t work = cuda_cublas_i8_work_bytes(m, lin.n, lin.kp, I8Weights::I4);
+    I8Epilogue ep;
+    ep.scale = p.scale, ep.accumulate = accumulate;
+    uint8_t * buf;
+    if (lin.rank > CUBLAS_I8_MAX_RANK) {
+        float * lora = nullptr;
+        buf = (uint8_t *) scratch_with_lora(b, lin, a, m, work, lora);
+        ep.add = lora;
+    } else {
+        const size_t l_bytes = ((size_t) m * lin.rank * sizeof(double) + 255) / 256 * 256;
+        uint8_t * s = (uint8_t *) b.scratch_for(l_bytes + work);
+        if (lin.rank > 0) {
+            ep.lo.b = p.lora_b, ep.lo.l = (const double *) s, ep.lo.rank = (int32_t) lin.rank;
+            cuda_lora_down(p.lora_a, lin.rank, lin.kp, a, m, (double *) s, b.stream());
+        }
+        buf = s + l_bytes;
+    }
+    return cuda_gemm_i8_cublas(p.qweight, I8Weights::I4, nullptr, 0, lin.n, lin.kp, a, m, ep, y, buf, work, b.stream());
+}
+
 // the GEMV (decode) reads the int8 codes as they are and computes the low-rank branch inside (LoraGemv); the
 // GEMM reads packed codes, made by a pack pass (m·kp bytes, small next to the weights), and adds the branch
 // computed before it (cuda_lora) in its epilogue
@@ -511,6 +538,7 @@ static void run_w4a4(Backend & be, const Linear & lin, const int8_t * a, int32_t
                          b.stream(), lora_gemv_of(lin));
         return;
     }
+    if (cuda_cublas_i8_enabled(m) && run_w4a4_cublas(b, lin, p, a, m, y, accumulate)) return;
     const size_t packed_bytes = ((size_t) m * lin.kp / 2 + 255) / 256 * 256;
     if (lin.rank > 0 && lin.rank <= GEMM_LORA_MAX_RANK) {  // l first, B·l in the GEMM's epilogue
         uint8_t * packed = (uint8_t *) b.scratch_for(packed_bytes + (size_t) m * lin.rank * sizeof(double));

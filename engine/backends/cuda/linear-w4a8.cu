@@ -8,7 +8,8 @@
 //    chunks x 2 tiles of weights (a 16-byte piece a chunk, or two 8-byte ones where groups of 64 k must end on a
 //    step: the fragments' k order) and the matching activation pieces in flight; partial sums meet in shared
 //    memory (integer sums: exact in any order). Launched with PDL.
-//  - prefill (m > 16): the tiled GEMM of gemm-mma.cuh (gemm_a8w4_main).
+//  - prefill (m > 16): the tiled GEMM of gemm-mma.cuh (gemm_a8w4_main); from m = 64 linear-int8.cu takes cuBLAS's
+//    int8 GEMM instead where cuBLAS is found (gemm-cublas-i8.cuh).
 #include "linear-w4a8.cuh"
 #include "cuda-common.cuh"
 #include "gemm-mma.cuh"

@@ -24,22 +24,25 @@ static __global__ void rmsnorm_quant_kernel(const float * __restrict__ x, const 
     const float * xr = x + (size_t) blockIdx.y * dim;
     const float inv = block_rms_factor(xr, dim, eps);  // float64 sum like the CPU backend: the same r
     int8_t * o = out + (size_t) blockIdx.y * kp;
-    // a thread's Q_SLOTS / 256 slots: the map, then the gathered inputs, then the codes, each batch of
-    // loads issued together (the maps come from device memory every step)
-    const int64_t s0 = (int64_t) blockIdx.x * Q_SLOTS + threadIdx.x;
-    int32_t jm[Q_PER], km[Q_PER], pm[Q_PER];
-    float z[Q_PER];
+    // a thread's Q_SLOTS / 256 slots of each round: the map, then the gathered inputs, then the codes, each
+    // batch of loads issued together (the maps come from device memory every step). Decode launches a block
+    // per Q_SLOTS slots (one round each: the row spread over SMs); prefill a block per row (every round: the
+    // row's r computed once)
+    for (int64_t s0 = (int64_t) blockIdx.x * Q_SLOTS + threadIdx.x; s0 - threadIdx.x < kp; s0 += (int64_t) gridDim.x * Q_SLOTS) {
+        int32_t jm[Q_PER], km[Q_PER], pm[Q_PER];
+        float z[Q_PER];
 #pragma unroll
-    for (int u = 0; u < Q_PER; u++) {
-        const int64_t s = s0 + u * 256;
-        jm[u] = s < kp ? in_map[3 * s] : -1, km[u] = s < kp ? in_map[3 * s + 1] : 0, pm[u] = s < kp ? in_map[3 * s + 2] : 1;
-    }
+        for (int u = 0; u < Q_PER; u++) {
+            const int64_t s = s0 + u * 256;
+            jm[u] = s < kp ? in_map[3 * s] : -1, km[u] = s < kp ? in_map[3 * s + 1] : 0, pm[u] = s < kp ? in_map[3 * s + 2] : 1;
+        }
 #pragma unroll
-    for (int u = 0; u < Q_PER; u++) z[u] = jm[u] < 0 ? 0.0f : (xr[jm[u]] * inv) * in_scale[jm[u]];
+        for (int u = 0; u < Q_PER; u++) z[u] = jm[u] < 0 ? 0.0f : (xr[jm[u]] * inv) * in_scale[jm[u]];
 #pragma unroll
-    for (int u = 0; u < Q_PER; u++) {
-        const int64_t s = s0 + u * 256;
-        if (s < kp) o[s] = jm[u] < 0 ? 0 : slot_code(z[u], km[u], pm[u]);
+        for (int u = 0; u < Q_PER; u++) {
+            const int64_t s = s0 + u * 256;
+            if (s < kp) o[s] = jm[u] < 0 ? 0 : slot_code(z[u], km[u], pm[u]);
+        }
     }
 }
 
@@ -161,6 +164,65 @@ static __global__ void lora_down_kernel(const __half * __restrict__ la, int64_t 
     }
 }
 
+// The same sums for many tokens (prefill): a block owns 64 tokens x all ranks and walks K in chunks of 64, the
+// chunk's codes (int8, rows padded to 17 words: conflict-free word reads) and lora_a rows (as doubles) staged in
+// shared memory. Thread (tx, ty) = (tid % 16, tid / 16) sums tokens tx + 16·r (r < 4) x ranks ty + 16·j (j < J):
+// 4·J sums, 4 + 4·J shared loads per 16·J fma. K is split over gridDim.y blocks (enough blocks for every SM),
+// each adding its part to l (zeroed before) with a double atomicAdd. The order of the sum differs from
+// lora_down_kernel's and from one run to the next; the result does not: every partial sum is the exact double
+// (fp16 times int4 codes, docs/numerics.md).
+constexpr int LD_TOK = 64, LD_K = 64, LD_WORDS = LD_K / 4 + 1;
+template <int J>
+static __global__ void __launch_bounds__(256) lora_down_tiled_kernel(const __half * __restrict__ la, int64_t kp,
+                                                                     const int8_t * __restrict__ codes, int32_t m,
+                                                                     int32_t rank, double * __restrict__ l) {
+    pdl_trigger();
+    pdl_wait();
+    __shared__ int32_t sc[LD_TOK * LD_WORDS];
+    __shared__ double sa[16 * J * LD_K];
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    const int t0 = blockIdx.x * LD_TOK;
+    const int64_t nk = kp / LD_K, per = (nk + gridDim.y - 1) / gridDim.y;
+    const int64_t k_end = ((blockIdx.y + 1) * per < nk ? (blockIdx.y + 1) * per : nk) * LD_K;
+    double acc[4][J] = {};
+    for (int64_t k0 = blockIdx.y * per * LD_K; k0 < k_end; k0 += LD_K) {
+        __syncthreads();  // the previous chunk is consumed
+        for (int q = tid; q < LD_TOK * (LD_K / 4); q += 256) {  // 64 tokens x 16 words of codes
+            const int t = q / (LD_K / 4), w = q % (LD_K / 4);
+            sc[t * LD_WORDS + w] = t0 + t < m ? *(const int32_t *) (codes + (size_t) (t0 + t) * kp + k0 + 4 * w) : 0;
+        }
+        for (int q = tid; q < 16 * J * LD_K; q += 256) {
+            const int i = q / LD_K, k = q % LD_K;
+            sa[q] = i < rank ? (double) __half2float(la[(size_t) i * kp + k0 + k]) : 0.0;
+        }
+        __syncthreads();
+#pragma unroll 4
+        for (int w = 0; w < LD_K / 4; w++) {
+            int32_t c[4];
+#pragma unroll
+            for (int r = 0; r < 4; r++) c[r] = sc[(tx + 16 * r) * LD_WORDS + w];
+#pragma unroll
+            for (int b = 0; b < 4; b++) {
+#pragma unroll
+                for (int j = 0; j < J; j++) {
+                    const double av = sa[(ty + 16 * j) * LD_K + 4 * w + b];
+#pragma unroll
+                    for (int r = 0; r < 4; r++) acc[r][j] = fma(av, (double) (int8_t) (c[r] >> (8 * b)), acc[r][j]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        const int t = t0 + tx + 16 * r;
+#pragma unroll
+        for (int j = 0; j < J; j++) {
+            const int i = ty + 16 * j;
+            if (t < m && i < rank) atomicAdd(&l[(size_t) t * rank + i], acc[r][j]);
+        }
+    }
+}
+
 // thread per (token, n): out = fp32(Σ_i B[n, i] · l[t, i])
 static __global__ void lora_up_kernel(const __half * __restrict__ lb, int32_t rank, int64_t N, const double * __restrict__ l,
                                       int64_t total, float * __restrict__ out) {
@@ -179,7 +241,7 @@ static unsigned grid_for(int64_t total) { return (unsigned) std::min<int64_t>(ce
 void cuda_rmsnorm_quant(const float * x, const float * in_scale, const int32_t * in_map, int32_t m, int32_t dim,
                         int64_t kp, float eps, int8_t * out, cudaStream_t st) {
     if (m <= 0) return;
-    launch_pdl(rmsnorm_quant_kernel, dim3((unsigned) ceil_div(kp, Q_SLOTS), m), dim3(256), 0, st,
+    launch_pdl(rmsnorm_quant_kernel, dim3(m >= 64 ? 1u : (unsigned) ceil_div(kp, Q_SLOTS), m), dim3(256), 0, st,
                "rmsnorm_quant_kernel", x, in_scale, in_map, dim, kp, eps, out);
 }
 
@@ -224,6 +286,16 @@ void cuda_int_gemm(const void * qweight, int64_t n, int64_t kp, const uint8_t * 
 void cuda_lora_down(const void * lora_a, int64_t rank, int64_t kp, const int8_t * codes, int32_t m, double * l,
                     cudaStream_t st) {
     if (m <= 0 || rank <= 0) return;
+    if (m > 16 && rank <= 64 && kp % LD_K == 0) {  // prefill: the tiled kernel
+        const auto f = rank <= 16 ? lora_down_tiled_kernel<1> : rank <= 32 ? lora_down_tiled_kernel<2>
+                     : rank <= 48 ? lora_down_tiled_kernel<3> : lora_down_tiled_kernel<4>;
+        const int64_t mb = ceil_div(m, LD_TOK), nk = kp / LD_K;
+        const int64_t splits = std::min<int64_t>(nk, std::max<int64_t>(1, ceil_div(2 * cuda_sm_count(), mb)));
+        cuda_check(cudaMemsetAsync(l, 0, (size_t) m * rank * sizeof(double), st), "cudaMemsetAsync(lora l)");
+        launch_pdl(f, dim3((unsigned) mb, (unsigned) splits), dim3(256), 0, st, "lora_down_tiled_kernel",
+                   (const __half *) lora_a, kp, codes, m, (int32_t) rank, l);
+        return;
+    }
     launch_pdl(lora_down_kernel, dim3((unsigned) (m * rank)), dim3(256), 0, st, "lora_down_kernel",
                (const __half *) lora_a, kp, codes, (int32_t) rank, l);
 }

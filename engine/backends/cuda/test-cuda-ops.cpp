@@ -9,6 +9,7 @@
 #include "../../src/mq-file.h"
 #include "../../src/mq-model.h"
 #include "../../src/mq-vocab.h"
+#include "gemm-cublas-i8.cuh"
 #include "linear-w4a4.cuh"
 #include "sampling.cuh"
 #include "../../src/mq-sampling.h"
@@ -534,10 +535,13 @@ static void test_w4a4_ops(Backend & cpu, Backend & gpu) {
     printf("static w4a4 ops, CPU vs CUDA:\n");
     std::mt19937 rng(4321);
     // rounds 2 and 3: inputs as wide as a 7B model's (kp 4544 and 7040, the GEMV's K loop several rounds deep, a
-    // partial last round) with a rank-16 branch, at the GEMV's sizes of m only
-    for (int round = 0; round < 4; round++) {
-        const int D = round == 2 ? 4096 : round == 3 ? 6400 : 576, N = round == 0 ? 960 : round == 1 ? 200 : 256,
-                  rank = round == 0 ? 0 : round == 1 ? 8 : 16;
+    // partial last round) with a rank-16 branch, at the GEMV's sizes of m only; rounds 4 and 5: the converter's
+    // rank 32 (ffn_down, attn_output) and a rank above the cuBLAS epilogue's staging (72: the branch computed
+    // into `add` first), at prefill sizes
+    for (int round = 0; round < 6; round++) {
+        const int D = round == 2 ? 4096 : round == 3 ? 6400 : 576,
+                  N = round == 0 ? 960 : round == 1 || round >= 4 ? 200 : 256,
+                  rank = round == 0 ? 0 : round == 1 ? 8 : round == 4 ? 32 : round == 5 ? 72 : 16;
         // slots: every channel once, 40 channels split in 2 or 3 parts, then padding to a multiple of 64
         std::vector<int32_t> in_map;
         for (int j = 0; j < D; j++) {
@@ -600,7 +604,9 @@ static void test_w4a4_ops(Backend & cpu, Backend & gpu) {
             snprintf(d, sizeof d, "%.4f%% identical", 100.0 * same / a.size());
             report(what, same >= a.size() * 0.999, d);
         };
-        for (int m : round < 2 ? std::vector<int>{1, 5, 16, 40, 160} : std::vector<int>{1, 5, 16}) {
+        for (int m : round < 2 ? std::vector<int>{1, 5, 16, 40, 160}
+                     : round < 4 ? std::vector<int>{1, 5, 16}
+                     : round == 4 ? std::vector<int>{1, 16, 64, 300} : std::vector<int>{40, 64, 300}) {
             auto x = randn((size_t) m * D, rng, 2.0f);
             Pair px(cpu, gpu, x.data(), x.size() * 4), codes(cpu, gpu, nullptr, (size_t) m * kp);
             cpu.rmsnorm_quant((float *) px.c, lc, m, D, 1e-5f, (int8_t *) codes.c);
@@ -950,6 +956,13 @@ int main(int argc, char ** argv) {
             return 1;
         }
         auto cpu = backend_cpu_create(default_thread_count());
+        // which prefill GEMM the integer schemes take from m = 64 (gemm-cublas-i8.cuh): the tests below run
+        // whichever it is; MERGEQUANT_REQUIRE_CUBLAS=1 makes a missing cuBLAS a failure (MERGEQUANT_CUBLAS=0: the
+        // tiled GEMM everywhere)
+        const bool cublas = cuda_cublas_i8_enabled(64);
+        printf("integer prefill GEMM from m = 64: %s\n", cublas ? "cuBLAS int8" : "the tiled mma.sync GEMM (no cuBLAS)");
+        const char * req = std::getenv("MERGEQUANT_REQUIRE_CUBLAS");
+        if (req && std::string(req) == "1") report("cuBLAS found (MERGEQUANT_REQUIRE_CUBLAS=1)", cublas);
         test_ops(*cpu, *gpu);
         test_w4a4_ops(*cpu, *gpu);
         test_linear_4bit(*cpu, *gpu);
