@@ -226,11 +226,12 @@ class Sampler(threading.Thread):
 
     def _sample(self) -> None:
         st = _status()
-        if st.get("VmRSS", 0) > self.peak_kb:  # where the main thread is at each new peak (the last frames)
-            self.peak_kb = st["VmRSS"]
+        if st.get("VmRSS", 0) > self.peak_kb:  # where the main thread is at each new peak (its last frames in the
+            self.peak_kb = st["VmRSS"]         # converter: a wait on the thread pool names the converter's caller)
             frame = sys._current_frames().get(self.main_id)
-            stack = traceback.extract_stack(frame)[-4:] if frame is not None else []
-            self.peak_where = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in stack]
+            stack = traceback.extract_stack(frame) if frame is not None else []
+            own = [f for f in stack if f"{os.sep}mergequant{os.sep}" in f.filename]
+            self.peak_where = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in (own or stack)[-4:]]
             self.peak_stage = self.stage
         e = self._entry(self.stage)
         e["rss_kb"] = max(e["rss_kb"], st.get("VmRSS", 0))
