@@ -525,3 +525,19 @@ def test_rtn_fold_rows_is_quant_rows_folded_back(parts_dtype, monkeypatch):
         e = y[:, r0:r0 + 16] - x_hat @ want[r0:r0 + 16].T
         ref += float(np.sum(e * e, dtype=np.float64))
     assert mq.layer_error(x, y, w, c, parts) == ref
+
+
+def test_top_directions_of_a_float32_z_in_column_blocks(monkeypatch):
+    """A float32 Z (the in-place solve of a large linear with N > K) meets float64 eigenvectors in blocks of its
+    columns, not as a float64 copy of Z: the factors equal those of the one mixed-precision product."""
+    import mergequant.convert.quant.lowrank as lr
+    rng = np.random.default_rng(14)
+    a = np.rint(rng.standard_normal((3000, 64)) * 3).astype(np.float32)
+    resid = (a @ (rng.standard_normal((64, 5)) @ rng.standard_normal((5, 700))) + rng.standard_normal((3000, 700)))
+    gram, cross = a.T @ a, np.asfortranarray((a.T @ resid).astype(np.float32))
+    solved = lr.ridge_solve(gram.copy(), cross.copy(order="F"), overwrite=True)
+    assert solved[2].dtype == np.float32 and solved[4]  # Z in float32, the left (N > K) side
+    want = lr.top_directions(*solved, 4)
+    monkeypatch.setattr(lr, "GATHER_COLS", 128)  # 6 blocks (multiples of the BLAS blocking, as the default)
+    got = lr.top_directions(*lr.ridge_solve(gram.copy(), cross.copy(order="F"), overwrite=True), 4)
+    assert all(np.allclose(g, w, rtol=1e-6, atol=1e-7 * np.abs(w).max()) for g, w in zip(got, want))
