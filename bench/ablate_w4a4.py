@@ -89,6 +89,8 @@ ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
                      "mergequant", {"rank_down": 64, "rank_o": 64}),
     "down0.5": ("the 2026-12-05 default with ffn_down's split budget 50% (35% before)", "mergequant",
                 {"budget_down": 0.5}),
+    "b0.12-down0.5": ("the 2026-12-05 default with 128 split slots for q/k/v and gate/up (budget 0.12) and ffn_down's "
+                      "split budget 50%", "mergequant", {"budget": 0.12, "budget_down": 0.5}),
     "default-1204": ("MergeQuant default of 2026-12-04 (main 210f76c: natural GPTQ order, rank 16, ffn_down split 20%)",
                      "mergequant", OLD_DEFAULT),
     "default": ("MergeQuant default (2026-12-05: act-order, rank 32 at ffn_down / attn_output, ffn_down split 35%)",
