@@ -85,6 +85,12 @@ ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
                    "mergequant", OLD_DEFAULT),
     "budget0.12": ("the 2026-12-05 default + 128 split slots for the q/k/v and gate/up inputs (budget 0.12; 64 at "
                    "0.03)", "mergequant", {"budget": 0.12}),
+    "rank64-heavy": ("the 2026-12-05 default with rank 64 for ffn_down and attn_output (32 before; 16 elsewhere)",
+                     "mergequant", {"rank_down": 64, "rank_o": 64}),
+    "down0.5": ("the 2026-12-05 default with ffn_down's split budget 50% (35% before)", "mergequant",
+                {"budget_down": 0.5}),
+    "b0.12-down0.5": ("the 2026-12-05 default with 128 split slots for q/k/v and gate/up (budget 0.12) and ffn_down's "
+                      "split budget 50%", "mergequant", {"budget": 0.12, "budget_down": 0.5}),
     "default-1204": ("MergeQuant default of 2026-12-04 (main 210f76c: natural GPTQ order, rank 16, ffn_down split 20%)",
                      "mergequant", OLD_DEFAULT),
     "default": ("MergeQuant default (2026-12-05: act-order, rank 32 at ffn_down / attn_output, ffn_down split 35%)",

@@ -41,8 +41,8 @@ default 0.2 budget: 702 MB in fp32), which GPTQ works on in float64 (docs/archit
 conversion"); the peak against the bound is the measurement.
 
 What to expect (bench/RESULTS.md, "Converting a 7B shape"; 2 busy vCPUs, 8 x 512 calibration): --method none
-1.4 GB and ~25 s a layer; rtn-w4a4-static 2.5 GB, ~100 s a layer; mergequant 7.6 GB (GPTQ's inverse of
-ffn_down's float64 Hessian) and ~30 min a layer. The conversion runs on the CPU (numpy / OpenBLAS, all cores
+1.4 GB and ~25 s a layer; rtn-w4a4-static 2.5 GB, ~100 s a layer; mergequant 2.5 GB and ~6-10 min a layer
+(2026-12-07; 7.6 GB and ~30 min a layer with numpy's inverse of ffn_down's float64 Hessian). The conversion runs on the CPU (numpy / OpenBLAS, all cores
 unless OPENBLAS_NUM_THREADS says otherwise); there is no --device.
 
 Runs with numpy, safetensors, gguf, tokenizers, sentencepiece, tqdm and the mergequant package (with its
@@ -226,11 +226,12 @@ class Sampler(threading.Thread):
 
     def _sample(self) -> None:
         st = _status()
-        if st.get("VmRSS", 0) > self.peak_kb:  # where the main thread is at each new peak (the last frames)
-            self.peak_kb = st["VmRSS"]
+        if st.get("VmRSS", 0) > self.peak_kb:  # where the main thread is at each new peak (its last frames in the
+            self.peak_kb = st["VmRSS"]         # converter: a wait on the thread pool names the converter's caller)
             frame = sys._current_frames().get(self.main_id)
-            stack = traceback.extract_stack(frame)[-4:] if frame is not None else []
-            self.peak_where = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in stack]
+            stack = traceback.extract_stack(frame) if frame is not None else []
+            own = [f for f in stack if f"{os.sep}mergequant{os.sep}" in f.filename]
+            self.peak_where = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in (own or stack)[-4:]]
             self.peak_stage = self.stage
         e = self._entry(self.stage)
         e["rss_kb"] = max(e["rss_kb"], st.get("VmRSS", 0))

@@ -12,7 +12,7 @@ from mergequant.convert.loaders import load_checkpoint
 from mergequant.convert.quant.methods import quantize
 from mergequant.convert.quant.clip import ACT_RATIOS, fake_quant, search_act_clip
 from mergequant.convert.quant.gptq import gptq_codes
-from mergequant.convert.quant.int4 import quant_rows
+from mergequant.convert.quant.int4 import QMAX, quant_rows
 from mergequant.convert.quant.lowrank import fit_lowrank
 from mergequant.convert.quant.mergequant import tie_kv_groups, v_row_steps
 from mergequant.convert.quant.simulate import SimModel, log_softmax
@@ -441,3 +441,103 @@ def test_lowrank_float32_in_place_matches_float64():
     la2, lb2 = fit_lowrank(gram.copy(), np.asfortranarray(cross, np.float32), 4, overwrite=True)
     want, got = la.T @ lb.T, la2.T @ lb2.T
     assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_on_prepared_columns_is_gptq_on_w(dtype, act_order):
+    """GPTQ given its working copy made beforehand (working_columns, from diag(H) alone: quantize_linear makes it
+    before the Gram matrix exists and drops W̃) gives the codes of GPTQ on W itself, bit for bit, in the float64
+    and the float32 (overwrite_hessian) sweep; column_energy is diag(aᵀa) exactly."""
+    from mergequant.convert.quant.gptq import gptq_quantize, working_columns
+    from mergequant.convert.quant.mergequant import column_energy, gram_matrix
+
+    rng = np.random.default_rng(12)
+    a = np.clip(np.rint(rng.standard_normal((2500, 12)) @ rng.standard_normal((12, 150)) * 2), -8, 7)
+    a = a.astype(np.float32)
+    a[:, 7] = 0  # a column no input reaches
+    h = gram_matrix(a, dtype)
+    diag = column_energy(a, cols=64)
+    assert diag.dtype == np.float64 and np.array_equal(diag, np.diag(h).astype(np.float64))
+    w = (rng.standard_normal((30, 150)) / 8).astype(np.float32)
+    step = np.abs(w).max(axis=1) / 7
+    want = gptq_quantize(w, h.copy(), step, act_order=act_order, overwrite_hessian=True)
+    cols = working_columns(w, diag, act_order, dtype)
+    got = gptq_quantize(cols, h.copy(), step, act_order=act_order, overwrite_hessian=True)
+    assert got.dtype == np.int8 and np.array_equal(got, want)
+    with pytest.raises(ValueError):  # a working copy in the other precision is refused, not silently copied
+        gptq_quantize(working_columns(w, diag, act_order, np.float32 if dtype == np.float64 else np.float64),
+                      h.copy(), step, act_order=act_order, overwrite_hessian=True)
+
+
+def test_quantize_linear_holds_one_weight_copy_during_gptq(monkeypatch):
+    """During GPTQ, quantize_linear holds no [N, Kp] folded weight beside GPTQ's working copy (the 7B peak: W̃ was
+    alive twice), unless the error report reads it again; the fit is unchanged by it."""
+    import sys
+    import mergequant.convert.quant.mergequant as mq
+    from mergequant.convert.quant.gptq import Columns
+    from mergequant.convert.quant.mergequant import Options, quantize_linear
+
+    x, w, inp, a = linear_problem(np.random.default_rng(8), 3000, 96, 200, 128)
+    seen = []
+    real = mq.gptq_codes
+
+    def spy(cols, *args, **kw):
+        frame = sys._getframe(1)
+        assert frame.f_code.co_name == "quantize_linear" and isinstance(cols, Columns)
+        held = [name for name, v in frame.f_locals.items()
+                if isinstance(v, np.ndarray) and v.ndim == 2 and v.shape == (w.shape[0], a.shape[1])]
+        seen.append(held)
+        return real(cols, *args, **kw)
+
+    monkeypatch.setattr(mq, "gptq_codes", spy)
+    for limit in (Options().f64_limit, 0):  # the float64 and the float32 path
+        lq = quantize_linear(a, x, w, inp, Options(rank=4, f64_limit=limit))
+        assert seen.pop() == [] and lq.codes.shape == (200, 128)
+    quantize_linear(a, x, w, inp, Options(rank=4), fit=2000)  # the error report keeps W̃ for its "inputs" error
+    assert seen.pop() != []
+
+
+@pytest.mark.parametrize("parts_dtype", [np.int64, np.float32])  # a float64 step (as layer_error's), a float32 one
+def test_rtn_fold_rows_is_quant_rows_folded_back(parts_dtype, monkeypatch):
+    """layer_error's in-place RTN of the folded rows gives the values of quant_rows' codes times its steps over Δ
+    bit for bit (zero rows, ties and the float32 rounding of q·s included), and layer_error in row blocks is the
+    sum of the blocks' errors of that formula."""
+    import mergequant.convert.quant.mergequant as mq
+    rng = np.random.default_rng(13)
+    w = (rng.standard_normal((70, 90)) * rng.uniform(0.1, 3, (70, 1))).astype(np.float32)
+    w[5] = 0
+    w[6, :3] = [0.5, -0.5, 1.5]  # halves: ties of rint
+    c = np.abs(rng.standard_normal(90)).astype(np.float32) + 0.1
+    parts = np.ones(90, parts_dtype)
+    parts[:20] = 2
+    step = np.where(c > 0, c, 1) / (QMAX * parts)
+    q, s = quant_rows(w * step)
+    want = q * s[:, None] / step
+    got = mq.rtn_fold_rows(w, step)
+    assert got.dtype == want.dtype and np.array_equal(got, want) and not np.signbit(got[got == 0]).any()
+    x = (rng.standard_normal((300, 90)) * 2).astype(np.float32)
+    y = x @ w.T
+    x_hat = fake_quant(x, c, parts)
+    ref = 0.0
+    monkeypatch.setattr(mq, "LARGE_BYTES", 4 * 90 * 16)  # blocks of 16 rows
+    for r0 in range(0, 70, 16):
+        e = y[:, r0:r0 + 16] - x_hat @ want[r0:r0 + 16].T
+        ref += float(np.sum(e * e, dtype=np.float64))
+    assert mq.layer_error(x, y, w, c, parts) == ref
+
+
+def test_top_directions_of_a_float32_z_in_column_blocks(monkeypatch):
+    """A float32 Z (the in-place solve of a large linear with N > K) meets float64 eigenvectors in blocks of its
+    columns, not as a float64 copy of Z: the factors equal those of the one mixed-precision product."""
+    import mergequant.convert.quant.lowrank as lr
+    rng = np.random.default_rng(14)
+    a = np.rint(rng.standard_normal((3000, 64)) * 3).astype(np.float32)
+    resid = (a @ (rng.standard_normal((64, 5)) @ rng.standard_normal((5, 700))) + rng.standard_normal((3000, 700)))
+    gram, cross = a.T @ a, np.asfortranarray((a.T @ resid).astype(np.float32))
+    solved = lr.ridge_solve(gram.copy(), cross.copy(order="F"), overwrite=True)
+    assert solved[2].dtype == np.float32 and solved[4]  # Z in float32, the left (N > K) side
+    want = lr.top_directions(*solved, 4)
+    monkeypatch.setattr(lr, "GATHER_COLS", 128)  # 6 blocks (multiples of the BLAS blocking, as the default)
+    got = lr.top_directions(*lr.ridge_solve(gram.copy(), cross.copy(order="F"), overwrite=True), 4)
+    assert all(np.allclose(g, w, rtol=1e-6, atol=1e-7 * np.abs(w).max()) for g, w in zip(got, want))

@@ -9,6 +9,8 @@ With act-order, the columns are visited in decreasing order of H's diagonal and 
 of the group it sits in, so the stored layout stays contiguous groups (no column permutation in the file)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy.linalg import lapack
 
@@ -39,8 +41,30 @@ def inverse_upper_cholesky(h: np.ndarray) -> np.ndarray:
     return h  # f's lower triangle is L₂ with H⁻¹ = L₂L₂ᵀ: as the C array, h is L₂ᵀ = U
 
 
-def gptq_quantize(w: np.ndarray, hessian: np.ndarray, step: np.ndarray, qmin: int = QMIN, qmax: int = QMAX,
-                  block: int = 128, damp: float = 0.01, act_order: bool = False,
+@dataclass
+class Columns:
+    """GPTQ's working copy of a weight W [N, K]: its columns as rows, in the order the sweep visits them
+    (t[i] = W[:, perm[i]], or W[:, i] when perm is None), in the sweep's precision. A caller that makes it before
+    the Hessian exists and drops W (`gptq_quantize` given a Columns) holds one [N, K] weight during the sweep
+    instead of two; the sweep overwrites `t`."""
+    t: np.ndarray               # [K, N] C-contiguous, float64 or float32
+    perm: np.ndarray | None     # act-order's column order, or None (natural order)
+
+
+def act_order_perm(h_diag: np.ndarray) -> np.ndarray:
+    """Act-order's column order: decreasing diag(H), ties in column order."""
+    return np.argsort(-np.asarray(h_diag), kind="stable")
+
+
+def working_columns(w: np.ndarray, h_diag: np.ndarray, act_order: bool, dtype: type) -> Columns:
+    """The Columns of W [N, K] for a Hessian whose diagonal is `h_diag` [K] (the values of diag(H) exactly: the
+    act-order permutation is computed from them) and whose dtype is `dtype` (the sweep's precision)."""
+    perm = act_order_perm(h_diag) if act_order else None
+    return Columns(np.ascontiguousarray(w.T if perm is None else w.T[perm], dtype=dtype), perm)
+
+
+def gptq_quantize(w: np.ndarray | Columns, hessian: np.ndarray, step: np.ndarray, qmin: int = QMIN,
+                  qmax: int = QMAX, block: int = 128, damp: float = 0.01, act_order: bool = False,
                   overwrite_hessian: bool = False) -> np.ndarray:
     """Codes int8 [N, K] in [qmin, qmax] for W [N, K] on the steps `step` ([N]: one per row, or [N, K]: one
     per weight), minimizing ‖x·Wᵀ − x·(step ⊙ q)ᵀ‖² for inputs x with xᵀx = `hessian` [K, K]. `damp`: the
@@ -49,15 +73,23 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, step: np.ndarray, qmin: in
     no input reaches (H[j, j] = 0) is quantized from a zero weight. `overwrite_hessian`: a C-contiguous float64
     or float32 `hessian` is worked on in place (its values are lost) instead of copied: the caller's [K, K] buffer
     is then the only one. The sweep runs in float64, or in float32 for a float32 Hessian given with
-    overwrite_hessian (the precision of the reference GPTQ implementation; half the memory of a large layer)."""
-    n, k = w.shape
+    overwrite_hessian (the precision of the reference GPTQ implementation; half the memory of a large layer).
+    `w` may be given as its Columns (working_columns, made with this Hessian's diagonal and dtype, the same
+    act_order): the sweep then works in that array (its values are lost), the same codes as from W itself."""
+    cols = w if isinstance(w, Columns) else None
+    k, n = cols.t.shape if cols is not None else w.shape[::-1]
     if hessian.shape != (k, k):
-        raise ValueError(f"gptq: Hessian of shape {hessian.shape} for a weight of shape {w.shape}")
+        raise ValueError(f"gptq: Hessian of shape {hessian.shape} for a weight of shape {(n, k)}")
     step = np.asarray(step, np.float64)
     step = np.broadcast_to(step[:, None] if step.ndim == 1 else step, (n, k))
     # act-order: the columns in decreasing order of diag(H), H permuted symmetrically (in place with
     # overwrite_hessian: no second [K, K] matrix) and W's columns taken in that order by the working copy below
-    perm = np.argsort(-np.diag(hessian), kind="stable") if act_order else None
+    if cols is not None:
+        if (cols.perm is not None) != act_order:
+            raise ValueError("gptq: Columns made with another act_order")
+        perm = cols.perm
+    else:
+        perm = act_order_perm(np.diag(hessian)) if act_order else None
     # one [K, K] matrix is the largest this holds: H (a copy, or the caller's with overwrite_hessian) turns into
     # the upper Cholesky factor of its inverse in place, before the working copy of W exists; the damping
     # goes on the diagonal in place (the same sums as adding damp·mean·I: the off-diagonal terms add 0)
@@ -84,7 +116,12 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, step: np.ndarray, qmin: in
     del h
     # the columns as rows (wt[i] = W[:, i]): the sweep reads and updates contiguous memory; every element
     # sees the same operations as in the [N, K] layout, so the codes are those of the textbook loop
-    wt = np.ascontiguousarray(w.T if perm is None else w.T[perm], dtype=dt)
+    if cols is not None:
+        if cols.t.dtype != dt or not cols.t.flags.c_contiguous:
+            raise ValueError(f"gptq: Columns of {cols.t.dtype} for a {dt} sweep")
+        wt = cols.t
+    else:
+        wt = np.ascontiguousarray(w.T if perm is None else w.T[perm], dtype=dt)
     wt[dead] = 0
     per_row = step.strides[1] == 0  # one step per row: the same vector for every column
     st = step[:, 0] if per_row else np.ascontiguousarray(step.T if perm is None else step.T[perm])
@@ -133,7 +170,7 @@ def permute_symmetric(h: np.ndarray, perm: np.ndarray) -> None:
         h[r] = h[r, perm]
 
 
-def gptq_codes(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, block: int = 128,
+def gptq_codes(w: np.ndarray | Columns, hessian: np.ndarray, scale: np.ndarray, block: int = 128,
                damp: float = 0.01, act_order: bool = False, overwrite_hessian: bool = False) -> np.ndarray:
     """Int4 codes [-8, 7] on one step per row `scale` [N] (the w4a4 weights of quant/mergequant.py)."""
     return gptq_quantize(w, hessian, scale, QMIN, QMAX, block, damp, act_order, overwrite_hessian)

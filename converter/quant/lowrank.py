@@ -8,6 +8,11 @@ from scipy.linalg import blas, eigh, lapack, solve_triangular
 from .blas import blas_threads
 
 
+# columns of a float32 Z cast to float64 at a time in top_directions (a power of two: blocks the BLAS splits as it
+# splits the whole product)
+GATHER_COLS = 2048
+
+
 def fit_lowrank(gram: np.ndarray, cross: np.ndarray, rank: int, damp: float = 0.01,
                 overwrite: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """gram = aᵀa [K, K], cross = aᵀR [K, N]. Ridge solution M = (G + λI)⁻¹·aᵀR (λ = damp·mean diag G);
@@ -71,7 +76,14 @@ def top_directions(m: np.ndarray | None, gram_z: np.ndarray, z: np.ndarray | Non
     top = np.argsort(evals)[::-1][:rank]
     if left:
         sigma = np.sqrt(np.maximum(evals[top], 1e-30))
-        v = z.T @ evecs[:, top] / sigma
+        ev = evecs[:, top]
+        if z.dtype == ev.dtype:
+            v = z.T @ ev / sigma
+        else:  # a float32 Z (a large linear) against float64 eigenvectors: numpy casts Z to float64 for the product,
+            # so in blocks of Z's columns (GATHER_COLS, a multiple of the BLAS blocking: the single product's values
+            # here), not a float64 copy of all of Z (a 7B gate/up's: 0.74 GB)
+            v = np.concatenate([np.ascontiguousarray(z[:, c0:c0 + GATHER_COLS], dtype=ev.dtype).T @ ev
+                                for c0 in range(0, z.shape[1], GATHER_COLS)]) / sigma
         zv = None if m is not None else evecs[:, top] * sigma
     else:
         v = evecs[:, top]

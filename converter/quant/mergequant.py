@@ -25,8 +25,8 @@ from ..schemes import pack_linear
 from .blas import parallel_for
 from .calibrate import CalibrationSpec, calibration_tokens, run_sequential, stage
 from .clip import fake_quant, search_act_clip, search_weight_scale
-from .gptq import gptq_codes
-from .int4 import QMAX, pad_columns, pad_k, quant_rows, round_codes
+from .gptq import gptq_codes, working_columns
+from .int4 import QMAX, QMIN, pad_columns, pad_k, quant_rows, round_codes
 from .lowrank import ridge_solve, top_directions
 from .rtn import check_scheme
 from .simulate import SimBlock, attend, load_block, rms_factor, split_qkv, swiglu
@@ -145,18 +145,38 @@ def sample_rows(m: int, seq_len: int, count: int, rng: np.random.Generator) -> n
 def layer_error(x: np.ndarray, y: np.ndarray, w: np.ndarray, c: np.ndarray, parts: np.ndarray) -> float:
     """‖y − x̂·Ŵᵀ‖² (y = x·Wᵀ) with x̂ the static int4 activations on ranges c and Ŵ the per-row RTN of the
     folded weight W·diag(Δ), mapped back (Ŵ = Q(W·Δ)/Δ)."""
-    step = np.where(c > 0, c, 1) / (QMAX * parts)
-    x_hat = fake_quant(x, c, parts)
+    step = np.where(c > 0, c, 1) / (QMAX * parts)  # (float64: parts is int64)
+    # x̂ in the product's precision once (the products below are float64: Ŵ is), not cast again in every block
+    x_hat = fake_quant(x, c, parts).astype(np.result_type(np.float32, step))
     # in blocks of output rows past LARGE_BYTES of W (a 7B gate/up: 360 MB, and the candidates run in threads);
     # one block below it (per-row RTN: the blocks' rows are the whole matrix's)
     rows = w.shape[0] if w.nbytes <= LARGE_BYTES else max(1, LARGE_BYTES // 4 // max(w.shape[1], 1))
     total = 0.0
     for r0 in range(0, w.shape[0], rows):
-        q, s = quant_rows(w[r0:r0 + rows] * step)
-        w_hat = q * s[:, None] / step
+        w_hat = rtn_fold_rows(w[r0:r0 + rows], step)
         e = y[:, r0:r0 + rows] - x_hat @ w_hat.T
+        del w_hat
         total += float(np.sum(e * e, dtype=np.float64))
     return total
+
+
+def rtn_fold_rows(w: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """Ŵ = Q(W·Δ)/Δ for the rows of W [N, K] (Q: int4.quant_rows, the per-row RTN), the values of
+    `q * s[:, None] / step` from `q, s = quant_rows(w * step)` exactly, in one array of the product's size and one
+    float32 temporary: the scaled rows are rounded, clamped, multiplied back and divided in place."""
+    t = w * step  # W·Δ (float64 for a float64 Δ)
+    # the row steps: max|t| / 7 as quant_rows forms them (the max of |t| is that of max(t) and −min(t), exactly)
+    s = (np.abs(np.maximum(t.max(axis=1), -t.min(axis=1))) / QMAX).astype(np.float32)  # (abs: +0 for a zero row)
+    t /= np.where(s > 0, s, 1).astype(np.float32)[:, None]
+    np.rint(t, out=t)
+    np.clip(t, QMIN, QMAX, out=t)
+    t += 0.0  # (−0 → +0: the int8 codes have no sign of zero)
+    t[s == 0] = 0
+    t *= s[:, None]  # q·s, exact in t's float64 (small integers times a float32) ...
+    if t.dtype != np.float32:
+        t[...] = t.astype(np.float32)  # ... rounded to float32 as quant_rows' int8 codes times its fp32 steps are
+    t /= step
+    return t
 
 
 def choose_ranges(xs: np.ndarray, w: np.ndarray, parts: np.ndarray, opts: Options,
@@ -265,6 +285,13 @@ def gram_matrix(a: np.ndarray, dtype: type = np.float64, cols: int = 1024) -> np
     return out
 
 
+def column_energy(a: np.ndarray, cols: int = 1024) -> np.ndarray:
+    """diag(aᵀa) [K] in float64 for integer codes a [M, K] (fp32), `cols` columns at a time: the values of the
+    Gram matrix's diagonal exactly (integer sums below 2^24), without forming the matrix."""
+    return np.concatenate([np.add.reduce(np.square(a[:, j:j + cols]), axis=0, dtype=np.float64)
+                           for j in range(0, a.shape[1], cols)]) if a.shape[1] else np.zeros(0)
+
+
 def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant | np.ndarray,
                     opts: Options, fit: int | None = None, keep_acc: slice | None = None,
                     rank: int | None = None) -> LinearQuant:
@@ -296,24 +323,34 @@ def quantize_linear(a: np.ndarray, x: np.ndarray, w: np.ndarray, inp: InputQuant
     # opts.f64_limit bytes, in float32 above (a 7B ffn_down: docs/architecture.md, "Memory of a conversion");
     # GPTQ turns this buffer into its inverse factor in place
     dt = np.float64 if max(kp, n) * kp * 8 <= opts.f64_limit else np.float32
-    gram = gram_matrix(a, dt)
-    diag = np.diag(gram).astype(np.float64)
-    lam = opts.damp * max(float(np.mean(diag)), 1e-8)
-    if opts.gptq and opts.gptq_target in ("ls", "ridge"):
+    if ls_target:
+        gram = gram_matrix(a, dt)
+        diag = np.diag(gram).astype(np.float64)
+        lam = opts.damp * max(float(np.mean(diag)), 1e-8)
         # argmin ‖a·Vᵀ − y‖² + μ‖V − V₀‖² = (aᵀa + μI)⁻¹ (aᵀy + μV₀ᵀ); V₀ = 0 ("ls") or W̃ ("ridge")
         mu = lam if opts.gptq_target == "ls" else opts.ridge * lam / opts.damp
         prior = 0 if opts.gptq_target == "ls" else mu * w_t.T.astype(np.float64)
         w_t = np.linalg.solve(gram.astype(np.float64) + mu * np.eye(len(gram)),
                               (a.T @ y).astype(np.float64) + prior).T.astype(np.float32)
+    else:  # the Gram matrix is formed after the weight's steps and GPTQ's working copy (below)
+        gram, diag = None, column_energy(a)  # diag(aᵀa), the same values
     scale = search_weight_scale(w_t, diag) if opts.clip else np.abs(w_t).max(axis=1) / QMAX
-    # a small Gram matrix is kept (fp32, exact) for the low-rank fit; a large one is formed again after GPTQ
-    # rather than held beside GPTQ's buffer
-    keep = None if not (opts.gptq and rank > 0) or kp * kp * 4 > KEEP_GRAM_BYTES else gram.astype(np.float32)
     if opts.gptq:
-        codes = gptq_codes(w_t, gram, scale, block=opts.block, damp=opts.damp, act_order=opts.act_order,
+        # GPTQ's working copy of W̃ (its columns as rows, in act-order) made now, before the [Kp, Kp] buffer exists,
+        # and W̃ dropped (unless the error report reads it again): one [N, Kp] weight alive during the sweep
+        cols = working_columns(w_t, diag, opts.act_order, dt)
+        if not report:
+            w_t = w_fold = None
+        if gram is None:
+            gram = gram_matrix(a, dt)
+        # a small Gram matrix is kept (fp32, exact) for the low-rank fit; a large one is formed again after GPTQ
+        # rather than held beside GPTQ's buffer
+        keep = None if rank == 0 or kp * kp * 4 > KEEP_GRAM_BYTES else gram.astype(np.float32)
+        codes = gptq_codes(cols, gram, scale, block=opts.block, damp=opts.damp, act_order=opts.act_order,
                            overwrite_hessian=True)
-        gram = None  # (the buffer held GPTQ's factor)
+        gram = cols = None  # (the buffer held GPTQ's factor; the sweep overwrote the working copy)
     else:
+        keep = None
         codes = quant_rows(w_t, scale)[0]
     if not report:
         w_t = w_fold = None  # only the held-out error report reads the folded weight again
@@ -471,8 +508,11 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
                                             keep_acc=None if opts.down_a8 else slice(f, None))
     del x2
     m = swiglu(gate_up.y[:, :f], gate_up.y[:, f:])
+    a_gu = [a2]  # gate/up's input codes: read once more by down_codes (the up rows after the fold), then gone
+    del a2
     h_next = None
     if opts.down_a8:
+        a_gu.clear()
         smooth, w_down, codes, scale = quantize_down_a8(m, fused.pop(p + "ffn_down"), opts, fit)
         gate_up.fold_rows(slice(f, None), smooth)
         down_tensors = pack_linear(p + "ffn_down", w_down, "w4a8", quant, codes=codes, scale=scale)
@@ -484,14 +524,14 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
 
         def down_codes(inp: InputQuant) -> np.ndarray:  # the engine's SwiGLU on the folded up rows
             gate_up.fold_rows(slice(f, None), inp.step)
-            m_eng = swiglu(gate.pop(), rows_again(gate_up, a2, slice(f, None)))
+            m_eng = swiglu(gate.pop(), rows_again(gate_up, a_gu.pop(), slice(f, None)))
             gate_up.acc = None
             return expand_slots(m_eng, inp.in_map)
 
         in_down, down, _ = split_input_linear(m, "ffn_down", down_codes)
         down_tensors = down.tensors(p + "ffn_down", quant) | {p + "ffn_down.in_map": in_down.in_map}
         h_next = h_mid + down.y.reshape(b, t, d)
-    del m, a2
+    del m
 
     tensors = {p + "attn_norm.weight": g1.astype(np.float32), p + "ffn_norm.weight": g2.astype(np.float32)}
     tensors |= qkv.tensors(p + "attn_qkv", quant) | out.tensors(p + "attn_output", quant)
