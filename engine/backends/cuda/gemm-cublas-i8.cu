@@ -13,6 +13,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <utility>
 
 namespace mq {
 
@@ -169,17 +170,18 @@ __global__ void __launch_bounds__(256) i8_epilogue_lora_kernel(const int32_t * _
 }
 
 // The widening of block i + 1 runs on a second stream while block i's GEMM runs (memory-bound beside
-// compute-bound), into the other of two buffers: per device a side stream and its events, made at first use.
+// compute-bound), into the other of two buffers: a side stream and its events per calling stream (each backend
+// has its own stream, and its ops run one at a time; two backends on one device never share events), made at
+// first use.
 struct Side {
     cudaStream_t stream = nullptr;
     cudaEvent_t start = nullptr, end = nullptr, widened[2] = {}, done[2] = {};
 };
-Side * side_for_device() {
+Side * side_for_stream(cudaStream_t st) {
     static std::mutex mu;
-    static std::map<int, Side *> sides;
+    static std::map<std::pair<int, cudaStream_t>, Side *> sides;
     std::lock_guard<std::mutex> lock(mu);
-    const int dev = cuda_current_device();
-    Side *& s = sides[dev];
+    Side *& s = sides[{cuda_current_device(), st}];
     if (!s) {
         Side * n = new Side();
         cuda_check(cudaStreamCreateWithFlags(&n->stream, cudaStreamNonBlocking), "cudaStreamCreate (int8 GEMM)");
@@ -243,7 +245,7 @@ bool cuda_gemm_i8_cublas(const void * w, I8Weights fmt, const uint8_t * gscale, 
     // the widening on the side stream, except inside a graph capture (then all on st)
     cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
     cuda_check(cudaStreamIsCapturing(st, &cap), "cudaStreamIsCapturing");
-    Side * side = widened(fmt) && cap == cudaStreamCaptureStatusNone ? side_for_device() : nullptr;
+    Side * side = widened(fmt) && cap == cudaStreamCaptureStatusNone ? side_for_stream(st) : nullptr;
     if (side) {  // the side stream starts after st's work so far (the buffers may still be read by the last GEMM)
         cuda_check(cudaEventRecord(side->start, st), "cudaEventRecord");
         cuda_check(cudaStreamWaitEvent(side->stream, side->start, 0), "cudaStreamWaitEvent");
