@@ -153,6 +153,20 @@ def test_generate_equals_api(smollm2_f16_mq):
     assert r.stdout == want + "\n"
 
 
+def test_generate_n_batch(smollm2_f16_mq):
+    """--n-batch: the same greedy text in passes of 5 prompt tokens; an invalid value is a message naming it."""
+    r = mq("generate", str(smollm2_f16_mq), "-p", "Once upon a time, in a land far away,", "-n", "12", "--temp", "0",
+           "--device", "cpu", "--n-batch", "5")
+    assert r.returncode == 0, r.stderr
+    want = LLM(smollm2_f16_mq, device="cpu").generate("Once upon a time, in a land far away,", max_tokens=12,
+                                                       temperature=0.0)
+    assert r.stdout == want + "\n"
+    r = mq("inspect", str(smollm2_f16_mq), "--n-batch", "64")
+    assert r.returncode == 0 and "n_batch 64)" in r.stdout, r.stdout + r.stderr
+    r = mq("generate", str(smollm2_f16_mq), "-p", "hi", "--device", "cpu", "--n-batch", "0")
+    assert r.returncode != 0 and "invalid n_batch 0" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_inspect(smollm2_f16_mq):
     r = mq("inspect", str(smollm2_f16_mq))
     assert r.returncode == 0, r.stderr

@@ -41,6 +41,9 @@ def _add_model_args(p: argparse.ArgumentParser, optional: bool) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: one per core)")
     p.add_argument("-c", "--ctx", type=int, default=None, help="context length in tokens (default: min(the model's, 4096))")
+    p.add_argument("-b", "--n-batch", type=int, default=None,
+                   help="prompt tokens per forward pass (default: the device's, 256 on the CPU, 2048 on CUDA; larger "
+                        "reads the weights fewer times and takes more scratch memory)")
     p.add_argument("--kv-cache", default="fp16", choices=KV_CACHE_TYPES,
                    help="KV cache type: fp16 (default) or int8 (needs a model converted with --kv-int8)")
 
@@ -69,7 +72,8 @@ def _load(a: argparse.Namespace):
     scheme = getattr(a, "scheme", None)
     if scheme is not None and a.model is not None:
         raise SystemExit(f"{a.command}: --scheme selects the default model's file; a MODEL file has its scheme already")
-    return LLM(a.model, device=a.device, n_ctx=a.ctx, threads=a.threads, kv_cache=a.kv_cache, scheme=scheme)
+    return LLM(a.model, device=a.device, n_ctx=a.ctx, threads=a.threads, kv_cache=a.kv_cache, scheme=scheme,
+               n_batch=a.n_batch)
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
@@ -183,7 +187,9 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     # the memory plan at the default context (or --ctx), as the engine computes it before allocating
     from . import _engine
 
-    plan = _engine.Model(a.model, device=a.device, n_threads=1).memory_plan(a.ctx or 0, 0, a.kv_cache)
+    if a.n_batch is not None and a.n_batch <= 0:
+        raise SystemExit(f"inspect: invalid n_batch {a.n_batch}: must be a positive integer")
+    plan = _engine.Model(a.model, device=a.device, n_threads=1).memory_plan(a.ctx or 0, a.n_batch or 0, a.kv_cache)
     mib = 1 << 20
     avail = "unknown" if plan["available"] is None else f"{plan['available'] / mib:.1f} MiB"
     print(f"memory on {plan['device']} at n_ctx {plan['n_ctx']} (kv_cache {plan['kv_cache']}, n_batch "
@@ -200,7 +206,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     from .llm import LLM
     llm = _load(a)
-    base = LLM(a.kld, device=a.device, n_ctx=a.ctx, threads=a.threads) if a.kld else None
+    base = LLM(a.kld, device=a.device, n_ctx=a.ctx, threads=a.threads, n_batch=a.n_batch) if a.kld else None
     with open(a.ppl, encoding="utf-8") as f:
         text = f.read()
     ids = llm.tokenize(text, add_special=False)
@@ -366,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--device", default="cpu", help="device the memory plan is for (default cpu)")
     i.add_argument("-c", "--ctx", type=int, default=None, help="context length of the plan (default min(trained, 4096))")
     i.add_argument("--kv-cache", default="fp16", choices=KV_CACHE_TYPES, help="KV cache type of the plan")
+    i.add_argument("-b", "--n-batch", type=int, default=None,
+                   help="prompt tokens per pass of the plan (default: the device's, 256 on the CPU, 2048 on CUDA)")
     i.set_defaults(func=cmd_inspect)
 
     e = sub.add_parser("eval", help="perplexity (and KL divergence vs a base model) on a text file",
