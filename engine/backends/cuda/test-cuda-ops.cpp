@@ -9,6 +9,7 @@
 #include "../../src/mq-file.h"
 #include "../../src/mq-model.h"
 #include "../../src/mq-vocab.h"
+#include "cublas.cuh"
 #include "gemm-cublas-i8.cuh"
 #include "linear-w4a4.cuh"
 #include "sampling.cuh"
@@ -959,8 +960,8 @@ int main(int argc, char ** argv) {
         // which prefill GEMM the integer schemes take from m = 64 (gemm-cublas-i8.cuh): the tests below run
         // whichever it is; MERGEQUANT_REQUIRE_CUBLAS=1 makes a missing cuBLAS a failure (MERGEQUANT_CUBLAS=0: the
         // tiled GEMM everywhere)
-        const bool cublas = cuda_cublas_i8_enabled(64);
-        printf("integer prefill GEMM from m = 64: %s\n", cublas ? "cuBLAS int8" : "the tiled mma.sync GEMM (no cuBLAS)");
+        const bool cublas = cuda_cublas_available();
+        printf("integer prefill GEMM from m = 64: %s\n", cuda_cublas_i8_enabled(64) ? "cuBLAS int8" : "the tiled mma.sync GEMM");
         const char * req = std::getenv("MERGEQUANT_REQUIRE_CUBLAS");
         if (req && std::string(req) == "1") report("cuBLAS found (MERGEQUANT_REQUIRE_CUBLAS=1)", cublas);
         test_ops(*cpu, *gpu);
