@@ -427,6 +427,8 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--md", default=None, help="write the markdown table here")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch fp16 baseline")
+    ap.add_argument("--keep", action="store_true", help="keep the files in --workdir, and use a file already there "
+                    "as it is (e.g. the same file under two settings of the engine, in two runs)")
     ap.add_argument("--build-only", action="store_true", help="write the files and check them on the CPU engine; no GPU")
     ap.add_argument("--n-batch", type=int, default=None, help="prompt tokens per engine forward pass (default: the CUDA "
                     "backend's, 2048: a 2048-token prefill in one pass, as llama-bench and PyTorch run it)")
@@ -467,9 +469,13 @@ def main() -> int:
     for scheme in schemes:
         t0 = time.time()
         keep = {} if scheme == "f16" and not args.no_torch else None
-        path = build_model(work / f"llama2-{args.shape}-{scheme}.mq", scheme, c, tok_meta, tok_tensors, keep)
+        path = work / f"llama2-{args.shape}-{scheme}.mq"
+        if args.keep and path.is_file() and keep is None:
+            print(f"{scheme}: {path} kept from an earlier run", flush=True)
+        else:
+            build_model(path, scheme, c, tok_meta, tok_tensors, keep)
+            print(f"{scheme}: wrote {path.stat().st_size / 1e9:.2f} GB in {time.time() - t0:.0f} s", flush=True)
         wbytes = decode_weight_bytes(path)
-        print(f"{scheme}: wrote {path.stat().st_size / 1e9:.2f} GB in {time.time() - t0:.0f} s", flush=True)
         if keep is not None:
             r = bench_torch(c, keep, rng)
             rows.append({"model": model, "engine": "PyTorch fp16 (cuBLAS)", "scheme": "f16", "weight_bytes": wbytes, **r})
@@ -481,7 +487,8 @@ def main() -> int:
         rows.append({"model": model, "engine": "mergequant CUDA", "scheme": SCHEME_LABEL[scheme],
                      "weight_bytes": wbytes, **r})
         print(rows[-1], flush=True)
-        path.unlink()
+        if not args.keep:
+            path.unlink()
     for spec in args.extra:
         p, label = spec.split("=", 1)
         r = bench_engine(Path(p), read_mq(p).config.vocab_size, rng, args.profile, args.n_batch)

@@ -37,6 +37,15 @@ int32_t min_m() {
     return v;
 }
 
+// MERGEQUANT_I8_LORA_ANY=1: the any-rank epilogue kernel for every rank (a measurement switch)
+bool lora_any() {
+    static const bool v = [] {
+        const char * e = std::getenv("MERGEQUANT_I8_LORA_ANY");
+        return e && std::string(e) == "1";
+    }();
+    return v;
+}
+
 bool widened(I8Weights fmt) {
     return fmt != I8Weights::I8;
 }
@@ -120,15 +129,78 @@ __global__ void __launch_bounds__(256) i8_epilogue_kernel(const int32_t * __rest
 }
 
 // the same with the low-rank up-projection: lora[m, n] = fp32(Σ_i b[n, i] · l[m, i]), fma in float64 for
-// i = 0, 1, .. (the tiled GEMM's order). A block has 64 rows x 128 columns, the tile's l rows and b columns
-// staged in shared memory as doubles (sl[row][i], sb[i][col]); thread (tx, ty) = (tid % 32, tid / 32) owns
-// columns tx + 32·j (j < 4) of rows ty + 8·r (r < 8): 12 shared loads per 32 fma (the row's l is one broadcast).
+// i = 0, 1, .. (the tiled GEMM's order). The kernel is bound by the int32 sums it reads and the fp32 outputs it
+// reads (accumulate) and writes, not by the float64 fmas (rank 32: 64 a value against 12 bytes), so a thread
+// owns one column: its R values of b in registers (one 2R-byte row of the file's lora_b), the block's ROWS rows
+// of l staged in shared memory (read as broadcast pairs), and the sums and old outputs of all its rows loaded
+// before the first fma, so that each thread has 2·ROWS loads in flight while the block stages l.
+template <int R, int ROWS>
+__global__ void __launch_bounds__(EPI_COLS) i8_epilogue_lora_kernel(const int32_t * __restrict__ c, int ldc, int n0,
+                                                                    int M, int N, const float * __restrict__ scale,
+                                                                    const float * __restrict__ row_scale,
+                                                                    const float * __restrict__ bias, GemmLora lo,
+                                                                    int accumulate, float * __restrict__ y) {
+    __shared__ double2 sl[ROWS][R / 2];
+    const int cl = blockIdx.x * EPI_COLS + threadIdx.x, n = n0 + cl, mb = blockIdx.y * ROWS;
+    const int rows = min(ROWS, M - mb);
+    const bool live = n < N && cl < ldc;
+    int32_t acc[ROWS];
+    float old[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; r++) {
+        acc[r] = live && r < rows ? c[(size_t) (mb + r) * ldc + cl] : 0;
+        old[r] = live && accumulate && r < rows ? y[(size_t) (mb + r) * N + n] : 0.0f;
+    }
+    for (int q = threadIdx.x; q < ROWS * R / 2; q += EPI_COLS) {
+        const int r = q / (R / 2), i = q % (R / 2);
+        sl[r][i] = r < rows ? ((const double2 *) (lo.l + (size_t) (mb + r) * R))[i] : make_double2(0.0, 0.0);
+    }
+    double b[R];
+    {
+        const uint4 * src = (const uint4 *) ((const __half *) lo.b + (size_t) (live ? n : 0) * R);
+#pragma unroll
+        for (int j = 0; j < R / 8; j++) {
+            const uint4 v = src[j];
+            const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int h = 0; h < 4; h++) {
+                const __half2 p = *(const __half2 *) &w[h];
+                b[8 * j + 2 * h] = (double) __low2float(p), b[8 * j + 2 * h + 1] = (double) __high2float(p);
+            }
+        }
+    }
+    __syncthreads();
+    if (!live) return;
+    const float sc = scale ? scale[n] : 1.0f, bs = bias ? bias[n] : 0.0f;
+#pragma unroll
+    for (int r = 0; r < ROWS; r++) {
+        if (r >= rows) break;
+        double s = 0.0;
+#pragma unroll
+        for (int i = 0; i < R / 2; i++) {
+            const double2 l2 = sl[r][i];
+            s = fma(b[2 * i], l2.x, s);
+            s = fma(b[2 * i + 1], l2.y, s);
+        }
+        const int m = mb + r;
+        const float f = (float) acc[r];
+        float v = scale ? __fmul_rn(f, sc) : f;
+        v = __fadd_rn(v, (float) s);
+        if (row_scale) v = __fmul_rn(v, row_scale[m]);
+        if (bias) v = __fadd_rn(v, bs);
+        y[(size_t) m * N + n] = accumulate ? __fadd_rn(old[r], v) : v;
+    }
+}
+
+// the same for any rank up to CUBLAS_I8_MAX_RANK: a block has 64 rows x 128 columns, the tile's l rows and b
+// columns staged in shared memory as doubles (sl[row][i], sb[i][col]); thread (tx, ty) = (tid % 32, tid / 32) owns
+// columns tx + 32·j (j < 4) of rows ty + 8·r (r < 8)
 constexpr int LORA_ROWS = 64;
-__global__ void __launch_bounds__(256) i8_epilogue_lora_kernel(const int32_t * __restrict__ c, int ldc, int n0, int M,
-                                                               int N, const float * __restrict__ scale,
-                                                               const float * __restrict__ row_scale,
-                                                               const float * __restrict__ bias, GemmLora lo,
-                                                               int accumulate, float * __restrict__ y) {
+__global__ void __launch_bounds__(256) i8_epilogue_lora_any_kernel(const int32_t * __restrict__ c, int ldc, int n0, int M,
+                                                                   int N, const float * __restrict__ scale,
+                                                                   const float * __restrict__ row_scale,
+                                                                   const float * __restrict__ bias, GemmLora lo,
+                                                                   int accumulate, float * __restrict__ y) {
     extern __shared__ double lsm[];
     const int rank = lo.rank, tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
     const int c0 = blockIdx.x * EPI_COLS, mb = blockIdx.y * LORA_ROWS;
@@ -234,9 +306,9 @@ bool cuda_gemm_i8_cublas(const void * w, I8Weights fmt, const uint8_t * gscale, 
     const size_t smem = (size_t) ep.lo.rank * (EPI_COLS + LORA_ROWS) * sizeof(double);
     static std::atomic<uint64_t> smem_set{0};
     cuda_once_per_device(smem_set, [] {
-        cuda_check(cudaFuncSetAttribute(i8_epilogue_lora_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        cuda_check(cudaFuncSetAttribute(i8_epilogue_lora_any_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         (int) (CUBLAS_I8_MAX_RANK * (EPI_COLS + LORA_ROWS) * sizeof(double))),
-                   "cudaFuncSetAttribute(i8_epilogue_lora_kernel)");
+                   "cudaFuncSetAttribute(i8_epilogue_lora_any_kernel)");
     });
     const int64_t cols = block_cols(m, n, k, fmt), wbytes = widened(fmt) ? (int64_t) round256((size_t) cols * k) : 0;
     int8_t * w8[2] = {(int8_t *) work, (int8_t *) work + wbytes};
@@ -286,9 +358,23 @@ bool cuda_gemm_i8_cublas(const void * w, I8Weights fmt, const uint8_t * gscale, 
         }
         const unsigned gx = (unsigned) ((nc + EPI_COLS - 1) / EPI_COLS);
         if (ep.lo.rank > 0) {
-            i8_epilogue_lora_kernel<<<dim3(gx, (unsigned) ((m + LORA_ROWS - 1) / LORA_ROWS)), 256, smem, st>>>(
-                sums, (int) nc, (int) n0, m, (int) n, ep.scale, ep.row_scale, ep.bias, ep.lo, ep.accumulate ? 1 : 0, y);
-            cuda_check_launch("i8_epilogue_lora_kernel");
+            const int acc = ep.accumulate ? 1 : 0;
+            auto one_column = [&](auto kernel, int rows) {
+                kernel<<<dim3(gx, (unsigned) ((m + rows - 1) / rows)), EPI_COLS, 0, st>>>(
+                    sums, (int) nc, (int) n0, m, (int) n, ep.scale, ep.row_scale, ep.bias, ep.lo, acc, y);
+                cuda_check_launch("i8_epilogue_lora_kernel");
+            };
+            if (ep.lo.rank == 16 && !lora_any()) {
+                one_column(i8_epilogue_lora_kernel<16, 32>, 32);
+            } else if (ep.lo.rank == 32 && !lora_any()) {
+                one_column(i8_epilogue_lora_kernel<32, 16>, 16);
+            } else if (ep.lo.rank == 8 && !lora_any()) {
+                one_column(i8_epilogue_lora_kernel<8, 32>, 32);
+            } else {
+                i8_epilogue_lora_any_kernel<<<dim3(gx, (unsigned) ((m + LORA_ROWS - 1) / LORA_ROWS)), 256, smem, st>>>(
+                    sums, (int) nc, (int) n0, m, (int) n, ep.scale, ep.row_scale, ep.bias, ep.lo, acc, y);
+                cuda_check_launch("i8_epilogue_lora_any_kernel");
+            }
         } else {
             i8_epilogue_kernel<<<dim3(gx, (unsigned) ((m + EPI_ROWS - 1) / EPI_ROWS)), 256, 0, st>>>(
                 sums, (int) nc, (int) n0, m, (int) n, ep.scale, ep.add, ep.row_scale, ep.bias, ep.accumulate ? 1 : 0, y);
