@@ -420,7 +420,7 @@ def main() -> int:
     ap.add_argument("--tokenizer", required=True, help="tokenizer source (a directory or .gguf) for the files")
     ap.add_argument("--shape", choices=sorted(rw.SHAPES), default="7b")
     ap.add_argument("--extra", action="append", default=[], help="MODEL.mq=LABEL: also benchmark this file")
-    ap.add_argument("--schemes", default=",".join(SCHEMES), help=f"subset of {','.join(SCHEMES)}")
+    ap.add_argument("--schemes", default=",".join(SCHEMES), help=f"subset of {','.join(SCHEMES)} (\"\": none, only the --extra files)")
     ap.add_argument("--gguf-dir", default=None, help="folder with llama2-SHAPE-{f16,q4_0,q4_k_m}.gguf for llama.cpp "
                     "(bench/peer/write_gguf.py + llama-quantize; bench/gpu_all.sh makes them); absent ones are skipped")
     ap.add_argument("--workdir", default=None, help="where the random-weight files go (default: a temp dir)")
@@ -435,7 +435,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="print each engine model's device time per decode token by kernel")
     args = ap.parse_args()
     c = llama_config(rw.SHAPES[args.shape])
-    schemes = args.schemes.split(",")
+    schemes = [x for x in args.schemes.split(",") if x]  # "" : the --extra files only
     bad = [x for x in schemes if x not in SCHEMES]
     if bad:
         ap.error(f"unknown scheme(s) {', '.join(bad)}; choose from {', '.join(SCHEMES)}")

@@ -83,13 +83,19 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1 + np.exp(-x))
 
 
+def linear_input(x: np.ndarray, f16_inputs: bool) -> np.ndarray:
+    """A linear's input as the product uses it: x, or fp16(x) widened back (an f16 .mq file's linears)."""
+    return x.astype(np.float16).astype(np.float32) if f16_inputs else x
+
+
 def mlp(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
-        capture: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        capture: dict[str, np.ndarray] | None = None, f16_inputs: bool = False) -> np.ndarray:
     """SwiGLU: down(silu(x·gateᵀ) ⊙ x·upᵀ)."""
-    h = silu(x @ gate.T) * (x @ up.T)
+    xi = linear_input(x, f16_inputs)
+    h = silu(xi @ gate.T) * (xi @ up.T)
     if capture is not None:
         capture["ffn_down"] = h
-    return h @ down.T
+    return linear_input(h, f16_inputs) @ down.T
 
 
 @dataclass
@@ -120,30 +126,35 @@ class KVCache:
 
 
 def block_forward(x: np.ndarray, layer: Mapping[str, np.ndarray], config: LlamaConfig, start_pos: int = 0,
-                  cache: KVCache | None = None, capture: dict[str, np.ndarray] | None = None) -> np.ndarray:
+                  cache: KVCache | None = None, capture: dict[str, np.ndarray] | None = None,
+                  f16_inputs: bool = False) -> np.ndarray:
     """One decoder block on x [T, D] at positions start_pos.. . With a cache, its first start_pos rows are
     the earlier tokens; without one, the T tokens attend only to each other. `capture`, when given,
     receives the input of each fused linear of the .mq file (attn_qkv, attn_output, ffn_gate_up, ffn_down),
-    which is what calibration needs."""
+    which is what calibration needs. `f16_inputs`: every linear's input rounded to fp16 first, and q, k, v
+    before attention, as an f16 .mq file defines its block (docs/numerics.md)."""
     h, hkv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     t = x.shape[0]
     a = rmsnorm(x, layer["input_layernorm"], config.rms_norm_eps)
-    q = (a @ layer["self_attn.q_proj"].T).reshape(t, h, hd)
-    k = (a @ layer["self_attn.k_proj"].T).reshape(t, hkv, hd)
-    v = (a @ layer["self_attn.v_proj"].T).reshape(t, hkv, hd)
+    ai = linear_input(a, f16_inputs)
+    q = (ai @ layer["self_attn.q_proj"].T).reshape(t, h, hd)
+    k = (ai @ layer["self_attn.k_proj"].T).reshape(t, hkv, hd)
+    v = (ai @ layer["self_attn.v_proj"].T).reshape(t, hkv, hd)
     cos, sin = rope_cos_sin(config, np.arange(start_pos, start_pos + t))
     q, k = rope(q, cos, sin), rope(k, cos, sin)
+    if f16_inputs:  # the f16 file's attention takes fp16 q and its cache holds fp16 k and v
+        q, k, v = (linear_input(z, True) for z in (q, k, v))
     if cache is None:
         o = attention(q, k, v, q_offset=0)
     else:
         if cache.length != start_pos:
             raise ValueError(f"KV cache holds {cache.length} positions, block_forward got start_pos={start_pos}")
         o = attention(q, *cache.append(k, v), q_offset=start_pos)
-    x = x + o @ layer["self_attn.o_proj"].T
+    x = x + linear_input(o, f16_inputs) @ layer["self_attn.o_proj"].T
     m = rmsnorm(x, layer["post_attention_layernorm"], config.rms_norm_eps)
     if capture is not None:
         capture["attn_qkv"], capture["attn_output"], capture["ffn_gate_up"] = a, o, m
-    return x + mlp(m, layer["mlp.gate_proj"], layer["mlp.up_proj"], layer["mlp.down_proj"], capture)
+    return x + mlp(m, layer["mlp.gate_proj"], layer["mlp.up_proj"], layer["mlp.down_proj"], capture, f16_inputs)
 
 
 class Perplexity(NamedTuple):
@@ -154,10 +165,11 @@ class Perplexity(NamedTuple):
 
 class ReferenceModel:
     """The whole model in fp32 with a KV cache. `tensors` maps Hugging Face names to arrays (a
-    Checkpoint's lazy mapping works: every tensor is read once, here)."""
+    Checkpoint's lazy mapping works: every tensor is read once, here). `f16_inputs`: every linear's input
+    (the head's too) and q, k, v rounded to fp16, as an f16 .mq file defines its model (docs/numerics.md)."""
 
-    def __init__(self, config: LlamaConfig, tensors: Mapping[str, np.ndarray]) -> None:
-        self.config = config
+    def __init__(self, config: LlamaConfig, tensors: Mapping[str, np.ndarray], f16_inputs: bool = False) -> None:
+        self.config, self.f16_inputs = config, f16_inputs
         self.embed = np.asarray(tensors["model.embed_tokens.weight"], dtype=np.float32)
         self.norm = np.asarray(tensors["model.norm.weight"], dtype=np.float32)
         self.lm_head = (self.embed if config.tie_word_embeddings
@@ -185,8 +197,8 @@ class ReferenceModel:
             raise ValueError(f"tokens must be a non-empty 1-D sequence of ids in [0, {self.config.vocab_size})")
         x = self.embed[ids]
         for layer, cache in zip(self.layers, self.caches):
-            x = block_forward(x, layer, self.config, pos, cache)
-        return rmsnorm(x, self.norm, self.config.rms_norm_eps) @ self.lm_head.T
+            x = block_forward(x, layer, self.config, pos, cache, f16_inputs=self.f16_inputs)
+        return linear_input(rmsnorm(x, self.norm, self.config.rms_norm_eps), self.f16_inputs) @ self.lm_head.T
 
     def greedy(self, prompt_ids: Sequence[int], n: int) -> list[int]:
         """The n tokens argmax decoding appends to the prompt (fresh context)."""
@@ -223,7 +235,7 @@ class ReferenceModel:
 
 def reference_from_mq(path: str | Path) -> ReferenceModel:
     """A ReferenceModel on the weights of an f16 .mq file, fused rows split back into q/k/v and gate/up,
-    so the engine and the reference can be compared on identical weights."""
+    with the file's fp16 linear inputs, so the engine and the reference can be compared on identical weights."""
     mq = read_mq(path)
     c = mq.config
     if c is None or mq.quant is None:
@@ -250,4 +262,4 @@ def reference_from_mq(path: str | Path) -> ReferenceModel:
                     p + "post_attention_layernorm.weight": f32(b + "ffn_norm.weight"),
                     p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
                     p + "mlp.down_proj.weight": f32(b + "ffn_down.weight")}
-    return ReferenceModel(c, tensors)
+    return ReferenceModel(c, tensors, f16_inputs=True)

@@ -105,7 +105,10 @@ def test_smoothing_folds_are_exact(tiny):
     assert not np.array_equal(tensors["blk.0.attn_norm.weight"], fused["blk.0.attn_norm.weight"])
     _, plain = quantize_block(0, h, fused, c, NoSmoothing(1), {"linears": {}})
     got, unsmoothed = sim_block(h, blk, c, *cos_sin), sim_block(h, plain, c, *cos_sin)
-    assert np.abs(got - unsmoothed).max() <= 1e-5 * np.abs(unsmoothed).max()
+    # (the f16 linears round their inputs to fp16: an fp32 last-bit difference between the two runs moves an input
+    # across an fp16 rounding boundary now and then, a 2^-11 step: 5.9e-5 of the largest output here, 2026-12-08;
+    # a wrong fold is off by a factor of 2 or more)
+    assert np.abs(got - unsmoothed).max() <= 5e-4 * np.abs(unsmoothed).max()
     want = np.stack([block_forward(x, layer_tensors(ck.tensors, 0), c) for x in h])
     assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
 

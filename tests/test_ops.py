@@ -218,6 +218,11 @@ def test_linear_f16(ops, rng, m):
     out = np.full((m, n), 0.5, np.float32)
     ops.linear("f16", {"weight": w}, n, x, out, accumulate=True)
     close(out, 0.5 + sim("f16", {"weight": w})(x), FP32_SUM_TOL)
+    # the contract itself (docs/numerics.md): the input rounded to fp16, then an exact sum of exact products
+    want = x.astype(np.float16).astype(np.float64) @ w.astype(np.float64).T
+    close(out - 0.5, want.astype(np.float32), FP32_SUM_TOL)
+    unrounded = x.astype(np.float64) @ w.astype(np.float64).T
+    assert np.abs(out - 0.5 - unrounded).max() > 10 * FP32_SUM_TOL * np.abs(unrounded).max()
 
 
 @pytest.mark.parametrize("n, k", [(70, 576), (36, 1600), (20, 16)])

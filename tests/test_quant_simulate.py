@@ -170,5 +170,9 @@ def test_f16_simulation_matches_reference(tiny):
     ck, _ = tiny
     ids = np.arange(1, 30) * 7 % ck.config.vocab_size
     sim = quantize(ck, None).forward(ids)
-    ref = ReferenceModel(ck.config, ck.tensors).forward(ids)
+    # the reference on the file's fp16 weights (norms stay fp32) with the file's fp16 roundings; what remains is
+    # float64-vs-fp32 and summation order, which an fp16 rounding of an activation now and then turns into a
+    # 2^-11 step (3.3e-4 here, 2026-12-08)
+    rounded = {n: w if w.ndim == 1 else w.astype(np.float16).astype(np.float32) for n, w in ck.tensors.items()}
+    ref = ReferenceModel(ck.config, rounded, f16_inputs=True).forward(ids)
     assert np.abs(sim - ref).max() / np.abs(ref).max() < 1e-3

@@ -153,7 +153,7 @@ def test_reference_from_f16_mq(tiny_hf_checkpoint, tmp_path):
     ref = reference_from_mq(convert(tiny.path, tmp_path / "t.mq", progress=False))
     # Norms stay f32 in the file; everything else is rounded to f16.
     rounded = {n: w if w.ndim == 1 else w.astype(np.float16).astype(np.float32) for n, w in tiny.tensors.items()}
-    want = ReferenceModel(ref.config, rounded).forward(IDS)
+    want = ReferenceModel(ref.config, rounded, f16_inputs=True).forward(IDS)
     np.testing.assert_array_equal(ref.forward(IDS), want)
 
 

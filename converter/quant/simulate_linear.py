@@ -124,7 +124,7 @@ def _f32(get: TensorGetter, suffix: str) -> np.ndarray | None:
     return None if t is None else np.asarray(t, np.float32)
 
 
-# f16: y = x · Wᵀ with fp32 accumulation
+# w4a16g: y = x · Wᵀ with fp32 x and fp32 accumulation
 def dense_path(lin: SimLinear, x: np.ndarray, record: Record, name: str) -> np.ndarray:
     return x @ lin.w.T
 
@@ -134,8 +134,13 @@ def dense_rows(lin: SimLinear, ids: np.ndarray) -> np.ndarray:
     return lin.w[ids]
 
 
+# f16: the input rounded to fp16 first (each product then exact in fp32), fp32 accumulation
+def f16_path(lin: SimLinear, x: np.ndarray, record: Record, name: str) -> np.ndarray:
+    return x.astype(np.float16).astype(np.float32) @ lin.w.T
+
+
 def f16_linear(get: TensorGetter) -> SimLinear:
-    return SimLinear("f16", "float", dense_path, _f32(get, "weight"), embed_rows=dense_rows)
+    return SimLinear("f16", "float", f16_path, _f32(get, "weight"), embed_rows=dense_rows)
 
 
 # w4a16g: w = q · scale[n, k/g] (exact in fp32), then the dense path
