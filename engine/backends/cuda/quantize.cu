@@ -164,61 +164,78 @@ static __global__ void lora_down_kernel(const __half * __restrict__ la, int64_t 
     }
 }
 
-// The same sums for many tokens (prefill): a block owns 64 tokens x all ranks and walks K in chunks of 64, the
-// chunk's codes (int8, rows padded to 17 words: conflict-free word reads) and lora_a rows (as doubles) staged in
-// shared memory. Thread (tx, ty) = (tid % 16, tid / 16) sums tokens tx + 16·r (r < 4) x ranks ty + 16·j (j < J):
-// 4·J sums, 4 + 4·J shared loads per 16·J fma. K is split over gridDim.y blocks (enough blocks for every SM),
-// each adding its part to l (zeroed before) with a double atomicAdd. The order of the sum differs from
-// lora_down_kernel's and from one run to the next; the result does not: every partial sum is the exact double
-// (fp16 times int4 codes, docs/numerics.md).
-constexpr int LD_TOK = 64, LD_K = 64, LD_WORDS = LD_K / 4 + 1;
+// The same sums for many tokens (prefill) on the float64 tensor cores (mma.m8n8k4.f64: D = A·B + C, each
+// product and sum an IEEE double operation): tokens are the MMA's rows, the ranks its columns, K its depth. Every
+// partial sum is the exact double (fp16 times int4 codes, docs/numerics.md), so the MMA's internal order, the
+// split of K over blocks and the order of their atomic adds do not show in l: it equals lora_down_kernel's.
+// A block owns 64 tokens x 8·J ranks (J ≤ 8) and walks its share of K in chunks of 32: the chunk's codes and
+// lora_a columns are converted to double once, into shared memory (rows padded to 36 doubles: a half-warp's
+// fragment loads hit 16 distinct bank pairs). Warp w computes tokens 16w .. 16w + 15 (two m-tiles) x all J
+// n-tiles. K is split over gridDim.y blocks (enough blocks for every SM), each adding its part to l (zeroed
+// before) with a double atomicAdd.
+constexpr int LD_TOK = 64, LD_K = 32, LD_PAD = LD_K + 4;
+
+__device__ __forceinline__ void mma_f64_m8n8k4(double (&d)[2], double a, double b) {
+    asm volatile("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
+                 : "+d"(d[0]), "+d"(d[1])
+                 : "d"(a), "d"(b));
+}
+
 template <int J>
-static __global__ void __launch_bounds__(256) lora_down_tiled_kernel(const __half * __restrict__ la, int64_t kp,
+static __global__ void __launch_bounds__(128) lora_down_tiled_kernel(const __half * __restrict__ la, int64_t kp,
                                                                      const int8_t * __restrict__ codes, int32_t m,
                                                                      int32_t rank, double * __restrict__ l) {
     pdl_trigger();
     pdl_wait();
-    __shared__ int32_t sc[LD_TOK * LD_WORDS];
-    __shared__ double sa[16 * J * LD_K];
-    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    __shared__ double sc[LD_TOK * LD_PAD];   // [token][k] codes
+    __shared__ double sa[8 * J * LD_PAD];    // [rank][k] lora_a
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int t0 = blockIdx.x * LD_TOK;
     const int64_t nk = kp / LD_K, per = (nk + gridDim.y - 1) / gridDim.y;
     const int64_t k_end = ((blockIdx.y + 1) * per < nk ? (blockIdx.y + 1) * per : nk) * LD_K;
-    double acc[4][J] = {};
+    double acc[2][J][2] = {};
     for (int64_t k0 = blockIdx.y * per * LD_K; k0 < k_end; k0 += LD_K) {
         __syncthreads();  // the previous chunk is consumed
-        for (int q = tid; q < LD_TOK * (LD_K / 4); q += 256) {  // 64 tokens x 16 words of codes
-            const int t = q / (LD_K / 4), w = q % (LD_K / 4);
-            sc[t * LD_WORDS + w] = t0 + t < m ? *(const int32_t *) (codes + (size_t) (t0 + t) * kp + k0 + 4 * w) : 0;
+        for (int q = tid; q < LD_TOK * (LD_K / 4); q += 128) {  // 64 tokens x 8 words of 4 codes
+            const int r = q / (LD_K / 4), w = q % (LD_K / 4);
+            const int32_t c4 = t0 + r < m ? *(const int32_t *) (codes + (size_t) (t0 + r) * kp + k0 + 4 * w) : 0;
+#pragma unroll
+            for (int b = 0; b < 4; b++) sc[r * LD_PAD + 4 * w + b] = (double) (int8_t) (c4 >> (8 * b));
         }
-        for (int q = tid; q < 16 * J * LD_K; q += 256) {
-            const int i = q / LD_K, k = q % LD_K;
-            sa[q] = i < rank ? (double) __half2float(la[(size_t) i * kp + k0 + k]) : 0.0;
+        for (int q = tid; q < 8 * J * (LD_K / 2); q += 128) {  // 8·J ranks x 16 pairs of halves
+            const int i = q / (LD_K / 2), w = q % (LD_K / 2);
+            double2 v = make_double2(0.0, 0.0);
+            if (i < rank) {
+                const __half2 h = *(const __half2 *) (la + (size_t) i * kp + k0 + 2 * w);
+                v = make_double2((double) __low2float(h), (double) __high2float(h));
+            }
+            sa[i * LD_PAD + 2 * w] = v.x, sa[i * LD_PAD + 2 * w + 1] = v.y;
         }
         __syncthreads();
-#pragma unroll 4
-        for (int w = 0; w < LD_K / 4; w++) {
-            int32_t c[4];
 #pragma unroll
-            for (int r = 0; r < 4; r++) c[r] = sc[(tx + 16 * r) * LD_WORDS + w];
+        for (int kk = 0; kk < LD_K; kk += 4) {
+            double a[2], b[J];
 #pragma unroll
-            for (int b = 0; b < 4; b++) {
+            for (int mt = 0; mt < 2; mt++) a[mt] = sc[(16 * warp + 8 * mt + g) * LD_PAD + kk + t];
 #pragma unroll
-                for (int j = 0; j < J; j++) {
-                    const double av = sa[(ty + 16 * j) * LD_K + 4 * w + b];
+            for (int j = 0; j < J; j++) b[j] = sa[(8 * j + g) * LD_PAD + kk + t];
 #pragma unroll
-                    for (int r = 0; r < 4; r++) acc[r][j] = fma(av, (double) (int8_t) (c[r] >> (8 * b)), acc[r][j]);
-                }
-            }
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int j = 0; j < J; j++) mma_f64_m8n8k4(acc[mt][j], a[mt], b[j]);
         }
     }
+    // D fragment: lane (g, t) holds rows g, columns 2t and 2t + 1 of its 8 x 8 tile
 #pragma unroll
-    for (int r = 0; r < 4; r++) {
-        const int t = t0 + tx + 16 * r;
+    for (int mt = 0; mt < 2; mt++) {
+        const int tok = t0 + 16 * warp + 8 * mt + g;
 #pragma unroll
         for (int j = 0; j < J; j++) {
-            const int i = ty + 16 * j;
-            if (t < m && i < rank) atomicAdd(&l[(size_t) t * rank + i], acc[r][j]);
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int i = 8 * j + 2 * t + e;
+                if (tok < m && i < rank) atomicAdd(&l[(size_t) tok * rank + i], acc[mt][j][e]);
+            }
         }
     }
 }
@@ -287,12 +304,13 @@ void cuda_lora_down(const void * lora_a, int64_t rank, int64_t kp, const int8_t 
                     cudaStream_t st) {
     if (m <= 0 || rank <= 0) return;
     if (m > 16 && rank <= 64 && kp % LD_K == 0) {  // prefill: the tiled kernel
-        const auto f = rank <= 16 ? lora_down_tiled_kernel<1> : rank <= 32 ? lora_down_tiled_kernel<2>
-                     : rank <= 48 ? lora_down_tiled_kernel<3> : lora_down_tiled_kernel<4>;
+        const auto f = rank <= 8 ? lora_down_tiled_kernel<1> : rank <= 16 ? lora_down_tiled_kernel<2>
+                     : rank <= 24 ? lora_down_tiled_kernel<3> : rank <= 32 ? lora_down_tiled_kernel<4>
+                     : rank <= 48 ? lora_down_tiled_kernel<6> : lora_down_tiled_kernel<8>;
         const int64_t mb = ceil_div(m, LD_TOK), nk = kp / LD_K;
         const int64_t splits = std::min<int64_t>(nk, std::max<int64_t>(1, ceil_div(2 * cuda_sm_count(), mb)));
         cuda_check(cudaMemsetAsync(l, 0, (size_t) m * rank * sizeof(double), st), "cudaMemsetAsync(lora l)");
-        launch_pdl(f, dim3((unsigned) mb, (unsigned) splits), dim3(256), 0, st, "lora_down_tiled_kernel",
+        launch_pdl(f, dim3((unsigned) mb, (unsigned) splits), dim3(128), 0, st, "lora_down_tiled_kernel",
                    (const __half *) lora_a, kp, codes, m, (int32_t) rank, l);
         return;
     }
