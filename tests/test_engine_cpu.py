@@ -88,3 +88,15 @@ def test_thread_counts_agree(smollm2_f16_mq):
     one = LLM(smollm2_f16_mq, device="cpu", threads=1).generate(PROMPTS[0], max_tokens=12, temperature=0.0)
     two = LLM(smollm2_f16_mq, device="cpu", threads=2).generate(PROMPTS[0], max_tokens=12, temperature=0.0)
     assert one == two
+
+
+def test_all_logits_in_pieces_equal_whole(smollm2_f16_mq, shared_data):
+    """An all-logits pass with more rows than the logits buffer holds (mq-memory.h: 32 MiB, 170 rows of
+    SmolLM2's 49152) runs the head a piece at a time: the same log-probabilities as passes whose rows fit, and
+    a context scratch without n_batch rows of logits."""
+    text = (shared_data / "eval" / "wiki.test.raw").read_text(encoding="utf-8")[:8000]
+    big = LLM(smollm2_f16_mq, device="cpu", n_batch=400)
+    ids = big.tokenize(text, add_special=False)[:300]
+    small = LLM(smollm2_f16_mq, device="cpu", n_batch=100)
+    np.testing.assert_array_equal(big.token_logprobs(ids), small.token_logprobs(ids))
+    assert big.memory()["scratch"] < 400 * big.n_vocab * 4

@@ -59,7 +59,8 @@ Context::Context(std::shared_ptr<const Model> model, const ContextParams & param
     attn_ = (float *) be_.alloc(B * c.q_dim() * sizeof(float));
     gu_ = (float *) be_.alloc(B * 2 * c.n_ff * sizeof(float));
     act_ = (float *) be_.alloc(B * c.n_ff * sizeof(float));
-    logits_ = (float *) be_.alloc(B * c.n_vocab * sizeof(float));
+    logit_rows_ = logit_rows(c, n_batch_);
+    logits_ = (float *) be_.alloc((size_t) logit_rows_ * c.n_vocab * sizeof(float));
     ids_ = (int32_t *) be_.alloc(B * sizeof(int32_t));
     int64_t max_kp = 0;
     for (const LayerWeights & L : model_->layers) {
@@ -154,7 +155,8 @@ void Context::eval_chunks(const std::vector<int32_t> & tokens, bool all_logits, 
 }
 
 // One forward pass over m tokens at positions pos0..pos0+m-1; with `logits`, the logits of the last row (of
-// every row when all_logits) are left in logits_ and downloaded to logits_out when it is given.
+// every row when all_logits) are downloaded to logits_out when it is given, and the last row's (the last piece's
+// where the rows do not fit logits_ at once) are left in logits_.
 void Context::forward_chunk(const int32_t * ids, int32_t m, int32_t pos0, bool all_logits, bool logits,
                             float * logits_out) {
     const Config & c = model_->config();
@@ -168,7 +170,11 @@ void Context::forward_chunk(const int32_t * ids, int32_t m, int32_t pos0, bool a
     // logits only for the rows asked for: all of them, or the last one
     const int32_t first = all_logits ? 0 : m - 1;
     const int32_t rows = m - first;
-    auto ops = [&]() { forward_ops(m, as, logits ? first : -1, rows); };
+    if (rows > logit_rows_ && !logits_out) {
+        throw Error("forward pass: " + std::to_string(rows) + " rows of logits do not fit the logits buffer (" +
+                    std::to_string(logit_rows_) + " rows) and none are downloaded");
+    }
+    auto ops = [&]() { forward_ops(m, as, logits ? first : -1, rows, rows > logit_rows_ ? logits_out : nullptr); };
     // a decode step issues the same ops on the same buffers every time (the token id and position are
     // read from ids_/pos_ on the device), so the backend may capture it once and replay it; a code trace
     // downloads between the ops, which a capture cannot hold
@@ -177,15 +183,17 @@ void Context::forward_chunk(const int32_t * ids, int32_t m, int32_t pos0, bool a
     } else {
         ops();
     }
-    if (logits_out) {
+    if (logits_out && rows <= logit_rows_) {
         be_.download(logits_out, logits_, (size_t) rows * c.n_vocab * sizeof(float));
     }
 }
 
 // The model's forward pass over m tokens whose ids and positions are in ids_/pos_: the embedding, every
 // block's attention and MLP (each added to the residual stream x_), then the final norm and lm_head for rows
-// [first, first + rows) when first >= 0. A static W4A4 block (docs/numerics.md) passes int4 codes between its ops.
-void Context::forward_ops(int32_t m, const AttentionShape & as, int32_t first, int32_t rows) {
+// [first, first + rows) when first >= 0: into logits_, or, with pieces_out, logit_rows_ rows at a time into
+// logits_ and from there to pieces_out (rows more than logits_ holds: an all-logits pass of a large vocabulary).
+// A static W4A4 block (docs/numerics.md) passes int4 codes between its ops.
+void Context::forward_ops(int32_t m, const AttentionShape & as, int32_t first, int32_t rows, float * pieces_out) {
     const Model & M = *model_;
     const Config & c = M.config();
     be_.embed(M.embed, ids_, m, c.n_embd, x_);
@@ -200,7 +208,15 @@ void Context::forward_ops(int32_t m, const AttentionShape & as, int32_t first, i
     }
     if (first >= 0) {
         be_.rmsnorm(x_ + (size_t) first * c.n_embd, (const float *) M.output_norm, rows, c.n_embd, c.rms_eps, h_);
-        be_.linear(M.output, h_, rows, logits_, false);
+        if (!pieces_out) {
+            be_.linear(M.output, h_, rows, logits_, false);
+            return;
+        }
+        for (int32_t r0 = 0; r0 < rows; r0 += logit_rows_) {
+            const int32_t rr = std::min(logit_rows_, rows - r0);
+            be_.linear(M.output, h_ + (size_t) r0 * c.n_embd, rr, logits_, false);
+            be_.download(pieces_out + (size_t) r0 * c.n_vocab, logits_, (size_t) rr * c.n_vocab * sizeof(float));
+        }
     }
 }
 

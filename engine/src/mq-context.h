@@ -65,7 +65,7 @@ private:
     void trace_codes(const Linear & lin, int32_t m, const int8_t * codes);
     void eval_chunks(const std::vector<int32_t> & tokens, bool all_logits, bool download);
     void forward_chunk(const int32_t * ids, int32_t n, int32_t pos0, bool all_logits, bool logits, float * logits_out);
-    void forward_ops(int32_t m, const AttentionShape & as, int32_t first, int32_t rows);
+    void forward_ops(int32_t m, const AttentionShape & as, int32_t first, int32_t rows, float * logits_out);
     void attention_block(int32_t l, int32_t m, const AttentionShape & as);
     void mlp_block(int32_t l, int32_t m);
     void attention_block_w4a4(int32_t l, int32_t m, const AttentionShape & as);
@@ -76,6 +76,7 @@ private:
     std::shared_ptr<const Model> model_;
     Backend & be_;
     int32_t n_ctx_, n_batch_;
+    int32_t logit_rows_;  // rows of logits_ (mq-memory.h, logit_rows)
     KvType kv_type_;
     std::vector<int32_t> tokens_;
     std::vector<void *> k_cache_, v_cache_;

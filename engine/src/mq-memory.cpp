@@ -21,12 +21,17 @@ size_t kv_bytes_per_token(const Config & c, KvType t) {
     return 2 * (size_t) c.n_layer * (size_t) c.kv_dim() * kv_elem_size(t);
 }
 
-// x, h [B, D]; qkv [B, (H + 2 Hkv) hd]; attn [B, H hd]; gate/up [B, 2F]; act [B, F]; logits [B, V] (fp32);
-// ids, pos [B] (int32); two code buffers [B, max Kp] (int8)
+int32_t logit_rows(const Config & c, int32_t n_batch) {
+    const size_t fit = LOGITS_BUFFER_BYTES / ((size_t) std::max(c.n_vocab, 1) * sizeof(float));
+    return (int32_t) std::max<size_t>(1, std::min<size_t>((size_t) std::max(n_batch, 1), fit));
+}
+
+// x, h [B, D]; qkv [B, (H + 2 Hkv) hd]; attn [B, H hd]; gate/up [B, 2F]; act [B, F]; logits [logit_rows, V]
+// (fp32); ids, pos [B] (int32); two code buffers [B, max Kp] (int8)
 size_t scratch_bytes(const Config & c, int32_t n_batch, int64_t max_kp) {
     const size_t B = (size_t) n_batch;
     const size_t floats = B * (2 * (size_t) c.n_embd + (size_t) c.qkv_dim() + (size_t) c.q_dim() +
-                               3 * (size_t) c.n_ff + (size_t) c.n_vocab);
+                               3 * (size_t) c.n_ff) + (size_t) logit_rows(c, n_batch) * (size_t) c.n_vocab;
     return floats * sizeof(float) + 2 * B * sizeof(int32_t) + 2 * std::max<size_t>(1, B * (size_t) max_kp);
 }
 

@@ -29,6 +29,10 @@ struct MemoryPlan {
 // KV cache bytes per token of context (every layer, K and V)
 size_t kv_bytes_per_token(const Config & c, KvType t);
 size_t scratch_bytes(const Config & c, int32_t n_batch, int64_t max_kp);
+// the rows of logits one head pass computes (the device buffer's rows): all n_batch rows where that is at most
+// LOGITS_BUFFER_BYTES, else fewer (at least 1); a pass asking for more rows runs the head a piece at a time
+constexpr size_t LOGITS_BUFFER_BYTES = size_t(32) << 20;
+int32_t logit_rows(const Config & c, int32_t n_batch);
 size_t weight_bytes(const File & file);
 
 MemoryPlan memory_plan(const Model & model, int32_t n_ctx, int32_t n_batch, KvType kv_type);
