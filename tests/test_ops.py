@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from mergequant import _engine
-from mergequant.convert.quant.int4 import pack_int4, round_codes
+from mergequant.convert.quant.int4 import pack_int4, round_codes, unpack_int4
 from mergequant.convert.schemes import get_scheme
 from mergequant.convert.quant.simulate import KVInt8, SimLinear, causal_attention, expand_slots, rms_factor, swiglu
 from mergequant.convert.reference import rope, rope_cos_sin
@@ -254,6 +254,9 @@ def test_linear_w4a16g(ops, rng, group):
     out = np.empty((m, n), np.float32)
     ops.linear("w4a16g", t, n, x, out)
     close(out, sim("w4a16g", t)(x), FP32_SUM_TOL)
+    # the contract itself: w = q · scale, the input rounded to fp16
+    w = unpack_int4(t["qweight"]).astype(np.float64) * np.repeat(t["scale"].astype(np.float64), group, axis=1)
+    close(out, (x.astype(np.float16).astype(np.float64) @ w.T).astype(np.float32), FP32_SUM_TOL)
 
 
 @pytest.mark.parametrize("m", [1, 4])

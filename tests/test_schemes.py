@@ -77,8 +77,8 @@ def test_pack_and_simulate_agree(name):
         want = (a / inv) @ w_hat.T + sh @ w_hat.T
         np.testing.assert_allclose(packed["bias"], sh @ w_hat.T, rtol=1e-6, atol=1e-6)
         y = lin(x)
-    else:  # f16 rounds its input to fp16 first, w4a16g takes it as it is
-        want = (x.astype(np.float16) if name == "f16" else x).astype(np.float64) @ w_hat.T
+    else:  # f16 and w4a16g round their input to fp16 first
+        want = x.astype(np.float16).astype(np.float64) @ w_hat.T
         y = lin(x)
     assert np.abs(y - want).max() <= 1e-4 * np.abs(want).max()
     assert quant["linears"] == {"blk.0.ffn_down": name}

@@ -124,17 +124,12 @@ def _f32(get: TensorGetter, suffix: str) -> np.ndarray | None:
     return None if t is None else np.asarray(t, np.float32)
 
 
-# w4a16g: y = x · Wᵀ with fp32 x and fp32 accumulation
-def dense_path(lin: SimLinear, x: np.ndarray, record: Record, name: str) -> np.ndarray:
-    return x @ lin.w.T
-
-
 def dense_rows(lin: SimLinear, ids: np.ndarray) -> np.ndarray:
     """Rows of a dense fp32 weight (f16 widened, w4a16g's q · scale: exact in fp32)."""
     return lin.w[ids]
 
 
-# f16: the input rounded to fp16 first (each product then exact in fp32), fp32 accumulation
+# f16 and w4a16g: the input rounded to fp16 first, fp32 products and accumulation
 def f16_path(lin: SimLinear, x: np.ndarray, record: Record, name: str) -> np.ndarray:
     return x.astype(np.float16).astype(np.float32) @ lin.w.T
 
@@ -143,12 +138,12 @@ def f16_linear(get: TensorGetter) -> SimLinear:
     return SimLinear("f16", "float", f16_path, _f32(get, "weight"), embed_rows=dense_rows)
 
 
-# w4a16g: w = q · scale[n, k/g] (exact in fp32), then the dense path
+# w4a16g: w = q · scale[n, k/g] (exact in fp32), then the f16 path (fp16 inputs)
 def w4a16g_linear(get: TensorGetter) -> SimLinear:
     codes = unpack_int4(np.asarray(get("qweight")))
     s = _f32(get, "scale")
     g = codes.shape[1] // s.shape[1]
-    return SimLinear("w4a16g", "float", dense_path, codes.astype(np.float32) * np.repeat(s, g, axis=1),
+    return SimLinear("w4a16g", "float", f16_path, codes.astype(np.float32) * np.repeat(s, g, axis=1),
                      embed_rows=dense_rows)
 
 

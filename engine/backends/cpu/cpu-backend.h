@@ -64,6 +64,10 @@ void swiglu(Backend &, const float * gu, int32_t m, int32_t n_ff, float * out);
 void linear_codes_swiglu_quant(Backend &, const Linear & gate_up, const int8_t * a, int32_t m, const Linear & down,
                                int32_t n_ff, float * gu, int8_t * out);
 
+// x [total] rounded to fp16 and widened back (exact), the input of the f16 and w4a16g linears
+// (docs/numerics.md); a buffer of the calling thread, valid until its next call (linear-f16.cpp)
+const float * round_to_f16(const float * x, int64_t total);
+
 // the scheme table's entries, each in linear-<scheme>.cpp
 extern const LinearKernels linear_f16, linear_w4a16g, linear_w4a4d, linear_w4a4;
 // linear-int8.cpp: the dynamic int8-activation schemes

@@ -1,5 +1,5 @@
 // Scheme w4a16g on the CPU: int4 weights with fp16 group scales, dequantized a row at a time and dotted with
-// fp32 activations (kernels/gemm-int4.cpp).
+// the activations rounded to fp16 (docs/numerics.md; kernels/gemm-int4.cpp).
 #include "cpu-backend.h"
 #include "cpu-simd.h"
 
@@ -7,8 +7,9 @@ namespace mq::cpu {
 
 static void run_w4a16g(Backend & be, const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) {
     const int64_t n = lin.n, k = lin.k;
+    const float * xh = round_to_f16(x, (int64_t) m * k);
     cpu_of(be).run_row_blocks(n, [&](int64_t r0, int64_t r1) {
-        cpu_gemm_w4a16g(lin.qweight->data, lin.scale->as<uint16_t>(), x, y, m, n, k, lin.group, r0, r1, accumulate);
+        cpu_gemm_w4a16g(lin.qweight->data, lin.scale->as<uint16_t>(), xh, y, m, n, k, lin.group, r0, r1, accumulate);
     });
 }
 

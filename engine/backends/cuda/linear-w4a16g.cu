@@ -1,14 +1,15 @@
-// The w4a16g linear (weight-only int4, fp16 scale per group of 64 or 128 along K): y = x · wᵀ with
-// w[n, k] = q[n, k] · scale[n, k / group], fp32 x and fp32 accumulation (docs/numerics.md).
+// The w4a16g linear (weight-only int4, fp16 scale per group of 64 or 128 along K): y = fp16(x) · wᵀ with
+// w[n, k] = q[n, k] · scale[n, k / group], the input rounded to fp16 as for the f16 linear, fp32 accumulation
+// (docs/numerics.md).
 //  - decode (m <= 8): a GEMV on fp16 tensor cores. Codes are exact in fp16: a word of 8 codes becomes 4
 //    half2 with one LOP3 each, (nibble pair ^ 8) | 0x6400 reads as 1024 + q + 8, minus 1032 gives q.
-//    x is split as in linear-f16.cu (hi = fp16(x), lo = fp16(x − hi); MMA rows g carry hi of token g,
-//    rows g + 8 its lo) and laid out once per call in the order the fragments take it. A quad of lanes
-//    covers 64 codes of a row, which lie in one group, so each MMA's fp32 sum belongs to one group and is
-//    multiplied by its scale before joining the accumulator: Σ_g s_g · (Σ_{k in g} x_k · q_k).
+//    fp16(x) is laid out once per call in the order the fragments take it (MMA rows g carry token g; rows g + 8
+//    are zero). A quad of lanes covers 64 codes of a row, which lie in one group, so each MMA's fp32 sum belongs
+//    to one group and is multiplied by its scale before joining the accumulator: Σ_g s_g · (Σ_{k in g} x_k · q_k).
 //  - prefill (m > 8): w = q · s has at most 14 significant bits, so w = whi + wlo exactly with
-//    whi = fp16(w), wlo = fp16(w − whi); both are written to scratch and the f16 linear runs on each
-//    (the second accumulating). Exact products, fp32 sums: the same result up to summation order.
+//    whi = fp16(w), wlo = fp16(w − whi); both are written to scratch and the f16 linear runs on each with fp16
+//    inputs (the second accumulating). Exact products, fp32 sums: the same result up to rounding and summation
+//    order.
 #include "linear-w4a16g.cuh"
 #include "cuda-common.cuh"
 #include "splitk.cuh"
@@ -22,19 +23,19 @@ namespace mq {
 
 constexpr int W16_WARPS = 8, W16_U = 4, W16_NT = 2, W16_MAX_M = 8;
 
-// x [m, k] -> per 8 values x[8b .. 8b+7]: hi half2 (x[8b+e], x[8b+e+4]) for e = 0..3, then lo likewise
-// (the pairing of the nibbles that one LOP3 extracts from a code word)
+// x [m, k] -> per 8 values x[8b .. 8b+7]: the half2 (fp16(x[8b+e]), fp16(x[8b+e+4])) for e = 0..3 (the pairing of
+// the nibbles that one LOP3 extracts from a code word), then four zero words: the GEMV's rows g + 8, which took
+// an fp32 input's low fp16 parts before the input was fp16 (they stay in the layout; the MMA rows are idle anyway)
 static __global__ void w4a16g_prep_x_kernel(const float * __restrict__ x, int64_t blocks, uint4 * __restrict__ out) {
     for (int64_t b = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; b < blocks; b += (int64_t) gridDim.x * blockDim.x) {
         const float4 v0 = *(const float4 *) (x + 8 * b), v1 = *(const float4 *) (x + 8 * b + 4);
         const float lo4[4] = {v0.x, v0.y, v0.z, v0.w}, hi4[4] = {v1.x, v1.y, v1.z, v1.w};
         uint32_t h[4], l[4];
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
+        for (int e = 0; e < 4; e++) {  // the lo parts are zero: the input is fp16(x) (docs/numerics.md)
             const __half a = __float2half_rn(lo4[e]), c = __float2half_rn(hi4[e]);
-            const __half al = __float2half_rn(lo4[e] - __half2float(a)), cl = __float2half_rn(hi4[e] - __half2float(c));
             h[e] = (uint32_t) __half_as_ushort(a) | ((uint32_t) __half_as_ushort(c) << 16);
-            l[e] = (uint32_t) __half_as_ushort(al) | ((uint32_t) __half_as_ushort(cl) << 16);
+            l[e] = 0;
         }
         out[2 * b] = make_uint4(h[0], h[1], h[2], h[3]);
         out[2 * b + 1] = make_uint4(l[0], l[1], l[2], l[3]);
@@ -140,7 +141,7 @@ static __global__ void w4a16g_dequant_kernel(const uint8_t * __restrict__ q, con
 
 size_t cuda_linear_w4a16g_scratch(int32_t m, int64_t n, int64_t k) {
     if (m <= W16_MAX_M) return (size_t) m * k * 4;  // x as hi/lo fp16
-    return (size_t) 2 * n * k * sizeof(__half) + cuda_linear_f16_scratch(m, k, false);
+    return (size_t) 2 * n * k * sizeof(__half) + cuda_linear_f16_scratch(m, k, true);
 }
 
 void cuda_linear_w4a16g(const void * qweight, const void * scale, int64_t n, int64_t k, int64_t group, const float * x,
@@ -167,8 +168,8 @@ void cuda_linear_w4a16g(const void * qweight, const void * scale, int64_t n, int
     w4a16g_dequant_kernel<<<grid, 256, 0, st>>>((const uint8_t *) qweight, (const __half *) scale, (int32_t) n, (int32_t) k,
                                                 (int32_t) group, (__half2 *) whi, (__half2 *) wlo);
     cuda_check_launch("w4a16g_dequant_kernel");
-    cuda_linear_f16(whi, n, k, x, m, y, accumulate, false, f16_scratch, st);
-    cuda_linear_f16(wlo, n, k, x, m, y, true, false, f16_scratch, st);
+    cuda_linear_f16(whi, n, k, x, m, y, accumulate, true, f16_scratch, st);
+    cuda_linear_f16(wlo, n, k, x, m, y, true, true, f16_scratch, st);
 }
 
 
