@@ -538,11 +538,12 @@ static void test_w4a4_ops(Backend & cpu, Backend & gpu) {
     // rounds 2 and 3: inputs as wide as a 7B model's (kp 4544 and 7040, the GEMV's K loop several rounds deep, a
     // partial last round) with a rank-16 branch, at the GEMV's sizes of m only; rounds 4 and 5: the converter's
     // rank 32 (ffn_down, attn_output) and a rank above the cuBLAS epilogue's staging (72: the branch computed
-    // into `add` first), at prefill sizes
-    for (int round = 0; round < 6; round++) {
+    // into `add` first), at prefill sizes; rounds 6 and 7: rank 12 (no multiple of 8: the any-rank epilogue, the
+    // down-projection's last column tile part empty) and the converter's rank 16 at prefill sizes
+    for (int round = 0; round < 8; round++) {
         const int D = round == 2 ? 4096 : round == 3 ? 6400 : 576,
                   N = round == 0 ? 960 : round == 1 || round >= 4 ? 200 : 256,
-                  rank = round == 0 ? 0 : round == 1 ? 8 : round == 4 ? 32 : round == 5 ? 72 : 16;
+                  rank = round == 0 ? 0 : round == 1 ? 8 : round == 4 ? 32 : round == 5 ? 72 : round == 6 ? 12 : 16;
         // slots: every channel once, 40 channels split in 2 or 3 parts, then padding to a multiple of 64
         std::vector<int32_t> in_map;
         for (int j = 0; j < D; j++) {
@@ -607,7 +608,7 @@ static void test_w4a4_ops(Backend & cpu, Backend & gpu) {
         };
         for (int m : round < 2 ? std::vector<int>{1, 5, 16, 40, 160}
                      : round < 4 ? std::vector<int>{1, 5, 16}
-                     : round == 4 ? std::vector<int>{1, 16, 64, 300} : std::vector<int>{40, 64, 300}) {
+                     : round == 4 ? std::vector<int>{1, 16, 64, 300} : std::vector<int>{40, 64, 300}) {  // 5, 6, 7
             auto x = randn((size_t) m * D, rng, 2.0f);
             Pair px(cpu, gpu, x.data(), x.size() * 4), codes(cpu, gpu, nullptr, (size_t) m * kp);
             cpu.rmsnorm_quant((float *) px.c, lc, m, D, 1e-5f, (int8_t *) codes.c);
