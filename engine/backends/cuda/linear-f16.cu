@@ -108,12 +108,14 @@ static __global__ void __launch_bounds__(256, 1) gemv_f16_kernel(const float * _
     splitk_store_hi_lo<GEMV_WARPS, NT>(red, y, M, N, accumulate);
 }
 
-// hi = fp16(x) and, where lo is given, lo = fp16(x − hi); four values a thread (total % 4 == 0: k % 8 == 0)
+// hi = fp16(x) and, where lo is given, lo = fp16(x − hi); four values a thread (total % 4 == 0: k % 8 == 0), read
+// as one float4 where x is 16-byte aligned
 static __global__ void split_hi_lo_kernel(const float * __restrict__ x, int64_t total, __half * __restrict__ hi,
                                           __half * __restrict__ lo) {
+    const bool vec = ((uintptr_t) x & 15) == 0;
     for (int64_t i = 4 * (blockIdx.x * (int64_t) blockDim.x + threadIdx.x); i < total;
          i += 4 * (int64_t) gridDim.x * blockDim.x) {
-        const float4 v = *(const float4 *) (x + i);
+        const float4 v = vec ? *(const float4 *) (x + i) : make_float4(x[i], x[i + 1], x[i + 2], x[i + 3]);
         const __half h[4] = {__float2half_rn(v.x), __float2half_rn(v.y), __float2half_rn(v.z), __float2half_rn(v.w)};
         *(uint2 *) (hi + i) = make_uint2(pack_half2(h[0], h[1]), pack_half2(h[2], h[3]));
         if (lo) {
