@@ -308,7 +308,8 @@ void cuda_lora_down(const void * lora_a, int64_t rank, int64_t kp, const int8_t 
                      : rank <= 24 ? lora_down_tiled_kernel<3> : rank <= 32 ? lora_down_tiled_kernel<4>
                      : rank <= 48 ? lora_down_tiled_kernel<6> : lora_down_tiled_kernel<8>;
         const int64_t mb = ceil_div(m, LD_TOK), nk = kp / LD_K;
-        const int64_t splits = std::min<int64_t>(nk, std::max<int64_t>(1, ceil_div(2 * cuda_sm_count(), mb)));
+        // about four 4-warp blocks an SM
+        const int64_t splits = std::min<int64_t>(nk, std::max<int64_t>(1, ceil_div(4 * cuda_sm_count(), mb)));
         cuda_check(cudaMemsetAsync(l, 0, (size_t) m * rank * sizeof(double), st), "cudaMemsetAsync(lora l)");
         launch_pdl(f, dim3((unsigned) mb, (unsigned) splits), dim3(128), 0, st, "lora_down_tiled_kernel",
                    (const __half *) lora_a, kp, codes, m, (int32_t) rank, l);
