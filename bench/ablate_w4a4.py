@@ -95,6 +95,13 @@ ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
                      "mergequant", OLD_DEFAULT),
     "default": ("MergeQuant default (2026-12-05: act-order, rank 32 at ffn_down / attn_output, ffn_down split 35%)",
                 "mergequant", {}),
+    "alloc-down": ("the 2026-12-05 default with ffn_down's split slots shared by the layers (the same total; each "
+                   "layer's share by the noise model on a float probe of 4 sequences, weighed by the residual "
+                   "stream's energy)", "mergequant", {"alloc_down": True}),
+    "alloc-down-abs": ("as alloc-down, the layers' noise weighed as it is (not by the residual stream's energy)",
+                       "mergequant", {"alloc_down": True, "alloc_norm": "abs"}),
+    "clip-refine": ("the 2026-12-05 default with the split inputs' ranges refined per channel against the linear's "
+                    "output error (one sweep of c·0.85 … 1.15)", "mergequant", {"clip_refine": 1}),
 }
 
 
