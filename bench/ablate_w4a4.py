@@ -100,6 +100,8 @@ ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
                    "stream's energy)", "mergequant", {"alloc_down": True}),
     "alloc-down-abs": ("as alloc-down, the layers' noise weighed as it is (not by the residual stream's energy)",
                        "mergequant", {"alloc_down": True, "alloc_norm": "abs"}),
+    "alloc-down-cap2": ("as alloc-down, no layer's ffn_down above twice the even share of split slots", "mergequant",
+                        {"alloc_down": True, "alloc_cap": 2.0}),
     "clip-refine": ("the 2026-12-05 default with the split inputs' ranges refined per channel against the linear's "
                     "output error (one sweep of c·0.85 … 1.15)", "mergequant", {"clip_refine": 1}),
 }

@@ -564,6 +564,13 @@ def test_allocate_layers_spends_the_pool_exactly_and_best():
     assert dropped(out) == pytest.approx(best, rel=1e-12)
     # equal layers share equally
     assert allocate_layers([gains[0]] * 3, free=3, units=3, unit=2) == [5, 5, 5]
+    # a cap: no layer above it, the pool still spent, the best split among the capped ones
+    capped = allocate_layers(gains, free=3, units=5, unit=2, cap=2)
+    assert sum(capped) == 3 * 3 + 5 * 2 and max(capped) <= 3 + 2 * 2
+    best = max(dropped([3 + 2 * u for u in us]) for us in itertools.product(range(3), repeat=3) if sum(us) == 5)
+    assert dropped(capped) == pytest.approx(best, rel=1e-12)
+    with pytest.raises(ValueError):
+        allocate_layers(gains, free=3, units=5, unit=2, cap=1)
 
 
 def test_alloc_down_keeps_ffn_downs_total_slots(tiny):

@@ -75,6 +75,7 @@ class Options:
     alloc_norm: str = "stream"  # how a layer's ffn_down noise is weighed: "stream" (relative to the median token
                                 # energy of the residual stream it adds to) or "abs" (as it is)
     alloc_probe: int = 4       # calibration sequences the float probe runs
+    alloc_cap: float | None = None  # the most one layer's ffn_down takes, a multiple of the even share (None: any)
     clip_refine: int = 0       # sweeps of the per-channel range refinement against the linear's output error
                                # (clip.refine_act_clip) on the split inputs' chosen ranges (0: off)
 
@@ -572,6 +573,7 @@ def probe_down_slots(ck: Checkpoint, ids: np.ndarray, opts: Options) -> list[int
     free = pad_k(f) - f
     per_layer = extra_slots(f, opts.budget if opts.budget_down is None else opts.budget_down)
     units = layers * (per_layer - free) // K_ALIGN
+    cap = None if opts.alloc_cap is None else int(opts.alloc_cap * (per_layer - free) // K_ALIGN)
     cos_sin = rope_cos_sin(cfg, np.arange(t))
     flat = lambda v: v.reshape(b * t, -1)  # noqa: E731
     h = ck.get("model.embed_tokens.weight")[ids].astype(np.float16).astype(np.float32)
@@ -591,7 +593,7 @@ def probe_down_slots(ck: Checkpoint, ids: np.ndarray, opts: Options) -> list[int
             weight = 1.0 / max(float(np.median(np.sum(flat(h).astype(np.float64) ** 2, axis=1))), 1e-30)
         gains.append(greedy_slots(np.abs(m).max(axis=0), np.sum(w * w, axis=0), free + units * K_ALIGN)[1] * weight)
         del fw, q, k, v, y, m, w
-    return allocate_layers(gains, free, units, K_ALIGN)
+    return allocate_layers(gains, free, units, K_ALIGN, cap)
 
 
 def w4a4_static(ck: Checkpoint, quant: dict[str, Any], opts: Options, calib: CalibrationSpec,
@@ -632,7 +634,8 @@ def mergequant(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] 
                clip_scales: tuple[float, ...] | str = Options.clip_scales,
                clip_sample: int = Options.clip_sample, clip_power: float = Options.clip_power,
                alloc_down: bool = Options.alloc_down, alloc_norm: str = Options.alloc_norm,
-               alloc_probe: int = Options.alloc_probe, clip_refine: int = Options.clip_refine, calib: str = "wikitext2+c4", calib_n: int = CalibrationSpec.n, calib_len: int = CalibrationSpec.length,
+               alloc_probe: int = Options.alloc_probe, alloc_cap: float | None = Options.alloc_cap,
+               clip_refine: int = Options.clip_refine, calib: str = "wikitext2+c4", calib_n: int = CalibrationSpec.n, calib_len: int = CalibrationSpec.length,
                seed: int = 0, tokenizer: str | None = None, report: str | None = None,
                report_n: int = 4) -> Iterator[dict[str, np.ndarray]]:
     """The `mergequant` method (`report`: write the per-linear error report there, see w4a4_static); switches: no_clip, no_split, rank=0 (no low-rank branch), gptq=False (RTN
@@ -641,7 +644,8 @@ def mergequant(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] 
     on the chosen activation ranges; a tuple or a comma-separated string, as `--opt clip_scales=0.9,1.1` gives),
     clip_sample (tokens the range searches see) and clip_power (the first per-channel objective's exponent);
     alloc_down (ffn_down's split slots shared by the layers under the same total, probe_down_slots) with alloc_norm
-    ("stream" | "abs") and alloc_probe (the probe's calibration sequences); clip_refine (sweeps of the split
+    ("stream" | "abs"), alloc_probe (the probe's calibration sequences) and alloc_cap (one layer's most, a multiple
+    of the even share); clip_refine (sweeps of the split
     inputs' per-channel range refinement against the linear's output error)."""
     check_scheme("mergequant", "w4a4", scheme)
     if gptq_target not in ("w", "ls", "ridge"):
@@ -656,7 +660,8 @@ def mergequant(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] 
                    down_alpha=down_alpha, rank=rank, rank_down=rank_down, rank_o=rank_o, gptq=gptq,
                    gptq_target=gptq_target, act_order=act_order, ridge=ridge, damp=damp, block=block,
                    clip_scales=tuple(clip_scales), clip_sample=clip_sample, clip_power=clip_power,
-                   alloc_down=alloc_down, alloc_norm=alloc_norm, alloc_probe=alloc_probe, clip_refine=clip_refine)
+                   alloc_down=alloc_down, alloc_norm=alloc_norm, alloc_probe=alloc_probe, alloc_cap=alloc_cap,
+                   clip_refine=clip_refine)
     return w4a4_static(ck, {} if quant is None else quant, opts,
                        CalibrationSpec(calib, calib_n, calib_len, seed, tokenizer), report, report_n)
 

@@ -45,15 +45,20 @@ def allocate_parts(ranges: np.ndarray, col_norm2: np.ndarray, extra: int, max_pa
     return greedy_slots(ranges, col_norm2, extra, max_parts)[0]
 
 
-def allocate_layers(gains: list[np.ndarray], free: int, units: int, unit: int) -> list[int]:
+def allocate_layers(gains: list[np.ndarray], free: int, units: int, unit: int,
+                    cap: int | None = None) -> list[int]:
     """One split budget shared by the layers of one linear: layer i has `free` slots of its own (the K padding)
     and takes whole units of `unit` slots (the kernels' multiple of K) from a pool of `units`, each unit going
     where it lowers the weighted noise most. gains[i]: layer i's successive slot gains (greedy_slots' second
-    result, weighted; non-increasing, so the best units of all layers are a prefix of every layer's). Returns
-    each layer's extra slots, free + unit · (its units); their sum is len(gains) · free + unit · units exactly."""
+    result, weighted; non-increasing, so the best units of all layers are a prefix of every layer's); `cap`: the
+    most units one layer takes (None: any). Returns each layer's extra slots, free + unit · (its units); their sum
+    is len(gains) · free + unit · units exactly."""
+    per = units if cap is None else min(units, cap)
+    if per * len(gains) < units:
+        raise ValueError(f"allocate_layers: {units} units do not fit {len(gains)} layers of at most {per}")
     cands = []  # (−gain of the unit, layer, unit index): the units past `free`, in each layer's order
     for i, g in enumerate(gains):
-        g = np.concatenate([g[free:], np.zeros(max(0, free + units * unit - len(g)))])[:units * unit]
+        g = np.concatenate([g[free:], np.zeros(max(0, free + per * unit - len(g)))])[:per * unit]
         per_unit = g[:len(g) // unit * unit].reshape(-1, unit).sum(axis=1)
         cands += [(-float(v), i, u) for u, v in enumerate(per_unit)]
     cands.sort()
