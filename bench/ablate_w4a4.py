@@ -102,6 +102,10 @@ ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
                        "mergequant", {"alloc_down": True, "alloc_norm": "abs"}),
     "alloc-down-cap2": ("as alloc-down, no layer's ffn_down above twice the even share of split slots", "mergequant",
                         {"alloc_down": True, "alloc_cap": 2.0}),
+    "alloc-down-probe8": ("as alloc-down, the probe on 8 calibration sequences (4): a replicate with a nearby "
+                          "allocation", "mergequant", {"alloc_down": True, "alloc_probe": 8}),
+    "alloc-down-damp0.1": ("alloc-down with GPTQ / low-rank damping 0.1 (0.01)", "mergequant",
+                           {"alloc_down": True, "damp": 0.1}),
     "clip-refine": ("the 2026-12-05 default with the split inputs' ranges refined per channel against the linear's "
                     "output error (one sweep of c·0.85 … 1.15)", "mergequant", {"clip_refine": 1}),
 }
