@@ -40,8 +40,10 @@ from .split import allocate_layers, allocate_parts, build_in_map, expand_columns
 # fitted on the engine's own input codes, the low-rank cross term from (aᵀx)·Wᵀ. 3 (2026-12-05): GPTQ's inverse
 # factor and the low-rank solve in place (Cholesky-based: other rounding), float32 above Options.f64_limit.
 # 4 (2026-12-05): the defaults act_order, rank 32 at ffn_down and attn_output, ffn_down split budget 0.35
-# (bench/RESULTS.md, "W4A4 levers ... 32 × 512 calibration").
-RECIPE_VERSION = 4
+# (bench/RESULTS.md, "W4A4 levers ... 32 × 512 calibration"). 5 (2026-12-08): the default alloc_down, ffn_down's
+# split slots shared by the layers under the same total, probed on 8 sequences (bench/RESULTS.md, "W4A4 levers
+# (2026-12-08, issue 12)").
+RECIPE_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -70,12 +72,13 @@ class Options:
                                # down; the reference GPTQ's precision), else float64 (every SmolLM2 linear)
     clip_scales: tuple[float, ...] = ()  # global factors tried on the chosen activation ranges (the layer error
                                          # decides; () : none)
-    alloc_down: bool = False   # ffn_down's split slots shared by the layers: the total of `budget_down` in every
+    alloc_down: bool = True    # ffn_down's split slots shared by the layers: the total of `budget_down` in every
                                # layer, each layer's share by the noise model on a float probe (probe_down_slots)
     alloc_norm: str = "stream"  # how a layer's ffn_down noise is weighed: "stream" (relative to the median token
                                 # energy of the residual stream it adds to) or "abs" (as it is)
-    alloc_probe: int = 4       # calibration sequences the float probe runs
-    alloc_cap: float | None = None  # the most one layer's ffn_down takes, a multiple of the even share (None: any)
+    alloc_probe: int = 8       # calibration sequences the float probe runs
+    alloc_cap: float | None = None  # the most one layer's ffn_down takes, a multiple of the even share (None: any
+                                    # share that keeps it on the float64 path, f64_limit)
     clip_refine: int = 0       # sweeps of the per-channel range refinement against the linear's output error
                                # (clip.refine_act_clip) on the split inputs' chosen ranges (0: off)
 
@@ -565,7 +568,9 @@ def probe_down_slots(ck: Checkpoint, ids: np.ndarray, opts: Options) -> list[int
     model's SwiGLU outputs for the token windows `ids` [B, T] (absmax ranges): a layer's slot gains weighed
     by 1 / the median token energy of the residual stream after its block (alloc_norm "stream") or as they are
     ("abs"). The probe runs the float checkpoint, not the quantized stream: the shares are decided before the
-    first layer is quantized."""
+    first layer is quantized. A layer's share stays within what keeps its ffn_down on the float64 path
+    (opts.f64_limit, the memory of a conversion: docs/architecture.md); where the even share is already past it (a
+    7B), every layer keeps the even share and no probe runs."""
     cfg = ck.config
     b, t = ids.shape
     d, f, eps = cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps
@@ -573,7 +578,14 @@ def probe_down_slots(ck: Checkpoint, ids: np.ndarray, opts: Options) -> list[int
     free = pad_k(f) - f
     per_layer = extra_slots(f, opts.budget if opts.budget_down is None else opts.budget_down)
     units = layers * (per_layer - free) // K_ALIGN
-    cap = None if opts.alloc_cap is None else int(opts.alloc_cap * (per_layer - free) // K_ALIGN)
+    even = (per_layer - free) // K_ALIGN
+    cap = units if opts.alloc_cap is None else int(opts.alloc_cap * even)
+    kp = pad_k(f) + K_ALIGN * cap  # the largest Kp the cap allows, lowered to the float64 path's
+    while kp > pad_k(f) and max(kp, d) * kp * 8 > opts.f64_limit:
+        kp -= K_ALIGN
+    cap = max(even, min(cap, (kp - pad_k(f)) // K_ALIGN))
+    if cap == even:  # no layer may take more than the even share: the budget's slots everywhere
+        return [per_layer] * layers
     cos_sin = rope_cos_sin(cfg, np.arange(t))
     flat = lambda v: v.reshape(b * t, -1)  # noqa: E731
     h = ck.get("model.embed_tokens.weight")[ids].astype(np.float16).astype(np.float32)
