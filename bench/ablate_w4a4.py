@@ -93,9 +93,33 @@ ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
                       "split budget 50%", "mergequant", {"budget": 0.12, "budget_down": 0.5}),
     "default-1204": ("MergeQuant default of 2026-12-04 (main 210f76c: natural GPTQ order, rank 16, ffn_down split 20%)",
                      "mergequant", OLD_DEFAULT),
-    "default": ("MergeQuant default (2026-12-05: act-order, rank 32 at ffn_down / attn_output, ffn_down split 35%)",
+    "default": ("MergeQuant default (2026-12-08, recipe 5: act-order, rank 32 at ffn_down / attn_output, ffn_down's "
+                "split slots, 35% of K per layer in all, shared by the layers from a float probe of 8 sequences)",
                 "mergequant", {}),
+    "default-r4": ("MergeQuant default of 2026-12-05 (recipe 4: act-order, rank 32 at ffn_down / attn_output, "
+                   "ffn_down split 35% in every layer)", "mergequant", {"alloc_down": False}),
+    "alloc-down": ("the 2026-12-05 default with ffn_down's split slots shared by the layers (the same total; each "
+                   "layer's share by the noise model on a float probe of 4 sequences, weighed by the residual "
+                   "stream's energy)", "mergequant", {"alloc_down": True, "alloc_probe": 4}),
+    "alloc-down-abs": ("as alloc-down, the layers' noise weighed as it is (not by the residual stream's energy)",
+                       "mergequant", {"alloc_down": True, "alloc_norm": "abs", "alloc_probe": 4}),
+    "alloc-down-cap2": ("as alloc-down, no layer's ffn_down above twice the even share of split slots", "mergequant",
+                        {"alloc_down": True, "alloc_cap": 2.0, "alloc_probe": 4}),
+    "alloc-down-probe8": ("as alloc-down, the probe on 8 calibration sequences (4): a replicate with a nearby "
+                          "allocation", "mergequant", {"alloc_down": True, "alloc_probe": 8}),
+    "alloc-down-damp0.1": ("alloc-down with GPTQ / low-rank damping 0.1 (0.01)", "mergequant",
+                           {"alloc_down": True, "alloc_probe": 4, "damp": 0.1}),
+    "clip-refine": ("the 2026-12-05 default with the split inputs' ranges refined per channel against the linear's "
+                    "output error (one sweep of c·0.85 … 1.15)", "mergequant", {"clip_refine": 1, "alloc_down": False}),
 }
+
+# the rows measured before recipe 5 (2026-12-08) ran with ffn_down's split budget in every layer alike
+for _key in ("before", "no-lowrank", "rtn-weights", "act-order", "ridge1", "ridge0.1", "ls", "budget0.1", "down0.1",
+             "down0.2", "down0.35", "down-a8", "rank32", "ls-nat", "ridge1-nat", "rank32-heavy", "clip-scales",
+             "damp0.001", "damp0.1", "calib64", "d0-down0.35", "d0-down0.5", "clip-sample8k", "d0-down0.2",
+             "combo-down0.35", "combo-d0-down0.5", "default-r3", "budget0.12", "rank64-heavy", "down0.5",
+             "b0.12-down0.5", "default-1204"):
+    ROWS[_key] = (ROWS[_key][0], ROWS[_key][1], {**ROWS[_key][2], "alloc_down": False})
 
 
 def markers(calib_n: int, calib_len: int) -> tuple[str, str]:

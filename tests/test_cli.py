@@ -71,7 +71,10 @@ def test_default_model_main_job(default_main_job):
     assert m.quant["method"] == "mergequant"
     # (the recipe is JSON in the file: tuples come back as lists)
     want = {"options": asdict(Options()), "calibration": asdict(CalibrationSpec())}
-    assert m.quant["params"] == json.loads(json.dumps(want))
+    # (and ffn_down's split slots per layer, shared by the layers: alloc_down)
+    assert m.quant["params"].keys() == want.keys() | {"down_slots"}
+    assert {k: m.quant["params"][k] for k in want} == json.loads(json.dumps(want))
+    assert len(m.quant["params"]["down_slots"]) == 30
     linears = m.quant["linears"]
     assert {s for n, s in linears.items() if n.startswith("blk.")} == {"w4a4"} and len(linears) >= 4 * 30
     os.environ["MERGEQUANT_CACHE"], old = str(cache), os.environ.get("MERGEQUANT_CACHE")

@@ -37,10 +37,12 @@ def tiny_mq(tiny_hf_checkpoint, tmp_path_factory):
 
 # the calibrated methods' files: outliertune (w8a8s at q/k/v and gate/up, w8a8 at o_proj and down), qqq g128 and
 # fptq (w4a8g: groups of 128 at K = 256, of 64 at K = 704), qqq per-channel (w4a8, smoothing folded into the norms),
-# mergequant with ffn_down as w4a8 (static W4A4 attention and gate/up, a float-input down in the same block)
+# mergequant with ffn_down as w4a8 (static W4A4 attention and gate/up, a float-input down in the same block), and
+# the default mergequant
 METHOD_FILES = {"outliertune": ("outliertune", {}), "qqq-g128": ("qqq", {"group_size": 128, "smooth_steps": 8}),
                 "qqq": ("qqq", {"smooth_steps": 8}), "fptq": ("fptq", {}),
-                "mergequant-down-a8": ("mergequant", {"down_a8": True})}
+                "mergequant-down-a8": ("mergequant", {"down_a8": True}),
+                "mergequant": ("mergequant", {})}  # (ffn_down's split slots shared by the layers: Kp per layer)
 
 
 @pytest.fixture(scope="module", params=["w4a16g", "w4a4d", "w8a8", "w4a8", "w4a8g", *METHOD_FILES])

@@ -541,3 +541,86 @@ def test_top_directions_of_a_float32_z_in_column_blocks(monkeypatch):
     monkeypatch.setattr(lr, "GATHER_COLS", 128)  # 6 blocks (multiples of the BLAS blocking, as the default)
     got = lr.top_directions(*lr.ridge_solve(gram.copy(), cross.copy(order="F"), overwrite=True), 4)
     assert all(np.allclose(g, w, rtol=1e-6, atol=1e-7 * np.abs(w).max()) for g, w in zip(got, want))
+
+
+def test_allocate_layers_spends_the_pool_exactly_and_best():
+    """The shared split budget: every unit of the pool is given, each layer keeps its free slots, and no other
+    split of the units lowers the weighted noise more (brute force over all of them on a small problem)."""
+    import itertools
+    from mergequant.convert.quant.split import allocate_layers, greedy_slots
+    rng = np.random.default_rng(5)
+    gains = []
+    for i in range(3):
+        ranges = rng.uniform(0.2, 4, 12) * (1 + 20 * (rng.random(12) < 0.1))
+        norms = rng.uniform(0.5, 2, 12)
+        parts, g = greedy_slots(ranges, norms, 3 + 5 * 2)
+        assert np.array_equal(parts, allocate_parts(ranges, norms, 3 + 5 * 2))
+        assert np.all(np.diff(g) <= 0) and parts.sum() - 12 == len(g)  # the slots' gains in the order given
+        gains.append(g * rng.uniform(0.5, 2))
+    out = allocate_layers(gains, free=3, units=5, unit=2)
+    assert sum(out) == 3 * 3 + 5 * 2 and all(e >= 3 and (e - 3) % 2 == 0 for e in out)
+    dropped = lambda alloc: sum(float(g[:e].sum()) for g, e in zip(gains, alloc))  # noqa: E731
+    best = max(dropped([3 + 2 * u for u in us]) for us in itertools.product(range(6), repeat=3) if sum(us) == 5)
+    assert dropped(out) == pytest.approx(best, rel=1e-12)
+    # equal layers share equally
+    assert allocate_layers([gains[0]] * 3, free=3, units=3, unit=2) == [5, 5, 5]
+    # a cap: no layer above it, the pool still spent, the best split among the capped ones
+    capped = allocate_layers(gains, free=3, units=5, unit=2, cap=2)
+    assert sum(capped) == 3 * 3 + 5 * 2 and max(capped) <= 3 + 2 * 2
+    best = max(dropped([3 + 2 * u for u in us]) for us in itertools.product(range(3), repeat=3) if sum(us) == 5)
+    assert dropped(capped) == pytest.approx(best, rel=1e-12)
+    with pytest.raises(ValueError):
+        allocate_layers(gains, free=3, units=5, unit=2, cap=1)
+
+
+def test_alloc_down_keeps_ffn_downs_total_slots(tiny):
+    """alloc_down moves ffn_down's split slots between layers: the layers' slots sum to what the budget gives every
+    layer (the same int4 bytes), each layer's K + slots a multiple of K_ALIGN, the shares recorded in the recipe;
+    the other linears' inputs are those of the default."""
+    from mergequant.convert.quant.int4 import pad_k
+    from mergequant.convert.quant.split import extra_slots
+    _, ck, calib = tiny
+    c = ck.config
+    base = quantize(ck, "mergequant", budget_down=0.8, **calib)
+    m = quantize(ck, "mergequant", budget_down=0.8, alloc_down=True, alloc_probe=2, **calib)
+    f = c.intermediate_size
+    slots = m.quant["params"]["down_slots"]
+    assert m.quant["params"]["options"]["alloc_down"] is True
+    assert len(slots) == c.num_hidden_layers
+    assert sum(slots) == c.num_hidden_layers * extra_slots(f, 0.8)
+    kps = [b.down.in_map.shape[0] for b in m.blocks]
+    assert kps == [pad_k(f + e) for e in slots] and sum(kps) == sum(b.down.in_map.shape[0] for b in base.blocks)
+    for b0, b1 in zip(base.blocks, m.blocks):
+        assert b1.qkv.in_map.shape == b0.qkv.in_map.shape and b1.gate_up.in_map.shape == b0.gate_up.in_map.shape
+    with pytest.raises(ValueError, match="alloc_norm"):
+        quantize(ck, "mergequant", alloc_down=True, alloc_norm="max", **calib)
+
+
+def test_clip_refine_lowers_the_output_error_of_the_inputs():
+    """refine_act_clip moves the ranges only where the output error of the quantized inputs drops (it is never above
+    the start's, and here, with correlated weight columns and outlier tokens, below it), within amax; mergequant's
+    clip_refine records the option and leaves the file's shapes alone."""
+    from mergequant.convert.quant.clip import refine_act_clip
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((800, 96)) * rng.uniform(0.2, 3, 96)).astype(np.float32)
+    x[::40] *= 6
+    w = (rng.standard_normal((40, 96)) / 8).astype(np.float32)
+    w[:, 10:30] += w[:, 30:50]
+    parts = np.ones(96, np.int64)
+    parts[:8] = 3
+    amax = np.abs(x).max(axis=0)
+    c = search_act_clip(x, amax, parts, (2.0,))[0] * amax
+    err = lambda r: float(np.sum(((fake_quant(x, r, parts) - x).astype(np.float64) @ w.T) ** 2))  # noqa: E731
+    for sweeps in (1, 2):
+        r = refine_act_clip(x, w, c, amax, parts, sweeps)
+        assert err(r) < err(c) and np.all(r <= amax) and np.all(r >= 0.85 ** sweeps * c * (1 - 1e-6))
+    assert np.array_equal(refine_act_clip(x, np.zeros_like(w), c, amax, parts), c)  # no output error: unchanged
+
+
+def test_clip_refine_option(tiny):
+    _, ck, calib = tiny
+    base = quantize(ck, "mergequant", **calib)
+    m = quantize(ck, "mergequant", clip_refine=1, **calib)
+    assert m.quant["params"]["options"]["clip_refine"] == 1
+    b0, b1 = base.blocks[0], m.blocks[0]
+    assert b1.qkv.in_map.shape == b0.qkv.in_map.shape and not np.array_equal(b1.qkv.in_scale, b0.qkv.in_scale)

@@ -84,3 +84,48 @@ def search_weight_scale(w: np.ndarray, importance: np.ndarray | None) -> np.ndar
         better = err < best
         best[better], scale[better] = err[better], s[better]
     return np.where(absmax > 0, scale, 0).astype(np.float32)
+
+
+REFINE_FACTORS = np.asarray([0.85, 0.9, 0.95, 1.05, 1.1, 1.15], np.float32)  # refine_act_clip's moves
+
+
+def refine_act_clip(x: np.ndarray, w: np.ndarray, c: np.ndarray, amax: np.ndarray, parts: np.ndarray,
+                    sweeps: int = 1, cols: int = 128) -> np.ndarray:
+    """Ranges c [K] refined per channel against the linear's output error ‖(x̂ − x)·Wᵀ‖² (x [M, K], W [N, K]
+    the float weight: the error the inputs' quantization alone leaves), where the per-channel searches see one
+    channel's own error only. Coordinate descent in blocks of `cols` channels: with E = x̂ − x and G = E·WᵀW,
+    moving channel j's error column by d changes the output error by 2·dᵀG[:, j] + (WᵀW)_jj·‖d‖², so each channel
+    of a block takes the range among c_j·REFINE_FACTORS (at most amax_j) that lowers it most, or keeps c_j, then G
+    follows; each sweep moves from the last one's ranges. The channels of one block move together (their cross
+    terms are not seen): the result is kept only where its output error is below c's."""
+    x = np.ascontiguousarray(x, np.float32)
+    w = np.asarray(w, np.float32)
+    h = w.T @ w
+    hd = np.diag(h).astype(np.float64)
+    m = np.asarray(parts, np.float32) * np.ones(x.shape[1], np.float32)
+    c = np.asarray(c, np.float32).copy()
+    e = fake_quant(x, c, m) - x
+    g = e @ h
+    start = float(np.sum(np.square(e @ w.T), dtype=np.float64))
+    c0 = c.copy()
+    for _ in range(sweeps):
+        for j0 in range(0, x.shape[1], cols):
+            sl = slice(j0, min(j0 + cols, x.shape[1]))
+            xb, eb, gb = x[:, sl], e[:, sl], g[:, sl]
+            trial = np.minimum(REFINE_FACTORS[:, None] * c[sl], amax[sl].astype(np.float32))  # [R, cols]
+            # every trial's error change at once: [R, M, cols]
+            step = np.where(trial > 0, trial, 1) / (QMAX * m[sl])
+            d = np.clip(np.rint(xb / step[:, None]), QMIN * m[sl], QMAX * m[sl]) * step[:, None]
+            d -= xb
+            d -= eb
+            delta = 2 * np.einsum("rtj,tj->rj", d, gb) + hd[sl] * np.einsum("rtj,rtj->rj", d, d)
+            r = np.argmin(np.concatenate([np.zeros((1, d.shape[2])), delta]), axis=0)  # 0: stay (the first wins)
+            pick = np.where(r > 0, trial[np.maximum(r - 1, 0), np.arange(d.shape[2])], c[sl])
+            if np.array_equal(pick, c[sl]):
+                continue
+            d = fake_quant(xb, pick, m[sl]) - xb - eb
+            e[:, sl] += d
+            g += d @ h[sl]
+            c[sl] = pick
+    end = float(np.sum(np.square(e @ w.T), dtype=np.float64))
+    return c if end < start else c0

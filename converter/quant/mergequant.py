@@ -19,19 +19,20 @@ from typing import Any
 import numpy as np
 
 from ..config import LlamaConfig
+from ..layers import fused_layer
 from ..loaders import Checkpoint
 from ..reference import rope_cos_sin
 from ..schemes import pack_linear
 from .blas import parallel_for
 from .calibrate import CalibrationSpec, calibration_tokens, run_sequential, stage
-from .clip import fake_quant, search_act_clip, search_weight_scale
+from .clip import fake_quant, refine_act_clip, search_act_clip, search_weight_scale
 from .gptq import gptq_codes, working_columns
-from .int4 import QMAX, QMIN, pad_columns, pad_k, quant_rows, round_codes
+from .int4 import K_ALIGN, QMAX, QMIN, pad_columns, pad_k, quant_rows, round_codes
 from .lowrank import ridge_solve, top_directions
 from .rtn import check_scheme
 from .simulate import SimBlock, attend, load_block, rms_factor, split_qkv, swiglu
 from .simulate_linear import expand_slots, lora_branch
-from .split import allocate_parts, build_in_map, expand_columns, extra_slots
+from .split import allocate_layers, allocate_parts, build_in_map, expand_columns, extra_slots, greedy_slots
 
 
 # The numerics of the file this method writes for given options: raise it with every change that alters the file
@@ -39,8 +40,10 @@ from .split import allocate_parts, build_in_map, expand_columns, extra_slots
 # fitted on the engine's own input codes, the low-rank cross term from (aᵀx)·Wᵀ. 3 (2026-12-05): GPTQ's inverse
 # factor and the low-rank solve in place (Cholesky-based: other rounding), float32 above Options.f64_limit.
 # 4 (2026-12-05): the defaults act_order, rank 32 at ffn_down and attn_output, ffn_down split budget 0.35
-# (bench/RESULTS.md, "W4A4 levers ... 32 × 512 calibration").
-RECIPE_VERSION = 4
+# (bench/RESULTS.md, "W4A4 levers ... 32 × 512 calibration"). 5 (2026-12-08): the default alloc_down, ffn_down's
+# split slots shared by the layers under the same total, probed on 8 sequences (bench/RESULTS.md, "W4A4 levers
+# (2026-12-08, issue 12)").
+RECIPE_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,15 @@ class Options:
                                # down; the reference GPTQ's precision), else float64 (every SmolLM2 linear)
     clip_scales: tuple[float, ...] = ()  # global factors tried on the chosen activation ranges (the layer error
                                          # decides; () : none)
+    alloc_down: bool = True    # ffn_down's split slots shared by the layers: the total of `budget_down` in every
+                               # layer, each layer's share by the noise model on a float probe (probe_down_slots)
+    alloc_norm: str = "stream"  # how a layer's ffn_down noise is weighed: "stream" (relative to the median token
+                                # energy of the residual stream it adds to) or "abs" (as it is)
+    alloc_probe: int = 8       # calibration sequences the float probe runs
+    alloc_cap: float | None = None  # the most one layer's ffn_down takes, a multiple of the even share (None: any
+                                    # share that keeps it on the float64 path, f64_limit)
+    clip_refine: int = 0       # sweeps of the per-channel range refinement against the linear's output error
+                               # (clip.refine_act_clip) on the split inputs' chosen ranges (0: off)
 
     def rank_for(self, name: str) -> int:
         """The low-rank rank of linear `name` (attn_qkv, attn_output, ffn_gate_up, ffn_down): rank 0 turns the
@@ -210,21 +222,26 @@ def choose_ranges(xs: np.ndarray, w: np.ndarray, parts: np.ndarray, opts: Option
 
 
 def quantize_input(x: np.ndarray, w: np.ndarray, rows: np.ndarray, opts: Options, splittable: bool,
-                   tie: Callable[[np.ndarray], np.ndarray] = lambda c: c, budget: float | None = None) -> InputQuant:
+                   tie: Callable[[np.ndarray], np.ndarray] = lambda c: c, budget: float | None = None,
+                   extra: int | None = None) -> InputQuant:
     """Static quantization of an input x [M, K] (fp, from the quantized stream) consumed by W [N, K]; `budget`:
-    the split budget (opts.budget when None)."""
+    the split budget (opts.budget when None); `extra`: the split slots themselves (K + extra a multiple of
+    K_ALIGN), instead of the budget's."""
     k = x.shape[1]
     budget = opts.budget if budget is None else budget
+    extra = extra_slots(k, budget) if extra is None else extra
     xs = x[rows]
     parts = np.ones(k, np.int64)
     y = xs @ w.T if opts.clip else None  # the sample's fp output, for both range choices
     c = choose_ranges(xs, w, parts, opts, tie, y)
     if splittable and opts.split:
-        parts = allocate_parts(c, np.sum(w * w, axis=0), extra_slots(k, budget))
+        parts = allocate_parts(c, np.sum(w * w, axis=0), extra)
         c = choose_ranges(xs, w, parts, opts, tie, y)
-        kp = pad_k(k + extra_slots(k, budget))
+        kp = pad_k(k + extra)
     else:
         kp = pad_k(k)
+    if splittable and opts.clip and opts.clip_refine:  # (splittable: one range per channel, no tie)
+        c = refine_act_clip(xs, w, c, np.abs(xs).max(axis=0), parts, opts.clip_refine)
     c = np.maximum(c, 1e-6 * max(float(c.max()), 1e-30)).astype(np.float32)
     return InputQuant((c / (QMAX * parts)).astype(np.float32), build_in_map(parts, kp))
 
@@ -421,14 +438,15 @@ def quantize_down_a8(m: np.ndarray, w: np.ndarray, opts: Options, fit: int) -> t
 
 def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: LlamaConfig, opts: Options,
                    quant: dict[str, Any], rng: np.random.Generator, held_out: int = 0,
-                   report: list[dict[str, Any]] | None = None
+                   report: list[dict[str, Any]] | None = None, down_extra: int | None = None
                    ) -> tuple[dict[str, np.ndarray], SimBlock, np.ndarray | None]:
     """One block on its input stream h [B, T, D] → its file tensors, the SimBlock executing them and the block's
     output stream (each linear is fitted on the codes the engine feeds it, so its fitted output is the engine's
     and the block's output needs no second pass; None with the mixed-precision ffn_down). The last `held_out`
     sequences of h are not fitted; each linear's errors on them go to `report`. Each linear's float32 weights
     leave `fused` once quantized, and each calibration output once consumed, so the block holds what its
-    remaining linears need (docs/architecture.md, "Memory of a conversion")."""
+    remaining linears need (docs/architecture.md, "Memory of a conversion"). `down_extra`: ffn_down's split slots
+    (probe_down_slots), instead of its budget's."""
     b, t, d = h.shape
     p = f"blk.{i}."
     hd, h_q, h_kv, f = config.head_dim, config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
@@ -449,7 +467,8 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
         stage(f"layer {i}: {name}")
         budget = opts.budget_down if name == "ffn_down" and opts.budget_down is not None else opts.budget
         w = fused.pop(p + name)  # (each linear's float32 weights leave `fused` once quantized)
-        inp = quantize_input(x, w, rows, opts, splittable=True, budget=budget)
+        extra = down_extra if name == "ffn_down" else None
+        inp = quantize_input(x, w, rows, opts, splittable=True, budget=budget, extra=extra)
         a = engine_input(inp)
         fused[p + name] = w
         del w  # handed over as a temporary: quantize_linear then holds the only reference and drops it once used
@@ -543,6 +562,52 @@ def quantize_layer(i: int, h: np.ndarray, fused: dict[str, np.ndarray], config: 
     return tensors, load_block(config, tensors.get, quant["linears"], i), h_next
 
 
+def probe_down_slots(ck: Checkpoint, ids: np.ndarray, opts: Options) -> list[int]:
+    """Each layer's ffn_down split slots under one budget: the total of opts.budget_down in every layer, shared in
+    units of K_ALIGN slots (split.allocate_layers) by the uniform-noise model of allocate_parts, on the float
+    model's SwiGLU outputs for the token windows `ids` [B, T] (absmax ranges): a layer's slot gains weighed
+    by 1 / the median token energy of the residual stream after its block (alloc_norm "stream") or as they are
+    ("abs"). The probe runs the float checkpoint, not the quantized stream: the shares are decided before the
+    first layer is quantized. A layer's share stays within what keeps its ffn_down on the float64 path
+    (opts.f64_limit, the memory of a conversion: docs/architecture.md); where the even share is already past it (a
+    7B), every layer keeps the even share and no probe runs."""
+    cfg = ck.config
+    b, t = ids.shape
+    d, f, eps = cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps
+    layers = cfg.num_hidden_layers
+    free = pad_k(f) - f
+    per_layer = extra_slots(f, opts.budget if opts.budget_down is None else opts.budget_down)
+    units = layers * (per_layer - free) // K_ALIGN
+    even = (per_layer - free) // K_ALIGN
+    cap = units if opts.alloc_cap is None else int(opts.alloc_cap * even)
+    kp = pad_k(f) + K_ALIGN * cap  # the largest Kp the cap allows, lowered to the float64 path's
+    while kp > pad_k(f) and max(kp, d) * kp * 8 > opts.f64_limit:
+        kp -= K_ALIGN
+    cap = max(even, min(cap, (kp - pad_k(f)) // K_ALIGN))
+    if cap == even:  # no layer may take more than the even share: the budget's slots everywhere
+        return [per_layer] * layers
+    cos_sin = rope_cos_sin(cfg, np.arange(t))
+    flat = lambda v: v.reshape(b * t, -1)  # noqa: E731
+    h = ck.get("model.embed_tokens.weight")[ids].astype(np.float16).astype(np.float32)
+    gains = []
+    for i in range(layers):
+        stage(f"slot probe: layer {i}")
+        fw, p = fused_layer(ck, i), f"blk.{i}."
+        q, k, v = split_qkv((flat(h * rms_factor(h, eps) * fw[p + "attn_norm.weight"]) @ fw[p + "attn_qkv"].T)
+                            .reshape(b, t, -1), cfg)
+        h = h + (flat(attend(q, k, v, cfg, *cos_sin)) @ fw[p + "attn_output"].T).reshape(b, t, d)
+        y = flat(h * rms_factor(h, eps) * fw[p + "ffn_norm.weight"]) @ fw[p + "ffn_gate_up"].T
+        m = swiglu(y[:, :f], y[:, f:])
+        w = fw[p + "ffn_down"]
+        h = h + (m @ w.T).reshape(b, t, d)
+        weight = 1.0
+        if opts.alloc_norm == "stream":
+            weight = 1.0 / max(float(np.median(np.sum(flat(h).astype(np.float64) ** 2, axis=1))), 1e-30)
+        gains.append(greedy_slots(np.abs(m).max(axis=0), np.sum(w * w, axis=0), free + units * K_ALIGN)[1] * weight)
+        del fw, q, k, v, y, m, w
+    return allocate_layers(gains, free, units, K_ALIGN, cap)
+
+
 def w4a4_static(ck: Checkpoint, quant: dict[str, Any], opts: Options, calib: CalibrationSpec,
                 report: str | Path | None = None, report_n: int = 4) -> Iterator[dict[str, np.ndarray]]:
     """The static W4A4 blocks. With `report` (a path), `report_n` further windows (drawn with seed + 1, so
@@ -556,10 +621,15 @@ def w4a4_static(ck: Checkpoint, quant: dict[str, Any], opts: Options, calib: Cal
     def blocks() -> Iterator[dict[str, np.ndarray]]:
         stage("calibration text")
         ids = calibration_tokens(calib, ck)
+        down_slots = None
+        if opts.alloc_down and opts.split and not opts.down_a8:
+            down_slots = probe_down_slots(ck, ids[:opts.alloc_probe], opts)
+            quant["params"]["down_slots"] = down_slots
         if report is not None:
             ids = np.concatenate([ids, calibration_tokens(replace(calib, n=report_n, seed=calib.seed + 1), ck)])
         yield from run_sequential(ck, ids, lambda i, h, fused: quantize_layer(
-            i, h, fused, ck.config, opts, quant, rng, held_out, rows if report is not None else None))
+            i, h, fused, ck.config, opts, quant, rng, held_out, rows if report is not None else None,
+            None if down_slots is None else down_slots[i]))
         if report is not None:
             Path(report).write_text(json.dumps({"options": asdict(opts), "calibration": asdict(calib),
                                                 "held_out": report_n, "linears": rows}, indent=1) + "\n")
@@ -575,17 +645,25 @@ def mergequant(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] 
                damp: float = Options.damp, block: int = Options.block,
                clip_scales: tuple[float, ...] | str = Options.clip_scales,
                clip_sample: int = Options.clip_sample, clip_power: float = Options.clip_power,
-               calib: str = "wikitext2+c4", calib_n: int = CalibrationSpec.n, calib_len: int = CalibrationSpec.length,
+               alloc_down: bool = Options.alloc_down, alloc_norm: str = Options.alloc_norm,
+               alloc_probe: int = Options.alloc_probe, alloc_cap: float | None = Options.alloc_cap,
+               clip_refine: int = Options.clip_refine, calib: str = "wikitext2+c4", calib_n: int = CalibrationSpec.n, calib_len: int = CalibrationSpec.length,
                seed: int = 0, tokenizer: str | None = None, report: str | None = None,
                report_n: int = 4) -> Iterator[dict[str, np.ndarray]]:
     """The `mergequant` method (`report`: write the per-linear error report there, see w4a4_static); switches: no_clip, no_split, rank=0 (no low-rank branch), gptq=False (RTN
     weights), gptq_target ("w" | "ls" | "ridge" with weight `ridge`), act_order (GPTQ column order); rank_down /
     rank_o (ffn_down's / attn_output's own low-rank rank), damp and block (GPTQ), clip_scales (global factors tried
     on the chosen activation ranges; a tuple or a comma-separated string, as `--opt clip_scales=0.9,1.1` gives),
-    clip_sample (tokens the range searches see) and clip_power (the first per-channel objective's exponent)."""
+    clip_sample (tokens the range searches see) and clip_power (the first per-channel objective's exponent);
+    alloc_down (ffn_down's split slots shared by the layers under the same total, probe_down_slots) with alloc_norm
+    ("stream" | "abs"), alloc_probe (the probe's calibration sequences) and alloc_cap (one layer's most, a multiple
+    of the even share); clip_refine (sweeps of the split
+    inputs' per-channel range refinement against the linear's output error)."""
     check_scheme("mergequant", "w4a4", scheme)
     if gptq_target not in ("w", "ls", "ridge"):
         raise ValueError(f"mergequant: gptq_target must be 'w', 'ls' or 'ridge', got {gptq_target!r}")
+    if alloc_norm not in ("stream", "abs"):
+        raise ValueError(f"mergequant: alloc_norm must be 'stream' or 'abs', got {alloc_norm!r}")
     if isinstance(clip_scales, str):
         clip_scales = tuple(float(v) for v in clip_scales.split(",") if v)
     elif isinstance(clip_scales, (int, float)):
@@ -593,7 +671,9 @@ def mergequant(ck: Checkpoint, scheme: str | None = None, quant: dict[str, Any] 
     opts = Options(clip=not no_clip, split=not no_split, budget=budget, budget_down=budget_down, down_a8=down_a8,
                    down_alpha=down_alpha, rank=rank, rank_down=rank_down, rank_o=rank_o, gptq=gptq,
                    gptq_target=gptq_target, act_order=act_order, ridge=ridge, damp=damp, block=block,
-                   clip_scales=tuple(clip_scales), clip_sample=clip_sample, clip_power=clip_power)
+                   clip_scales=tuple(clip_scales), clip_sample=clip_sample, clip_power=clip_power,
+                   alloc_down=alloc_down, alloc_norm=alloc_norm, alloc_probe=alloc_probe, alloc_cap=alloc_cap,
+                   clip_refine=clip_refine)
     return w4a4_static(ck, {} if quant is None else quant, opts,
                        CalibrationSpec(calib, calib_n, calib_len, seed, tokenizer), report, report_n)
 

@@ -81,7 +81,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
     gptq = False if a.no_gptq else (True if a.gptq else None)
     method_args = {k: v for k, v in (("no_clip", a.no_clip or None), ("no_split", a.no_split or None),
                                       ("rank", a.rank), ("gptq", gptq), ("budget", a.budget),
-                                      ("budget_down", a.budget_down), ("down_a8", a.down_a8 or None),
+                                      ("budget_down", a.budget_down), ("alloc_down", False if a.no_alloc_down else None),
+                                      ("down_a8", a.down_a8 or None),
                                       ("act_order", a.act_order), ("damp", a.damp), ("block", a.gptq_block),
                                       ("alpha", a.alpha), ("bits", a.bits), ("no_smooth", a.no_smooth or None),
                                       ("o_smooth", a.o_smooth), ("down_smooth", a.down_smooth),
@@ -296,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--budget", type=float, default=None, help="channel-split budget as a share of K (default 0.03)")
     m.add_argument("--budget-down", type=float, default=None,
                    help="ffn_down's own channel-split budget (default 0.35: its SwiGLU input carries the most error)")
+    m.add_argument("--no-alloc-down", action="store_true",
+                   help="ffn_down's split budget in every layer alike, instead of shared by the layers under the same "
+                        "total (the default: each layer's share from a float probe of 8 calibration sequences; "
+                        "--opt alloc_probe=N, alloc_cap=X)")
     m.add_argument("--down-a8", action="store_true",
                    help="mixed precision: ffn_down as w4a8 (per-token int8 inputs, smoothing folded into the up rows) "
                         "instead of static W4A4")
