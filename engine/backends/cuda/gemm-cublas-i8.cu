@@ -94,21 +94,27 @@ __global__ void widen_int4_kernel(const uint8_t * __restrict__ q, const uint8_t 
     dst[1] = make_uint4(out[4], out[5], out[6], out[7]);
 }
 
-// one output of the epilogue (gemm-cublas-i8.cuh), given its integer sum and its low-rank value (lora: the fp32
-// of the float64 sum; used where has_lora, else add[m, n] where add is given)
+// the epilogue's operations (gemm-cublas-i8.cuh) on one integer sum, in their order; each operand a pointer to
+// its value, or null where the epilogue has none
+__device__ __forceinline__ float i8_value(int32_t acc, const float * scale, const float * add, const float * row_scale,
+                                          const float * bias) {
+    const float f = (float) acc;
+    float v = scale ? __fmul_rn(f, *scale) : f;
+    if (add) v = __fadd_rn(v, *add);
+    if (row_scale) v = __fmul_rn(v, *row_scale);
+    if (bias) v = __fadd_rn(v, *bias);
+    return v;
+}
+
+// one output y[m, n] of the epilogue, given its integer sum and its low-rank value (lora: the fp32 of the float64
+// sum; used where has_lora, else add[m, n] where add is given)
 __device__ __forceinline__ void i8_finish(int32_t acc, bool has_lora, float lora, int m, int n, int N,
                                           const float * __restrict__ scale, const float * __restrict__ add,
                                           const float * __restrict__ row_scale, const float * __restrict__ bias,
                                           int accumulate, float * __restrict__ y) {
-    const float f = (float) acc;
-    float v = scale ? __fmul_rn(f, scale[n]) : f;
-    if (has_lora) {
-        v = __fadd_rn(v, lora);
-    } else if (add) {
-        v = __fadd_rn(v, add[(size_t) m * N + n]);
-    }
-    if (row_scale) v = __fmul_rn(v, row_scale[m]);
-    if (bias) v = __fadd_rn(v, bias[n]);
+    const float * a = has_lora ? &lora : add ? add + (size_t) m * N + n : nullptr;
+    const float v = i8_value(acc, scale ? scale + n : nullptr, a, row_scale ? row_scale + m : nullptr,
+                             bias ? bias + n : nullptr);
     float * yo = y + (size_t) m * N + n;
     *yo = accumulate ? __fadd_rn(*yo, v) : v;
 }
@@ -183,11 +189,9 @@ __global__ void __launch_bounds__(EPI_COLS) i8_epilogue_lora_kernel(const int32_
             s = fma(b[2 * i + 1], l2.y, s);
         }
         const int m = mb + r;
-        const float f = (float) acc[r];
-        float v = scale ? __fmul_rn(f, sc) : f;
-        v = __fadd_rn(v, (float) s);
-        if (row_scale) v = __fmul_rn(v, row_scale[m]);
-        if (bias) v = __fadd_rn(v, bs);
+        const float lv = (float) s;
+        const float v = i8_value(acc[r], scale ? &sc : nullptr, &lv, row_scale ? row_scale + m : nullptr,
+                                 bias ? &bs : nullptr);
         y[(size_t) m * N + n] = accumulate ? __fadd_rn(old[r], v) : v;
     }
 }

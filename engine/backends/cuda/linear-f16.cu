@@ -1,14 +1,12 @@
-// The f16 linear on fp16 tensor cores, fp32 accumulation: y = x · Wᵀ with fp16 W and one of two inputs
-//  - the f16 scheme's (docs/numerics.md): fp16(x), so each product is exact in fp32 and one fp16 GEMM gives the
-//    result up to summation order;
-//  - an exact fp32 x (w4a16g, which calls this on its weights' fp16 parts): x = hi + lo with hi = fp16(x),
-//    lo = fp16(x − hi) (together about 22 significant bits), y = hi·Wᵀ + lo·Wᵀ.
-//  - decode (m <= 8): a GEMV where MMA rows g carry token g's hi and rows g + 8 its lo (zero for the f16
-//    scheme; the rows would be idle either way); the weights, the bytes that matter, are read once with
-//    16-byte streaming loads, 8 warps splitting K, 4 chunks per thread in flight (measured in bench/kernels/linear.cu).
-//  - prefill (m > 8): x rounded to one fp16 matrix (or split into two) in the scratch buffer and one GEMM (or
-//    two, the second accumulating): cuBLAS's (fp32 accumulation; cublas.cuh) where the library is found, else the
-//    tiled GEMM of gemm-mma.cuh.
+// The f16 linear on fp16 tensor cores: y = fp16(x) · Wᵀ with fp16 W and fp32 accumulation (docs/numerics.md: the
+// input rounded to fp16, so each product is exact in fp32 and one fp16 GEMM gives the result up to summation order).
+// w4a16g calls it on its weights' two fp16 parts (linear-w4a16g.cu).
+//  - decode (m <= 8): a GEMV where MMA rows g carry token g (rows g + 8 are zero: a split of the input into two
+//    fp16 parts took them before the input was fp16; they are idle otherwise); the weights, the bytes that
+//    matter, are read once with 16-byte streaming loads, 8 warps splitting K, 4 chunks per thread in flight
+//    (measured in bench/kernels/linear.cu).
+//  - prefill (m > 8): fp16(x) written to the scratch buffer, then one GEMM: cuBLAS's (fp32 accumulation;
+//    cublas.cuh) where the library is found, else the tiled GEMM of gemm-mma.cuh.
 #include "linear-f16.cuh"
 #include "cuda-common.cuh"
 #include "splitk.cuh"
@@ -28,25 +26,17 @@ __device__ __forceinline__ uint32_t pack_half2(__half a, __half b) {
     return (uint32_t) __half_as_ushort(a) | ((uint32_t) __half_as_ushort(b) << 16);
 }
 
-// 8 fp32 values -> their fp16 hi and lo parts, each as 4 words of 2 halves (k order)
-__device__ __forceinline__ void split_hi_lo(const float4 & a, const float4 & b, uint4 & hi, uint4 & lo) {
-    const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-    uint32_t h[4], l[4];
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const __half h0 = __float2half_rn(v[2 * i]), h1 = __float2half_rn(v[2 * i + 1]);
-        h[i] = pack_half2(h0, h1);
-        l[i] = pack_half2(__float2half_rn(v[2 * i] - __half2float(h0)), __float2half_rn(v[2 * i + 1] - __half2float(h1)));
-    }
-    hi = make_uint4(h[0], h[1], h[2], h[3]);
-    lo = make_uint4(l[0], l[1], l[2], l[3]);
+// 8 fp32 values -> fp16, as 4 words of 2 halves (k order)
+__device__ __forceinline__ uint4 to_half8(const float4 & a, const float4 & b) {
+    return make_uint4(pack_half2(__float2half_rn(a.x), __float2half_rn(a.y)), pack_half2(__float2half_rn(a.z), __float2half_rn(a.w)),
+                      pack_half2(__float2half_rn(b.x), __float2half_rn(b.y)), pack_half2(__float2half_rn(b.z), __float2half_rn(b.w)));
 }
 
 // Block: 8 warps, GEMV_NT tiles of 8 weight rows; warp w takes the 64-byte chunks w, w + 8, ... of K.
 template <int NT, int U>
 static __global__ void __launch_bounds__(256, 1) gemv_f16_kernel(const float * __restrict__ x, const uint8_t * __restrict__ w,
                                                                  float * __restrict__ y, int M, int N, int K,
-                                                                 int accumulate, int prefetch, int f16_inputs) {
+                                                                 int accumulate, int prefetch) {
     pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int kb = 2 * K;
@@ -83,16 +73,12 @@ static __global__ void __launch_bounds__(256, 1) gemv_f16_kernel(const float * _
         }
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            uint4 hi, lo;
-            split_hi_lo(xa[u][0], xa[u][1], hi, lo);
-            if (f16_inputs) lo = z;
-            if ((c0 + u * GEMV_WARPS) * 64 + 16 * t >= kb) {  // past the end of K
-                hi = lo = z;
-            }
+            uint4 hi = to_half8(xa[u][0], xa[u][1]);
+            if ((c0 + u * GEMV_WARPS) * 64 + 16 * t >= kb) hi = z;  // past the end of K
 #pragma unroll
             for (int s = 0; s < FmtF16::steps; s++) {
                 uint32_t af[4];
-                FmtF16::a_frag(hi, lo, s, af);
+                FmtF16::a_frag(hi, z, s, af);
 #pragma unroll
                 for (int i = 0; i < NT; i++) {
                     uint32_t bf[2];
@@ -108,30 +94,23 @@ static __global__ void __launch_bounds__(256, 1) gemv_f16_kernel(const float * _
     splitk_store_hi_lo<GEMV_WARPS, NT>(red, y, M, N, accumulate);
 }
 
-// hi = fp16(x) and, where lo is given, lo = fp16(x − hi); four values a thread (total % 4 == 0: k % 8 == 0), read
-// as one float4 where x is 16-byte aligned
-static __global__ void split_hi_lo_kernel(const float * __restrict__ x, int64_t total, __half * __restrict__ hi,
-                                          __half * __restrict__ lo) {
+// h = fp16(x); four values a thread (total % 4 == 0: k % 8 == 0), read as one float4 where x is 16-byte aligned
+static __global__ void to_half_kernel(const float * __restrict__ x, int64_t total, __half * __restrict__ h16) {
     const bool vec = ((uintptr_t) x & 15) == 0;
     for (int64_t i = 4 * (blockIdx.x * (int64_t) blockDim.x + threadIdx.x); i < total;
          i += 4 * (int64_t) gridDim.x * blockDim.x) {
         const float4 v = vec ? *(const float4 *) (x + i) : make_float4(x[i], x[i + 1], x[i + 2], x[i + 3]);
         const __half h[4] = {__float2half_rn(v.x), __float2half_rn(v.y), __float2half_rn(v.z), __float2half_rn(v.w)};
-        *(uint2 *) (hi + i) = make_uint2(pack_half2(h[0], h[1]), pack_half2(h[2], h[3]));
-        if (lo) {
-            const __half l[4] = {__float2half_rn(v.x - __half2float(h[0])), __float2half_rn(v.y - __half2float(h[1])),
-                                 __float2half_rn(v.z - __half2float(h[2])), __float2half_rn(v.w - __half2float(h[3]))};
-            *(uint2 *) (lo + i) = make_uint2(pack_half2(l[0], l[1]), pack_half2(l[2], l[3]));
-        }
+        *(uint2 *) (h16 + i) = make_uint2(pack_half2(h[0], h[1]), pack_half2(h[2], h[3]));
     }
 }
 
-size_t cuda_linear_f16_scratch(int32_t m, int64_t k, bool f16_inputs) {
-    return m <= GEMV_MAX_M ? 0 : (size_t) (f16_inputs ? 1 : 2) * m * k * sizeof(__half);
+size_t cuda_linear_f16_scratch(int32_t m, int64_t k) {
+    return m <= GEMV_MAX_M ? 0 : (size_t) m * k * sizeof(__half);
 }
 
 void cuda_linear_f16(const void * w, int64_t n, int64_t k, const float * x, int32_t m, float * y, bool accumulate,
-                     bool f16_inputs, void * scratch, cudaStream_t st) {
+                     void * scratch, cudaStream_t st) {
     if (k % 8 != 0 || n <= 0 || k <= 0) {
         throw Error("CUDA f16 linear: K = " + std::to_string(k) + " must be a positive multiple of 8, N = " +
                     std::to_string(n) + " positive");
@@ -144,32 +123,23 @@ void cuda_linear_f16(const void * w, int64_t n, int64_t k, const float * x, int3
         }();
         launch_pdl(u == 2 ? gemv_f16_kernel<GEMV_NT, 2> : gemv_f16_kernel<GEMV_NT, GEMV_U>,
                    dim3((unsigned) ceil_div(n, 8 * GEMV_NT)), dim3(256), 0, st, "gemv_f16_kernel", x,
-                   (const uint8_t *) w, y, m, (int) n, (int) k, accumulate ? 1 : 0, cuda_pdl_mode() == 2 ? 1 : 0,
-                   f16_inputs ? 1 : 0);
+                   (const uint8_t *) w, y, m, (int) n, (int) k, accumulate ? 1 : 0, cuda_pdl_mode() == 2 ? 1 : 0);
         return;
     }
     const int64_t total = (int64_t) m * k;
-    __half * hi = (__half *) scratch;
-    __half * lo = f16_inputs ? nullptr : hi + total;
-    split_hi_lo_kernel<<<(unsigned) std::min<int64_t>(ceil_div(total, 1024), 65535), 256, 0, st>>>(x, total, hi, lo);
-    cuda_check_launch("split_hi_lo_kernel");
-    if (cuda_cublas_gemm_f16((const __half *) w, n, k, hi, m, y, accumulate ? 1.0f : 0.0f, st)) {
-        if (lo) cuda_cublas_gemm_f16((const __half *) w, n, k, lo, m, y, 1.0f, st);
-        return;
-    }
+    __half * xh = (__half *) scratch;
+    to_half_kernel<<<(unsigned) std::min<int64_t>(ceil_div(total, 1024), 65535), 256, 0, st>>>(x, total, xh);
+    cuda_check_launch("to_half_kernel");
+    if (cuda_cublas_gemm_f16((const __half *) w, n, k, xh, m, y, accumulate ? 1.0f : 0.0f, st)) return;
     static std::atomic<uint64_t> smem_set{0};
     cuda_once_per_device(smem_set, [] {
         cuda_check(cudaFuncSetAttribute(gemm_mma_kernel<FmtF16>, cudaFuncAttributeMaxDynamicSharedMemorySize, GEMM_SMEM),
                    "cudaFuncSetAttribute(gemm_mma_kernel<f16>)");
     });
     const dim3 grid((unsigned) ceil_div(n, GEMM_BN), (unsigned) ceil_div(m, GEMM_BM));
-    gemm_mma_kernel<FmtF16><<<grid, 256, GEMM_SMEM, st>>>((const uint8_t *) hi, (const uint8_t *) w, nullptr, nullptr, nullptr, y, m, (int) n,
+    gemm_mma_kernel<FmtF16><<<grid, 256, GEMM_SMEM, st>>>((const uint8_t *) xh, (const uint8_t *) w, nullptr, nullptr, nullptr, y, m, (int) n,
                                                           (int) (2 * k), accumulate ? GEMM_ACCUMULATE : GEMM_STORE);
-    cuda_check_launch("gemm_mma_kernel<f16> (hi)");
-    if (!lo) return;
-    gemm_mma_kernel<FmtF16><<<grid, 256, GEMM_SMEM, st>>>((const uint8_t *) lo, (const uint8_t *) w, nullptr, nullptr, nullptr, y, m, (int) n,
-                                                          (int) (2 * k), GEMM_ACCUMULATE);
-    cuda_check_launch("gemm_mma_kernel<f16> (lo)");
+    cuda_check_launch("gemm_mma_kernel<f16>");
 }
 
 
@@ -187,8 +157,8 @@ static void release_f16(Backend & be, Linear & lin) {
 
 static void run_f16(Backend & be, const Linear & lin, const float * x, int32_t m, float * y, bool accumulate) {
     BackendCuda & b = cuda_of(be);
-    void * scratch = b.scratch_for(cuda_linear_f16_scratch(m, lin.k, true));
-    cuda_linear_f16(lin.prepared, lin.n, lin.k, x, m, y, accumulate, true, scratch, b.stream());
+    void * scratch = b.scratch_for(cuda_linear_f16_scratch(m, lin.k));
+    cuda_linear_f16(lin.prepared, lin.n, lin.k, x, m, y, accumulate, scratch, b.stream());
 }
 
 // K % 8: the GEMV's 16-byte loads of fp16 rows

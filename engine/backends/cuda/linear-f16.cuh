@@ -4,9 +4,8 @@
 #include <cstdint>
 namespace mq {
 // scratch bytes cuda_linear_f16 needs for m tokens of k inputs (0 for decode sizes)
-size_t cuda_linear_f16_scratch(int32_t m, int64_t k, bool f16_inputs);
-// y[m, n] (+)= Σ_k xin[m, k] · float(w[n, k]); w fp16 [n, k] with k % 8 == 0, x and y fp32; xin = fp16(x) with
-// f16_inputs (the f16 scheme, docs/numerics.md), else x itself (to about 22 bits: hi + lo, two fp16 passes)
+size_t cuda_linear_f16_scratch(int32_t m, int64_t k);
+// y[m, n] (+)= Σ_k float(fp16(x[m, k])) · float(w[n, k]) (docs/numerics.md); w fp16 [n, k] with k % 8 == 0, x and y fp32
 void cuda_linear_f16(const void * w, int64_t n, int64_t k, const float * x, int32_t m, float * y, bool accumulate,
-                     bool f16_inputs, void * scratch, cudaStream_t st);
+                     void * scratch, cudaStream_t st);
 }

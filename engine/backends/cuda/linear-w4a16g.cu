@@ -141,7 +141,7 @@ static __global__ void w4a16g_dequant_kernel(const uint8_t * __restrict__ q, con
 
 size_t cuda_linear_w4a16g_scratch(int32_t m, int64_t n, int64_t k) {
     if (m <= W16_MAX_M) return (size_t) m * k * 4;  // x as hi/lo fp16
-    return (size_t) 2 * n * k * sizeof(__half) + cuda_linear_f16_scratch(m, k, true);
+    return (size_t) 2 * n * k * sizeof(__half) + cuda_linear_f16_scratch(m, k);
 }
 
 void cuda_linear_w4a16g(const void * qweight, const void * scale, int64_t n, int64_t k, int64_t group, const float * x,
@@ -168,8 +168,8 @@ void cuda_linear_w4a16g(const void * qweight, const void * scale, int64_t n, int
     w4a16g_dequant_kernel<<<grid, 256, 0, st>>>((const uint8_t *) qweight, (const __half *) scale, (int32_t) n, (int32_t) k,
                                                 (int32_t) group, (__half2 *) whi, (__half2 *) wlo);
     cuda_check_launch("w4a16g_dequant_kernel");
-    cuda_linear_f16(whi, n, k, x, m, y, accumulate, true, f16_scratch, st);
-    cuda_linear_f16(wlo, n, k, x, m, y, true, true, f16_scratch, st);
+    cuda_linear_f16(whi, n, k, x, m, y, accumulate, f16_scratch, st);
+    cuda_linear_f16(wlo, n, k, x, m, y, true, f16_scratch, st);
 }
 
 
